@@ -1,0 +1,102 @@
+"""Megatron-Core rotary embedding that carries any kind of ``megatron_resonance.rope``.
+
+``ResonanceRotaryEmbedding`` subclasses megatron's ``RotaryEmbedding`` and only changes where the angle
+table comes from (``get_freqs_non_repeated``): exact angles from the float64 plan, reduced into
+[0, 2*pi). Everything downstream — rotate-half layout, context-parallel slicing, packed sequences, the
+unfused apply and TE's fused RoPE (which both consume the angle tensor) — is megatron's own code.
+
+YaRN's attention factor m multiplies cos and sin in Hugging Face; megatron's fused paths do not carry it,
+so ``install_rotary`` folds it into ``config.softmax_scale = m^2 / sqrt(head_dim)`` (identical logits).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+from megatron_resonance.rope import RopeConfig, compute_frequencies, rotary_angle_table
+
+
+class ResonanceRotaryEmbedding(RotaryEmbedding):
+    """``RotaryEmbedding`` whose angles come from a ``RopeConfig`` (any kind, resonance or not)."""
+
+    def __init__(
+        self,
+        rope: RopeConfig,
+        rotary_interleaved: bool = False,
+        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> None:
+        # use_cpu_initialization: megatron would otherwise put its own inv_freq on CUDA at construction.
+        super().__init__(
+            kv_channels=rope.head_dim,
+            rotary_percent=1.0,
+            rotary_interleaved=rotary_interleaved,
+            rotary_base=rope.base,
+            use_cpu_initialization=True,
+            cp_group=cp_group,
+        )
+        self.rope = rope
+        self.frequencies = compute_frequencies(rope)
+        # fp32 copy for anyone who reads inv_freq (logging, megatron utilities); angles use float64.
+        self.inv_freq = self.frequencies.inv_freq.float()
+
+    @property
+    def attention_factor(self) -> float:
+        return self.frequencies.attention_factor
+
+    def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        """Exact [max_seq_len, d/2] fp32 angles for positions offset .. offset+max_seq_len-1."""
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return rotary_angle_table(self.frequencies, max_seq_len, offset, device=device)
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        # Megatron's get_emb first moves inv_freq to CUDA (fails on CPU); the table is built on the
+        # right device by get_freqs_non_repeated instead.
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        if not self.rotary_interleaved:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+        return emb[:, None, None, :]
+
+
+def softmax_scale_for(rope: RopeConfig) -> Optional[float]:
+    """``config.softmax_scale`` carrying the attention factor; None (megatron's default) when m == 1."""
+    m = compute_frequencies(rope).attention_factor
+    if m == 1.0:
+        return None
+    return m * m / math.sqrt(rope.head_dim)
+
+
+def install_rotary(model_chunks: Iterable[torch.nn.Module], rope: RopeConfig) -> None:
+    """Replace ``rotary_pos_emb`` on every GPTModel chunk (each PP / virtual-PP chunk has its own)."""
+    for chunk in model_chunks:
+        gpt = unwrap(chunk)
+        if getattr(gpt, "position_embedding_type", None) != "rope":
+            raise ValueError("model was not built with position_embedding_type='rope'")
+        old = gpt.rotary_pos_emb
+        gpt.rotary_pos_emb = ResonanceRotaryEmbedding(
+            rope, rotary_interleaved=old.rotary_interleaved, cp_group=old.cp_group
+        )
+        scale = softmax_scale_for(rope)
+        set_softmax_scale(gpt, scale)
+
+
+def set_softmax_scale(gpt: torch.nn.Module, scale: Optional[float]) -> None:
+    """Set the softmax scale on the config and on every built core-attention module."""
+    gpt.config.softmax_scale = scale
+    head_dim = gpt.config.kv_channels
+    effective = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    for module in gpt.modules():
+        if hasattr(module, "softmax_scale") and module is not gpt:
+            module.softmax_scale = effective
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

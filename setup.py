@@ -1,0 +1,31 @@
+"""megatron-resonance: Resonance RoPE context extension for LLaMA-style models on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-resonance",
+    version="0.1.0",
+    description="Context-length extension of LLaMA-style models with Resonance RoPE on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_resonance", "megatron_resonance.*"]),
+    install_requires=[
+        # 0.17+ needs Python >= 3.12; the CPU backend and rotary module are written against 0.16.1.
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "numpy",
+        "sentencepiece",
+        "pyyaml",
+        # dist_checkpointing's writer process needs psutil; without it a save hangs (see DESIGN.md).
+        "psutil",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.57", "safetensors"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)

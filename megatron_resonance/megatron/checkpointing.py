@@ -1,0 +1,206 @@
+"""Megatron dist checkpoints (torch_dist) with the model's rope plan, atomic ``latest`` and exact resume.
+
+Layout (Megatron-LM compatible)::
+
+    <dir>/latest_checkpointed_iteration.txt     the iteration number, written last, atomically
+    <dir>/iter_0000010/                          dist_checkpointing directory (any TP/PP loads it)
+    <dir>/iter_0000010/megatron_resonance.json   model config (with rope plan) and run config
+
+megatron drops the rotary ``inv_freq`` from state dicts, so the rope plan travels in
+``megatron_resonance.json`` (and in the common state dict). The tracker is written with a temporary file
+and ``os.replace`` only after every rank finished writing, so a crash mid-save leaves the previous
+``latest`` intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_resonance.megatron.llama import LlamaConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "megatron_resonance.json"
+FORMAT_VERSION = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used (missing, incomplete, incompatible)."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_latest_iteration(root: str) -> Optional[int]:
+    """The iteration in the tracker, or None when ``root`` holds no complete checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable tracker {text!r}") from e
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A directory that is itself a checkpoint (``iter_*``), or the one a root's tracker names."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return path
+    iteration = read_latest_iteration(path)
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint at {path}: no {TRACKER} and no {CONFIG_FILE}")
+    ckpt = iteration_dir(path, iteration)
+    if not os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
+        raise CheckpointError(f"checkpoint {ckpt} named by {TRACKER} is missing or incomplete")
+    return ckpt
+
+
+def read_config(path: str) -> Dict[str, Any]:
+    """The stored ``megatron_resonance.json`` of a checkpoint (or of the latest under a root)."""
+    with open(os.path.join(resolve_checkpoint(path), CONFIG_FILE)) as f:
+        return json.load(f)
+
+
+def read_model_config(path: str) -> LlamaConfig:
+    return LlamaConfig.from_dict(read_config(path)["model"])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    from megatron_resonance.megatron.rotary import unwrap
+
+    if len(model_chunks) == 1:
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def _rng_sharded_object():
+    """Per-rank RNG states (CPU, CUDA, megatron's tracker) as one ShardedObject entry per global rank."""
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _set_rng(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model_chunks: List[torch.nn.Module],
+    model_config: LlamaConfig,
+    *,
+    optimizer=None,
+    scheduler=None,
+    run_config: Optional[Dict[str, Any]] = None,
+    train_state: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Save a complete checkpoint, then point ``latest`` at it. Collective: every rank calls it."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = iteration_dir(root, iteration)
+    if dist.get_rank() == 0:
+        if os.path.exists(ckpt):  # a leftover of an interrupted save of the same iteration
+            shutil.rmtree(ckpt)
+        os.makedirs(ckpt)
+    dist.barrier()
+    sharded = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)
+        sharded["rng_state"] = _rng_sharded_object()
+    meta = {"model": model_config.to_dict(), "run": run_config or {}, "format_version": FORMAT_VERSION}
+    sharded["megatron_resonance"] = meta
+    sharded["iteration"] = iteration
+    if scheduler is not None:
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+    if train_state is not None:
+        sharded["train_state"] = train_state
+    dist_checkpointing.save(sharded, ckpt, content_metadata=OPTIMIZER_METADATA)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_atomic(os.path.join(ckpt, CONFIG_FILE), json.dumps({**meta, "iteration": iteration}, indent=2))
+        _write_atomic(os.path.join(root, TRACKER), str(iteration))
+    dist.barrier()
+    return ckpt
+
+
+def load_checkpoint(
+    path: str,
+    model_chunks: List[torch.nn.Module],
+    *,
+    optimizer=None,
+    scheduler=None,
+    strict: bool = True,
+) -> Dict[str, Any]:
+    """Load model (and optimizer, scheduler, RNG when given) from a checkpoint at any TP/PP.
+
+    Returns the common state: ``iteration``, ``train_state``, ``megatron_resonance`` (configs)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    ckpt = resolve_checkpoint(path)
+    with open(os.path.join(ckpt, CONFIG_FILE)) as f:
+        meta = json.load(f)
+    sharded = _model_sharded_state_dict(model_chunks)
+    same_world = meta.get("run", {}).get("world_size") == dist.get_world_size()
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=OPTIMIZER_METADATA)
+        if same_world:
+            sharded["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(
+        sharded,
+        ckpt,
+        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.ASSUME_OK_UNEXPECTED,
+    )
+    from megatron_resonance.megatron.rotary import unwrap
+
+    if len(model_chunks) == 1:
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=strict)
+    else:
+        for i, c in enumerate(model_chunks):
+            unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and "opt_param_scheduler" in loaded:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        if "rng_state" in loaded:
+            _set_rng(loaded["rng_state"])
+    return {
+        "iteration": loaded.get("iteration", meta.get("iteration", 0)),
+        "train_state": loaded.get("train_state"),
+        "megatron_resonance": meta,
+        "path": ckpt,
+    }

@@ -1,0 +1,110 @@
+"""torch.distributed + megatron ``parallel_state`` initialization from torchrun or Slurm variables.
+
+gloo on CPU (with the CPU backend enabled), NCCL on GPU. ``initialize`` is what every entry point and
+multi-process test calls; ``destroy`` undoes it so a process can re-initialize with another layout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_resonance.megatron import cpu_backend
+
+
+def _env_from_slurm() -> None:
+    """Map Slurm's per-task variables onto torchrun's when launched by ``srun`` directly."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        # first host of a compact list like "node[01-04],gpu7" -> "node01"
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            head = prefix + rest.split("-")[0].split("]")[0]
+        os.environ["MASTER_ADDR"] = head
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Initialize torch.distributed (single process if no launcher variables are set)."""
+    if dist.is_initialized():
+        return
+    _env_from_slurm()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    else:
+        cpu_backend.enable()
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Process group, megatron model-parallel groups and seeds (same seed on every rank, as Megatron-LM;
+    the TP-region RNG tracker offsets by TP rank)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    init_process_group()
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by TP x PP x CP = {tensor_model_parallel_size} x "
+            f"{pipeline_model_parallel_size} x {context_parallel_size}"
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups (keeps the process group, so another layout can follow)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)

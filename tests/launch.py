@@ -1,0 +1,45 @@
+"""Run a worker script under torchrun (gloo on CPU) from a test and return its output.
+
+Worker scripts live next to the tests that use them, guard their body with ``if __name__ == "__main__"``
+(dist_checkpointing starts a spawn-context Manager, which re-imports ``__main__``), and report results by
+printing or by writing files into a directory the test passes in.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc script args``; raises AssertionError with the output on failure."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        str(script),
+        *map(str, args),
+    ]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+            f"--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc

@@ -1,0 +1,54 @@
+"""PosGen: the paper's synthetic train-short-test-long benchmark for position generalization.
+
+Data half: the three subtasks' token rules (:mod:`~megatron_resonance.posgen.tasks`) and train /
+validation / test splits that never share a seed prefix (:mod:`~megatron_resonance.posgen.splits`).
+Pure torch + numpy; no Megatron import.
+"""
+
+from megatron_resonance.posgen.splits import (
+    NUM_PREFIXES,
+    PAPER_SIZES,
+    POOL_SIZES,
+    SPLITS,
+    make_split,
+    prefix_ids,
+    prefix_pool,
+    prefix_tokens,
+    sample_prefix_ids,
+    sample_prefixes,
+)
+from megatron_resonance.posgen.tasks import (
+    MIN_LENGTH,
+    PREFIX_LENGTH,
+    TASKS,
+    VOCAB_SIZE,
+    combine,
+    dependencies,
+    dependency_table,
+    expected_tokens,
+    generate,
+    rule_satisfied,
+)
+
+__all__ = [
+    "MIN_LENGTH",
+    "NUM_PREFIXES",
+    "PAPER_SIZES",
+    "POOL_SIZES",
+    "PREFIX_LENGTH",
+    "SPLITS",
+    "TASKS",
+    "VOCAB_SIZE",
+    "combine",
+    "dependencies",
+    "dependency_table",
+    "expected_tokens",
+    "generate",
+    "make_split",
+    "prefix_ids",
+    "prefix_pool",
+    "prefix_tokens",
+    "rule_satisfied",
+    "sample_prefix_ids",
+    "sample_prefixes",
+]

@@ -1,0 +1,264 @@
+"""Typed configuration tree for training and context extension.
+
+YAML presets in ``configs/`` mirror the sections below; every field is also a command-line flag under its
+Megatron-LM name (``tensor_model_parallel_size`` -> ``--tensor-model-parallel-size``), and command-line
+values override the file. Unknown keys in a file are an error. The resolved config is saved with every
+checkpoint (``megatron_resonance.json``, key ``run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from megatron_resonance.megatron.llama import SPECS, LlamaConfig
+from megatron_resonance.rope import KINDS, RopeConfig
+
+
+def _f(default, help: str, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks (must divide heads and query groups)")
+    pipeline_model_parallel_size: int = _f(1, "pipeline stages (must divide num_layers)")
+    virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "model chunks per pipeline stage (interleaved 1F1B)")
+    context_parallel_size: int = _f(1, "context-parallel ranks (needs Transformer Engine; seq_length % 2*CP == 0)")
+    sequence_parallel: bool = _f(False, "shard layer-norm/dropout activations over TP ranks")
+    transformer_impl: str = _f("auto", f"layer spec: {', '.join(SPECS)} (auto = TE when present, else local)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data_path: Optional[str] = _f(None, "indexed-dataset prefix (…/name without .bin/.idx) for training")
+    valid_data_path: Optional[str] = _f(None, "indexed-dataset prefix for evaluation (default: data_path)")
+    mock_data: bool = _f(False, "synthetic tokens instead of a dataset (megatron MockGPTDataset)")
+    tokenizer_model: Optional[str] = _f(None, "SentencePiece model; sets the vocabulary size")
+    seq_length: int = _f(128, "tokens per training sample")
+    micro_batch_size: int = _f(1, "samples per micro-batch per data-parallel rank")
+    global_batch_size: int = _f(8, "samples per optimizer step (a multiple of micro_batch_size x DP)")
+    data_cache_path: Optional[str] = _f(None, "where megatron's GPTDataset caches its sample index")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    optimizer: str = _f("adam", "adam (AdamW: decoupled weight decay) or sgd")
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(3e-5, "final learning rate of the decay")
+    weight_decay: float = _f(0.1, "decoupled weight decay")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.95, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    clip_grad: float = _f(1.0, "global gradient-norm clip (0 disables)")
+    lr_warmup_fraction: Optional[float] = _f(None, "warm-up as a fraction of train_iters (wins over lr_warmup_iters)")
+    lr_warmup_iters: int = _f(0, "linear warm-up steps")
+    lr_decay_style: str = _f("cosine", "constant, linear or cosine")
+    lr_decay_iters: Optional[int] = _f(None, "decay length in steps (default: train_iters)")
+    use_distributed_optimizer: bool = _f(True, "shard optimizer state over data-parallel ranks (ZeRO-1)")
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    train_iters: int = _f(100, "optimizer steps to run (total, including resumed ones)")
+    seed: int = _f(1234, "random seed")
+    bf16: Optional[bool] = _f(None, "bf16 weights and compute (default: on GPU yes, on CPU fp32)")
+    eval_interval: int = _f(0, "evaluate every N steps (0: only at the end)")
+    eval_iters: int = _f(4, "validation batches per evaluation")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save: Optional[str] = _f(None, "checkpoint directory (also where metrics.jsonl and TensorBoard logs go)")
+    load: Optional[str] = _f(None, "checkpoint to start from (a directory with latest_checkpointed_iteration.txt)")
+    save_interval: int = _f(0, "save every N steps (0: only at the end and on a signal)")
+    finetune: bool = _f(False, "load model weights only: fresh optimizer, scheduler and iteration count")
+    exit_on_signal: bool = _f(True, "SIGTERM/SIGUSR1: finish the step, save, exit 0 (Slurm preemption)")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    log_interval: int = _f(10, "console/metrics line every N steps")
+    tensorboard_dir: Optional[str] = _f(None, "TensorBoard directory (default: <save>/tensorboard)")
+
+
+_MODEL_HELP = {
+    "num_layers": "transformer layers",
+    "hidden_size": "model width",
+    "ffn_hidden_size": "SwiGLU inner width",
+    "num_attention_heads": "query heads",
+    "num_query_groups": "key/value heads (GQA)",
+    "vocab_size": "vocabulary size (taken from --tokenizer-model when given)",
+    "max_position_embeddings": "longest sequence the model is meant for",
+    "norm_epsilon": "RMSNorm epsilon",
+    "tie_word_embeddings": "share input embedding and output layer",
+    "init_method_std": "std of the weight initialization",
+    "make_vocab_size_divisible_by": "pad the vocabulary to a multiple of this x TP",
+}
+#: rope fields under their Megatron-LM-style flag names
+_ROPE_FLAGS = {
+    "kind": ("rope_kind", f"rotary kind: {', '.join(KINDS)}"),
+    "base": ("rotary_base", "RoPE base b (rope_theta)"),
+    "factor": ("rope_factor", "scale s = target length / original length"),
+    "original_max_position": ("original_max_position", "length L the model was trained at"),
+    "beta_fast": ("beta_fast", "YaRN beta_fast"),
+    "beta_slow": ("beta_slow", "YaRN beta_slow"),
+    "low_freq_factor": ("low_freq_factor", "llama3 low_freq_factor"),
+    "high_freq_factor": ("high_freq_factor", "llama3 high_freq_factor"),
+    "attention_factor": ("attention_factor", "override YaRN's 0.1 ln s + 1"),
+    "resonance": ("resonance", "round wavelengths to integers on top of any kind"),
+}
+
+SECTIONS = {
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole run: model (with rope plan) and one section per concern."""
+
+    model: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with."""
+
+
+def _check_keys(where: str, given: Dict[str, Any], cls) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) in {where}: {', '.join(unknown)}")
+
+
+def from_dict(d: Dict[str, Any], where: str = "config") -> Config:
+    """Build a Config from nested dicts (a parsed YAML file). Unknown keys raise ConfigError."""
+    d = dict(d or {})
+    _check_keys(where, d, Config)
+    model = dict(d.pop("model", {}) or {})
+    _check_keys(f"{where}: model", model, LlamaConfig)
+    rope = dict(model.pop("rope", {}) or {})
+    _check_keys(f"{where}: model.rope", rope, RopeConfig)
+    rope.setdefault("head_dim", 0)  # filled from the model shape below
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = dict(d.get(name, {}) or {})
+        _check_keys(f"{where}: {name}", values, cls)
+        sections[name] = cls(**values)
+    model_cfg = _model_from(model, rope)
+    return Config(model=model_cfg, **sections)
+
+
+def _model_from(model: Dict[str, Any], rope: Dict[str, Any]) -> LlamaConfig:
+    base = LlamaConfig(**{k: v for k, v in model.items()}, rope=RopeConfig())
+    rope = dict(rope, head_dim=base.head_dim)
+    try:
+        return dataclasses.replace(base, rope=RopeConfig(**rope))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.rope: {e}") from e
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: every field as a Megatron-LM style flag
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add(parser, dest: str, ftype, help: str) -> None:
+    t = ftype if isinstance(ftype, type) else None
+    if ftype in (bool, Optional[bool], "bool", "Optional[bool]"):
+        parser.add_argument(_flag(dest), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help)
+        return
+    text = str(ftype)
+    if t is None:
+        t = int if "int" in text else float if "float" in text else str
+    parser.add_argument(_flag(dest), dest=dest, type=t, default=None, help=help)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` plus one flag per config field (defaults None: only given flags override)."""
+    parser.add_argument("--config", help="YAML preset (configs/*.yaml); flags override it")
+    g = parser.add_argument_group("model")
+    for f in dataclasses.fields(LlamaConfig):
+        if f.name != "rope":
+            _add(g, f.name, f.type, _MODEL_HELP.get(f.name, f.name))
+    g = parser.add_argument_group("rotary position embedding")
+    for field_name, (dest, help) in _ROPE_FLAGS.items():
+        ftype = {f.name: f.type for f in dataclasses.fields(RopeConfig)}[field_name]
+        _add(g, dest, ftype, help)
+    for section, cls in SECTIONS.items():
+        g = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            _add(g, f.name, f.type, f.metadata.get("help", ""))
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> Config:
+    """Merge: built-in defaults < ``base`` < ``--config`` file < explicit flags."""
+    d: Dict[str, Any] = _deep_merge({}, base or {})
+    if getattr(args, "config", None):
+        d = _deep_merge(d, load_yaml(args.config))
+    overrides: Dict[str, Any] = {}
+    for f in dataclasses.fields(LlamaConfig):
+        if f.name != "rope" and getattr(args, f.name, None) is not None:
+            overrides.setdefault("model", {})[f.name] = getattr(args, f.name)
+    for field_name, (dest, _) in _ROPE_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            overrides.setdefault("model", {}).setdefault("rope", {})[field_name] = getattr(args, dest)
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if getattr(args, f.name, None) is not None:
+                overrides.setdefault(section, {})[f.name] = getattr(args, f.name)
+    d = _deep_merge(d, overrides)
+    return from_dict(d, where=args.config or "config")
+
+
+def _deep_merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def flag_names() -> List[str]:
+    """Every accepted flag (for docs and tests)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(p)
+    return sorted(o for a in p._actions for o in a.option_strings)

@@ -1,0 +1,558 @@
+"""The megatron-core training loop shared by pretraining and context extension.
+
+Reads top to bottom in three phases, as megatron-core's ``run_simple_mcore_train_loop.py`` grown up:
+
+* build  — distributed init, data, model (GPTModel chunks with our rotary), DDP, distributed optimizer,
+  scheduler, checkpoint (resume or finetune start);
+* step   — micro-batches through ``get_forward_backward_func`` (1F1B / interleaved pipeline schedules),
+  per-token loss, gradient clipping and the optimizer step inside megatron's optimizer;
+* loop   — iterations with logging (console, TensorBoard, ``<save>/metrics.jsonl``), evaluation,
+  periodic saves, and SIGTERM/SIGUSR1 (Slurm preemption): finish the step, save, exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_resonance.megatron import checkpointing, distributed
+from megatron_resonance.megatron.distributed import print_rank0
+from megatron_resonance.megatron.llama import build_model, resolve_spec, transformer_config
+from megatron_resonance.training import flops
+from megatron_resonance.training.config import Config, ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# ==========================================================================================================
+# Validation: everything that can be checked before processes talk to each other
+# ==========================================================================================================
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError with one clear line for a configuration that cannot run."""
+    p, d, m = cfg.parallel, cfg.data, cfg.model
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
+        if value < 1:
+            raise ConfigError(f"--{name}-model-parallel-size must be >= 1, got {value}")
+    try:
+        m.check_parallel(tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
+    dp = world_size // (tp * pp * cp)
+    if cp > 1 and d.seq_length % (2 * cp):
+        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x context-parallel-size = {2 * cp}")
+    if cp > 1 and resolve_spec(p.transformer_impl) != "te":
+        raise ConfigError("--context-parallel-size > 1 needs Transformer Engine attention (a GPU with TE)")
+    vpp = p.virtual_pipeline_model_parallel_size or 1
+    if m.num_layers % (pp * vpp):
+        raise ConfigError(f"num_layers {m.num_layers} is not divisible by PP x VPP = {pp} x {vpp}")
+    if p.virtual_pipeline_model_parallel_size and pp < 2:
+        raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size {d.global_batch_size} is not a multiple of micro-batch-size x DP = "
+            f"{d.micro_batch_size} x {dp}"
+        )
+    if vpp > 1 and (d.global_batch_size // (d.micro_batch_size * dp)) % pp:
+        raise ConfigError("with virtual pipelining the number of micro-batches must be a multiple of PP")
+    if d.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"--seq-length {d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}"
+        )
+    if not d.mock_data:
+        if not d.data_path:
+            raise ConfigError("no training data: give --data-path PREFIX or --mock-data")
+        for prefix in filter(None, (d.data_path, d.valid_data_path)):
+            _check_dataset(prefix)
+    if d.tokenizer_model and not os.path.isfile(d.tokenizer_model):
+        raise ConfigError(f"tokenizer model not found: {d.tokenizer_model}")
+    if cfg.checkpoint.load and not _has_checkpoint(cfg.checkpoint.load):
+        raise ConfigError(f"--load {cfg.checkpoint.load}: no checkpoint there")
+    if cfg.training.train_iters < 1:
+        raise ConfigError(f"--train-iters must be >= 1, got {cfg.training.train_iters}")
+    warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
+    if warmup >= decay:
+        raise ConfigError(f"lr warm-up ({warmup} steps) must be shorter than the decay ({decay} steps)")
+
+
+def warmup_iters(cfg: Config) -> int:
+    o = cfg.optimizer
+    if o.lr_warmup_fraction is not None:
+        return round(o.lr_warmup_fraction * cfg.training.train_iters)
+    return o.lr_warmup_iters
+
+
+def _check_dataset(prefix: str) -> None:
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise ConfigError(f"dataset {prefix}: {prefix + ext} not found")
+    if os.path.getsize(prefix + ".bin") == 0:
+        raise ConfigError(f"dataset {prefix}: {prefix}.bin is empty")
+
+
+def _has_checkpoint(path: str) -> bool:
+    try:
+        checkpointing.resolve_checkpoint(path)
+        return True
+    except checkpointing.CheckpointError:
+        return False
+
+
+# ==========================================================================================================
+# Build
+# ==========================================================================================================
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What, besides weights and optimizer, a resume needs: the step and the data position."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+
+
+def _tokenizer_vocab(cfg: Config) -> None:
+    if cfg.data.tokenizer_model:
+        from megatron_resonance.data.tokenizer import Tokenizer
+
+        cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
+
+
+def build_data(cfg: Config, train_samples: int, valid_samples: int):
+    """megatron GPTDataset train/validation sets (MockGPTDataset with --mock-data).
+
+    ``--data-path`` alone is split into train/validation by documents (Megatron-LM's ``--split 98,2,0``);
+    with ``--valid-data-path`` the two prefixes are used as they are."""
+    from megatron_resonance.data.datasets import build_gpt_datasets
+
+    d = cfg.data
+    if d.tokenizer_model:
+        from megatron_resonance.data.tokenizer import Tokenizer
+
+        tokenizer = dict(tokenizer=Tokenizer(d.tokenizer_model))
+    else:
+        tokenizer = dict(vocab_size=cfg.model.vocab_size, eod_id=cfg.model.vocab_size - 1)
+    if d.mock_data:
+        source = dict(mock=True)
+    elif d.valid_data_path:
+        source = dict(train_data_prefix=d.data_path, valid_data_prefix=d.valid_data_path)
+    else:
+        source = dict(data_prefix=d.data_path)
+    return build_gpt_datasets(
+        seq_length=d.seq_length,
+        seed=cfg.training.seed,
+        train_samples=train_samples,
+        valid_samples=valid_samples,
+        cache_dir=d.data_cache_path,
+        **tokenizer,
+        **source,
+    )
+
+
+def micro_batches(dataset, start_sample: int, micro_batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """Megatron-LM's pretraining sampler: global sample order, each DP rank takes its slice of every
+    micro-batch round. Starting at ``start_sample`` makes resume continue exactly where it stopped."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank = ps.get_data_parallel_rank()
+    dp_size = ps.get_data_parallel_world_size()
+    sample = start_sample
+    while True:
+        first = sample + dp_rank * micro_batch_size
+        items = [dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)]
+        yield {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0] if k != "attention_mask"}
+        sample += micro_batch_size * dp_size
+
+
+def build_model_and_optimizer(cfg: Config, bf16: bool):
+    """GPTModel chunks -> (Float16Module) -> megatron DDP; distributed optimizer; warm-up + decay scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tf_config = transformer_config(
+        cfg.model,
+        params_dtype=dtype,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        spec=cfg.parallel.transformer_impl,
+        calculate_per_token_loss=True,
+    )
+    chunks = build_model(cfg.model, tf_config, spec=cfg.parallel.transformer_impl, seq_length=cfg.data.seq_length)
+    if torch.cuda.is_available():
+        for c in chunks:
+            c.cuda(torch.cuda.current_device())
+    if bf16:
+        chunks = [Float16Module(tf_config, c) for c in chunks]
+    o = cfg.optimizer
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+    )
+    chunks = [
+        DistributedDataParallel(tf_config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)
+    ]
+    for c in chunks:
+        c.broadcast_params()
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=o.optimizer,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=dtype,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        ),
+        chunks,
+    )
+    gbs, iters = cfg.data.global_batch_size, cfg.training.train_iters
+    warmup = warmup_iters(cfg)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=warmup * gbs,
+        lr_decay_steps=(o.lr_decay_iters or iters) * gbs,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=iters * gbs,
+        wd_incr_style="constant",
+    )
+    # megatron's schedules call these: DP gradient reduction (scaled by the global token count).
+    tf_config.finalize_model_grads_func = finalize_model_grads
+    tf_config.grad_scale_func = optimizer.scale_loss
+    return chunks, optimizer, scheduler, tf_config
+
+
+# ==========================================================================================================
+# Step
+# ==========================================================================================================
+
+
+def forward_step(data_iterator, model, cp_size: int = 1):
+    """One micro-batch: returns the per-token losses and the function megatron reduces them with."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    if cp_size > 1:
+        batch = get_batch_on_this_cp_rank(batch)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of masked token losses and the token count (megatron divides by the global count)."""
+    losses = output.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    reporting = torch.stack([loss.detach(), mask.sum().detach()])
+    return loss, num_tokens, {"lm loss": reporting}
+
+
+def reduce_loss(loss_dicts: List[Dict[str, torch.Tensor]]) -> Optional[float]:
+    """Token-weighted mean loss over micro-batches and DP x CP ranks, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+        for d in loss_dicts:
+            total += d["lm loss"].detach().double().cpu()
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    total = total.to(device)
+    dist.all_reduce(total)  # only last-stage TP-rank-0 replicas contribute
+    loss_sum, tokens = total.tolist()
+    return loss_sum / tokens if tokens else None
+
+
+def train_step(forward_backward, data_iterator, chunks, optimizer, scheduler, cfg: Config, num_microbatches: int):
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = forward_backward(
+        forward_step_func=functools.partial(forward_step, cp_size=cfg.parallel.context_parallel_size),
+        data_iterator=data_iterator,
+        model=chunks,
+        num_microbatches=num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.data.micro_batch_size,
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=cfg.data.global_batch_size)
+    return reduce_loss(losses), grad_norm, update_ok
+
+
+@torch.no_grad()
+def evaluate(forward_backward, valid_dataset, chunks, cfg: Config, num_microbatches: int) -> Optional[float]:
+    """Mean validation loss over ``eval_iters`` global batches (always the same batches)."""
+    for c in chunks:
+        c.eval()
+    iterator = micro_batches(valid_dataset, 0, cfg.data.micro_batch_size)
+    total = []
+    for _ in range(cfg.training.eval_iters):
+        total += forward_backward(
+            forward_step_func=functools.partial(forward_step, cp_size=cfg.parallel.context_parallel_size),
+            data_iterator=iterator,
+            model=chunks,
+            num_microbatches=num_microbatches,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.data.micro_batch_size,
+            forward_only=True,
+        )
+    for c in chunks:
+        c.train()
+    return reduce_loss(total)
+
+
+# ==========================================================================================================
+# Loop helpers: signals, metrics
+# ==========================================================================================================
+
+
+class SignalFlag:
+    """Records SIGTERM/SIGUSR1; every rank learns of it at the same step through an all-reduce."""
+
+    def __init__(self, enabled: bool):
+        self.received: Optional[int] = None
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class MetricsLog:
+    """``<save>/metrics.jsonl`` (one object per logged iteration) and TensorBoard, on rank 0 only."""
+
+    def __init__(self, cfg: Config, resumed_iteration: int):
+        self.path = None
+        self.tb = None
+        if not distributed.is_rank0() or not cfg.checkpoint.save:
+            return
+        os.makedirs(cfg.checkpoint.save, exist_ok=True)
+        self.path = os.path.join(cfg.checkpoint.save, METRICS_FILE)
+        self._truncate_after(resumed_iteration)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(cfg.logging.tensorboard_dir or os.path.join(cfg.checkpoint.save, "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; keep training if a site removed it
+            self.tb = None
+
+    def _truncate_after(self, iteration: int) -> None:
+        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if k != "iteration" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["iteration"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+# ==========================================================================================================
+# The run
+# ==========================================================================================================
+
+
+def run(cfg: Config) -> TrainState:
+    """Train as configured: resume from ``<save>`` if it holds a checkpoint, else start from ``--load``
+    (full state, or weights only with ``finetune``), else from scratch. Returns the final state."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _tokenizer_vocab(cfg)
+    validate(cfg, world)
+
+    # ---------------------------------------------------------------- build: distributed
+    p = cfg.parallel
+    distributed.initialize(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.virtual_pipeline_model_parallel_size,
+        p.context_parallel_size,
+        seed=cfg.training.seed,
+    )
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    bf16 = cfg.training.bf16 if cfg.training.bf16 is not None else torch.cuda.is_available()
+    dp = ps.get_data_parallel_world_size()
+    num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+    print_rank0(
+        f"[build] world={dist.get_world_size()} TP={p.tensor_model_parallel_size} "
+        f"PP={p.pipeline_model_parallel_size} VPP={p.virtual_pipeline_model_parallel_size or 1} "
+        f"CP={p.context_parallel_size} DP={dp} micro-batches={num_microbatches} "
+        f"dtype={'bf16' if bf16 else 'fp32'} spec={resolve_spec(p.transformer_impl)} rope={cfg.model.rope.kind}"
+    )
+
+    # ---------------------------------------------------------------- build: model, optimizer, scheduler
+    chunks, optimizer, scheduler, tf_config = build_model_and_optimizer(cfg, bf16)
+    n_params = sum(prm.numel() for c in chunks for prm in c.parameters())
+    print_rank0(f"[build] parameters on rank 0: {n_params / 1e6:.2f} M")
+
+    # ---------------------------------------------------------------- build: checkpoint
+    state = TrainState()
+    save = cfg.checkpoint.save
+    resume_from = None
+    if save and checkpointing.read_latest_iteration(save) is not None:
+        resume_from = save  # our own run was interrupted: continue it (Slurm requeue)
+    elif cfg.checkpoint.load and not cfg.checkpoint.finetune:
+        resume_from = cfg.checkpoint.load
+    if resume_from:
+        info = checkpointing.load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
+        state = TrainState(**(info["train_state"] or {"iteration": info["iteration"]}))
+        print_rank0(f"[build] resumed from {info['path']} at iteration {state.iteration}")
+    elif cfg.checkpoint.load:
+        info = checkpointing.load_checkpoint(cfg.checkpoint.load, chunks)
+        print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
+
+    # ---------------------------------------------------------------- build: data
+    iters = cfg.training.train_iters
+    gbs = cfg.data.global_batch_size
+    valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
+    train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
+    train_iter = micro_batches(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size)
+    forward_backward = get_forward_backward_func()
+
+    # ---------------------------------------------------------------- loop
+    if save and distributed.is_rank0():
+        os.makedirs(save, exist_ok=True)
+    metrics = MetricsLog(cfg, state.iteration)
+    signals = SignalFlag(cfg.checkpoint.exit_on_signal)
+    flops_per_token = flops.training_flops_per_token(cfg.model, cfg.data.seq_length)
+    peak = flops.peak_tflops()
+    run_config = {**cfg.to_dict(), "world_size": dist.get_world_size()}
+
+    def save_now():
+        if save:
+            checkpointing.save_checkpoint(
+                save,
+                state.iteration,
+                chunks,
+                cfg.model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                run_config=run_config,
+                train_state=dataclasses.asdict(state),
+            )
+            print_rank0(f"[save] iteration {state.iteration} -> {checkpointing.iteration_dir(save, state.iteration)}")
+
+    window_loss, window_steps, window_time = 0.0, 0, 0.0
+    last_saved = state.iteration if resume_from else None
+    while state.iteration < iters:
+        step_start = time.perf_counter()
+        loss, grad_norm, update_ok = train_step(
+            forward_backward, train_iter, chunks, optimizer, scheduler, cfg, num_microbatches
+        )
+        window_time += time.perf_counter() - step_start
+        state.iteration += 1
+        state.consumed_train_samples += gbs
+        window_loss += loss
+        window_steps += 1
+
+        if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters:
+            tokens_per_s = window_steps * gbs * cfg.data.seq_length / window_time
+            record = {
+                "iteration": state.iteration,
+                "loss": window_loss / window_steps,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens_per_s,
+                "consumed_samples": state.consumed_train_samples,
+            }
+            line = (
+                f"[train] iter {state.iteration:>6}/{iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"grad norm {record['grad_norm'] or 0:.3f} | tokens/s {tokens_per_s:,.0f}"
+            )
+            if torch.cuda.is_available():
+                tflops = tokens_per_s * flops_per_token / dist.get_world_size() / 1e12
+                record["tflops_per_gpu"] = tflops
+                line += f" | TFLOP/s/GPU {tflops:.1f}"
+                if peak:
+                    record["mfu"] = tflops / peak
+                    line += f" | MFU {100 * tflops / peak:.1f}%"
+            if not update_ok:
+                line += " | skipped (non-finite grads)"
+            print_rank0(line)
+            metrics.write(record)
+            window_loss, window_steps, window_time = 0.0, 0, 0.0
+
+        if cfg.training.eval_interval and state.iteration % cfg.training.eval_interval == 0:
+            _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics)
+
+        if signals.any_rank():
+            print_rank0(f"[signal] received at iteration {state.iteration}: saving and exiting")
+            save_now()
+            metrics.close()
+            return state
+        if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
+            save_now()
+            last_saved = state.iteration
+
+    if not cfg.training.eval_interval or iters % cfg.training.eval_interval:
+        _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics)
+    if last_saved != state.iteration:
+        save_now()
+    metrics.close()
+    return state
+
+
+def _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics) -> None:
+    if cfg.training.eval_iters <= 0:
+        return
+    loss = evaluate(forward_backward, valid_ds, chunks, cfg, num_microbatches)
+    if loss is None:
+        return
+    ppl = math.exp(min(loss, 50))
+    print_rank0(f"[eval]  iter {state.iteration:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
+    metrics.write({"iteration": state.iteration, "eval_loss": loss, "eval_perplexity": ppl})

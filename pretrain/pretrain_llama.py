@@ -1,0 +1,28 @@
+"""Pretrain a LLaMA-style model with Megatron-Core (TP/PP/VPP/CP/DP, distributed optimizer, dist checkpoints).
+
+    # the embedded default, 2 CPU processes, tensor parallel:
+    python pretrain/pretrain_llama.py --nproc-per-node 2 --config configs/demo.yaml \
+        --tensor-model-parallel-size 2 --data-path outputs/demo/data/train_text_document \
+        --tokenizer-model outputs/demo/tokenizer.model --save outputs/demo/ckpt/pretrain
+
+    # on a GPU node (or one torchrun per node under Slurm):
+    torchrun --nproc-per-node 8 pretrain/pretrain_llama.py --config configs/llama2_7b.yaml ...
+
+Every YAML field is a flag under its Megatron-LM name (`--help` lists them). Resumes from `--save` when it
+holds a checkpoint; SIGTERM/SIGUSR1 save and exit 0.
+"""
+
+import sys
+
+from megatron_resonance.training import launch
+from megatron_resonance.training.config import config_from_args
+
+if __name__ == "__main__":
+    sys.exit(
+        launch.main(
+            __file__,
+            "pretrain_llama.py",
+            "Pretrain a LLaMA-style model on Megatron-Core.",
+            config_from_args,
+        )
+    )

@@ -82,8 +82,8 @@ def main(argv=None) -> int:
         fail(f"{prog}: error: unknown --kind {args.kind!r} (expected one of {', '.join(KINDS)})")
     if args.head_dim <= 0 or args.head_dim % 2:
         fail(f"{prog}: error: --head-dim must be a positive even number, got {args.head_dim}")
-    if not args.base > 1:
-        fail(f"{prog}: error: --base must be > 1, got {args.base:g}")
+    if not (args.base > 1 and math.isfinite(args.base)):
+        fail(f"{prog}: error: --base must be a finite number > 1, got {args.base:g}")
     if not args.factor >= 1 or not math.isfinite(args.factor):
         fail(f"{prog}: error: --factor must be >= 1, got {args.factor:g}")
     if args.original_max_position <= 0:

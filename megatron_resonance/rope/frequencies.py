@@ -55,10 +55,10 @@ class RopeConfig:
             raise ValueError(f"unknown rope kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
-        if not self.base > 1:
-            raise ValueError(f"base must be > 1, got {self.base}")
-        if not self.factor >= 1:
-            raise ValueError(f"factor must be >= 1, got {self.factor}")
+        if not (self.base > 1 and math.isfinite(self.base)):
+            raise ValueError(f"base must be a finite number > 1, got {self.base}")
+        if not (self.factor >= 1 and math.isfinite(self.factor)):
+            raise ValueError(f"factor must be a finite number >= 1, got {self.factor}")
         if self.original_max_position <= 0:
             raise ValueError(f"original_max_position must be positive, got {self.original_max_position}")
         if self.kind in _RESONANCE_ALIASES and not self.resonance:
@@ -108,6 +108,8 @@ def linear(cfg: RopeConfig) -> Tuple[torch.Tensor, float]:
 def ntk(cfg: RopeConfig) -> Tuple[torch.Tensor, float]:
     """NTK-aware scaling: base b * s^(d/(d-2))."""
     d = cfg.head_dim
+    if d == 2:  # the only feature has theta = b^0 = 1 whatever the base (and d/(d-2) is undefined)
+        return _rope_inv_freq(d, cfg.base), 1.0
     return _rope_inv_freq(d, cfg.base * cfg.factor ** (d / (d - 2))), 1.0
 
 

@@ -5,7 +5,7 @@ checks ``param.type() == 'torch.cuda.FloatTensor'``, synchronizes streams and tr
 ``enable()`` installs a small compatibility layer so the *unchanged* megatron code runs on CPU:
 
 * a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument (``"cuda"``, ``0``, ``torch.device('cuda')``)
-  of tensor factories and ``Tensor.to`` to ``cpu``;
+  of tensor factories and ``Tensor.to`` to ``cpu``, and drops ``pin_memory=True``;
 * ``Tensor.cuda()`` returns the tensor itself; ``Tensor.type()`` (no argument) reports the CUDA type name
   of a CPU tensor, which is what megatron's optimizer and grad-clipping asserts expect;
 * ``torch.cuda.current_device`` returns 0; ``synchronize``/``empty_cache`` do nothing; streams and events
@@ -47,6 +47,8 @@ class _CpuDeviceMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):  # no pinned allocator without an accelerator (CP's rotary slicing)
+            kwargs = dict(kwargs, pin_memory=False)
         if func in (torch.Tensor.to, torch.Tensor.cuda) or getattr(func, "__name__", "") == "to":
             args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
         return func(*args, **kwargs)

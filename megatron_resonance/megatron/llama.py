@@ -9,6 +9,7 @@ spec with SDPA core attention otherwise) and installs the rotary plan on every c
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional
 
 import torch
@@ -44,7 +45,7 @@ class LlamaConfig:
     init_method_std: float = 0.02
     """Std of the normal weight initialization."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the embedding table to a multiple of this times TP (Megatron-LM's default)."""
+    """Pad the embedding table to a multiple of lcm(this, TP): the same padded size at every TP."""
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     """Rotary plan (kind, base, factor, original length, ...)."""
 
@@ -68,7 +69,9 @@ class LlamaConfig:
         return self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        # lcm, not Megatron-LM's product: the padded size (a checkpoint's embedding shape) must not depend
+        # on TP, or a checkpoint saved at one TP cannot load at another (vocab 300: 384 at TP=1, 512 at TP=2).
+        multiple = math.lcm(self.make_vocab_size_divisible_by, tensor_parallel_size)
         return -(-self.vocab_size // multiple) * multiple
 
     def to_dict(self) -> dict:
@@ -108,6 +111,7 @@ def transformer_config(
 
     use_te = resolve_spec(spec) == "te"
     on_gpu = torch.cuda.is_available()
+    interleaved = ps.get_virtual_pipeline_model_parallel_world_size() is not None
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -144,6 +148,11 @@ def transformer_config(
         persist_layer_norm=on_gpu,
         apply_rope_fusion=use_te,
         cross_entropy_loss_fusion=False,
+        # Megatron-LM's defaults. The interleaved schedule needs separate, overlapped isend/irecv: with
+        # batched p2p and PP=2 the previous and next stage are the same rank, and the two directions get
+        # paired in issue order, silently swapping activations and gradients (measured under gloo).
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -1,0 +1,209 @@
+"""Worker: single-process checks of the Megatron integration that need megatron's global state.
+
+The CPU backend (a process-wide TorchFunctionMode and patched ``torch.cuda``) and ``parallel_state`` must
+not leak into the pytest process, so these checks run here, once, under ``torchrun --nproc-per-node 1``::
+
+    torchrun --nproc-per-node 1 tests/megatron/workers/model_checks.py OUT_DIR
+
+Each check returns a dict of measurements; an exception is recorded as ``{"error": traceback}`` so that
+one broken check fails one test. Results go to ``OUT_DIR/results.json``; the assertions live in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+SEQ = 64
+
+
+def tiny_config(kind: str = "rope"):
+    from megatron_resonance.megatron.llama import LlamaConfig
+    from megatron_resonance.rope import RopeConfig
+
+    rope = RopeConfig(kind=kind, head_dim=32)
+    if kind != "rope":
+        rope = RopeConfig(kind=kind, head_dim=32, factor=4.0, original_max_position=32)
+    return LlamaConfig(
+        num_layers=2,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=256,
+        max_position_embeddings=SEQ,
+        rope=rope,
+    )
+
+
+def check_sdpa_matches_local_attention():
+    """SDPAAttention == megatron's DotProductAttention: GQA (4 heads, 2 groups), custom scale, fwd + bwd."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_resonance.megatron.llama import transformer_config
+    from megatron_resonance.megatron.sdpa_attention import SDPAAttention
+
+    config = transformer_config(tiny_config())
+    scale = 0.3  # not 1/sqrt(32): a custom softmax_scale must be honoured
+    s, b, heads, groups, hd = 24, 2, 4, 2, 32
+    g = torch.Generator().manual_seed(1)
+    q0, k0, v0 = (torch.randn(s, b, n, hd, generator=g) for n in (heads, groups, groups))
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+    padding = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    padding[1, :, :, -5:] = True  # second sequence: last 5 keys masked (True = masked, megatron's convention)
+    masks = {"causal_no_mask": None, "explicit_causal_and_padding": causal[None, None] | padding}
+    out = {}
+    outputs = []
+    for mask_name, mask in masks.items():
+        results = []
+        for cls in (DotProductAttention, SDPAAttention):
+            attn = cls(
+                config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", softmax_scale=scale
+            )
+            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+            ctx = attn(q, k, v, mask)
+            (ctx * torch.linspace(-1, 1, ctx.numel()).view_as(ctx)).sum().backward()
+            results.append((ctx.detach(), q.grad, k.grad, v.grad, attn.softmax_scale))
+        (ref, *ref_grads, ref_scale), (got, *got_grads, got_scale) = results
+        outputs.append(got)
+        out[mask_name] = {
+            "shape": list(got.shape),
+            "ref_shape": list(ref.shape),
+            "scales": [ref_scale, got_scale],
+            "forward": (got - ref).abs().max().item() / ref.abs().max().item(),
+            "grads": [(a - r).abs().max().item() / r.abs().max().item() for a, r in zip(got_grads, ref_grads)],
+        }
+    out["padding_changes_output"] = (outputs[1] - outputs[0]).abs().max().item()
+    return out
+
+
+def check_install_rotary_scale():
+    """``config.softmax_scale`` and every core attention's scale after building / re-installing."""
+    from megatron_resonance.megatron import llama
+    from megatron_resonance.megatron.rotary import install_rotary
+
+    out = {}
+    for kind in ("rope", "yarn", "resonance_yarn"):
+        cfg = tiny_config(kind)
+        built = llama.build_model(cfg, seq_length=SEQ)[0]
+        swapped = llama.build_model(tiny_config("rope"), seq_length=SEQ)[0]
+        install_rotary([swapped], cfg.rope)
+        out[kind] = {
+            name: {
+                "config_softmax_scale": model.config.softmax_scale,
+                "core_attention_scales": sorted(
+                    {layer.self_attention.core_attention.softmax_scale for layer in model.decoder.layers}
+                ),
+                "rotary_kind": model.rotary_pos_emb.rope.kind,
+            }
+            for name, model in (("built", built), ("installed_after_rope", swapped))
+        }
+    return out
+
+
+class _FakeCPGroup:
+    """What megatron's rotary forward asks of a context-parallel group: size() and rank()."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def check_context_parallel_slicing():
+    """Our module goes through megatron's own CP slicing (chunks r and 2*cp-1-r of the sequence)."""
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    from megatron_resonance.megatron.rotary import ResonanceRotaryEmbedding
+
+    rotary = ResonanceRotaryEmbedding(tiny_config("resonance_yarn").rope)
+    full = rotary.get_emb(SEQ)
+    out = {}
+    cp = 2
+    for rank in range(cp):
+        group = _FakeCPGroup(cp, rank)
+        sliced = rotary(SEQ, cp_group=group)
+        chunk = SEQ // (2 * cp)
+        expected = torch.cat(
+            [full[rank * chunk : (rank + 1) * chunk], full[(2 * cp - 1 - rank) * chunk : (2 * cp - rank) * chunk]]
+        )
+        out[f"rank{rank}"] = {
+            "shape": list(sliced.shape),
+            "equals_megatron_slicing": bool(torch.equal(sliced, get_pos_emb_on_this_cp_rank(full, 0, group))),
+            "equals_expected_chunks": bool(torch.equal(sliced, expected)),
+            "packed_seq_unsliced": bool(torch.equal(rotary(SEQ, packed_seq=True, cp_group=group), full)),
+        }
+    return out
+
+
+def check_rope_swap_changes_logits():
+    """Same weights: rope vs resonance_yarn logits differ; re-installing rope restores them exactly;
+    our rope equals megatron's stock RotaryEmbedding."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_resonance.megatron import llama
+    from megatron_resonance.megatron.rotary import install_rotary, set_softmax_scale
+
+    cfg = tiny_config("rope")
+    model = llama.build_model(cfg, seq_length=SEQ)[0].eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(SEQ)[None].expand(2, -1)
+
+    def logits():
+        with torch.no_grad():
+            return model(tokens, positions, None)[..., : cfg.vocab_size].clone()
+
+    rope_logits = logits()
+    yarn_rope = tiny_config("resonance_yarn").rope
+    install_rotary([model], yarn_rope)
+    yarn_logits = logits()
+    install_rotary([model], cfg.rope)
+    back_logits = logits()
+    # megatron's own module (no softmax-scale change for plain rope)
+    model.rotary_pos_emb = RotaryEmbedding(
+        kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_base=int(cfg.rope.base), use_cpu_initialization=True
+    )
+    set_softmax_scale(model, None)
+    stock_logits = logits()
+    return {
+        "rope_vs_resonance_yarn_max_abs": (yarn_logits - rope_logits).abs().max().item(),
+        "logits_max_abs": rope_logits.abs().max().item(),
+        "reinstalled_rope_equal": bool(torch.equal(back_logits, rope_logits)),
+        "ours_vs_megatron_stock_rope_max_abs": (stock_logits - rope_logits).abs().max().item(),
+    }
+
+
+CHECKS = [
+    check_sdpa_matches_local_attention,
+    check_install_rotary_scale,
+    check_context_parallel_slicing,
+    check_rope_swap_changes_logits,
+]
+
+
+def main(out_dir: str) -> None:
+    from megatron_resonance.megatron import distributed
+
+    distributed.initialize(1, 1)
+    results = {"cuda_available": torch.cuda.is_available()}
+    for check in CHECKS:
+        try:
+            results[check.__name__] = check()
+        except Exception:
+            results[check.__name__] = {"error": traceback.format_exc()}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

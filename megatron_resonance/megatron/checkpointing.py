@@ -27,7 +27,7 @@ from megatron_resonance.megatron.llama import LlamaConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "megatron_resonance.json"
 FORMAT_VERSION = 1
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class CheckpointError(Exception):
@@ -157,6 +157,32 @@ def save_checkpoint(
     return ckpt
 
 
+def _ensure_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state yet; megatron's distributed optimizer (without Apex/TE) needs the
+    ``step`` entries to build its sharded state dict. Allocate them with megatron's own zero-gradient
+    dummy step (the loaded checkpoint then overwrites every value)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without Apex/TE (CPU), megatron's distributed optimizer keeps torch Adam's iteration count in each
+    param group's ``step`` but leaves the per-parameter ``step`` tensors as they were before loading (and,
+    when it sets them, shares one tensor that torch's foreach Adam would increment once per parameter).
+    Give every parameter its own copy of the restored count, or the bias correction is wrong after resume."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+
+
 def load_checkpoint(
     path: str,
     model_chunks: List[torch.nn.Module],
@@ -177,6 +203,7 @@ def load_checkpoint(
     sharded = _model_sharded_state_dict(model_chunks)
     same_world = meta.get("run", {}).get("world_size") == dist.get_world_size()
     if optimizer is not None:
+        _ensure_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=OPTIMIZER_METADATA)
         if same_world:
             sharded["rng_state"] = _rng_sharded_object()
@@ -193,7 +220,9 @@ def load_checkpoint(
         for i, c in enumerate(model_chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of leaf parameters; megatron copies in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
         if scheduler is not None and "opt_param_scheduler" in loaded:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:

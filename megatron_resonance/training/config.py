@@ -68,6 +68,7 @@ class TrainingConfig:
     bf16: Optional[bool] = _f(None, "bf16 weights and compute (default: on GPU yes, on CPU fp32)")
     eval_interval: int = _f(0, "evaluate every N steps (0: only at the end)")
     eval_iters: int = _f(4, "validation batches per evaluation")
+    exit_interval: Optional[int] = _f(None, "stop (after saving) once the iteration is a multiple of this")
 
 
 @dataclasses.dataclass

@@ -535,6 +535,12 @@ def run(cfg: Config) -> TrainState:
             save_now()
             metrics.close()
             return state
+        exit_interval = cfg.training.exit_interval
+        if exit_interval and state.iteration % exit_interval == 0 and state.iteration < iters:
+            print_rank0(f"[exit] --exit-interval {exit_interval} reached at iteration {state.iteration}")
+            save_now()
+            metrics.close()
+            return state
         if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
             save_now()
             last_saved = state.iteration

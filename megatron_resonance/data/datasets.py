@@ -1,0 +1,209 @@
+"""megatron-core GPT datasets over our indexed files (or mock data), for the training loop.
+
+:func:`build_gpt_datasets` is the one call the trainer makes. It wraps megatron-core 0.16.1's
+``BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, GPTDatasetConfig(...)).build()``:
+
+* samples are dicts of ``tokens``, ``labels`` (``tokens`` shifted by one), ``loss_mask`` (1.0 except on
+  padding) and ``position_ids`` (0..seq_length-1): ``int64``/``float32`` tensors of length ``seq_length``,
+  no ``attention_mask`` (the attention kernels build the causal mask);
+* documents are concatenated with their EOS and cut into ``seq_length + 1``-token windows, so a sample
+  crosses document boundaries and positions do not restart at EOS (Megatron-LM's defaults:
+  ``reset_position_ids = reset_attention_mask = eod_mask_loss = False``);
+* the document / sample / shuffle indices are cached as ``.npy`` files under ``cache_dir``; rank 0 builds
+  them, the others wait at a barrier and load them.
+
+megatron-core needs a tokenizer object only for its ``vocab_size`` (token dtype, mock data), ``eod`` (mock
+data; masks) and ``unique_identifiers`` (part of the cache key). :class:`DatasetTokenizer` is exactly that,
+built from our :class:`~megatron_resonance.data.tokenizer.Tokenizer` or from raw ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import OrderedDict
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+Prefixes = Union[str, Sequence[str]]
+
+
+class DatasetTokenizer:
+    """The part of a Megatron tokenizer that megatron-core's GPT datasets read.
+
+    Args:
+        vocab_size: number of token ids (picks the token dtype; mock data draws ids below it).
+        eod: end-of-document id, the EOS the preprocessor appended after each document.
+        name: identifies the tokenizer in the dataset cache key (e.g. the model path).
+    """
+
+    def __init__(self, vocab_size: int, eod: int, name: str = ""):
+        self.vocab_size = int(vocab_size)
+        self.eod = int(eod)
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("name", name), ("vocab_size", self.vocab_size),
+             ("eod", self.eod)]
+        )
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "DatasetTokenizer":
+        """From our ``Tokenizer`` (``eos_id``, ``vocab_size``, ``path``)."""
+        return cls(tokenizer.vocab_size, tokenizer.eos_id, os.path.basename(getattr(tokenizer, "path", "")))
+
+    def __repr__(self) -> str:
+        return f"DatasetTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def _prefix_list(prefixes: Optional[Prefixes]) -> Optional[List[str]]:
+    if prefixes is None:
+        return None
+    return [prefixes] if isinstance(prefixes, (str, os.PathLike)) else [str(p) for p in prefixes]
+
+
+def _blend(prefixes: Optional[Prefixes]):
+    """Megatron-LM ``--data-path`` syntax: ``[P1, P2]`` or ``[W1, P1, W2, P2]`` -> (prefixes, weights)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    items = _prefix_list(prefixes)
+    if not items:
+        return None
+    blend = get_blend_from_list([str(p) for p in items])
+    for prefix in blend[0]:
+        if not IndexedDataset.exists(prefix):
+            raise FileNotFoundError(f"indexed dataset not found: {prefix}.bin / {prefix}.idx")
+    return blend
+
+
+def _index_fingerprint(prefixes: Sequence[str]) -> str:
+    """Hash of the ``.idx`` files (document lengths): megatron's cache key names the prefix but not its
+    contents, so a dataset re-made under the same prefix would otherwise reuse stale indices."""
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        digest.update(os.path.abspath(prefix).encode() + b"\0")
+        with open(prefix + ".idx", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def build_gpt_datasets(
+    *,
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: Optional[int],
+    tokenizer=None,
+    eod_id: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    train_data_prefix: Optional[Prefixes] = None,
+    valid_data_prefix: Optional[Prefixes] = None,
+    data_prefix: Optional[Prefixes] = None,
+    split: str = "98,2,0",
+    mock: bool = False,
+    cache_dir: Optional[str] = None,
+    is_built_on_rank: Optional[Callable[[], bool]] = None,
+) -> Tuple[Optional[object], Optional[object]]:
+    """Build the train and validation ``GPTDataset`` (``MockGPTDataset`` when ``mock``).
+
+    Collective when torch.distributed is initialized: call it on every rank, at the same point.
+
+    Data, one of three ways:
+
+    * ``train_data_prefix`` (+ optional ``valid_data_prefix``): separate indexed datasets per split,
+      as ``tools/preprocess_data.py`` writes them for the embedded corpus (Megatron-LM's
+      ``--train-data-path`` / ``--valid-data-path``);
+    * ``data_prefix`` + ``split``: one blend divided into train/valid/test by document ranges
+      (Megatron-LM's ``--data-path`` / ``--split``; the test part is not built);
+    * ``mock=True``: megatron-core's synthetic documents (ids ``1, 2, ... , len-1, eod``), no files.
+
+    A prefix is ``path/name`` of ``path/name.bin`` + ``path/name.idx``; a list is a blend, either
+    ``[P1, P2]`` (weighted by size) or ``[W1, P1, W2, P2]`` as on Megatron-LM's command line.
+
+    Args:
+        seq_length: tokens per sample (each sample reads ``seq_length + 1`` tokens for the labels).
+        seed: seeds the document and sample shuffles (same on every rank).
+        train_samples: samples the train dataset must provide (``iterations * global_batch_size``);
+            documents are repeated over as many epochs as needed.
+        valid_samples: samples for validation (``evals * eval_iters * global_batch_size``); None: one
+            epoch; 0 or no validation data: no validation dataset.
+        tokenizer: our ``Tokenizer`` (its ``eos_id`` and ``vocab_size``), or a ready
+            :class:`DatasetTokenizer` / Megatron tokenizer (``eod``, ``vocab_size``,
+            ``unique_identifiers``). Alternatively pass ``eod_id`` and ``vocab_size``.
+        cache_dir: directory for the cached index ``.npy`` files (created by rank 0), which go into a
+            subdirectory named by a hash of the ``.idx`` files, so re-made data never meets stale
+            indices. Default: ``index-cache`` next to the first train (or blended) prefix. With
+            ``mock``, indices are cached only if ``cache_dir`` is given.
+        is_built_on_rank: whether this rank builds datasets (others get None). Default: every rank,
+            which is cheap (the ``.bin`` is memory-mapped) and lets each rank read its own batches.
+            Megatron-LM builds only on TP rank 0 of the first and last pipeline stages and
+            broadcasts batches over TP; pass such a predicate to do the same. Rank 0 must build.
+
+    Returns:
+        ``(train, valid)``: megatron ``GPTDataset`` objects (``len()`` >= the requested samples;
+        ``dataset[i]`` is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``), valid
+        None when there is no validation data.
+
+    Raises:
+        ValueError: inconsistent arguments. FileNotFoundError: a prefix without ``.bin``/``.idx``.
+    """
+    with warnings.catch_warnings():  # megatron.core's import warns about missing TE/Apex
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    # -- tokenizer --------------------------------------------------------------------------------------
+    if tokenizer is None:
+        if eod_id is None or vocab_size is None:
+            raise ValueError("pass a tokenizer, or both eod_id and vocab_size")
+        dataset_tokenizer = DatasetTokenizer(vocab_size, eod_id)
+    elif hasattr(tokenizer, "eod") and hasattr(tokenizer, "unique_identifiers"):
+        dataset_tokenizer = tokenizer
+    else:
+        dataset_tokenizer = DatasetTokenizer.from_tokenizer(tokenizer)
+
+    # -- data source ------------------------------------------------------------------------------------
+    if seq_length < 1 or train_samples < 1:
+        raise ValueError(f"seq_length and train_samples must be >= 1, got {seq_length}, {train_samples}")
+    sources = [mock, data_prefix is not None, train_data_prefix is not None]
+    if sum(map(bool, sources)) != 1:
+        raise ValueError("pass exactly one of mock=True, data_prefix, train_data_prefix")
+    if valid_data_prefix is not None and train_data_prefix is None:
+        raise ValueError("valid_data_prefix needs train_data_prefix")
+    want_valid = valid_samples is None or valid_samples > 0
+    blend = blend_per_split = None
+    if data_prefix is not None:
+        blend = _blend(data_prefix)
+    elif train_data_prefix is not None:
+        valid_blend = _blend(valid_data_prefix) if want_valid else None
+        blend_per_split = [_blend(train_data_prefix), valid_blend, None]
+    if not mock:
+        if cache_dir is None:
+            first = (blend or blend_per_split[0])[0][0]
+            cache_dir = os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
+        used = [p for b in ([blend] if blend else blend_per_split) if b for p in b[0]]
+        cache_dir = os.path.join(cache_dir, _index_fingerprint(used))
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split if blend is not None else None,
+        path_to_cache=cache_dir,
+        tokenizer=dataset_tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    sizes = [train_samples, valid_samples if want_valid else 0, 0]
+    cls = MockGPTDataset if mock else GPTDataset
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config)
+    train, valid, _ = builder.build()
+    return train, (valid if want_valid else None)

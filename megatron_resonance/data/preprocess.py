@@ -1,0 +1,270 @@
+"""Tokenize documents into a Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+
+The files are written by megatron-core's ``IndexedDatasetBuilder``, so Megatron-LM, megatron-core's
+``GPTDataset`` and :func:`megatron_resonance.data.build_gpt_datasets` all read them. As Megatron-LM's
+``tools/preprocess_data.py``: one sequence per document (``lengths = [len(ids)]``), EOS appended to each
+document unless disabled, token dtype ``uint16`` below 65,500 ids and ``int32`` above.
+
+Inputs are JSONL files (``.jsonl``/``.json``; one ``{"text": ...}`` object per line) or any other file,
+which is one document. Empty documents are skipped: a zero-length sequence makes ``GPTDataset``'s sample
+index loop forever. Tokenization runs in a ``multiprocessing`` pool whose ``imap`` keeps input order, so
+the output is byte-identical for any worker count.
+
+Output is written to temporary files and renamed at the very end: a failed or interrupted run leaves any
+existing dataset untouched.
+
+    python tools/preprocess_data.py --input data/stdlib/train.jsonl --output-prefix data/stdlib/train \
+        --tokenizer-model data/stdlib/spm2048.model --workers 2
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_resonance.cli import UsageError
+from megatron_resonance.data.tokenizer import Tokenizer
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def token_dtype(vocab_size: int) -> type:
+    """Token dtype of the ``.bin`` file, as Megatron-LM picks it (``DType.optimal_dtype``)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+@dataclass
+class PreprocessStats:
+    """What :func:`preprocess` wrote and how fast."""
+
+    output_prefix: str
+    documents: int
+    empty_skipped: int
+    tokens: int
+    text_bytes: int
+    seconds: float
+    workers: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.output_prefix}.bin/.idx: {self.documents} documents "
+            f"({self.empty_skipped} empty skipped), {self.tokens} tokens, "
+            f"{self.text_bytes / 1e6:.2f} MB text "
+            f"in {self.seconds:.2f} s with {self.workers} worker(s): {self.tokens_per_second:,.0f} tokens/s, "
+            f"{self.megabytes_per_second:.2f} MB/s"
+        )
+
+
+# ---------------------------------------------------------------- input -----------------------------------
+
+
+def check_inputs(inputs: Sequence) -> List[Path]:
+    """The input paths; raises :class:`UsageError` for none, a missing one or an empty one."""
+    paths = [Path(p) for p in inputs if str(p)]
+    if not paths:
+        raise UsageError("no input files given")
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"input not found: {path}")
+        if not path.is_file():
+            raise UsageError(f"input is not a file: {path}")
+        if path.stat().st_size == 0:
+            raise UsageError(f"input is empty: {path}")
+    return paths
+
+
+def iter_documents(paths: Sequence[Path], json_key: str = "text") -> Iterator[str]:
+    """Documents in order; raises :class:`UsageError` on undecodable text, bad JSON or a missing key."""
+    for path in paths:
+        if path.suffix not in JSONL_SUFFIXES:
+            try:
+                yield path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            continue
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except (UnicodeDecodeError, ValueError) as err:
+                    raise UsageError(f"{path}:{lineno}: not a JSON line ({err})") from None
+                if not isinstance(record, dict) or json_key not in record:
+                    raise UsageError(f"{path}:{lineno}: no key {json_key!r} (set --json-key)")
+                text = record[json_key]
+                if not isinstance(text, str):
+                    raise UsageError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
+                yield text
+
+
+def count_documents(paths: Sequence[Path]) -> int:
+    """Upper bound for the progress bar: lines of JSONL files plus one per text file."""
+    total = 0
+    for path in paths:
+        if path.suffix in JSONL_SUFFIXES:
+            with open(path, "rb") as f:
+                total += sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b""))
+        else:
+            total += 1
+    return total
+
+
+def load_tokenizer(model_path) -> Tokenizer:
+    """:class:`Tokenizer`, with a missing or unreadable file as :class:`UsageError`."""
+    try:
+        return Tokenizer(model_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+# ---------------------------------------------------------------- workers ---------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(model_path: str, append_eod: bool) -> None:
+    tok = Tokenizer(model_path)
+    _WORKER.update(tokenizer=tok, append_eod=append_eod, dtype=token_dtype(tok.vocab_size))
+
+
+def _encode(text: str) -> Tuple[bytes, int, int]:
+    """(token bytes in the .bin dtype, token count, UTF-8 text bytes) of one document; empty text -> 0."""
+    tok = _WORKER["tokenizer"]
+    ids = tok.encode(text) if text else []
+    if ids and _WORKER["append_eod"]:
+        ids.append(tok.eos_id)
+    return np.asarray(ids, dtype=_WORKER["dtype"]).tobytes(), len(ids), len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------- main ------------------------------------
+
+
+def output_paths(output_prefix) -> Tuple[Path, Path]:
+    prefix = str(output_prefix)
+    return Path(prefix + ".bin"), Path(prefix + ".idx")
+
+
+def preprocess(
+    inputs: Sequence,
+    output_prefix,
+    tokenizer_model,
+    *,
+    json_key: str = "text",
+    workers: int = 1,
+    append_eod: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunksize: int = 8,
+    log: Optional[Callable[[str], None]] = print,
+) -> PreprocessStats:
+    """Tokenize ``inputs`` into ``output_prefix.bin`` / ``output_prefix.idx``.
+
+    Args:
+        inputs: JSONL and/or text files, read in the given order.
+        output_prefix: path without extension; parent directories are created.
+        tokenizer_model: SentencePiece ``.model`` (ours or LLaMA's).
+        json_key: field holding the text in JSONL records.
+        workers: tokenizer processes (1: tokenize in this process). The output does not depend on it.
+        append_eod: append the tokenizer's EOS id after every document.
+        overwrite: replace an existing ``.bin``/``.idx`` (refused otherwise).
+        progress: show a tqdm progress bar on stderr (only when it is a terminal).
+        log: where the final summary line goes (None: nowhere).
+
+    Returns:
+        Counts and throughput. Raises :class:`megatron_resonance.cli.UsageError` on bad input, before
+        anything is written, or, for bad content found while reading, before the output is replaced.
+    """
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    paths = check_inputs(inputs)
+    tokenizer = load_tokenizer(tokenizer_model)
+    if str(output_prefix).endswith(("/", os.sep)) or Path(output_prefix).is_dir():
+        raise UsageError(f"output prefix is a directory, expected a path prefix: {output_prefix}")
+    bin_path, idx_path = output_paths(output_prefix)
+    existing = [str(p) for p in (bin_path, idx_path) if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+
+    # imported after the checks, so that they fail fast, and before the clock starts (seconds)
+    from tqdm import tqdm
+
+    with warnings.catch_warnings():  # megatron.core's import warns about missing TE/Apex
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    tag = f".tmp-{os.getpid()}"
+    tmp_bin, tmp_idx = Path(str(bin_path) + tag), Path(str(idx_path) + tag)
+    documents = empty = tokens = text_bytes = 0
+    start = time.perf_counter()
+    pool = builder = None
+    # no bar when stderr is not a terminal (logs, CI): an error then stays the only line there
+    show = progress and sys.stderr.isatty()
+    bar = tqdm(total=count_documents(paths) if show else None, unit="doc", disable=not show, dynamic_ncols=True)
+    try:
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        init_args = (tokenizer.path, append_eod)
+        docs = iter_documents(paths, json_key)
+        if workers > 1:
+            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
+            encoded = pool.imap(_encode, docs, chunksize=chunksize)
+        else:
+            _init_worker(*init_args)
+            encoded = map(_encode, docs)
+        for data, n, nbytes in encoded:
+            bar.update(1)
+            text_bytes += nbytes
+            if n == 0:
+                empty += 1
+                continue
+            builder.add_document(np.frombuffer(data, dtype=dtype), [n])
+            documents += 1
+            tokens += n
+        if documents == 0:
+            raise UsageError(f"no non-empty documents in {', '.join(map(str, paths))}")
+        builder.finalize(str(tmp_idx))
+        os.replace(tmp_bin, bin_path)
+        os.replace(tmp_idx, idx_path)
+    except BaseException:
+        bar.leave = False  # clear the bar so the error line stands alone
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if builder is not None and not builder.data_file.closed:
+            builder.data_file.close()
+        for tmp in (tmp_bin, tmp_idx):
+            tmp.unlink(missing_ok=True)
+    stats = PreprocessStats(
+        output_prefix=str(output_prefix),
+        documents=documents,
+        empty_skipped=empty,
+        tokens=tokens,
+        text_bytes=text_bytes,
+        seconds=time.perf_counter() - start,
+        workers=workers,
+    )
+    if log is not None:
+        log(stats.summary())
+    return stats

@@ -1,0 +1,23 @@
+"""Shared fixtures: a small stdlib corpus and a tiny tokenizer trained on it (built once per session)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_resonance.data.corpus import build_stdlib_corpus
+from megatron_resonance.data.tokenizer import Tokenizer, train_tokenizer
+
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """Manifest of a ~150 KB train / ~40 KB valid corpus from this machine's standard library."""
+    return build_stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_train_bytes=150_000,
+                               max_valid_bytes=40_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(small_corpus, tmp_path_factory) -> Tokenizer:
+    prefix = tmp_path_factory.mktemp("tokenizer") / "spm"
+    return Tokenizer(train_tokenizer([small_corpus.train.path], prefix, vocab_size=TINY_VOCAB, num_threads=1))

@@ -1,0 +1,158 @@
+"""`make demo`: the whole path on the embedded default, on a laptop CPU.
+
+    python tools/run_demo.py --out outputs/demo [--nproc 2]
+
+1. corpus (this machine's Python standard library) -> SentencePiece tokenizer -> Megatron indexed datasets;
+2. pretrain the demo LLaMA at sequence length 128 with 2 processes (tensor parallel, TP=2);
+3. extend it to 512 (s = 4) twice, with `yarn` and with `resonance_yarn` (data parallel, DP=2);
+4. evaluate held-out perplexity at 128..512 for the unextended `rope` model, `yarn` and `resonance_yarn`;
+5. write `report.json` ({"perplexity": {variant: {length: ppl}}}), `report.md` and `perplexity.png`.
+
+Each finished stage leaves a marker under `<out>/stages/`; a re-run skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_resonance.cli import ArgumentParser  # noqa: E402
+
+LENGTHS = (128, 256, 384, 512)
+VARIANTS = ("rope", "yarn", "resonance_yarn")
+
+
+class Demo:
+    def __init__(self, out: Path, nproc: int):
+        self.out = out
+        self.nproc = nproc
+        self.stages = out / "stages"
+        self.stages.mkdir(parents=True, exist_ok=True)
+        self.timings = {}
+
+    def stage(self, name: str, fn) -> None:
+        marker = self.stages / f"{name}.done"
+        if marker.exists():
+            print(f"==> {name}: done earlier, skipping ({marker})", flush=True)
+            self.timings[name] = json.loads(marker.read_text()).get("seconds")
+            return
+        print(f"==> {name}", flush=True)
+        start = time.time()
+        fn()
+        seconds = round(time.time() - start, 1)
+        self.timings[name] = seconds
+        marker.write_text(json.dumps({"seconds": seconds}))
+        print(f"==> {name}: {seconds:.0f} s", flush=True)
+
+    def run(self, *cmd) -> None:
+        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env, check=True)
+
+    # -------------------------------------------------------------------------------------- stages
+    def corpus(self) -> None:
+        from megatron_resonance.data.corpus import build_stdlib_corpus
+
+        manifest = build_stdlib_corpus(self.out / "corpus")
+        print(f"    corpus: {manifest}" if len(str(manifest)) < 300 else "    corpus written", flush=True)
+
+    def tokenizer(self) -> None:
+        from megatron_resonance.data.tokenizer import train_tokenizer
+
+        train_tokenizer([self.out / "corpus" / "train.jsonl"], self.out / "tokenizer", vocab_size=2048)
+
+    def datasets(self) -> None:
+        from megatron_resonance.data.preprocess import preprocess
+
+        for split in ("train", "valid"):
+            preprocess(
+                [self.out / "corpus" / f"{split}.jsonl"],
+                self.out / "data" / f"{split}_text_document",
+                self.out / "tokenizer.model",
+                workers=self.nproc,
+                overwrite=True,
+            )
+
+    def data_flags(self):
+        return [
+            "--data-path", self.out / "data" / "train_text_document",
+            "--valid-data-path", self.out / "data" / "valid_text_document",
+            "--tokenizer-model", self.out / "tokenizer.model",
+            "--data-cache-path", self.out / "data" / "index-cache",
+        ]  # fmt: skip
+
+    def pretrain(self) -> None:
+        self.run(
+            "pretrain/pretrain_llama.py", "--nproc-per-node", self.nproc, "--config", "configs/demo.yaml",
+            "--tensor-model-parallel-size", min(2, self.nproc), "--save", self.out / "ckpt" / "rope",
+            *self.data_flags(),
+        )  # fmt: skip
+
+    def extend(self, kind: str) -> None:
+        self.run(
+            "finetune/extend_context.py", "--nproc-per-node", self.nproc, "--config", "configs/demo_extend.yaml",
+            "--load", self.out / "ckpt" / "rope", "--rope-kind", kind, "--save", self.out / "ckpt" / kind,
+            *self.data_flags(),
+        )  # fmt: skip
+
+    def evaluate(self) -> None:
+        loads = []
+        for v in VARIANTS:
+            loads += ["--load", self.out / "ckpt" / v, "--name", v]
+        self.run(
+            "tools/eval_perplexity.py", *loads, "--lengths", ",".join(map(str, LENGTHS)),
+            "--data", self.out / "data" / "valid_text_document", "--out", self.out / "eval",
+        )  # fmt: skip
+
+    def report(self) -> None:
+        evaluated = json.loads((self.out / "eval" / "report.json").read_text())
+        ppl = {v: {str(k): float(x) for k, x in evaluated["perplexity"][v].items()} for v in VARIANTS}
+        report = {"perplexity": ppl, "lengths": list(LENGTHS), "stage_seconds": self.timings}
+        (self.out / "report.json").write_text(json.dumps(report, indent=2))
+        lines = [
+            "# megatron-resonance demo: held-out perplexity by context length",
+            "",
+            "Pretrained at 128 tokens (`rope`), extended to 512 (s = 4) with `yarn` and `resonance_yarn`.",
+            "",
+            "| variant | " + " | ".join(str(n) for n in LENGTHS) + " |",
+            "|---|" + "---|" * len(LENGTHS),
+        ]
+        for v in VARIANTS:
+            lines.append(f"| {v} | " + " | ".join(f"{ppl[v][str(n)]:.2f}" for n in LENGTHS) + " |")
+        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in self.timings.items())]
+        (self.out / "report.md").write_text("\n".join(lines) + "\n")
+        plot = self.out / "eval" / "perplexity.png"
+        if plot.exists():
+            (self.out / "perplexity.png").write_bytes(plot.read_bytes())
+        print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="run_demo.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="outputs/demo", help="output directory")
+    p.add_argument("--nproc", type=int, default=2, help="processes for training (torchrun)")
+    args = p.parse_args(argv)
+    demo = Demo(Path(args.out).resolve(), args.nproc)
+    start = time.time()
+    demo.stage("corpus", demo.corpus)
+    demo.stage("tokenizer", demo.tokenizer)
+    demo.stage("datasets", demo.datasets)
+    demo.stage("pretrain", demo.pretrain)
+    for kind in VARIANTS[1:]:
+        demo.stage(f"extend_{kind}", lambda kind=kind: demo.extend(kind))
+    demo.stage("evaluate", demo.evaluate)
+    demo.report()
+    print(f"\ndemo finished in {time.time() - start:.0f} s; results in {demo.out}:")
+    for name in ("report.json", "report.md", "perplexity.png"):
+        print(f"  {demo.out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

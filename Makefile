@@ -24,5 +24,8 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check megatron_resonance tests tools pretrain finetune benchmarks
 
+demo: install
+	$(PY) tools/run_demo.py --out $(OUT)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
     python tools/run_demo.py --out outputs/demo [--nproc 2]
 
-1. corpus (this machine's Python standard library) -> SentencePiece tokenizer -> Megatron indexed datasets;
+1. data: corpus (this machine's Python standard library) -> SentencePiece tokenizer -> indexed datasets;
 2. pretrain the demo LLaMA at sequence length 128 with 2 processes (tensor parallel, TP=2);
 3. extend it to 512 (s = 4) twice, with `yarn` and with `resonance_yarn` (data parallel, DP=2);
 4. evaluate held-out perplexity at 128..512 for the unextended `rope` model, `yarn` and `resonance_yarn`;
@@ -56,35 +56,16 @@ class Demo:
         subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env, check=True)
 
     # -------------------------------------------------------------------------------------- stages
-    def corpus(self) -> None:
-        from megatron_resonance.data.corpus import build_stdlib_corpus
+    def data(self) -> None:
+        from megatron_resonance.data.prepare import prepare_default_data
 
-        manifest = build_stdlib_corpus(self.out / "corpus")
-        print(f"    corpus: {manifest}" if len(str(manifest)) < 300 else "    corpus written", flush=True)
-
-    def tokenizer(self) -> None:
-        from megatron_resonance.data.tokenizer import train_tokenizer
-
-        train_tokenizer([self.out / "corpus" / "train.jsonl"], self.out / "tokenizer", vocab_size=2048)
-
-    def datasets(self) -> None:
-        from megatron_resonance.data.preprocess import preprocess
-
-        for split in ("train", "valid"):
-            preprocess(
-                [self.out / "corpus" / f"{split}.jsonl"],
-                self.out / "data" / f"{split}_text_document",
-                self.out / "tokenizer.model",
-                workers=self.nproc,
-                overwrite=True,
-            )
+        prepare_default_data(self.out / "data", workers=self.nproc)
 
     def data_flags(self):
         return [
-            "--data-path", self.out / "data" / "train_text_document",
-            "--valid-data-path", self.out / "data" / "valid_text_document",
-            "--tokenizer-model", self.out / "tokenizer.model",
-            "--data-cache-path", self.out / "data" / "index-cache",
+            "--data-path", self.out / "data" / "train",
+            "--valid-data-path", self.out / "data" / "valid",
+            "--tokenizer-model", self.out / "data" / "tokenizer.model",
         ]  # fmt: skip
 
     def pretrain(self) -> None:
@@ -107,7 +88,7 @@ class Demo:
             loads += ["--load", self.out / "ckpt" / v, "--name", v]
         self.run(
             "tools/eval_perplexity.py", *loads, "--lengths", ",".join(map(str, LENGTHS)),
-            "--data", self.out / "data" / "valid_text_document", "--out", self.out / "eval",
+            "--data", self.out / "data" / "valid", "--out", self.out / "eval",
         )  # fmt: skip
 
     def report(self) -> None:
@@ -140,9 +121,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     demo = Demo(Path(args.out).resolve(), args.nproc)
     start = time.time()
-    demo.stage("corpus", demo.corpus)
-    demo.stage("tokenizer", demo.tokenizer)
-    demo.stage("datasets", demo.datasets)
+    demo.stage("data", demo.data)
     demo.stage("pretrain", demo.pretrain)
     for kind in VARIANTS[1:]:
         demo.stage(f"extend_{kind}", lambda kind=kind: demo.extend(kind))

@@ -1,0 +1,118 @@
+"""Bad input: one line on stderr and exit status 2, before any model is loaded (so these run in-process)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_resonance.evaluation import passkey, perplexity
+from tests.launch import REPO
+
+
+def _fails(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint root with only what resolve() reads: tracker and megatron_resonance.json."""
+    from megatron_resonance.megatron.llama import LlamaConfig
+
+    root = tmp_path_factory.mktemp("bad_inputs") / "ckpt"
+    (root / "iter_0000005").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("5")
+    cfg = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=400, max_position_embeddings=64)
+    (root / "iter_0000005" / "megatron_resonance.json").write_text(json.dumps({"model": cfg.to_dict(), "run": {}}))
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--load", "/no/such/ckpt", "--lengths", "16"], "--load /no/such/ckpt: no such file or directory"),
+        (["--hf", "/no/such/hf", "--lengths", "16"], "--hf /no/such/hf: no such file or directory"),
+        (["LOAD", "--lengths", "16,abc"], "'abc' is not an integer"),
+        (["LOAD", "--lengths", "1"], "a length must be >= 2"),
+        (["LOAD", "--lengths", ""], "is not an integer"),
+        (["LOAD", "--lengths", "16", "--stride", "32"], "--stride 32: must be between 1"),
+        (["LOAD", "--lengths", "16", "--max-documents", "0"], "--max-documents 0"),
+        (["LOAD", "--lengths", "16", "--data", "/no/such.jsonl"], "--data /no/such.jsonl: file not found"),
+        (["LOAD", "--lengths", "16", "--data", "/no/prefix"], "/no/prefix.bin not found"),
+        (["LOAD", "--lengths", "16"], "no tokenizer is stored with ckpt: pass --tokenizer"),
+        (["LOAD", "--lengths", "16", "--tokenizer", "/no/tok.model"], "--tokenizer /no/tok.model: no such file"),
+        (["LOAD", "--lengths", "16", "--tensor-model-parallel-size", "3"], "world size 1 is not divisible"),
+        (["LOAD", "LOAD", "--lengths", "16"], "two models are named 'ckpt'"),
+        (["--lengths", "16"], "no model"),
+        (["LOAD", "--lengths", "16", "--name", "a", "--name", "b"], "2 --name for 1 model"),
+        (["LOAD", "--lengths", "100000000"], "length 100000000 does not fit for ckpt"),
+        (["LOAD", "--lengths", "64", "--max-memory-gb", "0.0001"], "length 64 does not fit for ckpt"),
+        (["LOAD", "--lengths", "16", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_perplexity_bad_input(checkpoint, tmp_path, capsys, argv, message):
+    argv = [a for x in argv for a in (["--load", str(checkpoint)] if x == "LOAD" else [x])]
+    err = _fails(perplexity.main, [*argv, "--out", str(tmp_path / "out")], capsys)
+    assert err.startswith("eval_perplexity.py: error: ") and message in err, err
+
+
+def test_unreadable_model_config(checkpoint, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "iter_0000005" / "megatron_resonance.json").write_text("{not json")
+    err = _fails(perplexity.main, ["--load", str(broken), "--lengths", "16", "--out", str(tmp_path / "o")], capsys)
+    assert "cannot read the model config" in err
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    err = _fails(perplexity.main, ["--hf", str(hf), "--lengths", "16", "--out", str(tmp_path / "o")], capsys)
+    assert f"--hf {hf}: cannot read the model config" in err
+
+
+def test_out_is_a_file(checkpoint, tmp_path, capsys, tokenizer_model):
+    (tmp_path / "file").write_text("")
+    err = _fails(perplexity.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), "--lengths", "16",
+                                   "--out", str(tmp_path / "file")], capsys)
+    assert "exists and is not a directory" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lengths", "16", "--trials", "2"], "shorter than the passkey prompt without filler"),
+        (["--lengths", "300", "--trials", "0"], "--trials 0: must be >= 1"),
+        (["--lengths", "300", "--trials", "1", "--depths", "0,2"], "2 is outside [0, 1]"),
+        (["--lengths", "300", "--trials", "1", "--depths", "x"], "'x' is not a number"),
+        (["--lengths", "100000000", "--trials", "1"], "does not fit"),
+    ],
+)
+def test_passkey_bad_input(checkpoint, tokenizer_model, tmp_path, capsys, argv, message):
+    err = _fails(passkey.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), *argv,
+                                "--out", str(tmp_path / "out")], capsys)
+    assert err.startswith("eval_passkey.py: error: ") and message in err, err
+
+
+def test_passkey_needs_one_model_and_a_tokenizer(checkpoint, tmp_path, capsys):
+    err = _fails(passkey.main, ["--load", str(checkpoint), "--load", str(checkpoint), "--lengths", "300",
+                                "--trials", "1", "--out", str(tmp_path)], capsys)
+    assert "exactly one model" in err
+    err = _fails(passkey.main, ["--load", str(checkpoint), "--lengths", "300", "--trials", "1", "--out", str(tmp_path)],
+                 capsys)
+    assert "no tokenizer is stored with ckpt" in err
+
+
+def test_tool_script_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "eval_perplexity.py"), "--load", "/no/such/ckpt",
+                           "--lengths", "16", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["eval_perplexity.py: error: --load /no/such/ckpt: no such file or "
+                                                "directory"]

@@ -200,6 +200,7 @@ def _flag(name: str) -> str:
 
 
 def _add(parser, dest: str, ftype, help: str) -> None:
+    help = help.replace("%", "%%")  # argparse %-formats help strings ("seq_length % 2*CP")
     t = ftype if isinstance(ftype, type) else None
     if ftype in (bool, Optional[bool], "bool", "Optional[bool]"):
         parser.add_argument(_flag(dest), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help)

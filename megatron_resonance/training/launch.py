@@ -2,12 +2,14 @@
 
 Under ``torchrun`` the script runs directly. Started with plain ``python ... --nproc-per-node N``, it first
 validates the configuration in one process (so bad input is one error line, before any worker starts),
-then re-executes itself under ``torch.distributed.run``.
+then runs ``torch.distributed.run`` in this process, which starts the workers and passes SIGTERM/SIGUSR1
+on to them (see :func:`run_torchrun`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -70,20 +72,58 @@ def main(
 
             _tokenizer_vocab(cfg)
             validate(cfg, args.nproc_per_node)
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={args.nproc_per_node}",
-                script,
-                *_strip_nproc(argv),
-            ]
             os.environ.setdefault("OMP_NUM_THREADS", "1")
-            os.execv(sys.executable, cmd)
+            run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)])
+            return 0
         trainer.run(cfg)
     except (ConfigError, CheckpointError) as e:
         if rank0:
             fail(f"{prog}: error: {e}")
         sys.exit(2)
     return 0
+
+
+#: the signals a worker answers by finishing its step, saving and exiting 0 (Slurm preemption)
+SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def run_torchrun(torchrun_args: List[str]) -> None:
+    """``torchrun --standalone ARGS`` in this process, passing SIGTERM and SIGUSR1 on to the workers.
+
+    torchrun alone does not do that: SIGUSR1 kills it and leaves the workers running as orphans, and
+    SIGTERM makes it signal the workers, SIGKILL any still saving after 30 s, and exit 1. Here torchrun
+    keeps SIGINT/SIGHUP/SIGQUIT (Ctrl-C still stops everything at once); SIGTERM and SIGUSR1 go to each
+    worker, which finishes its step, saves and exits 0, and torchrun then exits 0 like after any
+    successful run. Raises torchrun's ChildFailedError when a worker fails."""
+    from torch.distributed import run as torchrun
+
+    def forward(signum, frame):
+        for pid in _child_pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # exited in the meantime
+                pass
+
+    handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default, where workers cannot be found (no /proc)
+    if os.path.isdir("/proc"):
+        for sig in SAVE_SIGNALS:
+            signal.signal(sig, forward)
+        handled = "SIGINT,SIGHUP,SIGQUIT"
+    torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
+
+
+def _child_pids() -> List[int]:
+    """Processes whose parent is this one (torchrun's workers), from ``/proc``."""
+    me, pids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+            pids.append(int(entry))
+    return pids

@@ -49,11 +49,11 @@ def validate(cfg: Config, world_size: int) -> None:
         m.check_parallel(tp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cp > 1 and d.seq_length % (2 * cp):
+        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x context-parallel-size = {2 * cp}")
     if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
     dp = world_size // (tp * pp * cp)
-    if cp > 1 and d.seq_length % (2 * cp):
-        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x context-parallel-size = {2 * cp}")
     if cp > 1 and resolve_spec(p.transformer_impl) != "te":
         raise ConfigError("--context-parallel-size > 1 needs Transformer Engine attention (a GPU with TE)")
     vpp = p.virtual_pipeline_model_parallel_size or 1
@@ -81,6 +81,11 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"tokenizer model not found: {d.tokenizer_model}")
     if cfg.checkpoint.load and not _has_checkpoint(cfg.checkpoint.load):
         raise ConfigError(f"--load {cfg.checkpoint.load}: no checkpoint there")
+    # A checkpoint whose tensors do not fit would fail deep inside dist_checkpointing, one traceback per rank.
+    if cfg.checkpoint.save and _has_checkpoint(cfg.checkpoint.save):  # resume: the run must be the same model
+        _check_same_model(f"--save {cfg.checkpoint.save} holds a checkpoint of", cfg.checkpoint.save, cfg, None)
+    elif cfg.checkpoint.load:
+        _check_same_model(f"--load {cfg.checkpoint.load} is", cfg.checkpoint.load, cfg, _SHAPE_FIELDS)
     if cfg.training.train_iters < 1:
         raise ConfigError(f"--train-iters must be >= 1, got {cfg.training.train_iters}")
     warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
@@ -101,6 +106,28 @@ def _check_dataset(prefix: str) -> None:
             raise ConfigError(f"dataset {prefix}: {prefix + ext} not found")
     if os.path.getsize(prefix + ".bin") == 0:
         raise ConfigError(f"dataset {prefix}: {prefix}.bin is empty")
+
+
+#: model fields that fix the shapes of the stored tensors
+_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def _check_same_model(what: str, path: str, cfg: Config, fields: Optional[tuple]) -> None:
+    """ConfigError naming the first differences between the stored model and ``cfg.model`` (in ``fields``,
+    or all of them with the rope plan)."""
+    stored, wanted = checkpointing.read_config(path)["model"], cfg.model.to_dict()
+    differ = [k for k in (fields or wanted) if stored.get(k) != wanted[k]]
+    if differ:
+        shown = ", ".join(f"{k} {stored.get(k)} (this run: {wanted[k]})" for k in differ[:3])
+        raise ConfigError(f"{what} another model: {shown}")
 
 
 def _has_checkpoint(path: str) -> bool:
@@ -128,6 +155,8 @@ def _tokenizer_vocab(cfg: Config) -> None:
     if cfg.data.tokenizer_model:
         from megatron_resonance.data.tokenizer import Tokenizer
 
+        if not os.path.isfile(cfg.data.tokenizer_model):
+            raise ConfigError(f"tokenizer model not found: {cfg.data.tokenizer_model}")
         cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
 
 

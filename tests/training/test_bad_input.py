@@ -1,0 +1,312 @@
+"""Bad input to the entry points: one line ``<prog>: error: <what is wrong>`` on stderr, exit status 2, no
+worker started, and nothing written (an existing ``--save`` directory, with a checkpoint in it, is left
+byte for byte as it was).
+
+Most cases call the entry point's ``launch.main`` in this process with ``--nproc-per-node 2`` and the
+torchrun start replaced by a recorder, so the launcher's validation runs as a user's would and a case that
+slipped through would be seen, not trained; a few run the real command line in a subprocess without
+``--nproc-per-node`` (the single-process path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from megatron_resonance.training import launch
+from megatron_resonance.training.config import config_from_args
+from megatron_resonance.training.trainer import resolve_spec
+from tests.training.conftest import EXTEND, PRETRAIN, REPO, TINY_RUN, command, env
+
+ITERS = ["--train-iters", "20"]
+
+
+# ---------------------------------------------------------------- fixtures ---------------------------------
+
+
+def fake_checkpoint(root: Path, iteration: int, model: dict) -> Path:
+    """What validation reads of a checkpoint: the tracker and the iteration's megatron_resonance.json."""
+    ckpt = root / f"iter_{iteration:07d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "megatron_resonance.json").write_text(json.dumps({"model": model, "run": {}, "iteration": iteration}))
+    (ckpt / "common.pt").write_bytes(b"\0" * 64)
+    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return root
+
+
+def tiny_model(**changes) -> dict:
+    model = config_from_args(launch.make_parser("x", "").parse_args(TINY_RUN)).model.to_dict()
+    return {**model, **changes}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bad_input")
+    (tmp / "empty.bin").touch()
+    (tmp / "empty.idx").touch()
+    (tmp / "data.bin").write_bytes(b"\1" * 64)  # validation checks presence and size only
+    (tmp / "data.idx").write_bytes(b"\1" * 64)
+    (tmp / "only.bin").write_bytes(b"\1" * 64)
+    (tmp / "empty_dir").mkdir()
+    (tmp / "unknown_top.yaml").write_text("model:\n  num_layers: 2\nbogus_section:\n  x: 1\n")
+    (tmp / "unknown_model.yaml").write_text("model:\n  hiden_size: 64\n")
+    (tmp / "unknown_rope.yaml").write_text("model:\n  rope:\n    kindd: yarn\n")
+    (tmp / "unknown_training.yaml").write_text("training:\n  train_iter: 5\n")
+    (tmp / "not_a_mapping.yaml").write_text("- a\n- b\n")
+    fake_checkpoint(tmp / "other_model", 3, tiny_model(hidden_size=128))
+    # the --save every case passes: a run's checkpoint (same model) and its metrics, which must survive
+    save = fake_checkpoint(tmp / "save", 7, tiny_model())
+    (save / "metrics.jsonl").write_text('{"iteration": 7, "loss": 3.0}\n')
+    # a tracker naming a checkpoint that is not there (a save that never completed)
+    (tmp / "dangling").mkdir()
+    (tmp / "dangling" / "latest_checkpointed_iteration.txt").write_text("9")
+    return {p.name: p for p in tmp.iterdir()}
+
+
+def snapshot(root: Path) -> Dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def load_extend():
+    spec = importlib.util.spec_from_file_location("extend_context_script", EXTEND)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.CompletedProcess:
+    """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch."""
+    launched = []
+    monkeypatch.setattr(launch, "run_torchrun", launched.append)
+    for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if script == EXTEND:
+        prog, make_config = "extend_context.py", load_extend().make_config
+    else:
+        prog, make_config = "pretrain_llama.py", config_from_args
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = launch.main(str(script), prog, "test", make_config, ["--nproc-per-node", "2", *argv])
+        except SystemExit as e:
+            status = e.code
+    proc = subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
+    proc.launched = launched
+    return proc
+
+
+def assert_one_error_line(proc, prog: str, message: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert message in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- pretrain_llama.py -------------------------
+
+# name: (arguments after the tiny model's, the message; "{name}" is files[name])
+PRETRAIN_CASES = {
+    "no data": (["--no-mock-data"], "no training data: give --data-path PREFIX or --mock-data"),
+    "missing data": (["--no-mock-data", "--data-path", "{tmp}/nope"], "dataset {tmp}/nope: {tmp}/nope.bin not found"),
+    "missing .idx": (["--no-mock-data", "--data-path", "{tmp}/only"], "{tmp}/only.idx not found"),
+    "empty data": (["--no-mock-data", "--data-path", "{tmp}/empty"], "dataset {tmp}/empty: {tmp}/empty.bin is empty"),
+    "empty validation data": (
+        ["--no-mock-data", "--data-path", "{tmp}/data", "--valid-data-path", "{tmp}/empty"],
+        "{tmp}/empty.bin is empty",
+    ),
+    "missing tokenizer": (["--tokenizer-model", "{tmp}/nope.model"], "tokenizer model not found: {tmp}/nope.model"),
+    "seq-length vs 2 CP": (
+        ["--context-parallel-size", "2", "--seq-length", "30"],
+        "--seq-length 30 is not divisible by 2 x context-parallel-size = 4",
+    ),
+    "TP vs heads": (
+        ["--tensor-model-parallel-size", "3"],
+        "tensor-model-parallel-size 3 does not divide num_attention_heads 4",
+    ),
+    "TP vs query groups": (
+        ["--tensor-model-parallel-size", "4"],
+        "tensor-model-parallel-size 4 does not divide num_query_groups 2",
+    ),
+    "TP vs world size": (
+        ["--tensor-model-parallel-size", "4", "--num-query-groups", "4"],
+        "world size 2 is not divisible by TP*PP*CP = 4*1*1",
+    ),
+    "load: nothing there": (["--load", "{tmp}/nowhere"], "--load {tmp}/nowhere: no checkpoint there"),
+    "load: empty directory": (["--load", "{tmp}/empty_dir"], "--load {tmp}/empty_dir: no checkpoint there"),
+    "load: incomplete checkpoint": (["--load", "{tmp}/dangling"], "--load {tmp}/dangling: no checkpoint there"),
+    "load: another model": (
+        ["--load", "{tmp}/other_model", "--finetune", "--save", "{tmp}/empty_dir"],  # (a --save checkpoint wins)
+        "--load {tmp}/other_model is another model: hidden_size 128 (this run: 64)",
+    ),
+    "save: another model": (
+        ["--save", "{tmp}/other_model"],
+        "--save {tmp}/other_model holds a checkpoint of another model: hidden_size 128 (this run: 64)",
+    ),
+    "warm-up >= decay": (
+        ["--lr-warmup-iters", "20"],
+        "lr warm-up (20 steps) must be shorter than the decay (20 steps)",
+    ),
+    "warm-up fraction >= decay": (
+        ["--lr-warmup-fraction", "1.0", "--lr-decay-iters", "10"],
+        "lr warm-up (20 steps) must be shorter than the decay (10 steps)",
+    ),
+    "global batch": (
+        ["--global-batch-size", "6"],
+        "--global-batch-size 6 is not a multiple of micro-batch-size x DP = 2 x 2",
+    ),
+    "seq-length > max positions": (
+        ["--seq-length", "64"],
+        "--seq-length 64 exceeds the model's max_position_embeddings 32",
+    ),
+    "train iters": (["--train-iters", "0"], "--train-iters must be >= 1, got 0"),
+    "unknown rope kind": (["--rope-kind", "alibi"], "unknown rope kind 'alibi'"),
+    "unknown flag": (["--hiden-size", "64"], "unrecognized arguments: --hiden-size 64"),
+    "bad flag value": (["--hidden-size", "sixty-four"], "argument --hidden-size: invalid int value: 'sixty-four'"),
+    "heads vs hidden": (
+        ["--num-attention-heads", "3", "--num-query-groups", "1"],
+        "hidden_size 64 is not divisible by num_attention_heads 3",
+    ),
+    "missing config file": (["--config", "{tmp}/nope.yaml"], "config file not found: {tmp}/nope.yaml"),
+    "config not a mapping": (["--config", "{tmp}/not_a_mapping.yaml"], "must hold a mapping of sections"),
+    "unknown key: section": (
+        ["--config", "{tmp}/unknown_top.yaml"],
+        "unknown config key(s) in {tmp}/unknown_top.yaml: bogus_section",
+    ),
+    "unknown key: model": (
+        ["--config", "{tmp}/unknown_model.yaml"],
+        "unknown config key(s) in {tmp}/unknown_model.yaml: model: hiden_size",
+    ),
+    "unknown key: rope": (
+        ["--config", "{tmp}/unknown_rope.yaml"],
+        "unknown config key(s) in {tmp}/unknown_rope.yaml: model.rope: kindd",
+    ),
+    "unknown key: training": (
+        ["--config", "{tmp}/unknown_training.yaml"],
+        "unknown config key(s) in {tmp}/unknown_training.yaml: training: train_iter",
+    ),
+}
+
+
+def _fill(items, files):
+    tmp = str(files["save"].parent)
+    return [s.replace("{tmp}", tmp) for s in items] if isinstance(items, list) else items.replace("{tmp}", tmp)
+
+
+@pytest.mark.parametrize("case", PRETRAIN_CASES)
+def test_pretrain_bad_input(monkeypatch, files, case):
+    args, message = PRETRAIN_CASES[case]
+    save = files["save"]
+    before = snapshot(save.parent)
+    argv = [*TINY_RUN, *ITERS, "--save", str(save), *_fill(args, files)]
+    proc = launch_in_process(monkeypatch, PRETRAIN, argv)
+    assert_one_error_line(proc, "pretrain_llama.py", _fill(message, files))
+    assert proc.launched == []
+    assert snapshot(save.parent) == before
+
+
+def test_context_parallel_without_transformer_engine(monkeypatch, files):
+    if resolve_spec("auto") == "te":
+        pytest.skip("Transformer Engine is present: CP=2 is a valid layout here")
+    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, "--context-parallel-size", "2"])
+    assert_one_error_line(proc, "pretrain_llama.py", "--context-parallel-size > 1 needs Transformer Engine")
+
+
+def test_good_input_reaches_the_launch(monkeypatch, files):
+    """The counter-check: the same harness with valid input launches torchrun with the user's flags."""
+    argv = [*TINY_RUN, *ITERS, "--save", str(files["save"])]
+    proc = launch_in_process(monkeypatch, PRETRAIN, argv)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.launched == [["--nproc-per-node=2", str(PRETRAIN), *argv]]
+
+
+# ---------------------------------------------------------------- extend_context.py ------------------------
+
+EXTEND_CASES = {
+    "no --load": ([], "--load is required: the checkpoint whose context to extend"),
+    "load: nothing there": (["--load", "{tmp}/nowhere"], "--load {tmp}/nowhere: no checkpoint at {tmp}/nowhere"),
+    "load: incomplete checkpoint": (["--load", "{tmp}/dangling"], "checkpoint {tmp}/dangling/iter_0000009 named by"),
+    "no longer than stored": (
+        ["--load", "{tmp}/save", "--seq-length", "32"],
+        "--seq-length 32 does not extend the stored length 32",
+    ),
+    "shrinking factor": (["--load", "{tmp}/save", "--seq-length", "64", "--rope-factor", "0.5"], "factor must be"),
+    "unknown rope kind": (["--load", "{tmp}/save", "--seq-length", "64", "--rope-kind", "alibi"], "alibi"),
+}
+
+
+@pytest.mark.parametrize("case", EXTEND_CASES)
+def test_extend_context_bad_input(monkeypatch, files, case):
+    args, message = EXTEND_CASES[case]
+    save = files["save"]
+    before = snapshot(save.parent)
+    argv = ["--mock-data", "--micro-batch-size", "2", "--save", str(save.parent / "extended"), *_fill(args, files)]
+    proc = launch_in_process(monkeypatch, EXTEND, argv)
+    assert_one_error_line(proc, "extend_context.py", _fill(message, files))
+    assert proc.launched == []
+    assert snapshot(save.parent) == before
+
+
+# ---------------------------------------------------------------- the real command line --------------------
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(files) -> Dict[str, subprocess.CompletedProcess]:
+    """A few cases as a user runs them, without --nproc-per-node (validation in the one process that
+    would train), started together: each pays a torch import."""
+    cases = ["missing data", "missing tokenizer", "seq-length vs 2 CP", "unknown key: model"]
+    procs = {}
+    for case in cases:
+        args = [*TINY_RUN, *ITERS, "--save", str(files["save"]), *_fill(PRETRAIN_CASES[case][0], files)]
+        procs[case] = subprocess.Popen(
+            command(PRETRAIN, *args, nproc=0), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    procs["--help"] = subprocess.Popen(
+        command(PRETRAIN, "--help", nproc=0), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    results = {}
+    try:
+        for case, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            results[case] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+@pytest.mark.parametrize("case", ["missing data", "missing tokenizer", "seq-length vs 2 CP", "unknown key: model"])
+def test_command_line_bad_input(subprocess_runs, files, case):
+    proc = subprocess_runs[case]
+    assert_one_error_line(proc, "pretrain_llama.py", _fill(PRETRAIN_CASES[case][1], files))
+    assert proc.stdout == ""
+
+
+def test_help_lists_every_flag(subprocess_runs):
+    proc = subprocess_runs["--help"]
+    assert proc.returncode == 0, proc.stderr
+    for flag in (
+        "--tensor-model-parallel-size",
+        "--context-parallel-size",
+        "--rope-kind",
+        "--rotary-base",
+        "--rope-factor",
+        "--original-max-position",
+        "--exit-interval",
+        "--nproc-per-node",
+    ):
+        assert flag in proc.stdout

@@ -1,0 +1,236 @@
+"""Streaming reader of a Hugging Face checkpoint directory: safetensors or PyTorch ``.bin``, sharded or not.
+
+Nothing is loaded up front but the config and the tensor headers: safetensors files are opened lazily
+(memory-mapped, one tensor read at a time); ``.bin`` files are unpickled with ``weights_only=True`` (no
+arbitrary code) and memory-mapped when they are in the zip format, so a tensor costs memory only while it
+is being converted. Every problem (missing file or shard, unreadable file, refused pickle) is raised as
+a one-line ``ConversionError`` before any conversion work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from megatron_resonance.conversion.errors import ConversionError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """The whole message of ``e`` on one line (for errors whose detail is on later lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: no {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: unreadable {what} ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: unreadable {what} (not a JSON object)")
+    return data
+
+
+def _bin_error(path: str, e: BaseException) -> str:
+    """One line out of torch.load's multi-paragraph errors."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    blocked = next((line for line in lines if "GLOBAL" in line), None)
+    if blocked:
+        return f"{path}: refused to unpickle with weights_only=True (it would run code): {blocked}"
+    detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+    return f"{path}: unreadable .bin file ({detail.split('. ')[0]})"
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory: ``config.json`` plus weights, read one tensor at a time."""
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise ConversionError(f"{path}: not a directory")
+        self.path = path
+        self.config = read_json(os.path.join(path, "config.json"), "config.json")
+        self.format, self.weight_map = self._find_weights()
+        self._files: Dict[str, object] = {}  # file name -> safe_open handle or loaded .bin dict
+        self._bin_mmap: Dict[str, bool] = {}
+        self._unread: Dict[str, set] = {}  # file name -> keys not read yet (once get() touched the file)
+        self._headers: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+        self._read_headers()
+
+    # ------------------------------------------------------------------ discovery
+    def _find_weights(self) -> Tuple[str, Dict[str, str]]:
+        """(format, {tensor name: file}) from an index, or from a single file's own header."""
+        for fmt, index, single in (
+            ("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
+            ("bin", BIN_INDEX, BIN_SINGLE),
+        ):
+            index_path = os.path.join(self.path, index)
+            if os.path.exists(index_path):
+                data = read_json(index_path, "checkpoint index")
+                weight_map = data.get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise ConversionError(f"{index_path}: unreadable checkpoint index (no weight_map)")
+                missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(self.path, f))})
+                if missing:
+                    raise ConversionError(
+                        f"{self.path}: missing shard(s) named in {index}: {', '.join(missing[:4])}"
+                        + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                    )
+                return fmt, dict(weight_map)
+            if os.path.isfile(os.path.join(self.path, single)):
+                return fmt, {}  # filled from the file itself
+        raise ConversionError(
+            f"{self.path}: no weights ({SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+        )
+
+    @property
+    def files(self) -> List[str]:
+        if self.weight_map:
+            return sorted(set(self.weight_map.values()))
+        return [SAFETENSORS_SINGLE if self.format == "safetensors" else BIN_SINGLE]
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, name: str):
+        handle = self._files.get(name)
+        if handle is not None:
+            return handle
+        path = os.path.join(self.path, name)
+        if self.format == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(path, framework="pt", device="cpu")
+            except Exception as e:  # SafetensorsError, OSError: truncated, garbage, unreadable
+                raise ConversionError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
+        else:
+            handle = self._load_bin(path)
+            if not self._bin_mmap[name]:
+                # a legacy (non-zip) .bin sits fully in memory: keep only one such file at a time
+                for other in [k for k, v in self._bin_mmap.items() if not v and k != name]:
+                    self._files.pop(other, None)
+        self._files[name] = handle
+        return handle
+
+    def _load_bin(self, path: str) -> Dict[str, torch.Tensor]:
+        name = os.path.basename(path)
+        try:
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._bin_mmap[name] = True
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                self._bin_mmap[name] = False
+        except Exception as e:  # UnpicklingError (refused by weights_only), EOFError, zip errors, OSError
+            raise ConversionError(_bin_error(path, e)) from None
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+        ):
+            raise ConversionError(f"{path}: not a state dict of tensors")
+        return data
+
+    def _read_headers(self) -> None:
+        """Names, shapes and dtypes of every tensor; the index is checked against the files."""
+        indexed = dict(self.weight_map)
+        for name in self.files:
+            handle = self._open(name)
+            if self.format == "safetensors":
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    self._add_header(key, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), name), name)
+            else:
+                for key, t in handle.items():
+                    self._add_header(key, tuple(t.shape), t.dtype, name)
+        absent = sorted(k for k, f in indexed.items() if self.weight_map.get(k) != f)
+        if absent:
+            key = absent[0]
+            raise ConversionError(
+                f"{self.path}: {len(absent)} tensor(s) listed in the index are missing from their shard, "
+                f"e.g. {key} (index: {indexed[key]})"
+            )
+
+    def _add_header(self, key: str, shape: Tuple[int, ...], dtype: torch.dtype, file: str) -> None:
+        if key in self._headers and self.weight_map.get(key) != file:
+            raise ConversionError(f"{self.path}: tensor {key} appears in two shards ({self.weight_map[key]}, {file})")
+        self._headers[key] = (shape, dtype)
+        self.weight_map[key] = file
+
+    # ------------------------------------------------------------------ access
+    def keys(self) -> Iterable[str]:
+        return self._headers.keys()
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return self._headers[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._headers[key][1]
+
+    def nbytes(self, key: str) -> int:
+        shape, dtype = self._headers[key]
+        n = 1
+        for s in shape:
+            n *= s
+        return n * dtype.itemsize
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor, as a private copy (safetensors) or a memory-mapped view (zip .bin). A file is closed
+        (unmapped) once every tensor in it has been read, so its pages stop counting as this process's."""
+        name = self.weight_map[key]
+        handle = self._open(name)
+        try:
+            tensor = handle.get_tensor(key) if self.format == "safetensors" else handle[key]
+        except Exception as e:
+            raise ConversionError(f"{os.path.join(self.path, name)}: cannot read {key} ({first_line(e)})") from None
+        unread = self._unread.setdefault(name, {k for k, f in self.weight_map.items() if f == name})
+        unread.discard(key)
+        if not unread:
+            self._files.pop(name, None)
+        return tensor
+
+    def floating_dtype(self) -> Optional[torch.dtype]:
+        """The most common floating dtype among the tensors (the checkpoint's precision)."""
+        counts: Dict[torch.dtype, int] = {}
+        for key, (_, dtype) in self._headers.items():
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + self.nbytes(key)
+        return max(counts, key=counts.get) if counts else None
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_dtype(name: str, file: str) -> torch.dtype:
+    try:
+        return _SAFETENSORS_DTYPES[name]
+    except KeyError:
+        raise ConversionError(f"{file}: unsupported tensor dtype {name}") from None

@@ -1,0 +1,125 @@
+"""Hugging Face LLaMA -> Megatron-Core dist checkpoint (loads at any TP/PP), rope plan included.
+
+Phases: check everything that can be checked without weights (config, architecture, rope type, shards,
+every tensor's name and shape, the ``--save`` directory) · build the TP=1 model in the target dtype
+without initializing it · stream the Hugging Face tensors through the key map into its parameters ·
+``checkpointing.save_checkpoint`` (iteration 0) into a staging directory · copy tokenizer files and the
+source config into ``<save>/hf/`` · swap the staging directory into place.
+
+Peak memory is one copy of the weights (the model) plus the tensors of one parameter in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+from megatron_resonance.conversion import hf_assets, hf_config, key_map
+from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.conversion.hf_reader import HFCheckpoint
+from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
+from megatron_resonance.conversion.staging import StagedDirectory
+from megatron_resonance.megatron.llama import LlamaConfig
+
+
+def check_tensors(hf: HFCheckpoint, cfg: LlamaConfig) -> None:
+    """Every tensor the key map needs is present with the shape ``config.json`` implies; nothing is left over."""
+    expected = key_map.hf_shapes(cfg)
+    present = set(hf.keys())
+    missing = [k for k in expected if k not in present]
+    if missing:
+        raise ConversionError(
+            f"{hf.path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]}"
+        )
+    ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = sorted(
+        k for k in present - set(expected) - ignored if not k.endswith(key_map.IGNORED_HF_SUFFIXES)
+    )
+    if unexpected:
+        raise ConversionError(
+            f"{hf.path}: {len(unexpected)} unexpected tensor(s) for a LLaMA model, e.g. {unexpected[0]}"
+        )
+    for k, shape in expected.items():
+        if hf.shape(k) != shape:
+            raise ConversionError(
+                f"{hf.path}: shape mismatch for {k}: {list(hf.shape(k))} in the checkpoint, {list(shape)} "
+                "expected from config.json"
+            )
+        if not hf.dtype(k).is_floating_point:
+            raise ConversionError(f"{hf.path}: {k} has non-floating dtype {hf.dtype(k)}")
+
+
+def convert_hf_to_megatron(
+    load: str,
+    save: str,
+    *,
+    rope_kind: Optional[str] = None,
+    rope_factor: Optional[float] = None,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ConversionReport:
+    """Convert the Hugging Face LLaMA in ``load`` into a Megatron checkpoint root ``save``.
+
+    ``rope_kind``/``rope_factor`` record a context-extension plan: original length = the source's
+    ``original_max_position_embeddings`` (else ``max_position_embeddings``), target = original x factor,
+    which becomes the stored ``max_position_embeddings``. ``dtype`` (float32, bfloat16, float16) defaults
+    to the checkpoint's own."""
+    start = time.perf_counter()
+    # ---------------------------------------------------------------- check (no weights read, nothing written)
+    if rope_factor is not None and rope_kind is None:
+        raise ConversionError("--rope-factor needs --rope-kind")
+    if dtype is not None and dtype not in hf_config.DTYPES:
+        raise ConversionError(f"unknown --dtype {dtype!r}; expected one of {', '.join(hf_config.DTYPES)}")
+    hf = HFCheckpoint(load)
+    cfg = hf_config.model_config(hf.config, os.path.join(load, "config.json"))
+    if rope_kind is not None:
+        source_rope = cfg.rope
+        cfg = hf_config.extension_plan(cfg, hf.config, rope_kind, 1.0 if rope_factor is None else rope_factor)
+        log(
+            f"rope plan: {source_rope.kind} (factor {source_rope.factor:g}) -> {cfg.rope.kind} "
+            f"(factor {cfg.rope.factor:g}): original length {cfg.rope.original_max_position} -> "
+            f"max_position_embeddings {cfg.max_position_embeddings}"
+        )
+    params = key_map.expand(cfg)
+    check_tensors(hf, cfg)
+    target = hf_config.DTYPES[dtype] if dtype else hf.floating_dtype()
+    if target not in hf_config.DTYPES.values():
+        raise ConversionError(f"{load}: weights are {target}; pass --dtype float32, bfloat16 or float16")
+    staged = StagedDirectory(save, overwrite, inputs=[load])
+
+    # ---------------------------------------------------------------- convert
+    try:
+        total = sum(hf.nbytes(k) for p in params for k in p.hf)
+        with single_process():
+            model = build_tp1_model(cfg, target)
+            state = dict(model.named_parameters())
+            setup = time.perf_counter() - start
+            drift = set(state) ^ {p.megatron for p in params}
+            if drift:
+                raise RuntimeError(f"key map out of date with megatron's GPTModel: {sorted(drift)}")
+            from tqdm import tqdm
+
+            with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron",
+                                       disable=not progress) as bar:
+                for p in params:
+                    tensors = tuple(hf.get(k) for k in p.hf)
+                    state[p.megatron].copy_(p.transform.to_megatron(tensors, cfg))
+                    bar.update(sum(t.numel() * t.element_size() for t in tensors))
+                    del tensors
+            hf.close()
+            from megatron_resonance.megatron import checkpointing
+
+            run = {"converted_from": os.path.abspath(load), "dtype": hf_config.dtype_name(target)}
+            checkpointing.save_checkpoint(staged.path, 0, [model], cfg, run_config=run)
+            del model, state
+        hf_assets.copy_assets(load, os.path.join(staged.path, hf_assets.ASSETS_DIR), include_config=True)
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+    return ConversionReport(load, save, len(params), total, time.perf_counter() - start, setup)

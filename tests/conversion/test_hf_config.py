@@ -1,0 +1,135 @@
+"""The exported config.json: stock transformers computes exactly the plan's frequencies and attention factor
+from either config style, and ``rope_from_hf`` reads the plan back."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import transformers
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from megatron_resonance.conversion import hf_config
+from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.hf_rope import rope_from_hf
+from megatron_resonance.megatron.llama import LlamaConfig
+from megatron_resonance.rope import RopeConfig, compute_frequencies
+
+HEAD_DIM = 64
+PLANS = {
+    "rope": RopeConfig(kind="rope", head_dim=HEAD_DIM, base=10000.0, original_max_position=4096),
+    "linear": RopeConfig(kind="linear", head_dim=HEAD_DIM, factor=4.0, original_max_position=4096),
+    "ntk": RopeConfig(kind="ntk", head_dim=HEAD_DIM, factor=4.0, original_max_position=4096),
+    "yarn": RopeConfig(kind="yarn", head_dim=HEAD_DIM, base=500000.0, factor=8.0, original_max_position=4096),
+    "yarn_m": RopeConfig(kind="yarn", head_dim=HEAD_DIM, factor=8.0, original_max_position=4096,
+                         attention_factor=1.3, beta_fast=16.0, beta_slow=2.0),
+    "llama3": RopeConfig(kind="llama3", head_dim=HEAD_DIM, base=500000.0, factor=8.0, original_max_position=8192),
+    "resonance": RopeConfig(kind="resonance", head_dim=HEAD_DIM, original_max_position=4096),
+    "resonance_yarn": RopeConfig(kind="resonance_yarn", head_dim=HEAD_DIM, factor=8.0, original_max_position=4096),
+    "resonance_llama3": RopeConfig(kind="llama3", resonance=True, head_dim=HEAD_DIM, factor=8.0,
+                                   original_max_position=4096),
+}
+
+
+def model_config(rope: RopeConfig) -> LlamaConfig:
+    return LlamaConfig(num_layers=1, hidden_size=4 * HEAD_DIM, num_attention_heads=4, num_query_groups=2,
+                       vocab_size=300, max_position_embeddings=rope.target_max_position, rope=rope)
+
+
+def transformers_rope(config: dict):
+    """(inv_freq float64, attention_scaling) as stock transformers builds them from a config.json dict."""
+    rotary = LlamaRotaryEmbedding(transformers.LlamaConfig.from_dict(copy.deepcopy(config)))
+    return rotary.inv_freq.double(), rotary.attention_scaling
+
+
+@pytest.mark.parametrize("style", ["both", "transformers4_keys_only", "transformers5_keys_only"])
+@pytest.mark.parametrize("name", list(PLANS))
+def test_stock_transformers_computes_the_plan(name, style):
+    rope = PLANS[name]
+    config = hf_config.export_config(model_config(rope), torch.bfloat16)
+    if style == "transformers4_keys_only":
+        config.pop("rope_parameters")
+    elif style == "transformers5_keys_only":
+        config.pop("rope_scaling"), config.pop("rope_theta")
+    inv_freq, attention = transformers_rope(config)
+    expected = compute_frequencies(rope)
+    # transformers works in float32: relative 1e-6 is its rounding, not an encoding error
+    torch.testing.assert_close(inv_freq, expected.inv_freq, rtol=1e-6, atol=0)
+    assert attention == pytest.approx(expected.attention_factor, rel=1e-7)
+    assert config["max_position_embeddings"] == rope.target_max_position
+    assert config["megatron_resonance_rope_kind"] == rope.kind
+    assert RopeConfig.from_dict(config["megatron_resonance_rope"]) == rope
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_rope_from_hf_reads_the_export_back(name):
+    rope = PLANS[name]
+    for fmt in hf_config.ROPE_FORMATS:
+        back = rope_from_hf(hf_config.export_config(model_config(rope), torch.float32, fmt), HEAD_DIM)
+        a, b = compute_frequencies(back), compute_frequencies(rope)
+        assert torch.equal(a.inv_freq, b.inv_freq) and a.attention_factor == b.attention_factor
+
+
+def test_resonance_encodings():
+    config = hf_config.export_config(model_config(PLANS["resonance_yarn"]), torch.float32)
+    params = config["rope_parameters"]
+    assert params["rope_type"] == "longrope" and params["short_factor"] == params["long_factor"]
+    assert params["attention_factor"] == pytest.approx(0.1 * math.log(8) + 1)
+    assert config["rope_scaling"] == {k: v for k, v in params.items() if k != "rope_theta"}
+    custom = hf_config.export_config(model_config(PLANS["resonance_yarn"]), torch.float32, "custom")
+    assert custom["rope_parameters"]["rope_type"] == custom["rope_scaling"]["rope_type"] == "megatron_resonance"
+
+
+def test_custom_type_after_register():
+    import megatron_resonance.hf
+
+    megatron_resonance.hf.register()
+    rope = PLANS["resonance_yarn"]
+    inv_freq, attention = transformers_rope(hf_config.export_config(model_config(rope), torch.float32, "custom"))
+    expected = compute_frequencies(rope)
+    assert torch.equal(inv_freq, expected.inv_freq.float().double())
+    assert attention == expected.attention_factor
+
+
+def test_edited_resonance_config_is_refused():
+    config = hf_config.export_config(model_config(PLANS["resonance_yarn"]), torch.float32)
+    config["rope_parameters"]["short_factor"][3] *= 1.01
+    config["rope_parameters"]["long_factor"][3] *= 1.01
+    config.pop("rope_scaling")
+    with pytest.raises(ValueError, match="disagree with the recorded"):
+        rope_from_hf(config, HEAD_DIM)
+    config = hf_config.export_config(model_config(PLANS["resonance"]), torch.float32)
+    config.pop("megatron_resonance_rope")
+    with pytest.raises(ValueError, match="without its megatron_resonance_rope plan"):
+        rope_from_hf(config, HEAD_DIM)
+
+
+def test_reference_config_keeps_its_fields_and_rope_encoding():
+    reference = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 7,
+                 "max_position_embeddings": 16384, "rope_theta": 500000.0,
+                 "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}}
+    rope = RopeConfig(kind="yarn", head_dim=HEAD_DIM, base=500000.0, factor=4.0, original_max_position=4096)
+    out = hf_config.export_config(model_config(rope), torch.float32, reference=reference)
+    assert out["bos_token_id"] == 7 and out["rope_scaling"] == reference["rope_scaling"]
+    assert out["rope_parameters"]["rope_type"] == "yarn" and out["rope_parameters"]["rope_theta"] == 500000.0
+    # a changed plan is re-encoded, never mixed with the reference's stale rope keys
+    extended = RopeConfig(kind="resonance_yarn", head_dim=HEAD_DIM, base=500000.0, factor=8.0,
+                          original_max_position=4096)
+    out = hf_config.export_config(model_config(extended), torch.float32, reference=reference)
+    assert out["rope_scaling"]["rope_type"] == "longrope" and out["max_position_embeddings"] == 32768
+    assert out["bos_token_id"] == 7
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "not a LLaMA model"),
+    ({"model_type": "gpt2"}, "not a LLaMA model"),
+    ({}, "neither architectures nor model_type"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias=True is not supported"),
+])
+def test_check_llama_refuses(config, match):
+    base = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, vocab_size=300,
+                max_position_embeddings=64)
+    with pytest.raises(ConversionError, match=match):
+        hf_config.check_llama({**base, **config}, "config.json")

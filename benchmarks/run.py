@@ -1,0 +1,293 @@
+"""Speed and precision, measured side by side against the alternatives, in one run on one machine.
+
+    python benchmarks/run.py [--quick] --out results.json
+
+Fields (see benchmarks/README.md for the latest numbers):
+
+* ``resonance_overhead_ratio``: training-step time with ``resonance_yarn`` / with ``rope``: same model
+  shape, same process, interleaved repeats, median (target <= 1.01);
+* ``train_vs_hf_ratio``: training tokens/s of our CPU path (megatron-core GPTModel, local spec with SDPA
+  core attention, DDP + distributed optimizer, single process) / Hugging Face ``LlamaForCausalLM`` with
+  the same config, dtype (fp32), batch, threads and SDPA attention, AdamW on both (target >= 1.2);
+* ``angle_error_rad_at_1m``: max rotary angle error at position 1,048,575 against a float64 reference for
+  our tables, beside ``megatron_core_angle_error_rad_at_1m`` for megatron-core's own ``RotaryEmbedding``;
+* ``convert_gb_per_s`` / ``copy_gb_per_s``: HF -> Megatron conversion of a few-hundred-MB model vs ``cp -r``
+  (benchmarks/convert_speed.py);
+* (to do) on a GPU: tokens/s per GPU, TFLOP/s and MFU of a LLaMA-2-7B-shaped layer stack with Transformer
+  Engine at 4K and 32K, ``rope`` vs ``resonance_yarn``.
+
+Timings are medians over interleaved repeats after warm-up; the machine, threads and commit are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+P_1M = 1_048_575
+
+
+# ----------------------------------------------------------------------------------------------------------
+# precision
+# ----------------------------------------------------------------------------------------------------------
+
+
+def angle_errors() -> dict:
+    """Max |angle - exact| (mod 2*pi) at p = 1,048,575, LLaMA-2 shape (d=128, b=1e4), for our fp32 tables
+    (rope and resonance_yarn s=8) and for megatron-core's RotaryEmbedding (fp32 outer product)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_resonance.rope import RopeConfig, angular_distance, compute_frequencies, rotary_angle_table
+
+    out = {}
+    for kind, factor in (("rope", 1.0), ("resonance_yarn", 8.0)):
+        freqs = compute_frequencies(RopeConfig(kind=kind, head_dim=128, factor=factor))
+        ours = rotary_angle_table(freqs, 1, offset=P_1M).double()[0]
+        exact = _exact_angles(freqs.inv_freq, freqs.integer_wavelengths)
+        out[kind] = float(angular_distance(ours, exact).max())
+    mc = RotaryEmbedding(kv_channels=128, rotary_percent=1.0, rotary_base=10000, use_cpu_initialization=True)
+    theirs = mc.get_freqs_non_repeated(1, offset=P_1M).double()[0]
+    exact = _exact_angles(mc.inv_freq.double(), None)  # the exact angle of megatron's own fp32 frequencies
+    return {
+        "angle_error_rad_at_1m": max(out.values()),
+        "angle_error_rad_at_1m_by_kind": out,
+        "megatron_core_angle_error_rad_at_1m": float(
+            torch.remainder(torch.abs(theirs - exact) + math.pi, 2 * math.pi).sub(math.pi).abs().max()
+        ),
+    }
+
+
+def _exact_angles(inv_freq: torch.Tensor, wavelengths) -> torch.Tensor:
+    """Angles at P_1M from exact rational arithmetic on the float64 frequencies (Python ints/fractions)."""
+    from fractions import Fraction
+
+    two_pi = Fraction(math.pi)  # the float64 value of pi is the reference's pi; errors here are ~1e-16
+    values = []
+    for i, f in enumerate(inv_freq.tolist()):
+        if wavelengths is not None:
+            lam = int(wavelengths[i])
+            values.append(float(Fraction(P_1M % lam) * 2 * two_pi / lam))
+        else:
+            angle = Fraction(P_1M) * Fraction(f)
+            turns = angle / (2 * two_pi)
+            values.append(float((turns - (turns.numerator // turns.denominator)) * 2 * two_pi))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU training speed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _config(quick: bool):
+    from megatron_resonance.megatron.llama import LlamaConfig
+
+    return LlamaConfig(
+        num_layers=4,
+        hidden_size=256,
+        ffn_hidden_size=688,
+        num_attention_heads=8,
+        num_query_groups=4,
+        vocab_size=2048,
+        max_position_embeddings=512,
+        make_vocab_size_divisible_by=128,
+    )
+
+
+def _megatron_trainer(model_cfg, kind: str, seq: int, batch: int):
+    """One-process megatron-core training step (same code path as pretrain_llama.py)."""
+    import dataclasses
+
+    from megatron_resonance.rope import RopeConfig
+    from megatron_resonance.training import trainer
+    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
+
+    rope = RopeConfig(kind=kind, head_dim=model_cfg.head_dim, original_max_position=seq // 4,
+                      factor=4.0 if kind != "rope" else 1.0)
+    cfg = Config(
+        model=dataclasses.replace(model_cfg, rope=rope),
+        data=DataConfig(seq_length=seq, micro_batch_size=batch, global_batch_size=batch, mock_data=True),
+        optimizer=OptimizerConfig(lr=1e-4, min_lr=1e-4, lr_decay_style="constant", clip_grad=1.0),
+    )
+    cfg.training.train_iters = 10**6
+    torch.manual_seed(0)
+    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    g = torch.Generator().manual_seed(1)
+
+    def batches():
+        while True:
+            t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
+            yield {
+                "tokens": t[:, :-1],
+                "labels": t[:, 1:],
+                "loss_mask": torch.ones(batch, seq),
+                "position_ids": torch.arange(seq).expand(batch, seq),
+            }
+
+    it = batches()
+
+    def step():
+        trainer.train_step(fb, it, chunks, optimizer, scheduler, cfg, num_microbatches=1)
+
+    return step
+
+
+def _hf_trainer(model_cfg, seq: int, batch: int):
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=model_cfg.padded_vocab_size(1),
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.ffn_hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_query_groups,
+        max_position_embeddings=seq,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+
+    def step():
+        t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=t[:, :-1], labels=t[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
+def _interleaved_medians(steps: dict, warmup: int, repeats: int) -> dict:
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_training(quick: bool) -> dict:
+    from megatron_resonance.megatron import distributed
+
+    distributed.initialize(1, 1, seed=1)
+    seq, batch = 256, 4
+    model_cfg = _config(quick)
+    steps = {
+        "rope": _megatron_trainer(model_cfg, "rope", seq, batch),
+        "resonance_yarn": _megatron_trainer(model_cfg, "resonance_yarn", seq, batch),
+        "hf": _hf_trainer(model_cfg, seq, batch),
+    }
+    medians = _interleaved_medians(steps, warmup=2 if quick else 3, repeats=8 if quick else 20)
+    tokens = seq * batch
+    return {
+        "resonance_overhead_ratio": medians["resonance_yarn"] / medians["rope"],
+        "train_vs_hf_ratio": medians["hf"] / medians["rope"],
+        "train_tokens_per_s": {k: tokens / v for k, v in medians.items()},
+        "train_shape": {
+            "layers": model_cfg.num_layers, "hidden": model_cfg.hidden_size, "ffn": model_cfg.ffn_hidden_size,
+            "heads": model_cfg.num_attention_heads, "kv_heads": model_cfg.num_query_groups,
+            "vocab": model_cfg.padded_vocab_size(1), "seq": seq, "batch": batch, "dtype": "fp32",
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# conversion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def conversion(quick: bool, workdir: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "convert_speed.py"), "--workdir", str(workdir)]
+    if quick:
+        cmd += ["--layers", "6"]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    result = json.loads((workdir / "convert_speed.json").read_text())
+    return {
+        "convert_gb_per_s": result["hf_to_megatron"]["process_gb_per_s"],
+        "copy_gb_per_s": result["cp_r"]["gb_per_s"],
+        "conversion": result,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit.stdout.strip(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv=None) -> int:
+    from megatron_resonance.cli import ArgumentParser
+
+    p = ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and a smaller conversion model (<= 5 min)")
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: next to --out)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: precision,cpu,convert")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    workdir = Path(args.workdir or out.parent / "bench_work")
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "quick": args.quick}
+    sections = [
+        ("precision", lambda: angle_errors()),
+        ("cpu", lambda: cpu_training(args.quick)),
+        ("convert", lambda: conversion(args.quick, workdir)),
+    ]
+    if torch.cuda.is_available():
+        print("[bench] gpu: the TE throughput section is not written yet (issue 8)", flush=True)
+    for name, fn in sections:
+        if name in skip:
+            continue
+        start = time.time()
+        print(f"[bench] {name} ...", flush=True)
+        results.update(fn())
+        print(f"[bench] {name}: {time.time() - start:.0f} s", flush=True)
+        out.write_text(json.dumps(results, indent=2))
+    for key in ("resonance_overhead_ratio", "train_vs_hf_ratio", "angle_error_rad_at_1m",
+                "megatron_core_angle_error_rad_at_1m", "convert_gb_per_s", "copy_gb_per_s"):
+        if key in results:
+            print(f"{key:>38}: {results[key]:.4g}")
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

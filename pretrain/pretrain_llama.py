@@ -6,7 +6,7 @@
         --tokenizer-model outputs/demo/tokenizer.model --save outputs/demo/ckpt/pretrain
 
     # on a GPU node (or one torchrun per node under Slurm):
-    torchrun --nproc-per-node 8 pretrain/pretrain_llama.py --config configs/llama2_7b.yaml ...
+    torchrun --nproc-per-node 8 pretrain/pretrain_llama.py --config MY_PRESET.yaml --data-path ... (or slurm/pretrain.sbatch)
 
 Every YAML field is a flag under its Megatron-LM name (`--help` lists them). Resumes from `--save` when it
 holds a checkpoint; SIGTERM/SIGUSR1 save and exit 0.

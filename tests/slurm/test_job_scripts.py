@@ -1,0 +1,211 @@
+"""The job scripts in slurm/ on the local one-node Slurm, in CPU mode (GPUS_PER_NODE=0: gloo, no GPUs).
+
+* pretrain.sbatch makes a tiny checkpoint (module fixture); extend_context.sbatch extends it and leaves a
+  checkpoint with the new rotary plan;
+* a job sent the preemption signal (what ``#SBATCH --signal=B:USR1@300`` sends before the time limit) saves,
+  requeues itself, and the requeued run resumes with every iteration in metrics.jsonl exactly once;
+* submit_pipeline.sh chains convert -> extend -> export -> eval with afterok and runs to the end;
+* the multi-node command line (srun, torchrun rendezvous, container) as printed by DRY_RUN=1.
+
+What needs GPUs or several nodes (NCCL, TP/CP at 32K, pyxis) is only checked by the dry run here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.conftest import REPO
+
+pytestmark = pytest.mark.slurm
+
+SLURM = REPO / "slurm"
+#: a demo-shaped LLaMA small enough that CPU startup, not compute, is the cost
+TINY_MODEL = (
+    "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --num-query-groups 2 "
+    "--vocab-size 256 --max-position-embeddings 32"
+)
+STEPS = "--micro-batch-size 2 --global-batch-size 4 --log-interval 1 --eval-iters 1"
+EXTEND_STEPS = f"--seq-length 64 {STEPS}"  # 32 -> 64: s = 2
+
+
+def cpu_env(local_slurm, **variables: str) -> dict[str, str]:
+    """The cluster's environment plus this interpreter, no preset, and the job's variables."""
+    return {**local_slurm.env, "PYTHON": sys.executable, "CONFIG": "", **variables}
+
+
+def submit(local_slurm, script: str, cwd: Path, *sbatch_args: str, **variables: str) -> int:
+    """sbatch a script from slurm/ without GPUs (``--gpus-per-node=0`` overrides its header), which alone
+    selects CPU mode: GPUS_PER_NODE defaults to the job's --gpus-per-node."""
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--gpus-per-node=0", *sbatch_args, str(SLURM / script)],
+        env=cpu_env(local_slurm, **variables), cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def job_log(cwd: Path, job_id: int) -> str:
+    (log,) = cwd.glob(f"*-{job_id}.out")
+    return log.read_text(errors="replace")
+
+
+def finished_ok(local_slurm, job_id: int, cwd: Path, timeout: float) -> dict[str, str]:
+    job = local_slurm.wait(job_id, timeout=timeout)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n{job_log(cwd, job_id)[-4000:]}"
+    return job
+
+
+def training_iterations(save: Path) -> list[int]:
+    lines = (save / "metrics.jsonl").read_text().split("\n")[:-1]  # the part after the last newline: unfinished
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r["iteration"] for r in records if "loss" in r]  # eval records carry eval_loss instead
+
+
+def latest(save: Path) -> int:
+    return int((save / "latest_checkpointed_iteration.txt").read_text())
+
+
+def stored(save: Path) -> dict:
+    return json.loads((save / f"iter_{latest(save):07d}" / "megatron_resonance.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pretrained(local_slurm, tmp_path_factory) -> Path:
+    """A 4-iteration tiny checkpoint from slurm/pretrain.sbatch (one CPU process, synthetic tokens)."""
+    work = tmp_path_factory.mktemp("pretrain")
+    save = work / "checkpoint"
+    job_id = submit(
+        local_slurm, "pretrain.sbatch", work, NPROC_PER_NODE="1", MOCK_DATA="1", SAVE=str(save),
+        TRAIN_ARGS=f"{TINY_MODEL} --seq-length 32 {STEPS} --train-iters 4 --lr-warmup-iters 1",
+    )
+    finished_ok(local_slurm, job_id, work, timeout=300)
+    assert latest(save) == 4
+    return save
+
+
+def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path):
+    save = tmp_path / "extended"
+    job_id = submit(
+        local_slurm, "extend_context.sbatch", tmp_path, LOAD=str(pretrained), SAVE=str(save), MOCK_DATA="1",
+        TP="2", TRAIN_ARGS=f"{EXTEND_STEPS} --train-iters 3",
+    )
+    finished_ok(local_slurm, job_id, tmp_path, timeout=300)
+
+    assert latest(save) == 3
+    assert training_iterations(save) == [1, 2, 3]
+    meta = stored(save)
+    rope = meta["model"]["rope"]
+    assert (rope["kind"], rope["factor"], rope["original_max_position"]) == ("resonance_yarn", 2.0, 32)
+    assert meta["run"]["parallel"]["tensor_model_parallel_size"] == 2
+    assert meta["run"]["world_size"] == 2  # CPU mode: NPROC_PER_NODE defaults to 2 gloo processes
+    run_dir = tmp_path / "outputs" / "slurm" / f"mr-extend-{job_id}"
+    launch = (run_dir / "launch.log").read_text()
+    assert "--rdzv-backend=c10d" in launch and "CUDA_VISIBLE_DEVICES=" in launch
+    assert "NCCL_DEBUG" not in launch  # no NCCL settings in CPU mode
+
+
+def test_preemption_signal_saves_requeues_and_resumes_without_gaps(local_slurm, pretrained, tmp_path):
+    # 200 steps: ~20 s on a loaded 2-core machine, enough left for the signal's ~0.5 s trip on a fast one.
+    save, iters = tmp_path / "extended", 200
+    job_id = submit(
+        local_slurm, "extend_context.sbatch", tmp_path, LOAD=str(pretrained), SAVE=str(save), MOCK_DATA="1",
+        TRAIN_ARGS=f"{EXTEND_STEPS} --train-iters {iters}",
+    )
+    # Once the trainer is stepping (its signal handler is installed), send what --signal=B:USR1@<s> sends:
+    # SIGUSR1 to the batch shell only.
+    deadline = time.monotonic() + 300
+    while not ((save / "metrics.jsonl").exists() and len(training_iterations(save)) >= 3):
+        assert time.monotonic() < deadline, f"no training after 300 s\n{local_slurm.job(job_id)}"
+        assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), local_slurm.job(job_id)
+        time.sleep(0.2)
+    local_slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    job = local_slurm.wait(job_id, timeout=400)
+
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
+    stopped = re.findall(r"\[signal\] received at iteration (\d+)", log)
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log)
+    assert len(stopped) == 1 and resumed == stopped, log[-4000:]
+    assert 3 <= int(stopped[0]) < iters
+    assert "requeueing; the next run resumes from" in log
+    # the saved step was neither lost nor repeated: every iteration logged once, in order
+    assert training_iterations(save) == list(range(1, iters + 1))
+    assert latest(save) == iters
+
+
+def tiny_hf_llama(path: Path) -> None:
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+def test_pipeline_runs_convert_extend_export_eval_in_order(local_slurm, tmp_path):
+    hf, work = tmp_path / "hf_tiny", tmp_path / "work"
+    tiny_hf_llama(hf)
+    data = tmp_path / "tokens.jsonl"
+    docs = [{"tokens": [(7 * d + 3 * i) % 256 for i in range(80)]} for d in range(3)]  # 80 >= every length
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    env = cpu_env(
+        local_slurm, GPUS_PER_NODE="0", HF_MODEL=str(hf), WORK_DIR=str(work), EXTEND_CONFIG="", MOCK_DATA="1",
+        TRAIN_ARGS="--seq-length 64 --micro-batch-size 1 --global-batch-size 2 --train-iters 2 --log-interval 1 "
+        "--eval-iters 1", EVAL_LENGTHS="32,64", EVAL_DATA=str(data),
+    )
+    proc = subprocess.run(
+        ["bash", str(SLURM / "submit_pipeline.sh")], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.strip().splitlines()[-1]))
+    ids = [int(jobs[name]) for name in ("convert", "extend", "export", "eval")]
+    assert local_slurm.job(ids[3])["Dependency"].startswith(f"afterok:{ids[2]}")
+
+    local_slurm.wait(ids[3], timeout=600)
+    logs = work / "logs"
+    states = [local_slurm.job(i) for i in ids]
+    for job_id, job in zip(ids, states):
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n{job_log(logs, job_id)[-4000:]}"
+    for before, after in zip(states, states[1:]):  # each stage started only after the previous one ended
+        assert after["StartTime"] >= before["EndTime"], (before, after)
+
+    assert latest(work / "megatron") == 0 and latest(work / "extended") == 2
+    config = json.loads((work / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64
+    report = json.loads((work / "eval" / "report.json").read_text())
+    text = json.dumps(report)
+    assert "original" in text and "extended" in text
+
+
+def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
+    """What only a real GPU cluster runs: 4 nodes x 8 GPUs, pyxis container, NCCL settings."""
+    env = {
+        **local_slurm.env, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]",
+        "LOAD": "ckpt/llama2-7b", "DATA_PATH": "/data/pg19_text_document", "MASTER_PORT": "29500",
+        "CONTAINER": "nvcr.io#nvidia/pytorch:24.07-py3", "CONTAINER_MOUNTS": "/data:/data",
+    }
+    proc = subprocess.run(
+        ["bash", str(SLURM / "extend_context.sbatch")], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout
+    for part in (
+        "srun --nodes=4 --ntasks=4 --ntasks-per-node=1", "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
+        "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu07:29500",
+        f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml", f"--load {tmp_path}/ckpt/llama2-7b",
+        "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_DEBUG=WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+    ):
+        assert part in cmd, (part, cmd)
+    assert "CUDA_VISIBLE_DEVICES" not in cmd

@@ -3,6 +3,9 @@
 Data half: the three subtasks' token rules (:mod:`~megatron_resonance.posgen.tasks`) and train /
 validation / test splits that never share a seed prefix (:mod:`~megatron_resonance.posgen.splits`).
 Pure torch + numpy; no Megatron import.
+
+Benchmark half: :mod:`~megatron_resonance.posgen.benchmark` (run by ``tools/posgen_benchmark.py``) trains the
+project's Megatron LLaMA on these splits and compares rotary variants; it is not imported here.
 """
 
 from megatron_resonance.posgen.splits import (

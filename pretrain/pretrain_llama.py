@@ -5,8 +5,8 @@
         --tensor-model-parallel-size 2 --data-path outputs/demo/data/train_text_document \
         --tokenizer-model outputs/demo/tokenizer.model --save outputs/demo/ckpt/pretrain
 
-    # on a GPU node (or one torchrun per node under Slurm):
-    torchrun --nproc-per-node 8 pretrain/pretrain_llama.py --config MY_PRESET.yaml --data-path ... (or slurm/pretrain.sbatch)
+    # on a GPU node (under Slurm: slurm/pretrain.sbatch runs one torchrun per node):
+    torchrun --nproc-per-node 8 pretrain/pretrain_llama.py --config MY_PRESET.yaml --data-path ...
 
 Every YAML field is a flag under its Megatron-LM name (`--help` lists them). Resumes from `--save` when it
 holds a checkpoint; SIGTERM/SIGUSR1 save and exit 0.

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser, fail
-from megatron_resonance.conversion import ConversionError, convert_hf_to_megatron
+from megatron_resonance.cli import ArgumentParser
+from megatron_resonance.conversion import convert_hf_to_megatron
 from megatron_resonance.conversion.hf_config import DTYPES
-from megatron_resonance.conversion.runtime import use_single_process_env
+from megatron_resonance.conversion.runtime import run_tool
 from megatron_resonance.rope import KINDS
 
 PROG = "convert_hf_to_megatron.py"
@@ -30,12 +30,24 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True, help="Hugging Face model directory (config.json + weights)")
     p.add_argument("--save", required=True, help="Megatron checkpoint directory to create")
-    p.add_argument("--rope-kind", choices=KINDS, default=None,
-                   help="record a context-extension plan of this kind (default: keep the source's rope)")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="scale s of the plan: max_position_embeddings = original length x s (default 1)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="parameter dtype of the checkpoint (default: the source weights' dtype)")
+    p.add_argument(
+        "--rope-kind",
+        choices=KINDS,
+        default=None,
+        help="record a context-extension plan of this kind (default: keep the source's rope)",
+    )
+    p.add_argument(
+        "--rope-factor",
+        type=float,
+        default=None,
+        help="scale s of the plan: max_position_embeddings = original length x s (default 1)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="parameter dtype of the checkpoint (default: the source weights' dtype)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -43,9 +55,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    use_single_process_env()
-    try:
-        report = convert_hf_to_megatron(
+    return run_tool(
+        PROG,
+        lambda: convert_hf_to_megatron(
             args.load,
             args.save,
             rope_kind=args.rope_kind,
@@ -53,13 +65,8 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-        )
-    except ConversionError as err:
-        fail(f"{PROG}: error: {err}")
-    except KeyboardInterrupt:
-        fail(f"{PROG}: interrupted; --save unchanged", 130)
-    print(report.summary(), flush=True)
-    return 0
+        ),
+    )
 
 
 if __name__ == "__main__":

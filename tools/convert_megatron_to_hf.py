@@ -17,29 +17,40 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser, fail
-from megatron_resonance.conversion import ConversionError, convert_megatron_to_hf
+from megatron_resonance.cli import ArgumentParser
+from megatron_resonance.conversion import convert_megatron_to_hf
 from megatron_resonance.conversion.hf_config import DTYPES, ROPE_FORMATS
-from megatron_resonance.conversion.runtime import use_single_process_env
+from megatron_resonance.conversion.runtime import run_tool
 
 PROG = "convert_megatron_to_hf.py"
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--load", required=True, help="Megatron checkpoint root (with latest_checkpointed_iteration.txt) "
-                   "or one iter_XXXXXXX directory")
+    p.add_argument(
+        "--load",
+        required=True,
+        help="Megatron checkpoint root (with latest_checkpointed_iteration.txt) or one iter_XXXXXXX directory",
+    )
     p.add_argument("--save", required=True, help="Hugging Face directory to create")
-    p.add_argument("--rope-format", choices=ROPE_FORMATS, default="longrope",
-                   help="how plans without a native transformers rope type (resonance, ntk) are written: "
-                   "longrope (portable, default) or custom (type 'megatron_resonance', needs "
-                   "megatron_resonance.hf.register())")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="dtype of the exported weights (default: the checkpoint's)")
+    p.add_argument(
+        "--rope-format",
+        choices=ROPE_FORMATS,
+        default="longrope",
+        help="how plans without a native transformers rope type (resonance, ntk) are written: "
+        "longrope (portable, default) or custom (type 'megatron_resonance', needs "
+        "megatron_resonance.hf.register())",
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="dtype of the exported weights (default: the checkpoint's)"
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
-    p.add_argument("--hf-reference", default=None,
-                   help="Hugging Face directory whose tokenizer files and non-architecture config fields are "
-                   "carried over (default: LOAD/hf, kept by convert_hf_to_megatron.py)")
+    p.add_argument(
+        "--hf-reference",
+        default=None,
+        help="Hugging Face directory whose tokenizer files and non-architecture config fields are "
+        "carried over (default: LOAD/hf, kept by convert_hf_to_megatron.py)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -47,9 +58,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    use_single_process_env()
-    try:
-        report = convert_megatron_to_hf(
+    return run_tool(
+        PROG,
+        lambda: convert_megatron_to_hf(
             args.load,
             args.save,
             rope_format=args.rope_format,
@@ -58,13 +69,8 @@ def main(argv=None) -> int:
             max_shard_size=args.max_shard_size,
             hf_reference=args.hf_reference,
             progress=not args.no_progress,
-        )
-    except ConversionError as err:
-        fail(f"{PROG}: error: {err}")
-    except KeyboardInterrupt:
-        fail(f"{PROG}: interrupted; --save unchanged", 130)
-    print(report.summary(), flush=True)
-    return 0
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -68,10 +68,7 @@ def main(
         from megatron_resonance.training import trainer
 
         if args.nproc_per_node and not _under_launcher():
-            from megatron_resonance.training.trainer import _tokenizer_vocab, validate
-
-            _tokenizer_vocab(cfg)
-            validate(cfg, args.nproc_per_node)
+            trainer.resolve_and_validate(cfg, args.nproc_per_node)
             os.environ.setdefault("OMP_NUM_THREADS", "1")
             run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)])
             return 0

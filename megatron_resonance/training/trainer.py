@@ -77,8 +77,6 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ConfigError("no training data: give --data-path PREFIX or --mock-data")
         for prefix in filter(None, (d.data_path, d.valid_data_path)):
             _check_dataset(prefix)
-    if d.tokenizer_model and not os.path.isfile(d.tokenizer_model):
-        raise ConfigError(f"tokenizer model not found: {d.tokenizer_model}")
     if cfg.checkpoint.load and not _has_checkpoint(cfg.checkpoint.load):
         raise ConfigError(f"--load {cfg.checkpoint.load}: no checkpoint there")
     # A checkpoint whose tensors do not fit would fail deep inside dist_checkpointing, one traceback per rank.
@@ -149,6 +147,12 @@ class TrainState:
 
     iteration: int = 0
     consumed_train_samples: int = 0
+
+
+def resolve_and_validate(cfg: Config, world_size: int) -> None:
+    """Take the vocabulary size from the tokenizer (when given), then ``validate``: what every start does."""
+    _tokenizer_vocab(cfg)
+    validate(cfg, world_size)
 
 
 def _tokenizer_vocab(cfg: Config) -> None:
@@ -439,8 +443,7 @@ def run(cfg: Config) -> TrainState:
     """Train as configured: resume from ``<save>`` if it holds a checkpoint, else start from ``--load``
     (full state, or weights only with ``finetune``), else from scratch. Returns the final state."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    _tokenizer_vocab(cfg)
-    validate(cfg, world)
+    resolve_and_validate(cfg, world)
 
     # ---------------------------------------------------------------- build: distributed
     p = cfg.parallel

@@ -27,7 +27,6 @@ def load_tool(name: str):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"convert_{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.use_single_process_env = lambda: None  # keep this process's environment as it is
     return module
 
 

@@ -5,7 +5,8 @@ checks ``param.type() == 'torch.cuda.FloatTensor'``, synchronizes streams and tr
 ``enable()`` installs a small compatibility layer so the *unchanged* megatron code runs on CPU:
 
 * a ``TorchFunctionMode`` rewrites any CUDA ``device=`` argument (``"cuda"``, ``0``, ``torch.device('cuda')``)
-  of tensor factories and ``Tensor.to`` to ``cpu``, and drops ``pin_memory=True``;
+  of tensor factories and ``Tensor.to`` to ``cpu``, and drops ``pin_memory=True``; the same mode runs
+  collectives over one-rank groups (DP=1, TP=1, ...) in place of gloo, which has no one-rank fast path;
 * ``Tensor.cuda()`` returns the tensor itself; ``Tensor.type()`` (no argument) reports the CUDA type name
   of a CPU tensor, which is what megatron's optimizer and grad-clipping asserts expect;
 * ``torch.cuda.current_device`` returns 0; ``synchronize``/``empty_cache`` do nothing; streams and events
@@ -41,10 +42,15 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CpuDeviceMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to CPU for every torch function and tensor method call."""
+    """Rewrites CUDA device arguments to CPU for every torch function and tensor method call, and runs
+    collectives over one-rank groups locally (see ``_local_collective``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _LOCAL_COLLECTIVES:
+            done, result = _local_collective(func, args, kwargs)
+            if done:
+                return result
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         if kwargs.get("pin_memory"):  # no pinned allocator without an accelerator (CP's rotary slicing)
@@ -52,6 +58,64 @@ class _CpuDeviceMode(TorchFunctionMode):
         if func in (torch.Tensor.to, torch.Tensor.cuda) or getattr(func, "__name__", "") == "to":
             args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
         return func(*args, **kwargs)
+
+
+def _copy_into(out: torch.Tensor, inp: torch.Tensor) -> None:
+    if out.data_ptr() != inp.data_ptr() or out.stride() != inp.stride():
+        out.copy_(inp.view_as(out))
+
+
+#: collective -> (its group argument, what it does on a one-rank group); filled in by ``enable()``
+_LOCAL_COLLECTIVES: dict = {}
+
+
+def _local_collective(func, args, kwargs):
+    """(True, result) when ``func`` ran here because its group has one rank, else (False, None).
+
+    gloo has no one-rank fast path: every collective goes through its worker thread, and the gather and
+    scatter ones copy through freshly allocated buffers. At DP=1 that is the DDP grad buffer's
+    reduce-scatter and the distributed optimizer's param all-gather, the whole model each step; on a
+    2-core machine it cost ~15% of a training step (page faults in gloo's threads, idle OMP workers).
+    On one rank every collective is the identity or a copy, so it runs inline. Inside
+    ``_coalescing_manager`` nothing is recorded, which the manager treats as "no work" (sync or async)."""
+    import inspect
+
+    import torch.distributed as dist
+
+    group_arg, local = _LOCAL_COLLECTIVES[func]
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    group = a.get(group_arg)
+    if not dist.is_initialized() or dist.get_world_size(group) != 1:
+        return False, None
+    op = a.get("op")
+    if op is not None and op == dist.ReduceOp.PREMUL_SUM:
+        return False, None
+    local(a)
+    if not a.get("async_op"):
+        return True, None
+    future = torch.futures.Future()
+    future.set_result(None)
+    return True, torch._C._distributed_c10d._create_work_from_future(future)
+
+
+def _register_local_collectives() -> None:
+    from torch.distributed import distributed_c10d as c10d
+
+    def nothing(a):
+        pass
+
+    _LOCAL_COLLECTIVES.update(
+        {
+            c10d.all_reduce: ("group", nothing),
+            c10d.broadcast: ("group", nothing),
+            c10d.barrier: ("group", nothing),
+            c10d.all_gather_single: ("group", lambda a: _copy_into(a["output_tensor"], a["input_tensor"])),
+            c10d.reduce_scatter_single: ("group", lambda a: _copy_into(a["output"], a["input"])),
+            c10d.all_gather: ("group", lambda a: _copy_into(a["tensor_list"][0], a["tensor"])),
+        }
+    )
 
 
 class _InertStream:
@@ -126,6 +190,7 @@ def enable() -> bool:
 
     torch.Tensor.type = _type
 
+    _register_local_collectives()
     _MODE = _CpuDeviceMode()
     _MODE.__enter__()
     _ENABLED = True

@@ -107,3 +107,21 @@ def test_padded_vocab_size_does_not_depend_on_tp(vocab_size):
     padded = sizes.pop()
     assert vocab_size <= padded < vocab_size + 128 and padded % 128 == 0
     assert LlamaConfig(vocab_size=100, make_vocab_size_divisible_by=1).padded_vocab_size(3) == 102
+
+
+def test_one_rank_collectives_skip_gloo(model_checks):
+    """DP=1 (or TP=1, ...) collectives are the identity or a copy: the CPU backend runs them in place,
+    without gloo's worker thread and buffers (benchmarks/README.md: ~1.5x training throughput)."""
+    record = model_checks["check_one_rank_collectives"]
+    assert record["gloo_collectives_without_mode"] == 1  # the counter sees gloo collectives
+    assert record["gloo_collectives_local_path"] == 0
+    assert record["all_reduce_identity"] and record["reduce_scatter_copies"] and record["all_gather_copies"]
+    assert record["async_work_completed"]
+    assert record["coalesced_copies"] == {"False": True, "True": True}
+
+
+def test_fused_cpu_adam_makes_the_same_updates(model_checks):
+    """The trainer switches torch's AdamW to its fused CPU kernel; 3 steps match the for-loop AdamW."""
+    record = model_checks["check_fused_cpu_adam"]
+    assert record["fused_flags"]["True"] == ["True"]
+    assert record["max_abs_param_diff"] < 1e-5 * record["max_abs_param"]

@@ -182,11 +182,88 @@ def check_rope_swap_changes_logits():
     }
 
 
+def check_one_rank_collectives():
+    """Collectives over this one-rank world run in place of gloo (results, async handles, coalescing).
+
+    The default group's sequence number counts the collectives that reached gloo."""
+    import torch.distributed as dist
+
+    group = dist.distributed_c10d._get_default_group()
+    start = group._get_sequence_number_for_group()
+    x = torch.randn(4, 6)
+    before = x.clone()
+    dist.all_reduce(x)
+    inp = torch.randn(8)
+    scattered, gathered = torch.zeros(8), torch.zeros(8)
+    dist.reduce_scatter_tensor(scattered, inp)
+    dist.all_gather_into_tensor(gathered, inp)
+    dist.broadcast(x, src=0)
+    work = dist.all_reduce(inp, async_op=True)
+    coalesced = {}
+    for async_ops in (False, True):
+        out = torch.zeros(8)
+        with dist._coalescing_manager(async_ops=async_ops) as cm:
+            dist.reduce_scatter_tensor(out, inp, async_op=async_ops)
+        if async_ops:
+            cm.wait()
+        coalesced[str(async_ops)] = bool(torch.equal(out, inp))
+    local_end = group._get_sequence_number_for_group()
+    with torch._C.DisableTorchFunction():  # without the CPU backend's mode: gloo
+        dist.all_reduce(x)
+    return {
+        "gloo_collectives_local_path": local_end - start,
+        "gloo_collectives_without_mode": group._get_sequence_number_for_group() - local_end,
+        "all_reduce_identity": bool(torch.equal(x, before)),
+        "reduce_scatter_copies": bool(torch.equal(scattered, inp)),
+        "all_gather_copies": bool(torch.equal(gathered, inp)),
+        "async_work_completed": bool(work.wait() and work.is_completed()),
+        "coalesced_copies": coalesced,
+    }
+
+
+def check_fused_cpu_adam():
+    """The trainer's fused CPU AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
+    from megatron_resonance.training import trainer
+    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
+
+    cfg = Config(
+        model=tiny_config(),
+        data=DataConfig(seq_length=SEQ, micro_batch_size=2, global_batch_size=2, mock_data=True),
+        optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-2, lr_decay_style="constant", clip_grad=1.0),
+    )
+    cfg.training.train_iters = 3
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    params, flags = {}, {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+        groups = [g for o in optimizer.chained_optimizers for g in o.optimizer.param_groups]
+        flags[str(fused)] = sorted({str(g["fused"]) for g in groups})
+        if not fused:
+            for g in groups:
+                g["fused"] = False
+        tokens = torch.randint(0, 256, (2, SEQ + 1), generator=torch.Generator().manual_seed(3))
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(2, SEQ),
+            "position_ids": torch.arange(SEQ).expand(2, SEQ),
+        }
+        for _ in range(3):
+            trainer.train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
+        params[fused] = torch.cat([p.detach().flatten() for p in chunks[0].parameters()])
+    moved = (params[True] - params[False]).abs().max().item()
+    return {"fused_flags": flags, "max_abs_param_diff": moved, "max_abs_param": params[False].abs().max().item()}
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
     check_context_parallel_slicing,
     check_rope_swap_changes_logits,
+    check_one_rank_collectives,
+    check_fused_cpu_adam,
 ]
 
 

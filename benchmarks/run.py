@@ -13,8 +13,8 @@ Fields (see benchmarks/README.md for the latest numbers):
   our tables, beside ``megatron_core_angle_error_rad_at_1m`` for megatron-core's own ``RotaryEmbedding``;
 * ``convert_gb_per_s`` / ``copy_gb_per_s``: HF -> Megatron conversion of a few-hundred-MB model vs ``cp -r``
   (benchmarks/convert_speed.py);
-* (to do) on a GPU: tokens/s per GPU, TFLOP/s and MFU of a LLaMA-2-7B-shaped layer stack with Transformer
-  Engine at 4K and 32K, ``rope`` vs ``resonance_yarn``.
+* on a GPU (only when CUDA is present): tokens/s per GPU, TFLOP/s and MFU of a LLaMA-2-7B-shaped layer
+  stack with Transformer Engine at 4K and 32K, ``rope`` vs ``resonance_yarn`` (``gpu_*`` keys).
 
 Timings are medians over interleaved repeats after warm-up; the machine, threads and commit are recorded.
 """
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 P_1M = 1_048_575
+SECTIONS = ("precision", "cpu", "gpu", "convert")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,16 +107,21 @@ def _config(quick: bool):
     )
 
 
-def _megatron_trainer(model_cfg, kind: str, seq: int, batch: int):
+def _rope(model_cfg, kind: str, original: int, factor: float):
+    from megatron_resonance.rope import RopeConfig
+
+    if kind == "rope":
+        return RopeConfig(kind="rope", head_dim=model_cfg.head_dim)
+    return RopeConfig(kind=kind, head_dim=model_cfg.head_dim, original_max_position=original, factor=factor)
+
+
+def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False):
     """One-process megatron-core training step (same code path as pretrain_llama.py)."""
     import dataclasses
 
-    from megatron_resonance.rope import RopeConfig
     from megatron_resonance.training import trainer
     from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
 
-    rope = RopeConfig(kind=kind, head_dim=model_cfg.head_dim, original_max_position=seq // 4,
-                      factor=4.0 if kind != "rope" else 1.0)
     cfg = Config(
         model=dataclasses.replace(model_cfg, rope=rope),
         data=DataConfig(seq_length=seq, micro_batch_size=batch, global_batch_size=batch, mock_data=True),
@@ -123,20 +129,24 @@ def _megatron_trainer(model_cfg, kind: str, seq: int, batch: int):
     )
     cfg.training.train_iters = 10**6
     torch.manual_seed(0)
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=bf16)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
     g = torch.Generator().manual_seed(1)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
     def batches():
         while True:
             t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
             yield {
-                "tokens": t[:, :-1],
-                "labels": t[:, 1:],
-                "loss_mask": torch.ones(batch, seq),
-                "position_ids": torch.arange(seq).expand(batch, seq),
+                k: v.to(device)
+                for k, v in {
+                    "tokens": t[:, :-1],
+                    "labels": t[:, 1:],
+                    "loss_mask": torch.ones(batch, seq),
+                    "position_ids": torch.arange(seq).expand(batch, seq),
+                }.items()
             }
 
     it = batches()
@@ -164,7 +174,8 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_cfg)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    # Hugging Face Trainer's default optimizer with torch >= 2.8 (adamw_torch_fused), as ours on CPU
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     g = torch.Generator().manual_seed(1)
 
     def step():
@@ -178,28 +189,35 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
     return step
 
 
-def _interleaved_medians(steps: dict, warmup: int, repeats: int) -> dict:
+def _interleaved_medians(steps: dict, warmup: int, repeats: int, sync=lambda: None) -> dict:
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in steps}
     for _ in range(repeats):
         for k, fn in steps.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def cpu_training(quick: bool) -> dict:
+def _initialize() -> None:
     from megatron_resonance.megatron import distributed
 
-    distributed.initialize(1, 1, seed=1)
+    if not torch.distributed.is_initialized():
+        distributed.initialize(1, 1, seed=1)
+
+
+def cpu_training(quick: bool) -> dict:
+    _initialize()
     seq, batch = 256, 4
     model_cfg = _config(quick)
     steps = {
-        "rope": _megatron_trainer(model_cfg, "rope", seq, batch),
-        "resonance_yarn": _megatron_trainer(model_cfg, "resonance_yarn", seq, batch),
+        "rope": _megatron_trainer(model_cfg, _rope(model_cfg, "rope", seq // 4, 4.0), seq, batch),
+        "resonance_yarn": _megatron_trainer(model_cfg, _rope(model_cfg, "resonance_yarn", seq // 4, 4.0), seq, batch),
         "hf": _hf_trainer(model_cfg, seq, batch),
     }
     medians = _interleaved_medians(steps, warmup=2 if quick else 3, repeats=8 if quick else 20)
@@ -215,6 +233,49 @@ def cpu_training(quick: bool) -> dict:
             "threads": torch.get_num_threads(),
         },
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: Transformer Engine layer stack, LLaMA-2-7B shape
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gpu_throughput(quick: bool) -> dict:
+    """tokens/s, TFLOP/s and MFU on one GPU for a LLaMA-2-7B-shaped stack (hidden 4096, FFN 11008, 32
+    heads, 4 layers; 2 with --quick) with Transformer Engine, bf16, the trainer's own step (DDP +
+    distributed optimizer), at 4K and 32K tokens, ``rope`` vs ``resonance_yarn`` interleaved."""
+    import dataclasses
+
+    from megatron_resonance.megatron.llama import LlamaConfig
+    from megatron_resonance.training import flops
+
+    _initialize()
+    layers = 2 if quick else 4
+    shape = LlamaConfig(
+        num_layers=layers, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32, num_query_groups=32,
+        vocab_size=32000, max_position_embeddings=32768,
+    )  # fmt: skip
+    peak = flops.peak_tflops()
+    out = {"gpu_shape": {"layers": layers, "hidden": 4096, "ffn": 11008, "heads": 32, "dtype": "bf16"}}
+    for seq in (4096, 32768):
+        model_cfg = dataclasses.replace(shape, max_position_embeddings=seq)
+        steps = {  # the LLaMA-2 4K -> 32K extension: 4096 original positions, factor 8, at both lengths
+            kind: _megatron_trainer(model_cfg, _rope(model_cfg, kind, 4096, 8.0), seq, 1, bf16=True)
+            for kind in ("rope", "resonance_yarn")
+        }
+        medians = _interleaved_medians(steps, warmup=2, repeats=5 if quick else 10, sync=torch.cuda.synchronize)
+        per_token = flops.training_flops_per_token(model_cfg, seq)
+        for kind, seconds in medians.items():
+            tflops = per_token * seq / seconds / 1e12
+            out[f"gpu_{seq // 1024}k_{kind}"] = {
+                "tokens_per_s": seq / seconds,
+                "tflops": tflops,
+                "mfu": tflops / peak if peak else None,
+            }
+        out[f"gpu_{seq // 1024}k_resonance_overhead_ratio"] = medians["resonance_yarn"] / medians["rope"]
+        del steps
+        torch.cuda.empty_cache()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,9 +320,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats and a smaller conversion model (<= 5 min)")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--workdir", default=None, help="scratch directory (default: next to --out)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: precision,cpu,convert")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: precision,cpu,gpu,convert")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    for name in sorted(skip - set(SECTIONS)):
+        p.error(f"--skip: unknown section {name!r} ({', '.join(SECTIONS)})")
     out = Path(args.out)
     workdir = Path(args.workdir or out.parent / "bench_work")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +334,10 @@ def main(argv=None) -> int:
         ("cpu", lambda: cpu_training(args.quick)),
         ("convert", lambda: conversion(args.quick, workdir)),
     ]
-    if torch.cuda.is_available():
-        print("[bench] gpu: the TE throughput section is not written yet (issue 8)", flush=True)
+    if torch.cuda.is_available():  # the CPU path comparison needs a machine without CUDA
+        sections[1] = ("gpu", lambda: gpu_throughput(args.quick))
+    else:
+        print("[bench] gpu: no CUDA device, the GPU section is skipped", flush=True)
     for name, fn in sections:
         if name in skip:
             continue

@@ -65,7 +65,7 @@ def _copy_into(out: torch.Tensor, inp: torch.Tensor) -> None:
         out.copy_(inp.view_as(out))
 
 
-#: collective -> (its group argument, what it does on a one-rank group); filled in by ``enable()``
+#: collective -> (what it does on a one-rank group, its signature); filled in by ``enable()``
 _LOCAL_COLLECTIVES: dict = {}
 
 
@@ -75,18 +75,16 @@ def _local_collective(func, args, kwargs):
     gloo has no one-rank fast path: every collective goes through its worker thread, and the gather and
     scatter ones copy through freshly allocated buffers. At DP=1 that is the DDP grad buffer's
     reduce-scatter and the distributed optimizer's param all-gather, the whole model each step; on a
-    2-core machine it cost ~15% of a training step (page faults in gloo's threads, idle OMP workers).
+    2-core machine that was a third of a training step (page faults in gloo's threads, idle OMP workers).
     On one rank every collective is the identity or a copy, so it runs inline. Inside
     ``_coalescing_manager`` nothing is recorded, which the manager treats as "no work" (sync or async)."""
-    import inspect
-
     import torch.distributed as dist
 
-    group_arg, local = _LOCAL_COLLECTIVES[func]
-    bound = inspect.signature(func).bind(*args, **kwargs)
+    local, signature = _LOCAL_COLLECTIVES[func]
+    bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
-    group = a.get(group_arg)
+    group = a["group"]
     if not dist.is_initialized() or dist.get_world_size(group) != 1:
         return False, None
     op = a.get("op")
@@ -101,21 +99,23 @@ def _local_collective(func, args, kwargs):
 
 
 def _register_local_collectives() -> None:
+    import inspect
+
     from torch.distributed import distributed_c10d as c10d
 
     def nothing(a):
         pass
 
-    _LOCAL_COLLECTIVES.update(
-        {
-            c10d.all_reduce: ("group", nothing),
-            c10d.broadcast: ("group", nothing),
-            c10d.barrier: ("group", nothing),
-            c10d.all_gather_single: ("group", lambda a: _copy_into(a["output_tensor"], a["input_tensor"])),
-            c10d.reduce_scatter_single: ("group", lambda a: _copy_into(a["output"], a["input"])),
-            c10d.all_gather: ("group", lambda a: _copy_into(a["tensor_list"][0], a["tensor"])),
-        }
-    )
+    local = {
+        c10d.all_reduce: nothing,
+        c10d.broadcast: nothing,
+        c10d.barrier: nothing,
+        c10d.all_gather_single: lambda a: _copy_into(a["output_tensor"], a["input_tensor"]),
+        c10d.reduce_scatter_single: lambda a: _copy_into(a["output"], a["input"]),
+        c10d.all_gather: lambda a: _copy_into(a["tensor_list"][0], a["tensor"]),
+    }
+    for func, run_locally in local.items():
+        _LOCAL_COLLECTIVES[func] = (run_locally, inspect.signature(func))
 
 
 class _InertStream:

@@ -291,7 +291,7 @@ def use_fused_cpu_adam(optimizer) -> None:
         return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
 

@@ -329,14 +329,13 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or out.parent / "bench_work")
     workdir.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "quick": args.quick}
+    on_gpu = torch.cuda.is_available()  # the CPU path comparison needs a machine without CUDA
     sections = [
         ("precision", lambda: angle_errors()),
-        ("cpu", lambda: cpu_training(args.quick)),
+        ("gpu", lambda: gpu_throughput(args.quick)) if on_gpu else ("cpu", lambda: cpu_training(args.quick)),
         ("convert", lambda: conversion(args.quick, workdir)),
     ]
-    if torch.cuda.is_available():  # the CPU path comparison needs a machine without CUDA
-        sections[1] = ("gpu", lambda: gpu_throughput(args.quick))
-    else:
+    if not on_gpu:
         print("[bench] gpu: no CUDA device, the GPU section is skipped", flush=True)
     for name, fn in sections:
         if name in skip:

@@ -144,8 +144,9 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        # Apex/TE kernels: the local spec on a GPU without TE uses torch's RMSNorm and SDPA instead.
+        masked_softmax_fusion=use_te,
+        persist_layer_norm=use_te,
         apply_rope_fusion=use_te,
         cross_entropy_loss_fusion=False,
         # Megatron-LM's defaults. The interleaved schedule needs separate, overlapped isend/irecv: with

@@ -274,26 +274,37 @@ def build_model_and_optimizer(cfg: Config, bf16: bool):
         wd_incr_steps=iters * gbs,
         wd_incr_style="constant",
     )
-    use_fused_cpu_adam(optimizer)
+    use_fused_torch_adam(optimizer)
     # megatron's schedules call these: DP gradient reduction (scaled by the global token count).
     tf_config.finalize_model_grads_func = finalize_model_grads
     tf_config.grad_scale_func = optimizer.scale_loss
     return chunks, optimizer, scheduler, tf_config
 
 
-def use_fused_cpu_adam(optimizer) -> None:
-    """On CPU, run torch's Adam/AdamW with its fused kernel (one pass per parameter, not ~10 ops).
+def use_fused_torch_adam(optimizer) -> None:
+    """Run torch's Adam/AdamW, megatron's fallback without TE/Apex, with its fused kernel.
 
-    megatron uses Apex/TE FusedAdam on GPUs and falls back to plain ``torch.optim.AdamW`` without them;
-    the fused CPU kernel is the same update (and Hugging Face Trainer's default, ``adamw_torch_fused``).
-    Called after building and again after loading a checkpoint, whose param groups replace ours."""
-    if torch.cuda.is_available():
-        return
+    megatron uses TE's or Apex's FusedAdam when one is installed (left alone here) and falls back to plain
+    ``torch.optim.AdamW`` otherwise: ~10 ops per parameter on CPU, a multi-tensor ``foreach`` loop on
+    CUDA. torch's fused kernel (CPU and CUDA) is the same update in one pass, and Hugging Face Trainer's
+    default (``adamw_torch_fused``). Called after building and again after loading a checkpoint, whose
+    param groups replace ours."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
+
+
+def load_weights_only(path: str, chunks, optimizer) -> dict:
+    """Load a checkpoint's model weights into a freshly built model and optimizer (finetuning).
+
+    With bf16/fp16 the optimizer holds fp32 main copies of the weights, taken when it was built: they
+    are refreshed from the loaded weights here, or the first step would write the random initialization
+    back into the model (Megatron-LM's ``reload_model_params`` after a ``--finetune`` load)."""
+    info = checkpointing.load_checkpoint(path, chunks)
+    optimizer.reload_model_params()
+    return info
 
 
 # ==========================================================================================================
@@ -498,11 +509,11 @@ def run(cfg: Config) -> TrainState:
         resume_from = cfg.checkpoint.load
     if resume_from:
         info = checkpointing.load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
-        use_fused_cpu_adam(optimizer)
+        use_fused_torch_adam(optimizer)
         state = TrainState(**(info["train_state"] or {"iteration": info["iteration"]}))
         print_rank0(f"[build] resumed from {info['path']} at iteration {state.iteration}")
     elif cfg.checkpoint.load:
-        info = checkpointing.load_checkpoint(cfg.checkpoint.load, chunks)
+        info = load_weights_only(cfg.checkpoint.load, chunks, optimizer)
         print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
 
     # ---------------------------------------------------------------- build: data

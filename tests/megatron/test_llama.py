@@ -120,8 +120,19 @@ def test_one_rank_collectives_skip_gloo(model_checks):
     assert record["coalesced_copies"] == {"False": True, "True": True}
 
 
-def test_fused_cpu_adam_makes_the_same_updates(model_checks):
+def test_fused_torch_adam_makes_the_same_updates(model_checks):
     """The trainer switches torch's AdamW to its fused CPU kernel; 3 steps match the for-loop AdamW."""
-    record = model_checks["check_fused_cpu_adam"]
+    record = model_checks["check_fused_torch_adam"]
     assert record["fused_flags"]["True"] == ["True"]
     assert record["max_abs_param_diff"] < 1e-5 * record["max_abs_param"]
+
+
+def test_finetune_load_survives_the_first_bf16_step(model_checks):
+    """bf16 finetuning (the default on GPUs): the first optimizer step keeps the loaded weights instead of
+    copying the optimizer's fp32 main params, still the random initialization, back into the model."""
+    record = model_checks["check_finetune_load_bf16"]
+    assert record["dtype"] == "torch.bfloat16"
+    # lr 1e-9: the step moves no weight by more than bf16 rounding of a ~1e-9 update near zero
+    assert record["load_weights_only"]["after_load"] == 0.0 and record["load_weights_only"]["after_step"] < 1e-6
+    # without the refresh the step restores the initialization: the check can tell the two apart
+    assert record["model_only_load"]["after_load"] == 0.0 and record["model_only_load"]["after_step"] > 0.01

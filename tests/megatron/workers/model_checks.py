@@ -221,8 +221,8 @@ def check_one_rank_collectives():
     }
 
 
-def check_fused_cpu_adam():
-    """The trainer's fused CPU AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
+def check_fused_torch_adam():
+    """The trainer's fused torch AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
     from megatron_resonance.training import trainer
     from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
 
@@ -257,13 +257,62 @@ def check_fused_cpu_adam():
     return {"fused_flags": flags, "max_abs_param_diff": moved, "max_abs_param": params[False].abs().max().item()}
 
 
+def check_finetune_load_bf16():
+    """A bf16 model loaded for finetuning keeps the loaded weights through an optimizer step (lr 1e-9):
+    the optimizer's fp32 main params are refreshed from them. Measured both through the trainer's
+    ``load_weights_only`` and through a bare model load, which shows what the refresh prevents."""
+    import tempfile
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_resonance.megatron import checkpointing
+    from megatron_resonance.training import trainer
+    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
+
+    cfg = Config(
+        model=tiny_config(),
+        data=DataConfig(seq_length=SEQ, micro_batch_size=2, global_batch_size=2, mock_data=True),
+        optimizer=OptimizerConfig(lr=1e-9, min_lr=1e-9, lr_decay_style="constant", weight_decay=0.0),
+    )
+    cfg.training.train_iters = 1
+    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(2, SEQ),
+        "position_ids": torch.arange(SEQ).expand(2, SEQ),
+    }
+
+    def flat(chunks):
+        return torch.cat([p.detach().float().flatten() for p in chunks[0].parameters()])
+
+    root = tempfile.mkdtemp(prefix="finetune_bf16_")
+    torch.manual_seed(0)
+    saved_chunks, _, _, _ = trainer.build_model_and_optimizer(cfg, bf16=True)
+    checkpointing.save_checkpoint(root, 1, saved_chunks, cfg.model)
+    saved = flat(saved_chunks)
+    out = {"dtype": str(next(saved_chunks[0].parameters()).dtype)}
+    for name, load in (
+        ("load_weights_only", trainer.load_weights_only),
+        ("model_only_load", lambda path, chunks, optimizer: checkpointing.load_checkpoint(path, chunks)),
+    ):
+        torch.manual_seed(1)  # a different initialization
+        chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=True)
+        load(root, chunks, optimizer)
+        loaded = (flat(chunks) - saved).abs().max().item()
+        trainer.train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
+        out[name] = {"after_load": loaded, "after_step": (flat(chunks) - saved).abs().max().item()}
+    return out
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
     check_context_parallel_slicing,
     check_rope_swap_changes_logits,
     check_one_rank_collectives,
-    check_fused_cpu_adam,
+    check_fused_torch_adam,
+    check_finetune_load_bf16,
 ]
 
 

@@ -14,7 +14,7 @@ Fields (see benchmarks/README.md for the latest numbers):
 * ``convert_gb_per_s`` / ``copy_gb_per_s``: HF -> Megatron conversion of a few-hundred-MB model vs ``cp -r``
   (benchmarks/convert_speed.py);
 * on a GPU (only when CUDA is present): tokens/s per GPU, TFLOP/s and MFU of a LLaMA-2-7B-shaped layer
-  stack with Transformer Engine at 4K and 32K, ``rope`` vs ``resonance_yarn`` (``gpu_*`` keys).
+  stack (Transformer Engine when installed) at 4K and 32K, ``rope`` vs ``resonance_yarn`` (``gpu_*`` keys).
 
 Timings are medians over interleaved repeats after warm-up; the machine, threads and commit are recorded.
 """
@@ -242,11 +242,14 @@ def cpu_training(quick: bool) -> dict:
 
 def gpu_throughput(quick: bool) -> dict:
     """tokens/s, TFLOP/s and MFU on one GPU for a LLaMA-2-7B-shaped stack (hidden 4096, FFN 11008, 32
-    heads, 4 layers; 2 with --quick) with Transformer Engine, bf16, the trainer's own step (DDP +
-    distributed optimizer), at 4K and 32K tokens, ``rope`` vs ``resonance_yarn`` interleaved."""
+    heads, 4 layers; 2 with --quick) in bf16 with the trainer's own step (layer spec as training picks it:
+    Transformer Engine when installed, else the local spec with SDPA attention; DDP + distributed
+    optimizer), at 4K and 32K tokens, ``rope`` vs ``resonance_yarn`` interleaved. MFU is against the
+    datasheet peak and against a measured 8192^3 bf16 matmul."""
     import dataclasses
+    import gc
 
-    from megatron_resonance.megatron.llama import LlamaConfig
+    from megatron_resonance.megatron.llama import LlamaConfig, resolve_spec
     from megatron_resonance.training import flops
 
     _initialize()
@@ -256,9 +259,17 @@ def gpu_throughput(quick: bool) -> dict:
         vocab_size=32000, max_position_embeddings=32768,
     )  # fmt: skip
     peak = flops.peak_tflops()
-    out = {"gpu_shape": {"layers": layers, "hidden": 4096, "ffn": 11008, "heads": 32, "dtype": "bf16"}}
+    measured = _matmul_tflops()
+    out = {
+        "gpu_shape": {"layers": layers, "hidden": 4096, "ffn": 11008, "heads": 32, "dtype": "bf16", "batch": 1},
+        "gpu_spec": resolve_spec("auto"),
+        "gpu_peak_tflops_datasheet": peak,
+        "gpu_matmul_tflops_measured": measured,
+    }
+    print(f"[bench] gpu: spec={out['gpu_spec']} matmul {measured:.0f} TFLOP/s (datasheet {peak})", flush=True)
     for seq in (4096, 32768):
         model_cfg = dataclasses.replace(shape, max_position_embeddings=seq)
+        torch.cuda.reset_peak_memory_stats()
         steps = {  # the LLaMA-2 4K -> 32K extension: 4096 original positions, factor 8, at both lengths
             kind: _megatron_trainer(model_cfg, _rope(model_cfg, kind, 4096, 8.0), seq, 1, bf16=True)
             for kind in ("rope", "resonance_yarn")
@@ -268,14 +279,35 @@ def gpu_throughput(quick: bool) -> dict:
         for kind, seconds in medians.items():
             tflops = per_token * seq / seconds / 1e12
             out[f"gpu_{seq // 1024}k_{kind}"] = {
+                "step_s": seconds,
                 "tokens_per_s": seq / seconds,
                 "tflops": tflops,
                 "mfu": tflops / peak if peak else None,
+                "mfu_vs_measured_matmul": tflops / measured,
             }
+            print(f"[bench] gpu {seq // 1024}K {kind}: {seq / seconds:,.0f} tok/s, {tflops:.0f} TFLOP/s", flush=True)
         out[f"gpu_{seq // 1024}k_resonance_overhead_ratio"] = medians["resonance_yarn"] / medians["rope"]
+        out[f"gpu_{seq // 1024}k_peak_memory_gib_two_models"] = torch.cuda.max_memory_allocated() / 2**30
         del steps
+        gc.collect()
         torch.cuda.empty_cache()
     return out
+
+
+def _matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
+    """Achieved bf16 TFLOP/s of an n^3 matmul on random data (median of CUDA-event-timed repeats)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,7 +332,10 @@ def conversion(quick: bool, workdir: Path) -> dict:
 
 
 def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # no git (a copied tree on a GPU node)
+        commit = subprocess.CompletedProcess([], 1, stdout="")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": commit.stdout.strip(),

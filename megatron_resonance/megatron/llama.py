@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_resonance.megatron import local_ops
 from megatron_resonance.rope import RopeConfig
 
 SPECS = ("auto", "te", "local")
@@ -143,11 +144,15 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
+        # megatron's switch for "the MLP activation is the spec's module" (named for TE's): the local spec
+        # on CPU runs SwiGLU as local_ops.SwiGLU over the fused gate/up output.
+        use_te_activation_func=not use_te and not on_gpu,
         bias_dropout_fusion=on_gpu,
         # Apex/TE kernels: the local spec on a GPU without TE uses torch's RMSNorm and SDPA instead.
         masked_softmax_fusion=use_te,
         persist_layer_norm=use_te,
-        apply_rope_fusion=use_te,
+        # TE's fused RoPE; on CPU local_ops.apply_rotary in its place
+        apply_rope_fusion=use_te or (not on_gpu and local_ops.install_rotary()),
         cross_entropy_loss_fusion=False,
         # Megatron-LM's defaults. The interleaved schedule needs separate, overlapped isend/irecv: with
         # batched p2p and PP=2 the previous and next stage are the same rank, and the two directions get
@@ -189,10 +194,12 @@ def layer_spec(spec: str = "auto"):
 
     if resolve_spec(spec) == "te":
         return get_gpt_layer_with_transformer_engine_spec()
+    from megatron_resonance.megatron.local_ops import SwiGLU
     from megatron_resonance.megatron.sdpa_attention import SDPAAttention
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPAAttention
+    layer.submodules.mlp.submodules.activation_func = SwiGLU  # used when use_te_activation_func is set
     return layer
 
 

@@ -221,6 +221,17 @@ def check_one_rank_collectives():
     }
 
 
+def _train_batch() -> dict:
+    """One micro-batch of 2 random sequences in the trainer's format."""
+    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    return {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(2, SEQ),
+        "position_ids": torch.arange(SEQ).expand(2, SEQ),
+    }
+
+
 def check_fused_torch_adam():
     """The trainer's fused torch AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
     from megatron_resonance.training import trainer
@@ -243,13 +254,7 @@ def check_fused_torch_adam():
         if not fused:
             for g in groups:
                 g["fused"] = False
-        tokens = torch.randint(0, 256, (2, SEQ + 1), generator=torch.Generator().manual_seed(3))
-        batch = {
-            "tokens": tokens[:, :-1],
-            "labels": tokens[:, 1:],
-            "loss_mask": torch.ones(2, SEQ),
-            "position_ids": torch.arange(SEQ).expand(2, SEQ),
-        }
+        batch = _train_batch()
         for _ in range(3):
             trainer.train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
         params[fused] = torch.cat([p.detach().flatten() for p in chunks[0].parameters()])
@@ -275,13 +280,7 @@ def check_finetune_load_bf16():
         optimizer=OptimizerConfig(lr=1e-9, min_lr=1e-9, lr_decay_style="constant", weight_decay=0.0),
     )
     cfg.training.train_iters = 1
-    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=torch.Generator().manual_seed(3))
-    batch = {
-        "tokens": tokens[:, :-1],
-        "labels": tokens[:, 1:],
-        "loss_mask": torch.ones(2, SEQ),
-        "position_ids": torch.arange(SEQ).expand(2, SEQ),
-    }
+    batch = _train_batch()
 
     def flat(chunks):
         return torch.cat([p.detach().float().flatten() for p in chunks[0].parameters()])
@@ -305,6 +304,37 @@ def check_finetune_load_bf16():
     return out
 
 
+def check_local_ops_in_model():
+    """The CPU model runs local_ops (SwiGLU module, rotary through megatron's fused-RoPE hook); with both
+    switched off (megatron's unfused code) the same weights give the same logits and weight gradients."""
+    from megatron_resonance.megatron import llama, local_ops
+
+    cfg = tiny_config("resonance_yarn")
+    tokens = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(SEQ)[None].expand(2, -1)
+    unfused = {"apply_rope_fusion": False, "use_te_activation_func": False}
+    out = {}
+    for name, overrides in (("local_ops", {}), ("megatron", unfused)):
+        tf_config = llama.transformer_config(cfg, **overrides)
+        torch.manual_seed(0)
+        model = llama.build_model(cfg, tf_config, seq_length=SEQ)[0]
+        logits = model(tokens, positions, None)[..., : cfg.vocab_size]
+        logits.float().pow(2).mean().backward()
+        out[name] = {
+            "rope_fusion": tf_config.apply_rope_fusion,
+            "swiglu_module": type(model.decoder.layers[0].mlp.activation_func).__name__,
+            "logits": logits.detach(),
+            "grads": torch.cat([p.grad.flatten() for p in model.parameters()]),
+        }
+    a, b = out["local_ops"], out["megatron"]
+    return {
+        "switches": {k: [v["rope_fusion"], v["swiglu_module"]] for k, v in out.items()},
+        "rope_hook_is_ours": local_ops.install_rotary(),
+        "logits_rel": ((a["logits"] - b["logits"]).norm() / b["logits"].norm()).item(),
+        "grads_rel": ((a["grads"] - b["grads"]).norm() / b["grads"].norm()).item(),
+    }
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
@@ -313,6 +343,7 @@ CHECKS = [
     check_one_rank_collectives,
     check_fused_torch_adam,
     check_finetune_load_bf16,
+    check_local_ops_in_model,
 ]
 
 

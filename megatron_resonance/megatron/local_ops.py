@@ -1,0 +1,99 @@
+"""Leaner eager versions of two element-wise blocks of megatron's local spec, used on CPU.
+
+* SwiGLU: megatron computes ``silu(x_glu) * (x_linear + glu_linear_offset)`` over ``torch.chunk`` views
+  of the fused fc1 output: the ``+ 0.0`` is a full copy, and autograd's backward of ``chunk``
+  concatenates the two half-gradients into a new tensor. ``SwiGLU`` runs the same forward arithmetic and
+  writes both half-gradients straight into one buffer (3 ops, no concatenation).
+* Rotary: megatron's unfused RoPE recomputes cos/sin from the angles in every layer, rotates with
+  ``chunk``/``neg``/``cat`` and ends with a ``cat`` of the rotated part and an (empty) pass-through part.
+  ``apply_rotary`` computes ``t * cos + roll(t, d/2) * [-sin, sin]`` (rotate-half as a roll with the
+  sign folded into the table) with a hand-written backward, the inverse rotation. It plugs into megatron
+  where TE's fused RoPE would (``rope_utils.fused_apply_rotary_pos_emb`` with ``apply_rope_fusion``),
+  and only where TE is absent.
+
+Measured on the 2-core CPU benchmark (benchmarks/README.md) against the autograd composition; results
+match it to float rounding (tests/megatron/test_local_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """[..., 2f] -> [..., f]: silu(x[..., :f]) * x[..., f:]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        gate, linear = torch.chunk(x, 2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(x, activated)
+        return activated * linear
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, activated = ctx.saved_tensors
+        gate, linear = torch.chunk(x, 2, dim=-1)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad_gate, grad_linear = torch.chunk(grad_x, 2, dim=-1)
+        torch.mul(grad, activated, out=grad_linear)
+        torch.ops.aten.silu_backward.grad_input(grad * linear, gate, grad_input=grad_gate)
+        return grad_x
+
+
+class SwiGLU(torch.nn.Module):
+    """megatron MLP activation module (``MLPSubmodules.activation_func``) for the fused gate/up output."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        if config is not None and (config.glu_linear_offset or config.activation_func_clamp_value is not None):
+            raise ValueError("SwiGLU takes no glu_linear_offset or activation_func_clamp_value")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SwiGLUFunction.apply(x)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        return {}  # no parameters: checkpoints are those of megatron's functional activation
+
+
+class _RotaryFunction(torch.autograd.Function):
+    """t [s, b, h, d] rotated by angles whose cos and sign-folded sin are [s, 1, 1, d] (d even)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, signed_sin)
+        half = t.shape[-1] // 2
+        return torch.addcmul(t * cos, torch.roll(t, half, dims=-1), signed_sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, signed_sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        # the transpose of "roll by d/2, then scale" is "scale, then roll by d/2" (a half-turn roll)
+        return torch.addcmul(torch.roll(grad * signed_sin, half, dims=-1), grad, cos), None, None
+
+
+def apply_rotary(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **unused) -> torch.Tensor:
+    """megatron's ``_apply_rotary_pos_emb_bshd`` (mscale 1) for angles ``freqs`` [s, 1, 1, rot_dim]."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if interleaved:
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=True)
+    rot_dim, half = freqs.shape[-1], freqs.shape[-1] // 2
+    cos = torch.cos(freqs).to(t.dtype)
+    sin = torch.sin(freqs).to(t.dtype)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    if rot_dim == t.shape[-1]:
+        return _RotaryFunction.apply(t, cos, signed_sin)
+    rotated = _RotaryFunction.apply(t[..., :rot_dim], cos, signed_sin)
+    return torch.cat((rotated, t[..., rot_dim:]), dim=-1)
+
+
+def install_rotary() -> bool:
+    """Make ``apply_rotary`` megatron's fused RoPE when Transformer Engine provides none. Idempotent."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = apply_rotary
+    return rope_utils.fused_apply_rotary_pos_emb is apply_rotary

@@ -1,0 +1,82 @@
+"""``local_ops``: SwiGLU and the rotary application compute what megatron's unfused local-spec code
+computes, forward and backward (here, on plain tensors; in the built model by the ``model_checks`` worker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+from megatron_resonance.megatron.local_ops import SwiGLU, _RotaryFunction, _SwiGLUFunction, apply_rotary
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_swiglu_matches_the_autograd_composition():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 2 * 40, generator=g)  # [s, b, 2f], as linear_fc1 returns it
+    upstream = torch.randn(16, 3, 40, generator=g)
+    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours = SwiGLU()(ours_in)
+    gate, linear = torch.chunk(ref_in, 2, dim=-1)
+    ref = F.silu(gate) * linear
+    assert torch.equal(ours, ref)  # same forward arithmetic
+    ours.backward(upstream)
+    ref.backward(upstream)
+    assert ours_in.grad.is_contiguous() and ours_in.grad.shape == x.shape
+    assert _rel(ours_in.grad, ref_in.grad) < 1e-6
+
+
+def test_swiglu_gradcheck():
+    x = torch.randn(5, 2, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLUFunction.apply, (x,))
+
+
+def test_swiglu_refuses_an_offset_or_clamp():
+    class Cfg:
+        glu_linear_offset, activation_func_clamp_value = 1.0, None
+
+    with pytest.raises(ValueError, match="glu_linear_offset"):
+        SwiGLU(Cfg())
+
+
+@pytest.mark.parametrize("rot_dim", [32, 16])  # full rotary, and a pass-through part (rot_dim < head dim)
+def test_rotary_matches_megatron_unfused(rot_dim):
+    g = torch.Generator().manual_seed(1)
+    s, b, h, d = 24, 2, 4, 32
+    t = torch.randn(s, b, h, d, generator=g)
+    freqs = torch.randn(s, 1, 1, rot_dim, generator=g) * 50  # large angles, as at long positions
+    upstream = torch.randn(s, b, h, d, generator=g)
+    ours_in, ref_in = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    ours = apply_rotary(ours_in, freqs)
+    ref = _apply_rotary_pos_emb_bshd(ref_in, freqs)
+    assert _rel(ours, ref) < 1e-6
+    ours.backward(upstream)
+    ref.backward(upstream)
+    assert _rel(ours_in.grad, ref_in.grad) < 1e-6
+    if rot_dim < d:  # the pass-through features are untouched
+        assert torch.equal(ours[..., rot_dim:], t[..., rot_dim:])
+
+
+def test_rotary_interleaved_is_megatron_s():
+    t, freqs = torch.randn(8, 1, 2, 16), torch.randn(8, 1, 1, 16)
+    ref = _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=True)
+    assert torch.equal(apply_rotary(t, freqs, interleaved=True), ref)
+
+
+def test_rotary_gradcheck():
+    t = torch.randn(6, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(6, 1, 1, 8, dtype=torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    signed_sin = torch.cat((-sin[..., :4], sin[..., 4:]), dim=-1)
+    assert torch.autograd.gradcheck(lambda x: _RotaryFunction.apply(x, cos, signed_sin), (t,))
+
+
+def test_the_cpu_model_uses_local_ops_and_matches_megatron(model_checks):
+    record = model_checks["check_local_ops_in_model"]
+    assert record["switches"] == {"local_ops": [True, "SwiGLU"], "megatron": [False, "function"]}
+    assert record["rope_hook_is_ours"]
+    assert record["logits_rel"] < 1e-5 and record["grads_rel"] < 1e-5, record

@@ -9,6 +9,11 @@ checks ``param.type() == 'torch.cuda.FloatTensor'``, synchronizes streams and tr
   collectives over one-rank groups (DP=1, TP=1, ...) in place of gloo, which has no one-rank fast path;
 * ``Tensor.cuda()`` returns the tensor itself; ``Tensor.type()`` (no argument) reports the CUDA type name
   of a CPU tensor, which is what megatron's optimizer and grad-clipping asserts expect;
+* megatron's gradient-accumulation fusion (Apex's ``fused_weight_gradient_mlp_cuda``: the weight gradient
+  GEMM accumulates straight into DDP's fp32 ``main_grad``) runs as ``main_grad.addmm_(grad.t(), input)``;
+  without it every weight gradient is a fresh tensor that DDP's hook then adds into ``main_grad``. The
+  linear layers' backward runs under the device mode (autograd runs backward without torch-function
+  modes), and a weight without ``main_grad`` (a model outside DDP) keeps the unfused path;
 * ``torch.cuda.current_device`` returns 0; ``synchronize``/``empty_cache`` do nothing; streams and events
   are inert stand-ins; the CUDA RNG API (``get_rng_state``, ``set_rng_state``, ``manual_seed``) and
   ``tensor_parallel.random._get/_set_cuda_rng_state`` act on the CPU default generator, so megatron's
@@ -118,6 +123,40 @@ def _register_local_collectives() -> None:
         _LOCAL_COLLECTIVES[func] = (run_locally, inspect.signature(func))
 
 
+def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """main_grad += grad_output^T @ total_input (2-D [tokens, out] and [tokens, in]). bf16 activations
+    with an fp32 main_grad take the GEMM in bf16 and add it, as the unfused path does."""
+    if grad_output.dtype == main_grad.dtype:
+        main_grad.addmm_(grad_output.t(), total_input)
+    else:
+        main_grad.add_(grad_output.t().mm(total_input))
+
+
+def _install_grad_accumulation_fusion() -> None:
+    import types
+
+    from megatron.core.tensor_parallel import layers
+
+    base = layers.LinearWithGradAccumulationAndAsyncCommunication
+
+    class _CpuLinearWithGradAccumulation(base):
+        @staticmethod
+        def forward(ctx, input, weight, bias, gradient_accumulation_fusion, *rest):
+            fuse = gradient_accumulation_fusion and hasattr(weight, "main_grad")
+            return base.forward(ctx, input, weight, bias, fuse, *rest)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            with _CpuDeviceMode():
+                return base.backward(ctx, *grads)
+
+    layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
+        wgrad_gemm_accum_fp32=_wgrad_gemm_accum, wgrad_gemm_accum_fp16=_wgrad_gemm_accum
+    )
+    layers._grad_accum_fusion_available = True
+    layers.LinearWithGradAccumulationAndAsyncCommunication = _CpuLinearWithGradAccumulation
+
+
 class _InertStream:
     """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op."""
 
@@ -191,6 +230,7 @@ def enable() -> bool:
     torch.Tensor.type = _type
 
     _register_local_collectives()
+    _install_grad_accumulation_fusion()
     _MODE = _CpuDeviceMode()
     _MODE.__enter__()
     _ENABLED = True

@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_resonance.megatron import local_ops
+from megatron_resonance.megatron import cpu_backend, local_ops
 from megatron_resonance.rope import RopeConfig
 
 SPECS = ("auto", "te", "local")
@@ -142,7 +142,8 @@ def transformer_config(
         # CPU: no fused CUDA kernels; full weights are initialized on CPU then split, which also makes
         # the initial weights independent of the TP layout.
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,
+        # on CPU the CPU backend provides the fused weight-gradient accumulation (Apex's on GPUs)
+        gradient_accumulation_fusion=not on_gpu and cpu_backend.is_enabled(),
         bias_activation_fusion=on_gpu,
         # megatron's switch for "the MLP activation is the spec's module" (named for TE's): the local spec
         # on CPU runs SwiGLU as local_ops.SwiGLU over the fused gate/up output.

@@ -97,3 +97,4 @@ def install_rotary() -> bool:
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary
     return rope_utils.fused_apply_rotary_pos_emb is apply_rotary
+

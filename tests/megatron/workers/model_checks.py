@@ -335,6 +335,45 @@ def check_local_ops_in_model():
     }
 
 
+def check_grad_accumulation_fusion():
+    """The CPU backend's gradient-accumulation fusion (weight-gradient GEMMs accumulate into DDP's
+    main_grad) gives the unfused path's gradients: one step, fused vs unfused, same weights and batch."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_resonance.training import trainer
+    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
+
+    cfg = Config(
+        model=tiny_config(),
+        data=DataConfig(seq_length=SEQ, micro_batch_size=2, global_batch_size=2, mock_data=True),
+        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3, lr_decay_style="constant", clip_grad=0.0),
+    )
+    cfg.training.train_iters = 1
+    calls = []
+    shim = layers.fused_weight_gradient_mlp_cuda
+    accumulate = shim.wgrad_gemm_accum_fp32
+    shim.wgrad_gemm_accum_fp32 = lambda *a: (calls.append(1), accumulate(*a))
+    original_config = trainer.transformer_config
+    grads, flags = {}, {}
+    try:
+        for fused in (True, False):
+            trainer.transformer_config = lambda *a, **k: original_config(*a, **k, gradient_accumulation_fusion=fused)
+            torch.manual_seed(0)
+            chunks, optimizer, scheduler, tf_config = trainer.build_model_and_optimizer(cfg, bf16=False)
+            flags[str(fused)] = tf_config.gradient_accumulation_fusion
+            del calls[:]
+            batches = iter([_train_batch()])
+            trainer.train_step(get_forward_backward_func(), batches, chunks, optimizer, scheduler, cfg, 1)
+            grads[fused] = torch.cat([p.main_grad.flatten() for p in chunks[0].parameters()])
+            flags[f"calls_{fused}"] = len(calls)
+    finally:
+        trainer.transformer_config = original_config
+        shim.wgrad_gemm_accum_fp32 = accumulate
+    rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
+    return {"flags": flags, "grads_rel": rel, "grad_norm": grads[False].norm().item()}
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
@@ -344,6 +383,7 @@ CHECKS = [
     check_fused_torch_adam,
     check_finetune_load_bf16,
     check_local_ops_in_model,
+    check_grad_accumulation_fusion,
 ]
 
 

@@ -97,4 +97,3 @@ def install_rotary() -> bool:
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary
     return rope_utils.fused_apply_rotary_pos_emb is apply_rotary
-

@@ -134,19 +134,15 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False)
 
     fb = get_forward_backward_func()
     g = torch.Generator().manual_seed(1)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
-    def batches():
+    def batches():  # CPU tensors: trainer.forward_step moves each batch to the GPU, as in training
         while True:
             t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
             yield {
-                k: v.to(device)
-                for k, v in {
-                    "tokens": t[:, :-1],
-                    "labels": t[:, 1:],
-                    "loss_mask": torch.ones(batch, seq),
-                    "position_ids": torch.arange(seq).expand(batch, seq),
-                }.items()
+                "tokens": t[:, :-1],
+                "labels": t[:, 1:],
+                "loss_mask": torch.ones(batch, seq),
+                "position_ids": torch.arange(seq).expand(batch, seq),
             }
 
     it = batches()
@@ -236,7 +232,7 @@ def cpu_training(quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GPU: Transformer Engine layer stack, LLaMA-2-7B shape
+# GPU: LLaMA-2-7B-shaped layer stack (Transformer Engine when installed)
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -143,7 +143,7 @@ def transformer_config(
         # the initial weights independent of the TP layout.
         use_cpu_initialization=not on_gpu,
         # on CPU the CPU backend provides the fused weight-gradient accumulation (Apex's on GPUs)
-        gradient_accumulation_fusion=not on_gpu and cpu_backend.is_enabled(),
+        gradient_accumulation_fusion=cpu_backend.is_enabled(),
         bias_activation_fusion=on_gpu,
         # megatron's switch for "the MLP activation is the spec's module" (named for TE's): the local spec
         # on CPU runs SwiGLU as local_ops.SwiGLU over the fused gate/up output.

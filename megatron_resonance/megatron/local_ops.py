@@ -4,12 +4,12 @@
   of the fused fc1 output: the ``+ 0.0`` is a full copy, and autograd's backward of ``chunk``
   concatenates the two half-gradients into a new tensor. ``SwiGLU`` runs the same forward arithmetic and
   writes both half-gradients straight into one buffer (3 ops, no concatenation).
-* Rotary: megatron's unfused RoPE recomputes cos/sin from the angles in every layer, rotates with
-  ``chunk``/``neg``/``cat`` and ends with a ``cat`` of the rotated part and an (empty) pass-through part.
-  ``apply_rotary`` computes ``t * cos + roll(t, d/2) * [-sin, sin]`` (rotate-half as a roll with the
-  sign folded into the table) with a hand-written backward, the inverse rotation. It plugs into megatron
-  where TE's fused RoPE would (``rope_utils.fused_apply_rotary_pos_emb`` with ``apply_rope_fusion``),
-  and only where TE is absent.
+* Rotary: megatron's unfused RoPE rotates with ``chunk``/``neg``/``cat`` and ends with a ``cat`` of the
+  rotated part and an (empty) pass-through part, a full copy of q and k. ``apply_rotary`` computes
+  ``t * cos + roll(t, d/2) * [-sin, sin]`` (rotate-half as a roll with the sign folded into the table)
+  with a hand-written backward, the inverse rotation; like megatron's it takes cos/sin of the small
+  [s, 1, 1, d] angle table on each call. It plugs into megatron where TE's fused RoPE would
+  (``rope_utils.fused_apply_rotary_pos_emb`` with ``apply_rope_fusion``), and only where TE is absent.
 
 Measured on the 2-core CPU benchmark (benchmarks/README.md) against the autograd composition; results
 match it to float rounding (tests/megatron/test_local_ops.py).

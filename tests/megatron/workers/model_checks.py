@@ -232,18 +232,26 @@ def _train_batch() -> dict:
     }
 
 
-def check_fused_torch_adam():
-    """The trainer's fused torch AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
-    from megatron_resonance.training import trainer
+def _train_config(iters: int, **optimizer):
+    """The trainer's config for tiny_config() on 2-sequence mock batches (constant lr as given)."""
     from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
 
     cfg = Config(
         model=tiny_config(),
         data=DataConfig(seq_length=SEQ, micro_batch_size=2, global_batch_size=2, mock_data=True),
-        optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-2, lr_decay_style="constant", clip_grad=1.0),
+        optimizer=OptimizerConfig(min_lr=optimizer["lr"], lr_decay_style="constant", **optimizer),
     )
-    cfg.training.train_iters = 3
+    cfg.training.train_iters = iters
+    return cfg
+
+
+def check_fused_torch_adam():
+    """The trainer's fused torch AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_resonance.training import trainer
+
+    cfg = _train_config(3, lr=1e-2, clip_grad=1.0)
 
     params, flags = {}, {}
     for fused in (True, False):
@@ -272,14 +280,8 @@ def check_finetune_load_bf16():
 
     from megatron_resonance.megatron import checkpointing
     from megatron_resonance.training import trainer
-    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
 
-    cfg = Config(
-        model=tiny_config(),
-        data=DataConfig(seq_length=SEQ, micro_batch_size=2, global_batch_size=2, mock_data=True),
-        optimizer=OptimizerConfig(lr=1e-9, min_lr=1e-9, lr_decay_style="constant", weight_decay=0.0),
-    )
-    cfg.training.train_iters = 1
+    cfg = _train_config(1, lr=1e-9, weight_decay=0.0)
     batch = _train_batch()
 
     def flat(chunks):
@@ -342,14 +344,8 @@ def check_grad_accumulation_fusion():
     from megatron.core.tensor_parallel import layers
 
     from megatron_resonance.training import trainer
-    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
 
-    cfg = Config(
-        model=tiny_config(),
-        data=DataConfig(seq_length=SEQ, micro_batch_size=2, global_batch_size=2, mock_data=True),
-        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3, lr_decay_style="constant", clip_grad=0.0),
-    )
-    cfg.training.train_iters = 1
+    cfg = _train_config(1, lr=1e-3, clip_grad=0.0)
     calls = []
     shim = layers.fused_weight_gradient_mlp_cuda
     accumulate = shim.wgrad_gemm_accum_fp32

@@ -11,21 +11,28 @@ checks ``param.type() == 'torch.cuda.FloatTensor'``, synchronizes streams and tr
   of a CPU tensor, which is what megatron's optimizer and grad-clipping asserts expect;
 * megatron's gradient-accumulation fusion (Apex's ``fused_weight_gradient_mlp_cuda``: the weight gradient
   GEMM accumulates straight into DDP's fp32 ``main_grad``) runs as ``main_grad.addmm_(grad.t(), input)``;
-  without it every weight gradient is a fresh tensor that DDP's hook then adds into ``main_grad``. The
-  linear layers' backward runs under the device mode (autograd runs backward without torch-function
-  modes), and a weight without ``main_grad`` (a model outside DDP) keeps the unfused path;
+  without it every weight gradient is a fresh tensor that DDP's hook then adds into ``main_grad``. Without
+  sequence parallelism the linear layers' autograd Function runs lean (``_install_linear``); a weight
+  without ``main_grad`` (a model outside DDP) keeps the unfused path;
+* Apex's multi-tensor kernels behind megatron's grad-norm and clipping are foreach ops, and at TP=1 the
+  linear layers skip megatron's identity region mappings (autograd nodes that do nothing on one rank);
 * ``torch.cuda.current_device`` returns 0; ``synchronize``/``empty_cache`` do nothing; streams and events
   are inert stand-ins; the CUDA RNG API (``get_rng_state``, ``set_rng_state``, ``manual_seed``) and
   ``tensor_parallel.random._get/_set_cuda_rng_state`` act on the CPU default generator, so megatron's
   RNG tracker (``get_cuda_rng_tracker().fork()``) forks and restores the generator CPU ops really use.
 
 It does nothing when CUDA is available (``enable()`` returns False). Process-wide and idempotent.
+
+The mode's Python hook on every torch call is the layer's one per-op cost: code known to make no CUDA
+device calls (the model's forward at CP=1 without sequence parallelism, see ``training.trainer``) runs
+inside ``suspended()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -51,18 +58,35 @@ class _CpuDeviceMode(TorchFunctionMode):
     collectives over one-rank groups locally (see ``_local_collective``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _LOCAL_COLLECTIVES:
-            done, result = _local_collective(func, args, kwargs)
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _KINDS[func] = _kind(func)
+        if kind == _COLLECTIVE:
+            done, result = _local_collective(func, args, kwargs or {})
             if done:
                 return result
+        elif kind == _TO:
+            args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
+        if not kwargs:
+            return func(*args)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         if kwargs.get("pin_memory"):  # no pinned allocator without an accelerator (CP's rotary slicing)
             kwargs = dict(kwargs, pin_memory=False)
-        if func in (torch.Tensor.to, torch.Tensor.cuda) or getattr(func, "__name__", "") == "to":
-            args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
         return func(*args, **kwargs)
+
+
+_OTHER, _COLLECTIVE, _TO = 0, 1, 2
+#: func -> what the mode does with its positional arguments (it sees every torch call: keep this cheap)
+_KINDS: dict = {}
+
+
+def _kind(func) -> int:
+    if func in _LOCAL_COLLECTIVES:
+        return _COLLECTIVE
+    if func in (torch.Tensor.to, torch.Tensor.cuda) or getattr(func, "__name__", "") == "to":
+        return _TO
+    return _OTHER
 
 
 def _copy_into(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -132,29 +156,115 @@ def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main
         main_grad.add_(grad_output.t().mm(total_input))
 
 
-def _install_grad_accumulation_fusion() -> None:
-    import types
+def _install_linear() -> None:
+    """megatron's linear autograd Function with gradient-accumulation fusion, run lean on CPU.
 
+    On GPUs megatron accumulates weight-gradient GEMMs straight into DDP's fp32 ``main_grad`` (Apex's
+    ``fused_weight_gradient_mlp_cuda``); here that kernel is ``main_grad.addmm_``. Without sequence
+    parallelism or deferred embedding wgrads (megatron's general path, taken unchanged under the device
+    mode), forward and backward are the same arithmetic as megatron's without its CUDA autocast
+    decorators (CUDA autocast cannot be active without CUDA) and without the device mode: the dummy
+    weight gradient megatron hands autograd after a fused accumulation is allocated on CPU directly."""
+    import torch.distributed as dist
     from megatron.core.tensor_parallel import layers
 
     base = layers.LinearWithGradAccumulationAndAsyncCommunication
 
     class _CpuLinearWithGradAccumulation(base):
         @staticmethod
-        def forward(ctx, input, weight, bias, gradient_accumulation_fusion, *rest):
+        def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                    grad_output_buffer, wgrad_deferral_limit, tp_group):
             fuse = gradient_accumulation_fusion and hasattr(weight, "main_grad")
-            return base.forward(ctx, input, weight, bias, fuse, *rest)
+            ctx.lean = not sequence_parallel and grad_output_buffer is None
+            if not ctx.lean:
+                return base.forward(ctx, input, weight, bias, fuse, allreduce_dgrad, sequence_parallel,
+                                    grad_output_buffer, wgrad_deferral_limit, tp_group)
+            ctx.save_for_backward(input, weight)
+            ctx.main_grad = weight.main_grad if fuse else None
+            ctx.use_bias = bias is not None
+            ctx.allreduce_dgrad = allreduce_dgrad
+            ctx.tp_group = tp_group
+            output = torch.matmul(input, weight.t())
+            return output if bias is None else output + bias
 
         @staticmethod
-        def backward(ctx, *grads):
-            with _CpuDeviceMode():
-                return base.backward(ctx, *grads)
+        def backward(ctx, grad_output):
+            if not ctx.lean:
+                with _CpuDeviceMode():
+                    return base.backward(ctx, grad_output)
+            input, weight = ctx.saved_tensors
+            grad_input = grad_output.matmul(weight)
+            handle = dist.all_reduce(grad_input, group=ctx.tp_group, async_op=True) if ctx.allreduce_dgrad else None
+            grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+            input_2d = input.reshape(-1, input.shape[-1])
+            if ctx.main_grad is not None:
+                weight.main_grad = ctx.main_grad
+                kernel = layers.fused_weight_gradient_mlp_cuda
+                fp32 = ctx.main_grad.dtype == torch.float32
+                accumulate = kernel.wgrad_gemm_accum_fp32 if fp32 else kernel.wgrad_gemm_accum_fp16
+                accumulate(input_2d, grad_2d, ctx.main_grad)
+                grad_weight = None
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    # autograd still needs a weight gradient to run DDP's hook; megatron's is an empty one
+                    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                    grad_weight = make(ctx.main_grad.shape, dtype=input.dtype)
+                    weight.grad_added_to_main_grad = True
+            else:
+                grad_weight = grad_2d.t().matmul(input_2d)
+            grad_bias = grad_2d.sum(dim=0) if ctx.use_bias else None
+            if handle is not None:
+                handle.wait()
+            return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
     layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
         wgrad_gemm_accum_fp32=_wgrad_gemm_accum, wgrad_gemm_accum_fp16=_wgrad_gemm_accum
     )
     layers._grad_accum_fusion_available = True
     layers.LinearWithGradAccumulationAndAsyncCommunication = _CpuLinearWithGradAccumulation
+
+
+def _install_one_rank_regions() -> None:
+    """On a one-rank TP group megatron's region mappings (copy-to, reduce-from, scatter-to, gather-from)
+    are the identity both ways, yet each is an autograd Function: a graph node per linear layer in
+    forward and in backward. The linear layers' calls return their input there; with more ranks they
+    run megatron's own."""
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+                 "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region"):
+
+        def region(input_, group=None, _megatron=getattr(mappings, name)):
+            if group is not None and group.size() == 1:
+                return input_
+            return _megatron(input_, group)
+
+        setattr(layers, name, region)
+
+
+def _multi_tensor_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Apex's ``multi_tensor_l2norm`` as one foreach norm (megatron's CPU fallback takes one norm per
+    tensor and a host round trip per tensor)."""
+    if not tensor_lists[0]:
+        return torch.zeros(1), None
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+
+
+def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Apex's ``multi_tensor_scale`` (dst = src * scale) as foreach ops."""
+    src, dst = tensor_lists
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, src if scale == 1.0 else torch._foreach_mul(src, scale))
+
+
+def _install_multi_tensor_ops() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.l2_norm_impl = _multi_tensor_l2norm
+    clip_grads.multi_tensor_scale_impl = _multi_tensor_scale
+    optimizer.multi_tensor_scale_impl = _multi_tensor_scale
 
 
 class _InertStream:
@@ -230,11 +340,32 @@ def enable() -> bool:
     torch.Tensor.type = _type
 
     _register_local_collectives()
-    _install_grad_accumulation_fusion()
+    _install_linear()
+    _install_one_rank_regions()
+    _install_multi_tensor_ops()
     _MODE = _CpuDeviceMode()
     _MODE.__enter__()
     _ENABLED = True
     return True
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run a block without the device mode, for code that makes no CUDA device calls (a CUDA device
+    argument in it fails as it would on any CPU-only torch). Collectives in it go through gloo. A mode
+    pushed above the device mode is left alone (and the device mode then stays)."""
+    if not _ENABLED or torch._C._len_torch_function_stack() == 0:
+        yield
+        return
+    top = torch._C._pop_torch_function_stack()
+    try:
+        if top is not _MODE:
+            torch._C._push_on_torch_function_stack(top)
+            top = None
+        yield
+    finally:
+        if top is not None:
+            torch._C._push_on_torch_function_stack(top)
 
 
 def is_enabled() -> bool:

@@ -12,6 +12,7 @@ Reads top to bottom in three phases, as megatron-core's ``run_simple_mcore_train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.megatron import checkpointing, distributed
+from megatron_resonance.megatron import checkpointing, cpu_backend, distributed
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import build_model, resolve_spec, transformer_config
 from megatron_resonance.training import flops
@@ -312,7 +313,7 @@ def load_weights_only(path: str, chunks, optimizer) -> dict:
 # ==========================================================================================================
 
 
-def forward_step(data_iterator, model, cp_size: int = 1):
+def forward_step(data_iterator, model, cp_size: int = 1, sequence_parallel: bool = False):
     """One micro-batch: returns the per-token losses and the function megatron reduces them with."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -321,8 +322,21 @@ def forward_step(data_iterator, model, cp_size: int = 1):
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     if cp_size > 1:
         batch = get_batch_on_this_cp_rank(batch)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # On CPU the model runs without the CPU backend's device mode (a Python hook on every torch call):
+    # megatron's forward allocates on the device only for context parallelism (rotary slicing) and
+    # sequence parallelism (gather buffers), which keep it.
+    device_free = cp_size == 1 and not sequence_parallel
+    with cpu_backend.suspended() if device_free else contextlib.nullcontext():
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def _forward_step_func(cfg: Config):
+    return functools.partial(
+        forward_step,
+        cp_size=cfg.parallel.context_parallel_size,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -355,7 +369,7 @@ def train_step(forward_backward, data_iterator, chunks, optimizer, scheduler, cf
         c.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(
-        forward_step_func=functools.partial(forward_step, cp_size=cfg.parallel.context_parallel_size),
+        forward_step_func=_forward_step_func(cfg),
         data_iterator=data_iterator,
         model=chunks,
         num_microbatches=num_microbatches,
@@ -378,7 +392,7 @@ def evaluate(forward_backward, valid_dataset, chunks, cfg: Config, num_microbatc
     total = []
     for _ in range(cfg.training.eval_iters):
         total += forward_backward(
-            forward_step_func=functools.partial(forward_step, cp_size=cfg.parallel.context_parallel_size),
+            forward_step_func=_forward_step_func(cfg),
             data_iterator=iterator,
             model=chunks,
             num_microbatches=num_microbatches,

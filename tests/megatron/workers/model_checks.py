@@ -370,6 +370,134 @@ def check_grad_accumulation_fusion():
     return {"flags": flags, "grads_rel": rel, "grad_norm": grads[False].norm().item()}
 
 
+def check_lean_linear():
+    """The CPU backend's linear Function (no sequence parallelism) against megatron's own, which it
+    subclasses: outputs, input gradients, weight gradients (plain, and accumulated into main_grad the way
+    DDP arms it) and the bias gradient are equal; the device mode sees no call in either direction."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_resonance.megatron import cpu_backend
+
+    ours_cls = layers.LinearWithGradAccumulationAndAsyncCommunication
+
+    class MegatronLinear(ours_cls.__bases__[0]):
+        # megatron's Function; its backward allocates on the device, so it runs under the mode (autograd
+        # runs backward without torch-function modes)
+        @staticmethod
+        def backward(ctx, *grads):
+            with cpu_backend._CpuDeviceMode():
+                return ours_cls.__bases__[0].backward(ctx, *grads)
+
+    g = torch.Generator().manual_seed(5)
+    x0, w0, b0 = torch.randn(6, 3, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    upstream = torch.randn(6, 3, 24, generator=g)
+    prior = torch.randn(24, 16, generator=g)  # main_grad already holds an earlier micro-batch
+
+    def run(cls, fuse: bool, bias: bool):
+        x, w = x0.clone().requires_grad_(True), torch.nn.Parameter(w0.clone())
+        b = torch.nn.Parameter(b0.clone()) if bias else None
+        if fuse:  # as megatron's DDP arms a parameter
+            w.main_grad, w.grad_added_to_main_grad = prior.clone(), False
+        y = cls.apply(x, w, b, fuse, False, False, None, 0, None)
+        y.backward(upstream)
+        wgrad = w.main_grad if fuse else w.grad
+        return {"y": y, "x": x.grad, "w": wgrad, "b": b.grad if bias else None,
+                "dummy": None if not fuse else list(w.grad.shape), "flag": getattr(w, "grad_added_to_main_grad", None)}
+
+    counted = []
+    original = cpu_backend._CpuDeviceMode.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        counted.append(func)
+        return original(self, func, types, args, kwargs)
+
+    out = {}
+    for fuse in (True, False):
+        for bias in (True, False):
+            ref = run(MegatronLinear, fuse, bias)
+            cpu_backend._CpuDeviceMode.__torch_function__ = counting
+            try:
+                with cpu_backend.suspended():
+                    ours = run(ours_cls, fuse, bias)
+            finally:
+                cpu_backend._CpuDeviceMode.__torch_function__ = original
+            diffs = {k: (ours[k] - ref[k]).abs().max().item() for k in ("y", "x", "w", "b") if ref[k] is not None}
+            flags = {"dummy": ours["dummy"], "flag": ours["flag"], "ref_flag": ref["flag"]}
+            out[f"fuse={fuse},bias={bias}"] = {**diffs, **flags}
+    out["mode_calls"] = len(counted)
+    return out
+
+
+def check_model_step_without_device_mode():
+    """A training step's model forward makes no call through the CPU backend's device mode (TP = CP = 1,
+    no sequence parallelism); the rest of the step (optimizer, megatron's schedule) still runs under it.
+    (Autograd runs backward without torch-function modes: the count there is megatron's backward_step.)"""
+    from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
+
+    from megatron_resonance.megatron import cpu_backend
+    from megatron_resonance.training import trainer
+
+    cfg = _train_config(1, lr=1e-3, clip_grad=1.0)
+    torch.manual_seed(0)
+    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+    phase, counts = ["other"], {"forward": 0, "backward": 0, "other": 0}
+    original_mode = cpu_backend._CpuDeviceMode.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        counts[phase[0]] += 1
+        return original_mode(self, func, types, args, kwargs)
+
+    def in_phase(name, fn):
+        def wrapped(*args, **kwargs):
+            phase[0] = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phase[0] = "other"
+        return wrapped
+
+    model = chunks[0].module
+    original_forward, original_backward = model.forward, schedules.backward_step
+    model.forward = in_phase("forward", original_forward)
+    schedules.backward_step = in_phase("backward", original_backward)
+    cpu_backend._CpuDeviceMode.__torch_function__ = counting
+    try:
+        trainer.train_step(get_forward_backward_func(), iter([_train_batch()]), chunks, optimizer, scheduler, cfg, 1)
+    finally:
+        cpu_backend._CpuDeviceMode.__torch_function__ = original_mode
+        schedules.backward_step = original_backward
+        del model.forward
+    return counts
+
+
+def check_suspended():
+    """``cpu_backend.suspended()`` takes the device mode off the stack and puts it back; a mode pushed
+    on top of it (not the backend's) is left alone."""
+    from torch.overrides import TorchFunctionMode
+
+    from megatron_resonance.megatron import cpu_backend
+
+    def device_ok() -> bool:
+        try:
+            torch.zeros(1, device="cuda")
+            return True
+        except (RuntimeError, AssertionError):
+            return False
+
+    class Other(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    depth = torch._C._len_torch_function_stack()
+    with cpu_backend.suspended():
+        inside = (torch._C._len_torch_function_stack(), device_ok())
+    after = (torch._C._len_torch_function_stack(), device_ok())
+    with Other():
+        with cpu_backend.suspended():
+            foreign = torch._C._len_torch_function_stack()
+    return {"depth": depth, "inside": list(inside), "after": list(after), "under_foreign_mode": foreign}
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
@@ -380,6 +508,9 @@ CHECKS = [
     check_finetune_load_bf16,
     check_local_ops_in_model,
     check_grad_accumulation_fusion,
+    check_lean_linear,
+    check_model_step_without_device_mode,
+    check_suspended,
 ]
 
 

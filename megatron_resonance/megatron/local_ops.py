@@ -10,6 +10,8 @@
   with a hand-written backward, the inverse rotation; like megatron's it takes cos/sin of the small
   [s, 1, 1, d] angle table on each call. It plugs into megatron where TE's fused RoPE would
   (``rope_utils.fused_apply_rotary_pos_emb`` with ``apply_rope_fusion``), and only where TE is absent.
+  The rotated [s, b, h, d] tensor is laid out in memory as [b, h, s, d], the layout SDPA reads it in
+  (``SDPAAttention`` permutes it to a contiguous tensor); values are the same either way.
 
 Measured on the 2-core CPU benchmark (benchmarks/README.md) against the autograd composition; results
 match it to float rounding (tests/megatron/test_local_ops.py).
@@ -63,8 +65,11 @@ class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, signed_sin)
-        half = t.shape[-1] // 2
-        return torch.addcmul(t * cos, torch.roll(t, half, dims=-1), signed_sin)
+        out = None
+        if t.dim() == 4:  # [s, b, h, d], stored as SDPA reads it: [b, h, s, d]
+            s, b, h, d = t.shape
+            out = torch.empty(b, h, s, d, dtype=t.dtype, device=t.device).permute(2, 0, 1, 3)
+        return torch.addcmul(t * cos, torch.roll(t, t.shape[-1] // 2, dims=-1), signed_sin, out=out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

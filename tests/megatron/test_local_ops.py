@@ -80,3 +80,11 @@ def test_the_cpu_model_uses_local_ops_and_matches_megatron(model_checks):
     assert record["switches"] == {"local_ops": [True, "SwiGLU"], "megatron": [False, "function"]}
     assert record["rope_hook_is_ours"]
     assert record["logits_rel"] < 1e-5 and record["grads_rel"] < 1e-5, record
+
+
+def test_rotary_output_is_laid_out_for_sdpa():
+    t, freqs = torch.randn(8, 2, 4, 16), torch.randn(8, 1, 1, 16)
+    out = apply_rotary(t, freqs)
+    assert out.shape == t.shape
+    assert out.permute(1, 2, 0, 3).is_contiguous()  # stored as [b, h, s, d]: SDPA's view of it is contiguous
+    assert _rel(out, _apply_rotary_pos_emb_bshd(t, freqs)) < 1e-6

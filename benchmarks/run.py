@@ -156,6 +156,8 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False)
 def _hf_trainer(model_cfg, seq: int, batch: int):
     import transformers
 
+    from megatron_resonance.megatron import cpu_backend
+
     hf_cfg = transformers.LlamaConfig(
         vocab_size=model_cfg.padded_vocab_size(1),
         hidden_size=model_cfg.hidden_size,
@@ -175,12 +177,13 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
     g = torch.Generator().manual_seed(1)
 
     def step():
-        t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
-        opt.zero_grad(set_to_none=True)
-        out = model(input_ids=t[:, :-1], labels=t[:, :-1])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        with cpu_backend.suspended():  # a plain Hugging Face process has no megatron CPU backend
+            t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
+            opt.zero_grad(set_to_none=True)
+            out = model(input_ids=t[:, :-1], labels=t[:, :-1])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
 
     return step
 

@@ -189,12 +189,17 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
 
 
 def _interleaved_medians(steps: dict, warmup: int, repeats: int, sync=lambda: None) -> dict:
+    """Median seconds per call of each step, run in turn. The order rotates every repeat: a step run
+    right after another model's pays for its cold caches and allocator state, and a fixed order put that
+    cost on one variant (the step after Hugging Face's: ~3 %)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, fn in steps.items():
+    names = list(steps)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            fn = steps[k]
             sync()
             start = time.perf_counter()
             fn()

@@ -11,6 +11,7 @@ one broken check fails one test. Results go to ``OUT_DIR/results.json``; the ass
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -370,6 +371,24 @@ def check_grad_accumulation_fusion():
     return {"flags": flags, "grads_rel": rel, "grad_norm": grads[False].norm().item()}
 
 
+@contextlib.contextmanager
+def _mode_calls(record):
+    """Inside the block, every call through the CPU backend's device mode is passed to ``record(func)``."""
+    from megatron_resonance.megatron import cpu_backend
+
+    original = cpu_backend._CpuDeviceMode.__torch_function__
+
+    def recording(self, func, types, args=(), kwargs=None):
+        record(func)
+        return original(self, func, types, args, kwargs)
+
+    cpu_backend._CpuDeviceMode.__torch_function__ = recording
+    try:
+        yield
+    finally:
+        cpu_backend._CpuDeviceMode.__torch_function__ = original
+
+
 def check_lean_linear():
     """The CPU backend's linear Function (no sequence parallelism) against megatron's own, which it
     subclasses: outputs, input gradients, weight gradients (plain, and accumulated into main_grad the way
@@ -405,22 +424,12 @@ def check_lean_linear():
                 "dummy": None if not fuse else list(w.grad.shape), "flag": getattr(w, "grad_added_to_main_grad", None)}
 
     counted = []
-    original = cpu_backend._CpuDeviceMode.__torch_function__
-
-    def counting(self, func, types, args=(), kwargs=None):
-        counted.append(func)
-        return original(self, func, types, args, kwargs)
-
     out = {}
     for fuse in (True, False):
         for bias in (True, False):
             ref = run(MegatronLinear, fuse, bias)
-            cpu_backend._CpuDeviceMode.__torch_function__ = counting
-            try:
-                with cpu_backend.suspended():
-                    ours = run(ours_cls, fuse, bias)
-            finally:
-                cpu_backend._CpuDeviceMode.__torch_function__ = original
+            with _mode_calls(counted.append), cpu_backend.suspended():
+                ours = run(ours_cls, fuse, bias)
             diffs = {k: (ours[k] - ref[k]).abs().max().item() for k in ("y", "x", "w", "b") if ref[k] is not None}
             flags = {"dummy": ours["dummy"], "flag": ours["flag"], "ref_flag": ref["flag"]}
             out[f"fuse={fuse},bias={bias}"] = {**diffs, **flags}
@@ -434,18 +443,15 @@ def check_model_step_without_device_mode():
     (Autograd runs backward without torch-function modes: the count there is megatron's backward_step.)"""
     from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 
-    from megatron_resonance.megatron import cpu_backend
     from megatron_resonance.training import trainer
 
     cfg = _train_config(1, lr=1e-3, clip_grad=1.0)
     torch.manual_seed(0)
     chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
     phase, counts = ["other"], {"forward": 0, "backward": 0, "other": 0}
-    original_mode = cpu_backend._CpuDeviceMode.__torch_function__
 
-    def counting(self, func, types, args=(), kwargs=None):
+    def count(func):
         counts[phase[0]] += 1
-        return original_mode(self, func, types, args, kwargs)
 
     def in_phase(name, fn):
         def wrapped(*args, **kwargs):
@@ -460,11 +466,11 @@ def check_model_step_without_device_mode():
     original_forward, original_backward = model.forward, schedules.backward_step
     model.forward = in_phase("forward", original_forward)
     schedules.backward_step = in_phase("backward", original_backward)
-    cpu_backend._CpuDeviceMode.__torch_function__ = counting
     try:
-        trainer.train_step(get_forward_backward_func(), iter([_train_batch()]), chunks, optimizer, scheduler, cfg, 1)
+        with _mode_calls(count):
+            batches = iter([_train_batch()])
+            trainer.train_step(get_forward_backward_func(), batches, chunks, optimizer, scheduler, cfg, 1)
     finally:
-        cpu_backend._CpuDeviceMode.__torch_function__ = original_mode
         schedules.backward_step = original_backward
         del model.forward
     return counts

@@ -195,13 +195,36 @@ def layer_spec(spec: str = "auto"):
 
     if resolve_spec(spec) == "te":
         return get_gpt_layer_with_transformer_engine_spec()
-    from megatron_resonance.megatron.local_ops import SwiGLU
     from megatron_resonance.megatron.sdpa_attention import SDPAAttention
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPAAttention
-    layer.submodules.mlp.submodules.activation_func = SwiGLU  # used when use_te_activation_func is set
+    layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU  # used when use_te_activation_func is set
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name)))
     return layer
+
+
+def _local_norm(norm):
+    """torch's norm wrapper (megatron's choice without Apex) as ``local_ops.LocalNorm``; Apex's as is."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return local_ops.LocalNorm if norm is WrappedTorchNorm else norm
+
+
+def _block_spec(layer, tf_config, vp_stage: Optional[int]):
+    """megatron's block for a layer spec (its layers for this PP/VPP stage and a final norm), with the
+    final norm as the layers' when they use ``local_ops.LocalNorm``."""
+    from megatron.core.transformer.transformer_block import (
+        LayerNormImpl,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if layer.submodules.input_layernorm is not local_ops.LocalNorm:
+        return layer
+    num_layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_local_norm(LayerNormImpl))
 
 
 def build_model(
@@ -229,7 +252,7 @@ def build_model(
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=tf_config,
-            transformer_layer_spec=spec_module,
+            transformer_layer_spec=_block_spec(spec_module, tf_config, stage),
             vocab_size=cfg.padded_vocab_size(tp),
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

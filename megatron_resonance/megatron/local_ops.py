@@ -1,4 +1,4 @@
-"""Leaner eager versions of two element-wise blocks of megatron's local spec, used on CPU.
+"""Leaner eager versions of three element-wise blocks of megatron's local spec, used on CPU.
 
 * SwiGLU: megatron computes ``silu(x_glu) * (x_linear + glu_linear_offset)`` over ``torch.chunk`` views
   of the fused fc1 output: the ``+ 0.0`` is a full copy, and autograd's backward of ``chunk``
@@ -7,11 +7,17 @@
 * Rotary: megatron's unfused RoPE rotates with ``chunk``/``neg``/``cat`` and ends with a ``cat`` of the
   rotated part and an (empty) pass-through part, a full copy of q and k. ``apply_rotary`` computes
   ``t * cos + roll(t, d/2) * [-sin, sin]`` (rotate-half as a roll with the sign folded into the table)
-  with a hand-written backward, the inverse rotation; like megatron's it takes cos/sin of the small
-  [s, 1, 1, d] angle table on each call. It plugs into megatron where TE's fused RoPE would
-  (``rope_utils.fused_apply_rotary_pos_emb`` with ``apply_rope_fusion``), and only where TE is absent.
-  The rotated [s, b, h, d] tensor is laid out in memory as [b, h, s, d], the layout SDPA reads it in
-  (``SDPAAttention`` permutes it to a contiguous tensor); values are the same either way.
+  with a hand-written backward, the inverse rotation. cos/sin of the [s, 1, 1, d] angle table are
+  taken once per table (megatron's takes them in every call: 4 ops x 2 (q, k) x layers per step). It
+  plugs into megatron where TE's fused RoPE would (``rope_utils.fused_apply_rotary_pos_emb`` with
+  ``apply_rope_fusion``), and only where TE is absent. The rotated [s, b, h, d] tensor is laid out in
+  memory as [b, h, s, d], the layout SDPA reads it in (``SDPAAttention`` permutes it to a contiguous
+  tensor); values are the same either way.
+* RMSNorm: torch's ``RMSNorm`` (megatron's ``WrappedTorchNorm`` without Apex) has a fused forward on
+  CPU, but its backward is autograd's composition: ~17 ops, 1.7 ms of a 1.9 ms forward + backward for
+  [1024, 256] fp32 on 2 cores. ``RMSNorm`` keeps torch's module (same parameter, same checkpoints) and,
+  for fp32 CPU input, runs a hand-written backward of 8 ops (``dx = r (g w - x̂ mean(g w x̂))``,
+  ``dw = sum(g x̂)``): 1.0 ms forward + backward. ``LocalNorm`` is ``WrappedTorchNorm`` with it.
 
 Measured on the 2-core CPU benchmark (benchmarks/README.md) against the autograd composition; results
 match it to float rounding (tests/megatron/test_local_ops.py).
@@ -79,16 +85,35 @@ class _RotaryFunction(torch.autograd.Function):
         return torch.addcmul(torch.roll(grad * signed_sin, half, dims=-1), grad, cos), None, None
 
 
+#: the last angle table's (freqs, its version, dtype, cos, signed sin). megatron's RotaryEmbedding returns one cached
+#: table per sequence length, passed to q and k of every layer: 2 x layers calls share one entry.
+_TABLE: tuple = (None, None, None, None, None)
+
+
+def _cos_signed_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """cos and [-sin, sin] (rotate-half's sign folded in) of ``freqs`` in ``dtype``. Kept for the last
+    ``freqs`` object (held, so it cannot be freed and another take its place) at its version (an in-place
+    change is a new table); tables sliced per call (context parallelism) are recomputed each time."""
+    global _TABLE
+    last, version, last_dtype, cos, signed_sin = _TABLE
+    if last is freqs and version == freqs._version and last_dtype == dtype and not freqs.requires_grad:
+        return cos, signed_sin
+    half = freqs.shape[-1] // 2
+    cos = torch.cos(freqs).to(dtype)
+    sin = torch.sin(freqs).to(dtype)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    _TABLE = (freqs, freqs._version, dtype, cos, signed_sin)
+    return cos, signed_sin
+
+
 def apply_rotary(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **unused) -> torch.Tensor:
     """megatron's ``_apply_rotary_pos_emb_bshd`` (mscale 1) for angles ``freqs`` [s, 1, 1, rot_dim]."""
     from megatron.core.models.common.embeddings import rope_utils
 
     if interleaved:
         return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=True)
-    rot_dim, half = freqs.shape[-1], freqs.shape[-1] // 2
-    cos = torch.cos(freqs).to(t.dtype)
-    sin = torch.sin(freqs).to(t.dtype)
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    rot_dim = freqs.shape[-1]
+    cos, signed_sin = _cos_signed_sin(freqs, t.dtype)
     if rot_dim == t.shape[-1]:
         return _RotaryFunction.apply(t, cos, signed_sin)
     rotated = _RotaryFunction.apply(t[..., :rot_dim], cos, signed_sin)
@@ -102,3 +127,48 @@ def install_rotary() -> bool:
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary
     return rope_utils.fused_apply_rotary_pos_emb is apply_rotary
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x * r * w with r = rsqrt(mean(x^2) + eps) over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return torch.mul(x, r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        normed = x * r
+        grad_normed = grad * weight
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(r)
+        grad_weight = (grad * normed).sum(dim=tuple(range(grad.dim() - 1)))
+        return grad_x, grad_weight, None
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm; fp32 CPU input with a weight takes ``_RMSNormFunction`` (hand-written backward),
+    anything else torch's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or self.weight is None:
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return _RMSNormFunction.apply(x, self.weight, eps)
+
+
+class LocalNorm:
+    """megatron's ``WrappedTorchNorm`` (same arguments, same checks), with its ``torch.nn.RMSNorm``
+    built as ``RMSNorm``; LayerNorm and L2Norm are megatron's."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        module = WrappedTorchNorm(config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        if type(module) is torch.nn.RMSNorm:
+            module = RMSNorm(normalized_shape=hidden_size, eps=eps)
+        return module

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from megatron_resonance.megatron.local_ops import SwiGLU, _RotaryFunction, _SwiGLUFunction, apply_rotary
+from megatron_resonance.megatron.local_ops import (
+    RMSNorm,
+    SwiGLU,
+    _RMSNormFunction,
+    _RotaryFunction,
+    _SwiGLUFunction,
+    apply_rotary,
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,6 +85,10 @@ def test_rotary_gradcheck():
 def test_the_cpu_model_uses_local_ops_and_matches_megatron(model_checks):
     record = model_checks["check_local_ops_in_model"]
     assert record["switches"] == {"local_ops": [True, "SwiGLU"], "megatron": [False, "function"]}
+    # every norm (the layers' two and the final one) is ours, and torch's with the switch off
+    assert record["norms"] == {"local_ops": ["megatron_resonance.megatron.local_ops.RMSNorm"],
+                               "megatron": ["torch.nn.modules.normalization.RMSNorm"]}
+    assert record["same_state_dict_keys"]
     assert record["rope_hook_is_ours"]
     assert record["logits_rel"] < 1e-5 and record["grads_rel"] < 1e-5, record
 
@@ -88,3 +99,45 @@ def test_rotary_output_is_laid_out_for_sdpa():
     assert out.shape == t.shape
     assert out.permute(1, 2, 0, 3).is_contiguous()  # stored as [b, h, s, d]: SDPA's view of it is contiguous
     assert _rel(out, _apply_rotary_pos_emb_bshd(t, freqs)) < 1e-6
+
+
+def test_rotary_tables_are_taken_once_per_angle_table():
+    from megatron_resonance.megatron import local_ops
+
+    g = torch.Generator().manual_seed(2)
+    t, freqs = torch.randn(8, 2, 4, 16, generator=g), torch.randn(8, 1, 1, 16, generator=g)
+    ref = _apply_rotary_pos_emb_bshd(t, freqs)
+    first = local_ops._cos_signed_sin(freqs, torch.float32)
+    assert all(a is b for a, b in zip(local_ops._cos_signed_sin(freqs, torch.float32), first))  # q, k, layers
+    assert _rel(apply_rotary(t, freqs), ref) < 1e-6
+    # another dtype, an in-place change of the same table, an equal but different table: recomputed
+    assert local_ops._cos_signed_sin(freqs, torch.float64)[0].dtype == torch.float64
+    freqs.mul_(2.0)
+    assert _rel(apply_rotary(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs)) < 1e-6
+    other = freqs.clone()
+    assert local_ops._cos_signed_sin(other, torch.float32)[0] is not local_ops._cos_signed_sin(freqs, torch.float32)[0]
+
+
+def test_rmsnorm_matches_torch_s():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 3, 40, generator=g) * 3
+    upstream = torch.randn(16, 3, 40, generator=g)
+    ours, ref = RMSNorm(40, eps=1e-5), torch.nn.RMSNorm(40, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5, generator=g)
+        ref.weight.copy_(ours.weight)
+    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, y_ref = ours(ours_in), ref(ref_in)
+    assert _rel(y, y_ref) < 1e-6
+    y.backward(upstream)
+    y_ref.backward(upstream)
+    assert _rel(ours_in.grad, ref_in.grad) < 1e-6
+    assert _rel(ours.weight.grad, ref.weight.grad) < 1e-6
+    # bf16 (and anything but fp32 CPU input) is torch's own forward
+    assert torch.equal(ours(x.bfloat16()), ref(x.bfloat16()))
+
+
+def test_rmsnorm_gradcheck():
+    x = torch.randn(5, 2, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(12, dtype=torch.float64).add_(0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6), (x, w))

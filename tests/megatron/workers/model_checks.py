@@ -308,30 +308,43 @@ def check_finetune_load_bf16():
 
 
 def check_local_ops_in_model():
-    """The CPU model runs local_ops (SwiGLU module, rotary through megatron's fused-RoPE hook); with both
-    switched off (megatron's unfused code) the same weights give the same logits and weight gradients."""
+    """The CPU model runs local_ops (SwiGLU module, rotary through megatron's fused-RoPE hook, RMSNorm with
+    its own backward); with all switched off (megatron's unfused code, torch's RMSNorm) the same weights
+    give the same logits and weight gradients."""
     from megatron_resonance.megatron import llama, local_ops
 
     cfg = tiny_config("resonance_yarn")
     tokens = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(4))
     positions = torch.arange(SEQ)[None].expand(2, -1)
     unfused = {"apply_rope_fusion": False, "use_te_activation_func": False}
+    local_norm = llama._local_norm
     out = {}
     for name, overrides in (("local_ops", {}), ("megatron", unfused)):
         tf_config = llama.transformer_config(cfg, **overrides)
-        torch.manual_seed(0)
-        model = llama.build_model(cfg, tf_config, seq_length=SEQ)[0]
+        if name == "megatron":
+            llama._local_norm = lambda norm: norm
+        try:
+            torch.manual_seed(0)
+            model = llama.build_model(cfg, tf_config, seq_length=SEQ)[0]
+        finally:
+            llama._local_norm = local_norm
         logits = model(tokens, positions, None)[..., : cfg.vocab_size]
         logits.float().pow(2).mean().backward()
+        kinds = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
+        norms = {type(m) for n, m in model.named_modules() if n.endswith(kinds)}
         out[name] = {
             "rope_fusion": tf_config.apply_rope_fusion,
             "swiglu_module": type(model.decoder.layers[0].mlp.activation_func).__name__,
+            "norms": sorted(f"{t.__module__}.{t.__qualname__}" for t in norms),
             "logits": logits.detach(),
             "grads": torch.cat([p.grad.flatten() for p in model.parameters()]),
+            "keys": sorted(model.state_dict()),
         }
     a, b = out["local_ops"], out["megatron"]
     return {
         "switches": {k: [v["rope_fusion"], v["swiglu_module"]] for k, v in out.items()},
+        "norms": {k: v["norms"] for k, v in out.items()},
+        "same_state_dict_keys": a["keys"] == b["keys"],
         "rope_hook_is_ours": local_ops.install_rotary(),
         "logits_rel": ((a["logits"] - b["logits"]).norm() / b["logits"].norm()).item(),
         "grads_rel": ((a["grads"] - b["grads"]).norm() / b["grads"].norm()).item(),

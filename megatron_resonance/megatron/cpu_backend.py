@@ -16,6 +16,8 @@ checks ``param.type() == 'torch.cuda.FloatTensor'``, synchronizes streams and tr
   without ``main_grad`` (a model outside DDP) keeps the unfused path;
 * Apex's multi-tensor kernels behind megatron's grad-norm and clipping are foreach ops, and at TP=1 the
   linear layers skip megatron's identity region mappings (autograd nodes that do nothing on one rank);
+  the vocab-parallel cross entropy takes its row maxima with ``amax`` (``max(dim)``'s index search is
+  not vectorized on CPU);
 * ``torch.cuda.current_device`` returns 0; ``synchronize``/``empty_cache`` do nothing; streams and events
   are inert stand-ins; the CUDA RNG API (``get_rng_state``, ``set_rng_state``, ``manual_seed``) and
   ``tensor_parallel.random._get/_set_cuda_rng_state`` act on the CPU default generator, so megatron's
@@ -267,6 +269,22 @@ def _install_multi_tensor_ops() -> None:
     optimizer.multi_tensor_scale_impl = _multi_tensor_scale
 
 
+def _logits_max(vocab_parallel_logits: torch.Tensor) -> tuple:
+    """megatron's ``VocabParallelCrossEntropy.calculate_logits_max`` with ``amax``: the same values.
+    ``torch.max(x, dim)`` also finds the indices, which megatron drops; on CPU that reduction is not
+    vectorized (2.6 ms vs 0.12 ms for [1024, 2048] fp32 logits on 2 cores)."""
+    vocab_parallel_logits = vocab_parallel_logits.float()
+    return vocab_parallel_logits, torch.amax(vocab_parallel_logits, dim=-1)
+
+
+def _install_cross_entropy() -> None:
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    if VocabParallelCrossEntropy.calculate_logits_max is not _logits_max:
+        _logits_max.megatron = VocabParallelCrossEntropy.calculate_logits_max  # kept for the tests
+        VocabParallelCrossEntropy.calculate_logits_max = staticmethod(_logits_max)
+
+
 class _InertStream:
     """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op."""
 
@@ -343,6 +361,7 @@ def enable() -> bool:
     _install_linear()
     _install_one_rank_regions()
     _install_multi_tensor_ops()
+    _install_cross_entropy()
     _MODE = _CpuDeviceMode()
     _MODE.__enter__()
     _ENABLED = True

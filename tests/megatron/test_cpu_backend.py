@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from megatron.core.utils import local_multi_tensor_scale
 
-from megatron_resonance.megatron.cpu_backend import _multi_tensor_l2norm, _multi_tensor_scale
+from megatron_resonance.megatron.cpu_backend import _logits_max, _multi_tensor_l2norm, _multi_tensor_scale
 
 
 def _tensors(seed: int, dtype=torch.float32):
@@ -53,6 +53,21 @@ def test_scale_into_other_tensors_matches_megatron_fallback():
     assert torch.equal(src[0], _tensors(3)[0])  # the source is not touched
 
 
+def test_logits_max_is_the_row_maximum_in_fp32():
+    """What megatron's ``calculate_logits_max`` returns: ``max(x.float(), dim=-1).values``, NaN and inf kept."""
+    x = torch.randn(4, 3, 17, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x[0, 1, 5], x[2, 0, 3], x[3, 2, :] = float("nan"), float("inf"), float("-inf")
+    logits, maxima = _logits_max(x)
+    assert logits.dtype == torch.float32 and torch.allclose(logits, x.float(), rtol=0, atol=0, equal_nan=True)
+    expected = torch.max(x.float(), dim=-1)[0]
+    assert torch.allclose(maxima, expected, equal_nan=True) and torch.equal(maxima.isnan(), expected.isnan())
+
+
+def test_cross_entropy_with_amax_is_bit_identical(model_checks):
+    record = model_checks["check_cross_entropy_max"]
+    assert record == {"installed": True, "loss_and_grad_equal": [True, True], "finite_rows_finite": True}
+
+
 def test_lean_linear_matches_megatron_s_function(model_checks):
     """Without sequence parallelism the CPU backend's linear Function computes what megatron's does
     (which it subclasses), and makes no call through the device mode."""
@@ -81,3 +96,4 @@ def test_suspended_takes_the_mode_off_and_back(model_checks):
     assert record["inside"] == [depth - 1, False]  # off the stack: a CUDA device argument fails
     assert record["after"] == [depth, True]  # back: it is rewritten to the CPU again
     assert record["under_foreign_mode"] == depth + 1  # a mode above ours: nothing popped
+

@@ -517,6 +517,37 @@ def check_suspended():
     return {"depth": depth, "inside": list(inside), "after": list(after), "under_foreign_mode": foreign}
 
 
+def check_cross_entropy_max():
+    """megatron's vocab-parallel cross entropy with the CPU backend's row maxima (``amax``) gives
+    bit-identical losses and logit gradients to megatron's own ``max(dim)``, rows with +-inf included
+    (NaN where megatron's is NaN)."""
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy, vocab_parallel_cross_entropy
+
+    from megatron_resonance.megatron import cpu_backend
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 3, 50, generator=g) * 8
+    logits[0, 0, 7] = float("inf")
+    logits[1, 2, :] = float("-inf")
+    logits[1, 2, 3] = 2.0
+    target = torch.randint(0, 50, (6, 3), generator=g)
+    upstream = torch.randn(6, 3, generator=g)
+    installed = VocabParallelCrossEntropy.calculate_logits_max is cpu_backend._logits_max
+    out = {}
+    for name, impl in (("ours", cpu_backend._logits_max), ("megatron", cpu_backend._logits_max.megatron)):
+        VocabParallelCrossEntropy.calculate_logits_max = staticmethod(impl)
+        try:
+            x = logits.clone().requires_grad_(True)
+            loss = vocab_parallel_cross_entropy(x, target)
+            loss.backward(upstream)
+        finally:
+            VocabParallelCrossEntropy.calculate_logits_max = staticmethod(cpu_backend._logits_max)
+        out[name] = (loss.detach(), x.grad)
+    same = [bool(((a == b) | (a.isnan() & b.isnan())).all()) for a, b in zip(out["ours"], out["megatron"])]
+    finite = bool(torch.isfinite(out["ours"][0][2:]).all())
+    return {"installed": installed, "loss_and_grad_equal": same, "finite_rows_finite": finite}
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
@@ -530,6 +561,7 @@ CHECKS = [
     check_lean_linear,
     check_model_step_without_device_mode,
     check_suspended,
+    check_cross_entropy_max,
 ]
 
 

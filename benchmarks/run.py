@@ -191,15 +191,20 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
 
 def _interleaved_times(steps: dict, warmup: int, repeats: int, sync=lambda: None) -> dict:
     """Seconds per call of each step, ``repeats`` rounds; each round runs every step once, back to back.
-    The order rotates every round: a step run right after another model's pays for its cold caches and
-    allocator state, and a fixed order put that cost on one variant (the step after Hugging Face's: ~3 %)."""
+
+    A step run right after another model's pays for that model's cache and allocator state (~3 % for the
+    step after Hugging Face's), so rounds alternate between the order given and the same first step with
+    the rest reversed (a b c, a c b, a b c, ...): with two or three steps each one follows each other one
+    equally often and never itself. A fixed order put that cost on one variant; a rotation (a b c, b c a,
+    c a b) still had ``rope`` follow Hugging Face twice as often as ``resonance_yarn``."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in steps}
     names = list(steps)
+    orders = (names, names[:1] + names[:0:-1])
     for r in range(repeats):
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in orders[r % 2]:
             fn = steps[k]
             sync()
             start = time.perf_counter()
@@ -235,7 +240,7 @@ def cpu_training(quick: bool) -> dict:
         "resonance_yarn": _megatron_trainer(model_cfg, _rope(model_cfg, "resonance_yarn", seq // 4, 4.0), seq, batch),
         "hf": _hf_trainer(model_cfg, seq, batch),
     }
-    times = _interleaved_times(steps, warmup=2 if quick else 3, repeats=8 if quick else 30)
+    times = _interleaved_times(steps, warmup=2 if quick else 3, repeats=12 if quick else 30)
     medians = _medians(times)
     tokens = seq * batch
     return {

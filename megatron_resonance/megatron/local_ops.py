@@ -85,8 +85,8 @@ class _RotaryFunction(torch.autograd.Function):
         return torch.addcmul(torch.roll(grad * signed_sin, half, dims=-1), grad, cos), None, None
 
 
-#: the last angle table's (freqs, its version, dtype, cos, signed sin). megatron's RotaryEmbedding returns one cached
-#: table per sequence length, passed to q and k of every layer: 2 x layers calls share one entry.
+#: the last angle table's (freqs, its version, dtype, cos, signed sin). megatron's RotaryEmbedding returns
+#: one cached table per sequence length, passed to q and k of every layer: 2 x layers calls share one entry.
 _TABLE: tuple = (None, None, None, None, None)
 
 

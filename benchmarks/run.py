@@ -17,11 +17,13 @@ Fields (see benchmarks/README.md for the latest numbers):
   stack (Transformer Engine when installed) at 4K and 32K, ``rope`` vs ``resonance_yarn`` (``gpu_*`` keys).
 
 Timings are medians over interleaved rounds after warm-up (ratios: medians of per-round ratios, with the
-ratios of the separate medians beside them); the machine, threads and commit are recorded.
+ratios of the separate medians beside them); the CPU comparison runs in fresh processes (5, or 2 with
+--quick) and reports the median over them. The machine, threads and commit are recorded.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -231,7 +233,41 @@ def _initialize() -> None:
         distributed.initialize(1, 1, seed=1)
 
 
-def cpu_training(quick: bool) -> dict:
+#: (processes, rounds per process) of the CPU comparison, full and --quick
+CPU_PROCESSES = {False: (5, 12), True: (2, 8)}
+CPU_RATIOS = ("resonance_overhead_ratio", "train_vs_hf_ratio",
+              "resonance_overhead_ratio_of_medians", "train_vs_hf_ratio_of_medians")
+
+
+def cpu_training(quick: bool, workdir: Path) -> dict:
+    """The CPU comparison in fresh processes, medians over them. Within one process the paired ratio is
+    steady, but the same models built in another process time differently (which one is built first,
+    where their buffers land): two identical trainers in one process differed by 2.6 % in one run and by
+    1.9 % the other way in the next. Each process builds the three models and runs its own rounds."""
+    processes, rounds = CPU_PROCESSES[quick]
+    runs = []
+    for i in range(processes):
+        out = workdir / f"cpu_process_{i}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--skip", "precision,gpu,convert",
+               "--cpu-rounds", str(rounds), "--out", str(out), "--workdir", str(workdir)]
+        proc = subprocess.run(cmd + (["--quick"] if quick else []), cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise RuntimeError(f"CPU comparison process {i + 1} of {processes} failed (exit {proc.returncode})")
+        runs.append(json.loads(out.read_text()))
+        print(f"[bench] cpu: process {i + 1}/{processes}: train_vs_hf_ratio {runs[-1]['train_vs_hf_ratio']:.3f}, "
+              f"resonance_overhead_ratio {runs[-1]['resonance_overhead_ratio']:.3f}", flush=True)
+    result = {key: statistics.median(r[key] for r in runs) for key in CPU_RATIOS}
+    result.update({f"{key}_by_process": [r[key] for r in runs] for key in CPU_RATIOS[:2]})
+    result["train_tokens_per_s"] = {
+        k: statistics.median(r["train_tokens_per_s"][k] for r in runs) for k in runs[0]["train_tokens_per_s"]
+    }
+    result.update(train_processes=processes, train_rounds=rounds, train_shape=runs[0]["train_shape"])
+    return result
+
+
+def cpu_training_here(quick: bool, rounds: int) -> dict:
+    """The three CPU training steps built in this process, ``rounds`` interleaved rounds."""
     _initialize()
     seq, batch = 256, 4
     model_cfg = _config(quick)
@@ -240,7 +276,7 @@ def cpu_training(quick: bool) -> dict:
         "resonance_yarn": _megatron_trainer(model_cfg, _rope(model_cfg, "resonance_yarn", seq // 4, 4.0), seq, batch),
         "hf": _hf_trainer(model_cfg, seq, batch),
     }
-    times = _interleaved_times(steps, warmup=2 if quick else 3, repeats=12 if quick else 30)
+    times = _interleaved_times(steps, warmup=2 if quick else 3, repeats=rounds)
     medians = _medians(times)
     tokens = seq * batch
     return {
@@ -382,6 +418,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--workdir", default=None, help="scratch directory (default: next to --out)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: precision,cpu,gpu,convert")
+    p.add_argument("--cpu-rounds", type=int, default=None, help=argparse.SUPPRESS)  # one process of the cpu section
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     for name in sorted(skip - set(SECTIONS)):
@@ -393,7 +430,9 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()  # the CPU path comparison needs a machine without CUDA
     sections = [
         ("precision", lambda: angle_errors()),
-        ("gpu", lambda: gpu_throughput(args.quick)) if on_gpu else ("cpu", lambda: cpu_training(args.quick)),
+        ("gpu", lambda: gpu_throughput(args.quick)) if on_gpu else ("cpu", lambda: (
+            cpu_training(args.quick, workdir) if args.cpu_rounds is None
+            else cpu_training_here(args.quick, args.cpu_rounds))),
         ("convert", lambda: conversion(args.quick, workdir)),
     ]
     if not on_gpu:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
@@ -317,17 +318,13 @@ def check_local_ops_in_model():
     tokens = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(4))
     positions = torch.arange(SEQ)[None].expand(2, -1)
     unfused = {"apply_rope_fusion": False, "use_te_activation_func": False}
-    local_norm = llama._local_norm
     out = {}
     for name, overrides in (("local_ops", {}), ("megatron", unfused)):
         tf_config = llama.transformer_config(cfg, **overrides)
-        if name == "megatron":
-            llama._local_norm = lambda norm: norm
-        try:
+        torch_norms = mock.patch.object(llama, "_local_norm", lambda norm: norm)
+        with torch_norms if name == "megatron" else contextlib.nullcontext():
             torch.manual_seed(0)
             model = llama.build_model(cfg, tf_config, seq_length=SEQ)[0]
-        finally:
-            llama._local_norm = local_norm
         logits = model(tokens, positions, None)[..., : cfg.vocab_size]
         logits.float().pow(2).mean().backward()
         kinds = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
@@ -535,13 +532,10 @@ def check_cross_entropy_max():
     installed = VocabParallelCrossEntropy.calculate_logits_max is cpu_backend._logits_max
     out = {}
     for name, impl in (("ours", cpu_backend._logits_max), ("megatron", cpu_backend._logits_max.megatron)):
-        VocabParallelCrossEntropy.calculate_logits_max = staticmethod(impl)
-        try:
+        with mock.patch.object(VocabParallelCrossEntropy, "calculate_logits_max", staticmethod(impl)):
             x = logits.clone().requires_grad_(True)
             loss = vocab_parallel_cross_entropy(x, target)
             loss.backward(upstream)
-        finally:
-            VocabParallelCrossEntropy.calculate_logits_max = staticmethod(cpu_backend._logits_max)
         out[name] = (loss.detach(), x.grad)
     same = [bool(((a == b) | (a.isnan() & b.isnan())).all()) for a, b in zip(out["ours"], out["megatron"])]
     finite = bool(torch.isfinite(out["ours"][0][2:]).all())

@@ -8,7 +8,10 @@ Fields (see benchmarks/README.md for the latest numbers):
   shape, same process, interleaved rounds, median of the per-round ratios (target <= 1.01);
 * ``train_vs_hf_ratio``: training tokens/s of our CPU path (megatron-core GPTModel, local spec with SDPA
   core attention, DDP + distributed optimizer, single process) / Hugging Face ``LlamaForCausalLM`` with
-  the same config, dtype (fp32), batch, threads and SDPA attention, AdamW on both (target >= 1.2);
+  the same config, dtype (fp32), batch, threads and SDPA attention, AdamW on both (target >= 1.2); beside
+  it ``train_vs_hf_ratio_model_only``: the same GPTModel trained the way the Hugging Face model is (torch
+  AdamW and clipping, no megatron DDP, distributed optimizer or schedule), which separates the model's
+  speed from that machinery's;
 * ``angle_error_rad_at_1m``: max rotary angle error at position 1,048,575 against a float64 reference for
   our tables, beside ``megatron_core_angle_error_rad_at_1m`` for megatron-core's own ``RotaryEmbedding``;
 * ``convert_gb_per_s`` / ``copy_gb_per_s``: HF -> Megatron conversion of a few-hundred-MB model vs ``cp -r``
@@ -118,8 +121,23 @@ def _rope(model_cfg, kind: str, original: int, factor: float):
     return RopeConfig(kind=kind, head_dim=model_cfg.head_dim, original_max_position=original, factor=factor)
 
 
+def _seed() -> None:
+    """The same initial weights for every model built after it (torch's and megatron's RNG tracker)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+
+
+def _token_batches(vocab_size: int, seq: int, batch: int):
+    """The same random [batch, seq + 1] token windows for every step function (its own generator)."""
+    g = torch.Generator().manual_seed(1)
+    while True:
+        yield torch.randint(0, vocab_size, (batch, seq + 1), generator=g)
+
+
 def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False):
-    """One-process megatron-core training step (same code path as pretrain_llama.py)."""
+    """One-process megatron-core training step (same code path as pretrain_llama.py); returns the loss."""
     import dataclasses
 
     from megatron_resonance.training import trainer
@@ -131,16 +149,14 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False)
         optimizer=OptimizerConfig(lr=1e-4, min_lr=1e-4, lr_decay_style="constant", clip_grad=1.0),
     )
     cfg.training.train_iters = 10**6
-    torch.manual_seed(0)
+    _seed()
     chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=bf16)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
-    g = torch.Generator().manual_seed(1)
 
     def batches():  # CPU tensors: trainer.forward_step moves each batch to the GPU, as in training
-        while True:
-            t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
+        for t in _token_batches(model_cfg.vocab_size, seq, batch):
             yield {
                 "tokens": t[:, :-1],
                 "labels": t[:, 1:],
@@ -151,7 +167,38 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False)
     it = batches()
 
     def step():
-        trainer.train_step(fb, it, chunks, optimizer, scheduler, cfg, num_microbatches=1)
+        return trainer.train_step(fb, it, chunks, optimizer, scheduler, cfg, num_microbatches=1)[0]
+
+    return step
+
+
+def _model_only_trainer(model_cfg, rope, seq: int, batch: int):
+    """The trainer's GPTModel (the CPU path's layers: local spec, SDPA attention, ``local_ops``), trained
+    the way ``_hf_trainer`` trains Hugging Face's model: torch's fused AdamW, ``clip_grad_norm_``, mean
+    token loss, no megatron DDP, distributed optimizer or pipeline schedule. Returns the loss."""
+    import dataclasses
+
+    from megatron_resonance.megatron import cpu_backend
+    from megatron_resonance.megatron.llama import build_model, transformer_config
+
+    cfg = dataclasses.replace(model_cfg, rope=rope)
+    _seed()
+    tf_config = transformer_config(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
+    model = build_model(cfg, tf_config, seq_length=seq)[0]
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    tokens = _token_batches(model_cfg.vocab_size, seq, batch)
+    position_ids = torch.arange(seq).expand(batch, seq)
+
+    def step():
+        with cpu_backend.suspended():  # no megatron machinery here needs the device mode
+            t = next(tokens)
+            opt.zero_grad(set_to_none=True)
+            loss = model(t[:, :-1], position_ids, None, labels=t[:, 1:]).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return loss.detach()
 
     return step
 
@@ -177,36 +224,66 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
     model.train()
     # Hugging Face Trainer's default optimizer with torch >= 2.8 (adamw_torch_fused), as ours on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    g = torch.Generator().manual_seed(1)
+    tokens = _token_batches(model_cfg.vocab_size, seq, batch)
 
     def step():
         with cpu_backend.suspended():  # a plain Hugging Face process has no megatron CPU backend
-            t = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), generator=g)
+            t = next(tokens)
             opt.zero_grad(set_to_none=True)
-            out = model(input_ids=t[:, :-1], labels=t[:, :-1])
+            out = model(input_ids=t[:, :-1], labels=t[:, :-1])  # the model shifts the labels itself
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+        return out.loss.detach()
 
     return step
+
+
+def _round_orders(n: int) -> list:
+    """Orders of the rounds of one cycle over steps 0..n-1: read as one circular sequence of calls, each
+    step follows each other step exactly once per cycle and never itself (n - 1 rounds; one for n <= 2).
+    Found by a depth-first search: an Euler circuit of the complete directed graph cut into permutations."""
+    if n <= 2:
+        return [list(range(n))]
+    length = n * (n - 1)
+    calls, used = [0], set()
+
+    def extend() -> bool:
+        if len(calls) == length:
+            return (calls[-1], calls[0]) not in used
+        round_start = len(calls) - len(calls) % n
+        for nxt in range(n):
+            pair = (calls[-1], nxt)
+            if nxt in calls[round_start:] or pair in used or nxt == calls[-1]:
+                continue
+            calls.append(nxt)
+            used.add(pair)
+            if extend():
+                return True
+            calls.pop()
+            used.discard(pair)
+        return False
+
+    assert extend(), n
+    return [calls[i:i + n] for i in range(0, length, n)]
 
 
 def _interleaved_times(steps: dict, warmup: int, repeats: int, sync=lambda: None) -> dict:
     """Seconds per call of each step, ``repeats`` rounds; each round runs every step once, back to back.
 
     A step run right after another model's pays for that model's cache and allocator state (~3 % for the
-    step after Hugging Face's), so rounds alternate between the order given and the same first step with
-    the rest reversed (a b c, a c b, a b c, ...): with two or three steps each one follows each other one
-    equally often and never itself. A fixed order put that cost on one variant; a rotation (a b c, b c a,
-    c a b) still had ``rope`` follow Hugging Face twice as often as ``resonance_yarn``."""
+    step after Hugging Face's), so the rounds cycle through ``_round_orders``: each step follows each
+    other one equally often and never itself (with three steps: a b c, a c b, a b c, ...). A fixed order
+    put that cost on one variant; a rotation (a b c, b c a, c a b) still had ``rope`` follow Hugging Face
+    twice as often as ``resonance_yarn``."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in steps}
     names = list(steps)
-    orders = (names, names[:1] + names[:0:-1])
+    orders = [[names[i] for i in order] for order in _round_orders(len(names))]
     for r in range(repeats):
-        for k in orders[r % 2]:
+        for k in orders[r % len(orders)]:
             fn = steps[k]
             sync()
             start = time.perf_counter()
@@ -235,7 +312,7 @@ def _initialize() -> None:
 
 #: (processes, rounds per process) of the CPU comparison, full and --quick
 CPU_PROCESSES = {False: (5, 12), True: (2, 8)}
-CPU_RATIOS = ("resonance_overhead_ratio", "train_vs_hf_ratio",
+CPU_RATIOS = ("resonance_overhead_ratio", "train_vs_hf_ratio", "train_vs_hf_ratio_model_only",
               "resonance_overhead_ratio_of_medians", "train_vs_hf_ratio_of_medians")
 
 
@@ -255,10 +332,10 @@ def cpu_training(quick: bool, workdir: Path) -> dict:
             sys.stderr.write(proc.stderr[-4000:])
             raise RuntimeError(f"CPU comparison process {i + 1} of {processes} failed (exit {proc.returncode})")
         runs.append(json.loads(out.read_text()))
-        print(f"[bench] cpu: process {i + 1}/{processes}: train_vs_hf_ratio {runs[-1]['train_vs_hf_ratio']:.3f}, "
-              f"resonance_overhead_ratio {runs[-1]['resonance_overhead_ratio']:.3f}", flush=True)
+        print(f"[bench] cpu: process {i + 1}/{processes}: " + ", ".join(
+            f"{key} {runs[-1][key]:.3f}" for key in CPU_RATIOS[:3]), flush=True)
     result = {key: statistics.median(r[key] for r in runs) for key in CPU_RATIOS}
-    result.update({f"{key}_by_process": [r[key] for r in runs] for key in CPU_RATIOS[:2]})
+    result.update({f"{key}_by_process": [r[key] for r in runs] for key in CPU_RATIOS[:3]})
     result["train_tokens_per_s"] = {
         k: statistics.median(r["train_tokens_per_s"][k] for r in runs) for k in runs[0]["train_tokens_per_s"]
     }
@@ -271,9 +348,11 @@ def cpu_training_here(quick: bool, rounds: int) -> dict:
     _initialize()
     seq, batch = 256, 4
     model_cfg = _config(quick)
+    rope = _rope(model_cfg, "rope", seq // 4, 4.0)
     steps = {
-        "rope": _megatron_trainer(model_cfg, _rope(model_cfg, "rope", seq // 4, 4.0), seq, batch),
+        "rope": _megatron_trainer(model_cfg, rope, seq, batch),
         "resonance_yarn": _megatron_trainer(model_cfg, _rope(model_cfg, "resonance_yarn", seq // 4, 4.0), seq, batch),
+        "model_only": _model_only_trainer(model_cfg, rope, seq, batch),
         "hf": _hf_trainer(model_cfg, seq, batch),
     }
     times = _interleaved_times(steps, warmup=2 if quick else 3, repeats=rounds)
@@ -282,6 +361,7 @@ def cpu_training_here(quick: bool, rounds: int) -> dict:
     return {
         "resonance_overhead_ratio": _paired_ratio(times["resonance_yarn"], times["rope"]),
         "train_vs_hf_ratio": _paired_ratio(times["hf"], times["rope"]),
+        "train_vs_hf_ratio_model_only": _paired_ratio(times["hf"], times["model_only"]),
         # the same ratios from the separate medians (what train_tokens_per_s gives)
         "resonance_overhead_ratio_of_medians": medians["resonance_yarn"] / medians["rope"],
         "train_vs_hf_ratio_of_medians": medians["hf"] / medians["rope"],
@@ -445,8 +525,8 @@ def main(argv=None) -> int:
         results.update(fn())
         print(f"[bench] {name}: {time.time() - start:.0f} s", flush=True)
         out.write_text(json.dumps(results, indent=2))
-    for key in ("resonance_overhead_ratio", "train_vs_hf_ratio", "angle_error_rad_at_1m",
-                "megatron_core_angle_error_rad_at_1m", "convert_gb_per_s", "copy_gb_per_s"):
+    for key in CPU_RATIOS[:3] + ("angle_error_rad_at_1m", "megatron_core_angle_error_rad_at_1m", "convert_gb_per_s",
+                                 "copy_gb_per_s"):
         if key in results:
             print(f"{key:>38}: {results[key]:.4g}")
     print(f"results written to {out}")

@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.launch import REPO
 
 
@@ -52,15 +54,20 @@ def _bench_module():
     return module
 
 
-def test_rounds_let_each_step_follow_each_other_equally_often():
+@pytest.mark.parametrize("names", [("rope", "hf"), ("rope", "resonance_yarn", "hf"),
+                                   ("rope", "resonance_yarn", "model_only", "hf"), tuple("abcde")])
+def test_rounds_let_each_step_follow_each_other_equally_often(names):
     """The step after another model's pays for its caches: the interleaving must not put that on one step."""
     from collections import Counter
 
     bench = _bench_module()
     calls = []
-    steps = {name: (lambda name=name: calls.append(name)) for name in ("rope", "resonance_yarn", "hf")}
-    times = bench._interleaved_times(steps, warmup=0, repeats=30)
-    assert {k: len(v) for k, v in times.items()} == {"rope": 30, "resonance_yarn": 30, "hf": 30}
+    steps = {name: (lambda name=name: calls.append(name)) for name in names}
+    repeats = 12 * (len(names) - 1)  # whole cycles of round orders
+    times = bench._interleaved_times(steps, warmup=0, repeats=repeats)
+    assert {k: len(v) for k, v in times.items()} == {k: repeats for k in names}
+    for start in range(0, len(calls), len(names)):
+        assert sorted(calls[start:start + len(names)]) == sorted(names)  # a round runs every step once
     follows = Counter(zip(calls, calls[1:]))
     assert all(before != after for before, after in follows)  # never right after itself
     for after in steps:
@@ -71,3 +78,16 @@ def test_rounds_let_each_step_follow_each_other_equally_often():
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     bench = _bench_module()
     assert bench._paired_ratio([2.0, 3.0, 12.0], [1.0, 1.0, 2.0]) == 3.0
+
+
+def test_model_only_step_trains_the_trainers_model():
+    """``train_vs_hf_ratio_model_only`` times the trainer's own model: from the same seed and batches its
+    step computes the trainer's loss, and after the same AdamW updates it stays on the trainer's path."""
+    from tests.launch import torchrun
+
+    proc = torchrun(REPO / "tests" / "benchmarks" / "workers" / "model_only_step.py", nproc=1, timeout=300)
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    trainer, model_only = losses["trainer"], losses["model_only"]
+    assert model_only[0] == pytest.approx(trainer[0], rel=1e-6)
+    assert model_only[1:] == pytest.approx(trainer[1:], rel=1e-5)
+    assert trainer[2] < trainer[0]  # a training step, not a forward pass

@@ -172,29 +172,22 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False)
     return step
 
 
-def _model_only_trainer(model_cfg, rope, seq: int, batch: int):
-    """The trainer's GPTModel (the CPU path's layers: local spec, SDPA attention, ``local_ops``), trained
-    the way ``_hf_trainer`` trains Hugging Face's model: torch's fused AdamW, ``clip_grad_norm_``, mean
-    token loss, no megatron DDP, distributed optimizer or pipeline schedule. Returns the loss."""
-    import dataclasses
-
+def _plain_trainer(model, loss_of, vocab_size: int, seq: int, batch: int):
+    """A training step as a plain PyTorch / Hugging Face loop runs it: Hugging Face Trainer's default
+    optimizer with torch >= 2.8 (``adamw_torch_fused``, as ours on CPU), ``clip_grad_norm_``, autograd
+    gradients; ``loss_of(tokens)`` is the model's mean token loss on a [batch, seq + 1] window. Runs
+    without the CPU backend's device mode, as in a process without megatron. Returns the loss."""
     from megatron_resonance.megatron import cpu_backend
-    from megatron_resonance.megatron.llama import build_model, transformer_config
 
-    cfg = dataclasses.replace(model_cfg, rope=rope)
-    _seed()
-    tf_config = transformer_config(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
-    model = build_model(cfg, tf_config, seq_length=seq)[0]
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    tokens = _token_batches(model_cfg.vocab_size, seq, batch)
-    position_ids = torch.arange(seq).expand(batch, seq)
+    tokens = _token_batches(vocab_size, seq, batch)
 
     def step():
-        with cpu_backend.suspended():  # no megatron machinery here needs the device mode
+        with cpu_backend.suspended():
             t = next(tokens)
             opt.zero_grad(set_to_none=True)
-            loss = model(t[:, :-1], position_ids, None, labels=t[:, 1:]).mean()
+            loss = loss_of(t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -203,10 +196,28 @@ def _model_only_trainer(model_cfg, rope, seq: int, batch: int):
     return step
 
 
+def _model_only_trainer(model_cfg, rope, seq: int, batch: int):
+    """The trainer's GPTModel (the CPU path's layers: local spec, SDPA attention, ``local_ops``), trained
+    the way ``_hf_trainer`` trains Hugging Face's model (``_plain_trainer``): no megatron DDP, distributed
+    optimizer or pipeline schedule. Returns the loss."""
+    import dataclasses
+
+    from megatron_resonance.megatron.llama import build_model, transformer_config
+
+    cfg = dataclasses.replace(model_cfg, rope=rope)
+    _seed()
+    tf_config = transformer_config(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
+    model = build_model(cfg, tf_config, seq_length=seq)[0]
+    position_ids = torch.arange(seq).expand(batch, seq)
+
+    def loss_of(t):
+        return model(t[:, :-1], position_ids, None, labels=t[:, 1:]).mean()
+
+    return _plain_trainer(model, loss_of, model_cfg.vocab_size, seq, batch)
+
+
 def _hf_trainer(model_cfg, seq: int, batch: int):
     import transformers
-
-    from megatron_resonance.megatron import cpu_backend
 
     hf_cfg = transformers.LlamaConfig(
         vocab_size=model_cfg.padded_vocab_size(1),
@@ -221,22 +232,11 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_cfg)
-    model.train()
-    # Hugging Face Trainer's default optimizer with torch >= 2.8 (adamw_torch_fused), as ours on CPU
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    tokens = _token_batches(model_cfg.vocab_size, seq, batch)
 
-    def step():
-        with cpu_backend.suspended():  # a plain Hugging Face process has no megatron CPU backend
-            t = next(tokens)
-            opt.zero_grad(set_to_none=True)
-            out = model(input_ids=t[:, :-1], labels=t[:, :-1])  # the model shifts the labels itself
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-        return out.loss.detach()
+    def loss_of(t):  # the model shifts the labels itself
+        return model(input_ids=t[:, :-1], labels=t[:, :-1]).loss
 
-    return step
+    return _plain_trainer(model, loss_of, model_cfg.vocab_size, seq, batch)
 
 
 def _round_orders(n: int) -> list:

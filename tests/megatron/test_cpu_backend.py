@@ -96,4 +96,3 @@ def test_suspended_takes_the_mode_off_and_back(model_checks):
     assert record["inside"] == [depth - 1, False]  # off the stack: a CUDA device argument fails
     assert record["after"] == [depth, True]  # back: it is rewritten to the CPU again
     assert record["under_foreign_mode"] == depth + 1  # a mode above ours: nothing popped
-

@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.tasks import TASKS
 
 PROG = "posgen_benchmark.py"
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         preset = dataclasses.replace(preset, seeds=args.seeds)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"{PROG}: error: --out {args.out!r} exists and is not a directory")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size_from_env()
     if preset.global_batch_size % world:
         fail(f"{PROG}: error: global batch {preset.global_batch_size} is not divisible by {world} ranks")
     os.makedirs(args.out, exist_ok=True)

@@ -28,6 +28,7 @@ import torch
 from megatron_resonance.cli import UsageError
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.evaluation.scoring import TokenScores
+from megatron_resonance.megatron import distributed
 
 KINDS = ("megatron", "hf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -241,7 +242,7 @@ class Runtime:
                 resolve_spec(self.transformer_impl)
             except (ValueError, RuntimeError) as e:
                 raise UsageError(str(e)) from None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = distributed.world_size_from_env()
         if any(m.spec.kind == "hf" for m in models) and world > 1:
             raise UsageError("--hf models run in one process (no torchrun); use --load for a Megatron checkpoint")
         if world % (tp * pp):
@@ -262,7 +263,6 @@ def initialize(runtime: Runtime) -> None:
     """torch.distributed + megatron's parallel state for the Megatron models (gloo on CPU)."""
     import warnings
 
-    from megatron_resonance.megatron import distributed
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"megatron\..*")

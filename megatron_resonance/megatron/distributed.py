@@ -34,6 +34,13 @@ def _env_from_slurm() -> None:
         os.environ["MASTER_ADDR"] = head
 
 
+def world_size_from_env() -> int:
+    """The launch's world size before any process group exists: torchrun's ``WORLD_SIZE``, or Slurm's task
+    count when ``srun`` started the workers directly (its variables are mapped onto torchrun's first)."""
+    _env_from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_process_group(timeout_minutes: int = 30) -> None:
     """Initialize torch.distributed (single process if no launcher variables are set)."""
     if dist.is_initialized():

@@ -196,6 +196,14 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
     )
 
 
+def data_iterators(dataset, start_sample: int, micro_batch_size: int, num_chunks: int):
+    """What megatron's schedules take as ``data_iterator``: one iterator, or with virtual pipelining one per
+    model chunk (each chunk reads every micro-batch: the first takes its tokens, the last its labels)."""
+    if num_chunks == 1:
+        return micro_batches(dataset, start_sample, micro_batch_size)
+    return [micro_batches(dataset, start_sample, micro_batch_size) for _ in range(num_chunks)]
+
+
 def micro_batches(dataset, start_sample: int, micro_batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
     """Megatron-LM's pretraining sampler: global sample order, each DP rank takes its slice of every
     micro-batch round. Starting at ``start_sample`` makes resume continue exactly where it stopped."""
@@ -388,7 +396,7 @@ def evaluate(forward_backward, valid_dataset, chunks, cfg: Config, num_microbatc
     """Mean validation loss over ``eval_iters`` global batches (always the same batches)."""
     for c in chunks:
         c.eval()
-    iterator = micro_batches(valid_dataset, 0, cfg.data.micro_batch_size)
+    iterator = data_iterators(valid_dataset, 0, cfg.data.micro_batch_size, len(chunks))
     total = []
     for _ in range(cfg.training.eval_iters):
         total += forward_backward(
@@ -483,7 +491,7 @@ class MetricsLog:
 def run(cfg: Config) -> TrainState:
     """Train as configured: resume from ``<save>`` if it holds a checkpoint, else start from ``--load``
     (full state, or weights only with ``finetune``), else from scratch. Returns the final state."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size_from_env()
     resolve_and_validate(cfg, world)
 
     # ---------------------------------------------------------------- build: distributed
@@ -535,7 +543,7 @@ def run(cfg: Config) -> TrainState:
     gbs = cfg.data.global_batch_size
     valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
     train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
-    train_iter = micro_batches(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size)
+    train_iter = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     forward_backward = get_forward_backward_func()
 
     # ---------------------------------------------------------------- loop

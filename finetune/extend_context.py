@@ -9,15 +9,21 @@
 
 The model comes from `--load` (a pretrained checkpoint or one converted from Hugging Face). Its stored
 length becomes the original length L (override: --original-max-position); the target length L' is
---seq-length; the factor s = L'/L (override: --rope-factor). Optimizer, scheduler and iteration count start
-fresh (paper recipe: AdamW, lr 2e-5, weight decay 0.01, 5 % warm-up). A requeued job resumes from --save.
+--seq-length; the factor s = L'/L (override: --rope-factor). A source that already carries scaling (a
+Llama-3.1 `llama3` checkpoint, a YaRN model) keeps its plan and original length, and its factor grows
+with the length; switching it to another kind is refused, since that would drop the scaling.
+Optimizer, scheduler and iteration count start fresh (paper recipe: AdamW, lr 2e-5, weight decay 0.01,
+5 % warm-up). A requeued job resumes from --save.
 """
 
+import dataclasses
 import sys
 
 from megatron_resonance.megatron.checkpointing import CheckpointError, read_config
+from megatron_resonance.megatron.distributed import print_rank0
+from megatron_resonance.rope import RopeConfig
 from megatron_resonance.training import launch
-from megatron_resonance.training.config import ConfigError, config_from_args, load_yaml
+from megatron_resonance.training.config import ConfigError, config_from_args, load_yaml, rope_settings_given
 
 #: the paper's continued-pretraining recipe for LLaMA-2 (Wang et al., 2024, after YaRN)
 PAPER_DEFAULTS = {
@@ -44,20 +50,52 @@ def make_config(args):
         stored = read_config(load)["model"]
     except CheckpointError as e:
         raise ConfigError(f"--load {load}: {e}") from None
-    stored_rope = dict(stored["rope"])
-    base = {**PAPER_DEFAULTS, "model": {**stored, "rope": {"kind": "resonance_yarn", "base": stored_rope["base"]}}}
+    source = RopeConfig.from_dict(stored["rope"])
+    given = rope_settings_given(args)
+    scaled = source.base_kind != "rope" and source.factor > 1
+    # An unscaled source starts a new plan (Resonance YaRN by default); a scaled one keeps its own plan's
+    # settings (base, correction ranges, original length) and only its factor grows.
+    carried = source.to_dict() if scaled else {"base": source.base}
+    for key in ("head_dim", "resonance"):  # the head dim comes from the shape; resonance goes with the kind
+        carried.pop(key, None)
+    carried["kind"] = "resonance_yarn"
+    base = {**PAPER_DEFAULTS, "model": {**stored, "rope": carried}}
     cfg = config_from_args(args, base=base)
-    original = args.original_max_position or stored["max_position_embeddings"]
+    rope = cfg.model.rope
+    if scaled and rope.base_kind != source.base_kind:
+        raise ConfigError(
+            f"--load {load} already carries {source.base_kind} rope scaling (factor {source.factor:g} over "
+            f"original length {source.original_max_position}); {rope.kind} would drop it: extend it with "
+            f"--rope-kind {source.base_kind} (optionally --resonance), or start from an unscaled checkpoint"
+        )
+    if "original_max_position" in given:
+        original, origin = rope.original_max_position, "given"
+    elif scaled:
+        original, origin = source.original_max_position, "the source's original length"
+    else:
+        original, origin = stored["max_position_embeddings"], "the stored length"
     target = cfg.data.seq_length
-    if target <= original and args.rope_factor is None:
-        raise ConfigError(f"--seq-length {target} does not extend the stored length {original}")
-    factor = args.rope_factor if args.rope_factor is not None else target / original
-    import dataclasses
-
-    cfg.model.rope = dataclasses.replace(cfg.model.rope, original_max_position=original, factor=factor)
-    cfg.model.max_position_embeddings = max(target, int(round(original * factor)))
+    # The length the source already reaches: its stored length (for a scaled source, e.g. Llama-3.1's
+    # 131072 = 16 x 8192 at factor 8, not always original x factor).
+    reach = stored["max_position_embeddings"]
+    if "factor" in given:
+        factor, how = rope.factor, "given"
+    elif target <= reach:
+        raise ConfigError(f"--seq-length {target} does not extend the stored length {reach}")
+    elif scaled:  # the scaling grows with the length
+        factor, how = source.factor * target / reach, f"{source.factor:g} x {target} / {reach}"
+    else:
+        factor, how = target / original, f"{target} / {original}"
+    cfg.model.rope = dataclasses.replace(rope, original_max_position=original, factor=factor)
+    cfg.model.max_position_embeddings = max(target, cfg.model.rope.target_max_position)
     cfg.checkpoint.load = load
     cfg.checkpoint.finetune = True
+    new = cfg.model.rope
+    plan = new.kind + (" + resonance" if new.resonance and new.base_kind == new.kind else "")
+    print_rank0(
+        f"[extend] rope {plan}: original length {original} ({origin}), factor {factor:g} ({how}), "
+        f"max_position_embeddings {cfg.model.max_position_embeddings}"
+    )
     return cfg
 
 

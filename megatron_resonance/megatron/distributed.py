@@ -109,7 +109,10 @@ def destroy() -> None:
 
 
 def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of the process group, or before there is one, of the launch (torchrun's or srun's rank)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def print_rank0(*args, **kwargs) -> None:

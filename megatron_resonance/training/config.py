@@ -228,6 +228,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             _add(g, f.name, f.type, f.metadata.get("help", ""))
 
 
+def rope_settings_given(args: argparse.Namespace) -> Dict[str, Any]:
+    """The rope fields this run sets explicitly: ``--config``'s ``model.rope``, then rope flags."""
+    given: Dict[str, Any] = {}
+    if getattr(args, "config", None):
+        model = load_yaml(args.config).get("model")
+        rope = model.get("rope") if isinstance(model, dict) else None
+        given.update(rope if isinstance(rope, dict) else {})  # a wrong type is reported by from_dict
+    for field_name, (dest, _) in _ROPE_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            given[field_name] = getattr(args, dest)
+    return given
+
+
 def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> Config:
     """Merge: built-in defaults < ``base`` < ``--config`` file < explicit flags."""
     d: Dict[str, Any] = _deep_merge({}, base or {})

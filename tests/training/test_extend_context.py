@@ -10,6 +10,7 @@ import json
 import pytest
 
 from megatron_resonance.training import launch
+from megatron_resonance.training.config import ConfigError
 from tests.training.conftest import EXTEND, ITERS, TINY_RUN, records, stored_config, train_losses
 
 # ---------------------------------------------------------------- the run (2 processes) ---------------------
@@ -57,17 +58,25 @@ def test_paper_recipe_defaults(run_extend):
 # ---------------------------------------------------------------- the configuration (this process) ---------
 
 
-@pytest.fixture
-def pretrained(tmp_path):
-    """A checkpoint as make_config reads it: the tracker and megatron_resonance.json (length 32)."""
+def write_pretrained(path, **model_fields):
+    """A checkpoint as make_config reads it: the tracker and megatron_resonance.json (length 32 unless
+    ``model_fields`` say otherwise)."""
     from megatron_resonance.training.config import config_from_args
 
     model = config_from_args(launch.make_parser("x", "").parse_args(TINY_RUN)).model.to_dict()
-    ckpt = tmp_path / "pretrained" / "iter_0000100"
+    rope = model_fields.pop("rope", {})
+    model.update(model_fields)
+    model["rope"].update(rope)
+    ckpt = path / "iter_0000100"
     ckpt.mkdir(parents=True)
     (ckpt / "megatron_resonance.json").write_text(json.dumps({"model": model, "run": {}, "iteration": 100}))
-    (tmp_path / "pretrained" / "latest_checkpointed_iteration.txt").write_text("100")
-    return tmp_path / "pretrained"
+    (path / "latest_checkpointed_iteration.txt").write_text("100")
+    return path
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    return write_pretrained(tmp_path / "pretrained")
 
 
 def make_config(*argv):
@@ -105,3 +114,53 @@ def test_explicit_factor_wins(pretrained):
     cfg = make_config("--load", pretrained, "--seq-length", 64, "--rope-factor", 8)
     assert cfg.model.rope.factor == 8.0
     assert cfg.model.max_position_embeddings == 256  # room for the factor's target length 8 x 32
+
+
+# ---------------------------------------------------------------- sources that already carry scaling -------
+
+
+def test_llama3_source_keeps_its_scaling(tmp_path, capsys):
+    """A Llama-3.1-style source (original 16, factor 8, stored length 32 = 2 x 16 x ... not 16 x 8): the
+    plan stays llama3 with the source's original length, and the factor grows with the length."""
+    rope = dict(kind="llama3", base=500000.0, original_max_position=16, factor=8.0, high_freq_factor=2.0)
+    src = write_pretrained(tmp_path / "llama3", max_position_embeddings=32, rope=rope)
+    cfg = make_config("--load", src, "--seq-length", 128, "--rope-kind", "llama3")
+    r = cfg.model.rope
+    assert (r.kind, r.original_max_position, r.factor, r.base, r.high_freq_factor) == (
+        "llama3", 16, 32.0, 500000.0, 2.0,
+    )  # fmt: skip
+    assert cfg.model.max_position_embeddings == 512  # 16 x 32
+    assert "[extend] rope llama3: original length 16 (the source's original length), factor 32 (8 x 128 / 32)" in (
+        capsys.readouterr().out
+    )
+    with_resonance = make_config("--load", src, "--seq-length", 128, "--rope-kind", "llama3", "--resonance")
+    assert with_resonance.model.rope.resonance and with_resonance.model.rope.factor == 32.0
+
+
+def test_scaled_source_is_not_switched_silently(tmp_path):
+    rope = dict(kind="llama3", original_max_position=16, factor=8.0)
+    src = write_pretrained(tmp_path / "llama3", max_position_embeddings=128, rope=rope)
+    with pytest.raises(ConfigError, match=r"already carries llama3 rope scaling \(factor 8 over original length "
+                       r"16\); resonance_yarn would drop it: extend it with --rope-kind llama3"):
+        make_config("--load", src, "--seq-length", 512)  # the default kind, resonance_yarn
+    with pytest.raises(ConfigError, match="does not extend the stored length 128"):
+        make_config("--load", src, "--seq-length", 128, "--rope-kind", "llama3")
+
+
+def test_yarn_source_extended_again(tmp_path):
+    """A YaRN model (32 -> 64) extended to 256 with Resonance YaRN: the original length stays 32, s = 8."""
+    rope = dict(kind="yarn", original_max_position=32, factor=2.0, beta_fast=16.0)
+    src = write_pretrained(tmp_path / "yarn", max_position_embeddings=64, rope=rope)
+    r = make_config("--load", src, "--seq-length", 256).model.rope
+    assert (r.kind, r.original_max_position, r.factor, r.beta_fast) == ("resonance_yarn", 32, 8.0, 16.0)
+
+
+def test_yaml_rope_fields_are_kept(pretrained, tmp_path, capsys):
+    """Rope fields a --config sets are used as given, never replaced by derived ones."""
+    yaml_file = tmp_path / "extend.yaml"
+    yaml_file.write_text("model:\n  rope:\n    kind: yarn\n    factor: 8.0\n    original_max_position: 16\n")
+    cfg = make_config("--config", yaml_file, "--load", pretrained, "--seq-length", 64)
+    r = cfg.model.rope
+    assert (r.kind, r.factor, r.original_max_position) == ("yarn", 8.0, 16)
+    assert cfg.model.max_position_embeddings == 128
+    assert "original length 16 (given), factor 8 (given)" in capsys.readouterr().out

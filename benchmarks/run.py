@@ -220,7 +220,7 @@ def _hf_trainer(model_cfg, seq: int, batch: int):
     import transformers
 
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=model_cfg.padded_vocab_size(1),
+        vocab_size=model_cfg.padded_vocab_size(),
         hidden_size=model_cfg.hidden_size,
         intermediate_size=model_cfg.ffn_hidden_size,
         num_hidden_layers=model_cfg.num_layers,
@@ -370,7 +370,7 @@ def cpu_training_here(quick: bool, rounds: int) -> dict:
         "train_shape": {
             "layers": model_cfg.num_layers, "hidden": model_cfg.hidden_size, "ffn": model_cfg.ffn_hidden_size,
             "heads": model_cfg.num_attention_heads, "kv_heads": model_cfg.num_query_groups,
-            "vocab": model_cfg.padded_vocab_size(1), "seq": seq, "batch": batch, "dtype": "fp32",
+            "vocab": model_cfg.padded_vocab_size(), "seq": seq, "batch": batch, "dtype": "fp32",
             "threads": torch.get_num_threads(),
         },
     }

@@ -86,7 +86,7 @@ class Vocab(Transform):
 
     def to_megatron(self, hf, cfg):
         (t,) = hf
-        pad = cfg.padded_vocab_size(1) - t.shape[0]
+        pad = cfg.padded_vocab_size() - t.shape[0]
         return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
 
     def to_hf(self, megatron, cfg):

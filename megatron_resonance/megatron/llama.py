@@ -46,7 +46,7 @@ class LlamaConfig:
     init_method_std: float = 0.02
     """Std of the normal weight initialization."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the embedding table to a multiple of lcm(this, TP): the same padded size at every TP."""
+    """Pad the embedding table to a multiple of lcm(this, num_query_groups): the same size at every TP."""
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     """Rotary plan (kind, base, factor, original length, ...)."""
 
@@ -69,10 +69,12 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        # lcm, not Megatron-LM's product: the padded size (a checkpoint's embedding shape) must not depend
-        # on TP, or a checkpoint saved at one TP cannot load at another (vocab 300: 384 at TP=1, 512 at TP=2).
-        multiple = math.lcm(self.make_vocab_size_divisible_by, tensor_parallel_size)
+    def padded_vocab_size(self) -> int:
+        """The embedding table's rows: the vocabulary padded to a multiple of lcm(make_vocab_size_divisible_by,
+        num_query_groups). Every TP the model supports divides num_query_groups, so every TP splits this
+        size evenly and a checkpoint (whose embedding shape this is) reshards between any two of them.
+        Megatron-LM pads to a multiple of divisible_by x TP, a shape that changes with TP."""
+        multiple = math.lcm(self.make_vocab_size_divisible_by, self.num_query_groups)
         return -(-self.vocab_size // multiple) * multiple
 
     def to_dict(self) -> dict:
@@ -253,7 +255,7 @@ def build_model(
         model = GPTModel(
             config=tf_config,
             transformer_layer_spec=_block_spec(spec_module, tf_config, stage),
-            vocab_size=cfg.padded_vocab_size(tp),
+            vocab_size=cfg.padded_vocab_size(),
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),

@@ -97,7 +97,7 @@ _MODEL_HELP = {
     "norm_epsilon": "RMSNorm epsilon",
     "tie_word_embeddings": "share input embedding and output layer",
     "init_method_std": "std of the weight initialization",
-    "make_vocab_size_divisible_by": "pad the vocabulary to a multiple of lcm(this, TP)",
+    "make_vocab_size_divisible_by": "pad the vocabulary to a multiple of lcm(this, num_query_groups)",
 }
 #: rope fields under their Megatron-LM-style flag names
 _ROPE_FLAGS = {

@@ -20,7 +20,7 @@ def training_flops_per_token(cfg: LlamaConfig, seq_length: int) -> float:
     h, ffn, s = cfg.hidden_size, cfg.ffn_hidden_size, seq_length
     kv = cfg.num_query_groups * cfg.head_dim
     per_layer = 2 * h * (2 * h + 2 * kv) + 3 * 2 * h * ffn + 2 * 2 * s * h / 2
-    forward = cfg.num_layers * per_layer + 2 * h * cfg.padded_vocab_size(1)
+    forward = cfg.num_layers * per_layer + 2 * h * cfg.padded_vocab_size()
     return 3.0 * forward
 
 

@@ -99,14 +99,21 @@ def test_config_rejects_inconsistent_shapes():
 
 
 @pytest.mark.parametrize("vocab_size", [256, 300, 1000, 32000, 32001])
-def test_padded_vocab_size_does_not_depend_on_tp(vocab_size):
-    """The embedding shape is part of every checkpoint: it must be the same at every TP."""
-    cfg = LlamaConfig(vocab_size=vocab_size)
-    sizes = {cfg.padded_vocab_size(tp) for tp in (1, 2, 4, 8)}
-    assert len(sizes) == 1
-    padded = sizes.pop()
-    assert vocab_size <= padded < vocab_size + 128 and padded % 128 == 0
-    assert LlamaConfig(vocab_size=100, make_vocab_size_divisible_by=1).padded_vocab_size(3) == 102
+@pytest.mark.parametrize("groups", [1, 2, 3, 6, 8, 40])
+def test_padded_vocab_size_splits_at_every_supported_tp(vocab_size, groups):
+    """The embedding shape is part of every checkpoint: one size that every TP the model supports (each
+    divisor of the query groups) splits evenly. lcm(128, TP) gave vocab 32000 -> 32256 at TP=3."""
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=groups * 16, num_attention_heads=groups,
+                      num_query_groups=groups)  # fmt: skip
+    padded = cfg.padded_vocab_size()
+    for tp in (t for t in range(1, groups + 1) if groups % t == 0):
+        cfg.check_parallel(tp)
+        assert padded % tp == 0
+    assert padded % 128 == 0 and vocab_size <= padded < vocab_size + 128 * groups
+    if groups in (1, 2, 8):
+        assert padded == -(-vocab_size // 128) * 128  # LLaMA's 32000 stays 32000
+    assert LlamaConfig(vocab_size=100, make_vocab_size_divisible_by=1, hidden_size=96, num_attention_heads=6,
+                       num_query_groups=3).padded_vocab_size() == 102  # fmt: skip
 
 
 def test_one_rank_collectives_skip_gloo(model_checks):

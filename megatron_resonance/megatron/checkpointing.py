@@ -171,7 +171,8 @@ def _restore_adam_steps(optimizer) -> None:
     """Without Apex/TE (CPU), megatron's distributed optimizer keeps torch Adam's iteration count in each
     param group's ``step`` but leaves the per-parameter ``step`` tensors as they were before loading (and,
     when it sets them, shares one tensor that torch's foreach Adam would increment once per parameter).
-    Give every parameter its own copy of the restored count, or the bias correction is wrong after resume."""
+    Give every parameter its own copy of the restored count, or the bias correction is wrong after resume.
+    The copy is placed where torch's Adam keeps it (:func:`place_adam_steps`)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         for group in getattr(inner, "param_groups", []):
@@ -181,6 +182,21 @@ def _restore_adam_steps(optimizer) -> None:
                 state = inner.state.get(param)
                 if state is not None and "step" in state:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+    place_adam_steps(optimizer)
+
+
+def place_adam_steps(optimizer) -> None:
+    """Put torch Adam's per-parameter ``step`` tensors where its kernels read them: on the parameter's
+    device for the fused and capturable kernels (CUDA's fused Adam rejects CPU steps), as float32."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if not (group.get("fused") or group.get("capturable")):
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
 def load_checkpoint(

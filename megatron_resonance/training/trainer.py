@@ -303,6 +303,7 @@ def use_fused_torch_adam(optimizer) -> None:
         if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
+    checkpointing.place_adam_steps(optimizer)
 
 
 def load_weights_only(path: str, chunks, optimizer) -> dict:

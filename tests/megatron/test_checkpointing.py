@@ -1,0 +1,42 @@
+"""Checkpoint helpers that need no process group: where a restored Adam ``step`` lives."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from megatron_resonance.megatron import checkpointing
+
+
+def _adam_over(param: torch.Tensor, fused: bool) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW([param])  # fused=True refuses the meta device at construction; set it below
+    group = opt.param_groups[0]
+    group["fused"], group["foreach"], group["step"] = fused, False, 5
+    opt.state[param] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(param)}
+    return opt
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_restored_adam_step_is_where_the_kernel_reads_it(fused):
+    """torch's fused (and capturable) Adam keeps ``step`` on the parameter's device; CUDA's fused kernel
+    rejects CPU steps. A parameter on the meta device stands in for a CUDA one."""
+    param = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    opt = _adam_over(param, fused)
+    checkpointing._restore_adam_steps(types.SimpleNamespace(optimizer=opt))
+    step = opt.state[param]["step"]
+    assert step.device == (param.device if fused else torch.device("cpu"))
+    assert step.dtype == torch.float32
+
+
+def test_restored_adam_step_takes_the_group_count_per_parameter():
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    opt = torch.optim.AdamW(params, fused=True)
+    opt.param_groups[0]["step"] = 7
+    for p in params:
+        opt.state[p] = {"step": torch.tensor(1.0)}
+    checkpointing._restore_adam_steps(types.SimpleNamespace(optimizer=opt))
+    steps = [opt.state[p]["step"] for p in params]
+    assert [float(s) for s in steps] == [7.0, 7.0]
+    assert steps[0] is not steps[1]  # foreach Adam increments a shared tensor once per parameter

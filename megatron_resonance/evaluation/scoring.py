@@ -78,18 +78,24 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, non_loss_data: bool = False):
-    """The schedule's loss function on the last stage: keep the scores instead of a loss."""
+def megatron_logit_scores(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> TokenScores:
+    """Scores from a GPTModel's output on this rank (``[B, S, V / TP]``, this TP rank's vocabulary slice)
+    over the real vocabulary: what the trainer's validation loss and the evaluation tools both compute."""
     from megatron.core import parallel_state as ps
 
     shard = logits.shape[-1]
-    scores = vocab_parallel_scores(
-        logits[:, :-1],
+    return vocab_parallel_scores(
+        logits,
         targets,
         vocab_size,
         vocab_start=ps.get_tensor_model_parallel_rank() * shard,
         group=ps.get_tensor_model_parallel_group(),
     )
+
+
+def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, non_loss_data: bool = False):
+    """The schedule's loss function on the last stage: keep the scores instead of a loss."""
+    scores = megatron_logit_scores(logits[:, :-1], targets, vocab_size)
     return torch.stack([scores.nll, scores.greedy.float()])
 
 

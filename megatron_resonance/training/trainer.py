@@ -322,8 +322,14 @@ def load_weights_only(path: str, chunks, optimizer) -> dict:
 # ==========================================================================================================
 
 
-def forward_step(data_iterator, model, cp_size: int = 1, sequence_parallel: bool = False):
-    """One micro-batch: returns the per-token losses and the function megatron reduces them with."""
+def forward_step(
+    data_iterator, model, cp_size: int = 1, sequence_parallel: bool = False, score_vocab: Optional[int] = None
+):
+    """One micro-batch: returns the per-token losses and the function megatron reduces them with.
+
+    Training takes megatron's fused vocab-parallel cross entropy (over the padded vocabulary, as
+    Megatron-LM). Evaluation (``score_vocab``: the real vocabulary size) scores the logits over the real
+    vocabulary only, the evaluation tools' definition, so a checkpoint has one validation perplexity."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     batch = next(data_iterator)
@@ -335,17 +341,28 @@ def forward_step(data_iterator, model, cp_size: int = 1, sequence_parallel: bool
     # megatron's forward allocates on the device only for context parallelism (rotary slicing) and
     # sequence parallelism (gather buffers), which keep it.
     device_free = cp_size == 1 and not sequence_parallel
+    labels = None if score_vocab else batch["labels"]
     with cpu_backend.suspended() if device_free else contextlib.nullcontext():
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+    if score_vocab:
+        return output, functools.partial(_real_vocab_loss, batch["labels"], batch["loss_mask"], score_vocab)
     return output, functools.partial(loss_func, batch["loss_mask"])
 
 
-def _forward_step_func(cfg: Config):
+def _forward_step_func(cfg: Config, evaluation: bool = False):
     return functools.partial(
         forward_step,
         cp_size=cfg.parallel.context_parallel_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        score_vocab=cfg.model.vocab_size if evaluation else None,
     )
+
+
+def _real_vocab_loss(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int, logits: torch.Tensor):
+    """``loss_func`` of the logits' token losses over the real vocabulary (padding rows left out)."""
+    from megatron_resonance.evaluation.scoring import megatron_logit_scores
+
+    return loss_func(loss_mask, megatron_logit_scores(logits, labels, vocab_size).nll)
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -394,14 +411,15 @@ def train_step(forward_backward, data_iterator, chunks, optimizer, scheduler, cf
 
 @torch.no_grad()
 def evaluate(forward_backward, valid_dataset, chunks, cfg: Config, num_microbatches: int) -> Optional[float]:
-    """Mean validation loss over ``eval_iters`` global batches (always the same batches)."""
+    """Mean validation loss over ``eval_iters`` global batches (always the same batches), over the real
+    vocabulary (``forward_step``'s ``score_vocab``)."""
     for c in chunks:
         c.eval()
     iterator = data_iterators(valid_dataset, 0, cfg.data.micro_batch_size, len(chunks))
     total = []
     for _ in range(cfg.training.eval_iters):
         total += forward_backward(
-            forward_step_func=_forward_step_func(cfg),
+            forward_step_func=_forward_step_func(cfg, evaluation=True),
             data_iterator=iterator,
             model=chunks,
             num_microbatches=num_microbatches,

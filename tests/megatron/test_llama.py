@@ -152,3 +152,13 @@ def test_grad_accumulation_fusion_matches_the_unfused_gradients(model_checks):
     # 2 layers x (QKV, proj, fc1, fc2) + output layer go through the fused accumulation; none unfused
     assert record["flags"] == {"True": True, "calls_True": 9, "False": False, "calls_False": 0}
     assert record["grad_norm"] > 0 and record["grads_rel"] < 1e-6, record
+
+
+def test_validation_loss_is_over_the_real_vocabulary(model_checks):
+    """One perplexity per checkpoint: the trainer's validation loss is the evaluation tools' mean NLL over
+    the real vocabulary (200 of 256 padded rows), whatever the padding rows hold."""
+    r = model_checks["check_validation_loss_over_real_vocabulary"]
+    assert r["before"]["validation"] == pytest.approx(r["reference"], rel=1e-6)
+    assert r["after"]["validation"] == pytest.approx(r["before"]["validation"], rel=1e-6)
+    # megatron's cross entropy (the training loss) normalizes over the padding rows too
+    assert r["after"]["ce"] > r["before"]["ce"] + 0.1

@@ -542,6 +542,52 @@ def check_cross_entropy_max():
     return {"installed": installed, "loss_and_grad_equal": same, "finite_rows_finite": finite}
 
 
+def check_validation_loss_over_real_vocabulary():
+    """The trainer's validation loss leaves the padded vocabulary rows out, as the evaluation tools do: it
+    equals the mean NLL of ``megatron_token_scores`` on the same tokens and does not move when the padding
+    rows' output weights grow; megatron's cross entropy (the training loss) counts those rows."""
+    import dataclasses
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_resonance.evaluation.scoring import megatron_token_scores
+    from megatron_resonance.megatron.llama import build_model
+    from megatron_resonance.training import trainer
+    from megatron_resonance.training.config import from_dict
+
+    model_cfg = dataclasses.replace(tiny_config(), vocab_size=200)  # padded to 256
+    torch.manual_seed(3)
+    (chunk,) = build_model(model_cfg)
+    chunk.eval()
+    seq, mbs, batches = 16, 2, 2
+    model = {k: v for k, v in model_cfg.to_dict().items() if k != "rope"}
+    cfg = from_dict({
+        "model": model,
+        "data": {"seq_length": seq, "micro_batch_size": mbs, "global_batch_size": mbs * batches, "mock_data": True},
+        "training": {"eval_iters": 1},
+    })  # fmt: skip
+    rows = torch.randint(0, 200, (mbs * batches, seq + 1), generator=torch.Generator().manual_seed(4))
+    dataset = [
+        {"tokens": r[:-1], "labels": r[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)}
+        for r in rows
+    ]
+    forward_backward = get_forward_backward_func()
+
+    def training_loss():  # megatron's cross entropy, over the padded vocabulary
+        losses = forward_backward(
+            forward_step_func=trainer.forward_step, data_iterator=trainer.micro_batches(dataset, 0, mbs),
+            model=[chunk], num_microbatches=batches, seq_length=seq, micro_batch_size=mbs, forward_only=True,
+        )  # fmt: skip
+        return trainer.reduce_loss(losses)
+
+    before = {"validation": trainer.evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
+    reference = megatron_token_scores([chunk], rows, vocab_size=200).nll.double().mean().item()
+    with torch.no_grad():
+        chunk.output_layer.weight[200:] = 5.0
+    after = {"validation": trainer.evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
+    return {"before": before, "after": after, "reference": reference}
+
+
 CHECKS = [
     check_sdpa_matches_local_attention,
     check_install_rotary_scale,
@@ -556,6 +602,7 @@ CHECKS = [
     check_model_step_without_device_mode,
     check_suspended,
     check_cross_entropy_max,
+    check_validation_loss_over_real_vocabulary,
 ]
 
 

@@ -117,14 +117,27 @@ def _hf_exponents(head_dim: int) -> torch.Tensor:
     return torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
 
 
-def rope_parameters(rope: RopeConfig, rope_format: str = "longrope") -> Dict[str, Any]:
-    """transformers 5.x ``rope_parameters`` (``rope_theta`` inside) encoding ``rope`` exactly."""
+def yarn_reads_differ(factor: Optional[float], original: int, max_position: Optional[int]) -> bool:
+    """Whether transformers versions read a native ``yarn`` config differently: 4.5x takes the factor as
+    max_position_embeddings / original_max_position_embeddings whenever the original is given, 5.x takes
+    ``factor``. They agree only when max_position_embeddings = original x factor."""
+    return max_position is not None and factor is not None and max_position != round(original * factor)
+
+
+def rope_parameters(
+    rope: RopeConfig, rope_format: str = "longrope", max_position: Optional[int] = None
+) -> Dict[str, Any]:
+    """transformers 5.x ``rope_parameters`` (``rope_theta`` inside) encoding ``rope`` exactly, as every
+    transformers version reads it for a model of length ``max_position``."""
     if rope_format not in ROPE_FORMATS:
         raise ConversionError(f"unknown rope format {rope_format!r}; expected one of {', '.join(ROPE_FORMATS)}")
     base, L = rope.base, rope.original_max_position
     freqs = compute_frequencies(rope)
-    # resonance rounding (on any kind) and static NTK have no native transformers type
+    # resonance rounding (on any kind) and static NTK have no native transformers type; nor has a YaRN
+    # whose length is not original x factor (versions disagree on its factor): per-feature encodings
     kind = "per_feature" if rope.resonance else rope.kind
+    if kind == "yarn" and yarn_reads_differ(rope.factor, L, max_position):
+        kind = "per_feature"
     if kind == "rope":
         return {"rope_type": "default", "rope_theta": base}
     if kind == "linear":
@@ -153,9 +166,11 @@ def rope_parameters(rope: RopeConfig, rope_format: str = "longrope") -> Dict[str
             "attention_factor": freqs.attention_factor, "rope_theta": base}
 
 
-def rope_config_keys(rope: RopeConfig, rope_format: str = "longrope") -> Dict[str, Any]:
+def rope_config_keys(
+    rope: RopeConfig, rope_format: str = "longrope", max_position: Optional[int] = None
+) -> Dict[str, Any]:
     """Every rope key of an exported config.json: both transformers styles plus the recorded plan."""
-    params = rope_parameters(rope, rope_format)
+    params = rope_parameters(rope, rope_format, max_position)
     return _both_styles(params) | {KIND_KEY: rope.kind, PLAN_KEY: rope.to_dict()}
 
 
@@ -193,7 +208,11 @@ def export_config(
             )
         except (ValueError, KeyError, TypeError):
             keep_rope = False
-        keep_rope = keep_rope and rope_format == "longrope"
+        kept = {**(out.get("rope_scaling") or {}), **(out.get("rope_parameters") or {})}
+        ambiguous = kept.get("rope_type", kept.get("type")) == "yarn" and yarn_reads_differ(
+            kept.get("factor"), kept.get("original_max_position_embeddings") or 0, cfg.max_position_embeddings
+        )
+        keep_rope = keep_rope and rope_format == "longrope" and not ambiguous
     if keep_rope:
         params = dict(out.get("rope_parameters") or {**(out.get("rope_scaling") or {}),
                                                        "rope_theta": out.get("rope_theta", cfg.rope.base)})
@@ -206,7 +225,7 @@ def export_config(
     else:
         for key in ROPE_KEYS:
             out.pop(key, None)
-        out.update(rope_config_keys(cfg.rope, rope_format))
+        out.update(rope_config_keys(cfg.rope, rope_format, cfg.max_position_embeddings))
     name = dtype_name(dtype)
     out.update(
         architectures=[ARCHITECTURE],

@@ -4,6 +4,7 @@ from either config style, and ``rope_from_hf`` reads the plan back."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -133,3 +134,46 @@ def test_check_llama_refuses(config, match):
                 max_position_embeddings=64)
     with pytest.raises(ConversionError, match=match):
         hf_config.check_llama({**base, **config}, "config.json")
+
+
+def _as_transformers4_reads(config: dict) -> dict:
+    """transformers 4.5x's reading of a config, in 5.x: with the original length given, yarn (and longrope's
+    default attention factor) take the factor as max_position_embeddings / original_max_position_embeddings."""
+    config = copy.deepcopy(config)
+    for block in ("rope_parameters", "rope_scaling"):
+        params = config.get(block) or {}
+        if params.get("rope_type") in ("yarn", "longrope") and params.get("original_max_position_embeddings"):
+            params["factor"] = config["max_position_embeddings"] / params["original_max_position_embeddings"]
+    return config
+
+
+@pytest.mark.parametrize("max_position", [2 * 4096 * 8, 4096 * 8, 4096 * 8 - 100])
+@pytest.mark.parametrize("name", ["yarn", "yarn_m", "resonance_yarn", "llama3"])
+def test_every_transformers_version_reads_the_same_rope(name, max_position):
+    """An export whose max_position_embeddings is not original x factor (a model trained past its YaRN
+    target, or a truncated one) must not be read one way by transformers 4.5x and another by 5.x: native
+    yarn is used only where both agree, the per-feature encoding otherwise."""
+    rope = PLANS[name]
+    cfg = dataclasses.replace(model_config(rope), max_position_embeddings=max_position)
+    config = hf_config.export_config(cfg, torch.bfloat16)
+    expected = compute_frequencies(rope)
+    for reading in (config, _as_transformers4_reads(config)):
+        inv_freq, attention = transformers_rope(reading)
+        torch.testing.assert_close(inv_freq, expected.inv_freq, rtol=1e-6, atol=0)
+        assert attention == pytest.approx(expected.attention_factor, rel=1e-7)
+    native = config["rope_parameters"]["rope_type"] == "yarn"
+    assert native == (rope.kind == "yarn" and max_position == rope.target_max_position)
+    assert rope_from_hf(config, HEAD_DIM) == rope
+
+
+def test_reference_yarn_is_reencoded_when_versions_would_differ():
+    """A source config.json kept by the importer: its native yarn is kept verbatim only when versions agree."""
+    rope = PLANS["yarn"]
+    source = hf_config.export_config(model_config(rope), torch.bfloat16)
+    assert source["rope_parameters"]["rope_type"] == "yarn"
+    longer = dataclasses.replace(model_config(rope), max_position_embeddings=2 * rope.target_max_position)
+    source["max_position_embeddings"] = longer.max_position_embeddings  # the source itself was ambiguous
+    config = hf_config.export_config(longer, torch.bfloat16, reference=source)
+    assert config["rope_parameters"]["rope_type"] == "longrope"
+    inv_freq, _ = transformers_rope(_as_transformers4_reads(config))
+    torch.testing.assert_close(inv_freq, compute_frequencies(rope).inv_freq, rtol=1e-6, atol=0)

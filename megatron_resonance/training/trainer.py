@@ -158,11 +158,22 @@ def resolve_and_validate(cfg: Config, world_size: int) -> None:
 
 def _tokenizer_vocab(cfg: Config) -> None:
     if cfg.data.tokenizer_model:
-        from megatron_resonance.data.tokenizer import Tokenizer
+        tokenizer = load_data_tokenizer(cfg.data.tokenizer_model)
+        cfg.model.vocab_size = tokenizer.vocab_size
 
-        if not os.path.isfile(cfg.data.tokenizer_model):
-            raise ConfigError(f"tokenizer model not found: {cfg.data.tokenizer_model}")
-        cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
+
+def load_data_tokenizer(path: str):
+    """The ``--tokenizer-model`` (SentencePiece or Hugging Face), which must have an EOS (the documents' end);
+    ConfigError with one line otherwise."""
+    from megatron_resonance.data.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer.eos_id is None:
+        raise ConfigError(f"tokenizer {path} has no EOS token (the end-of-document id the datasets cut at)")
+    return tokenizer
 
 
 def build_data(cfg: Config, train_samples: int, valid_samples: int):
@@ -174,9 +185,7 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
 
     d = cfg.data
     if d.tokenizer_model:
-        from megatron_resonance.data.tokenizer import Tokenizer
-
-        tokenizer = dict(tokenizer=Tokenizer(d.tokenizer_model))
+        tokenizer = dict(tokenizer=load_data_tokenizer(d.tokenizer_model))
     else:
         tokenizer = dict(vocab_size=cfg.model.vocab_size, eod_id=cfg.model.vocab_size - 1)
     if d.mock_data:

@@ -565,6 +565,13 @@ def run(cfg: Config) -> TrainState:
     elif cfg.checkpoint.load:
         info = load_weights_only(cfg.checkpoint.load, chunks, optimizer)
         print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
+    if cfg.checkpoint.load and save and resume_from != save and distributed.is_rank0():
+        # the source's Hugging Face files (tokenizer, token ids) go on with the weights trained from them
+        from megatron_resonance.conversion import hf_assets
+
+        kept = hf_assets.carry_assets(cfg.checkpoint.load, info["path"], save)
+        if kept:
+            print_rank0(f"[build] kept the source's Hugging Face files (tokenizer, config) in {kept}")
 
     # ---------------------------------------------------------------- build: data
     iters = cfg.training.train_iters

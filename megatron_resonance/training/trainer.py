@@ -157,9 +157,20 @@ def resolve_and_validate(cfg: Config, world_size: int) -> None:
 
 
 def _tokenizer_vocab(cfg: Config) -> None:
-    if cfg.data.tokenizer_model:
-        tokenizer = load_data_tokenizer(cfg.data.tokenizer_model)
-        cfg.model.vocab_size = tokenizer.vocab_size
+    """The model's vocabulary: the tokenizer's, or, for a run that starts from a checkpoint (resume or
+    ``--load``), the checkpoint's when the tokenizer fits in it: Hugging Face models often have more embedding
+    rows than tokenizer ids (a DeepSeek or Qwen-style source), and those rows are part of the weights."""
+    if not cfg.data.tokenizer_model:
+        return
+    tokenizer = load_data_tokenizer(cfg.data.tokenizer_model)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    c = cfg.checkpoint
+    source = c.save if c.save and _has_checkpoint(c.save) else c.load if c.load and _has_checkpoint(c.load) else None
+    if source is None:
+        return
+    stored = checkpointing.read_config(source)["model"].get("vocab_size")
+    if stored is not None and stored > tokenizer.vocab_size:
+        cfg.model.vocab_size = stored
 
 
 def load_data_tokenizer(path: str):

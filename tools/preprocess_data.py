@@ -5,8 +5,9 @@
 
 Inputs: JSONL files (.jsonl/.json, one {"text": ...} per line) or any other file as one document;
 several are joined with commas. EOS follows every document (--no-eod to omit it); empty documents are
-skipped. Bad input is one error line and exit status 2; an existing dataset is never overwritten
-without --overwrite.
+skipped. The tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json (Llama-3's byte-level
+BPE) or a directory with either; a vocabulary of 65,500 ids or more is stored as int32. Bad input is
+one error line and exit status 2; an existing dataset is never overwritten without --overwrite.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="FILE[,FILE...]: JSONL (.jsonl/.json) or text files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model (ours or LLaMA's)")
+    p.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer_model", required=True,
+                   help="SentencePiece .model (ours or LLaMA's), Hugging Face tokenizer.json (Llama-3), or a "
+                        "directory with either")
     p.add_argument("--json-key", default="text", help="JSONL field holding the document (default: text)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     p.add_argument("--append-eod", dest="append_eod", action="store_true", default=True,

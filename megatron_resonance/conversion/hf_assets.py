@@ -2,7 +2,9 @@
 
 The importer keeps them in ``<MEGATRON_DIR>/hf/`` (the source ``config.json`` verbatim, plus whichever of
 ``HF_FILES`` exist); the exporter copies them into the Hugging Face directory and takes the source config
-as the reference for every non-architecture field (token ids, ...).
+as the reference for every non-architecture field (token ids, ...). Training from such a checkpoint
+(``--load``, e.g. context extension) carries ``hf/`` on into its ``--save`` (:func:`carry_assets`), so the
+extended checkpoint is evaluated with the source's tokenizer and exported with its token ids and files.
 """
 
 from __future__ import annotations
@@ -41,3 +43,19 @@ def default_reference(load: str, checkpoint: str) -> Optional[str]:
         if os.path.isdir(candidate):
             return candidate
     return None
+
+
+def carry_assets(load: str, checkpoint: str, save: str) -> Optional[str]:
+    """Copy the ``hf/`` kept beside ``load`` (``checkpoint``: its ``iter_*`` directory) to ``<save>/hf`` unless
+    ``save`` has one already. Returns the new directory, or None when nothing was copied."""
+    source = default_reference(load, checkpoint)
+    destination = os.path.join(save, ASSETS_DIR)
+    if source is None or os.path.exists(destination) or os.path.abspath(source) == os.path.abspath(destination):
+        return None
+    tmp = f"{destination}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy_assets(source, tmp, include_config=True)
+    if not os.path.isdir(tmp):
+        return None
+    os.replace(tmp, destination)
+    return destination

@@ -1,8 +1,8 @@
-"""Data: the embedded stdlib corpus, the SentencePiece tokenizer, Megatron indexed datasets, GPT datasets.
+"""Data: the embedded stdlib corpus, tokenizers (SentencePiece, Hugging Face), Megatron indexed datasets, GPT datasets.
 
     corpus     build_stdlib_corpus(output_dir, ...)          stdlib *.py -> train/valid JSONL, split by file
     tokenizer  train_tokenizer(inputs, model_prefix, ...)    byte-fallback BPE that round-trips code
-               Tokenizer(model_path)                         ours or LLaMA's tokenizer.model
+               Tokenizer(path)                               SentencePiece .model, HF tokenizer.json or dir
     preprocess preprocess(inputs, output_prefix, model, ...) text/JSONL -> PREFIX.bin/.idx (megatron-core)
     datasets   build_gpt_datasets(seq_length=..., ...)       megatron GPTDataset / MockGPTDataset splits
     prepare    prepare_default_data(output_dir, ...)         all of the above for the default corpus

@@ -3,7 +3,8 @@
 The files are written by megatron-core's ``IndexedDatasetBuilder``, so Megatron-LM, megatron-core's
 ``GPTDataset`` and :func:`megatron_resonance.data.build_gpt_datasets` all read them. As Megatron-LM's
 ``tools/preprocess_data.py``: one sequence per document (``lengths = [len(ids)]``), EOS appended to each
-document unless disabled, token dtype ``uint16`` below 65,500 ids and ``int32`` above.
+document unless disabled, token dtype ``uint16`` below 65,500 ids and ``int32`` above (Llama-3's 128,256;
+megatron-core's ``IndexedDataset`` reads the dtype back from the ``.idx`` header).
 
 Inputs are JSONL files (``.jsonl``/``.json``; one ``{"text": ...}`` object per line) or any other file,
 which is one document. Empty documents are skipped: a zero-length sequence makes ``GPTDataset``'s sample
@@ -15,6 +16,8 @@ existing dataset untouched.
 
     python tools/preprocess_data.py --input data/stdlib/train.jsonl --output-prefix data/stdlib/train \
         --tokenizer-model data/stdlib/spm2048.model --workers 2
+    python tools/preprocess_data.py --input docs.jsonl --output-prefix data/llama3/train \
+        --tokenizer-model hf/Meta-Llama-3-8B            # or .../tokenizer.json
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_resonance.cli import UsageError
-from megatron_resonance.data.tokenizer import Tokenizer
+from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -127,21 +130,14 @@ def count_documents(paths: Sequence[Path]) -> int:
     return total
 
 
-def load_tokenizer(model_path) -> Tokenizer:
-    """:class:`Tokenizer`, with a missing or unreadable file as :class:`UsageError`."""
-    try:
-        return Tokenizer(model_path)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
-
-
 # ---------------------------------------------------------------- workers ---------------------------------
 
 _WORKER: dict = {}
 
 
-def _init_worker(model_path: str, append_eod: bool) -> None:
-    tok = Tokenizer(model_path)
+def _init_worker(model, append_eod: bool) -> None:
+    """``model``: the tokenizer's path (a pool process loads it) or the loaded :class:`Tokenizer`."""
+    tok = model if isinstance(model, Tokenizer) else Tokenizer(model)
     _WORKER.update(tokenizer=tok, append_eod=append_eod, dtype=token_dtype(tok.vocab_size))
 
 
@@ -180,7 +176,8 @@ def preprocess(
     Args:
         inputs: JSONL and/or text files, read in the given order.
         output_prefix: path without extension; parent directories are created.
-        tokenizer_model: SentencePiece ``.model`` (ours or LLaMA's).
+        tokenizer_model: SentencePiece ``.model`` (ours or LLaMA's), Hugging Face ``tokenizer.json`` (Llama-3)
+            or a directory with either (see :class:`~megatron_resonance.data.tokenizer.Tokenizer`).
         json_key: field holding the text in JSONL records.
         workers: tokenizer processes (1: tokenize in this process). The output does not depend on it.
         append_eod: append the tokenizer's EOS id after every document.
@@ -196,6 +193,8 @@ def preprocess(
         raise UsageError(f"--workers must be >= 1, got {workers}")
     paths = check_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_model)
+    if append_eod and tokenizer.eos_id is None:
+        raise UsageError(f"the tokenizer {tokenizer_model} has no EOS token to end documents with (pass --no-eod)")
     if str(output_prefix).endswith(("/", os.sep)) or Path(output_prefix).is_dir():
         raise UsageError(f"output prefix is a directory, expected a path prefix: {output_prefix}")
     bin_path, idx_path = output_paths(output_prefix)
@@ -222,13 +221,12 @@ def preprocess(
     bar = tqdm(total=count_documents(paths) if show else None, unit="doc", disable=not show, dynamic_ncols=True)
     try:
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-        init_args = (tokenizer.path, append_eod)
         docs = iter_documents(paths, json_key)
         if workers > 1:
-            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
+            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer.path, append_eod))
             encoded = pool.imap(_encode, docs, chunksize=chunksize)
         else:
-            _init_worker(*init_args)
+            _init_worker(tokenizer, append_eod)
             encoded = map(_encode, docs)
         for data, n, nbytes in encoded:
             bar.update(1)

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: train the small BPE model of the embedded corpus, load it or LLaMA's.
+"""Tokenizers: train the small SentencePiece BPE model of the embedded corpus; load it, LLaMA's, or a Hugging
+Face ``tokenizer.json`` (Llama-3's byte-level BPE) through one :class:`Tokenizer`.
 
 The trained model is lossless on source code: ``decode(encode(text)) == text`` for any text that does not
 itself contain SentencePiece's meta symbol U+2581 ("▁", decoded as a space; LLaMA's tokenizer has the same
@@ -16,13 +17,15 @@ limit). That takes
 * ``split_digits=True`` as LLaMA does.
 
 Special ids follow LLaMA: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no pad. The same :class:`Tokenizer` loads
-LLaMA's ``tokenizer.model`` (which adds a dummy prefix; its decode strips it again).
+LLaMA's ``tokenizer.model`` (which adds a dummy prefix; its decode strips it again), and a Hugging Face
+``tokenizer.json`` or tokenizer directory (Llama-3 and most current LLaMA-architecture models).
 
     python tools/train_tokenizer.py --input data/stdlib/train.jsonl --model-prefix data/stdlib/spm2048
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -36,49 +39,121 @@ DEFAULT_VOCAB_SIZE = 2048
 TRAIN_CHUNK_CHARS = 4096
 
 
+#: Hugging Face tokenizer files: ``tokenizer.json`` (the fast tokenizer, e.g. Llama-3's byte-level BPE) and
+#: the settings naming its special tokens
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+#: special tokens looked up by name when no tokenizer config names them (a bare ``tokenizer.json``)
+KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+KNOWN_EOS = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+
+
+def tokenizer_kind(path) -> str:
+    """``"sentencepiece"`` or ``"huggingface"`` for a tokenizer path (see :class:`Tokenizer`); the file or
+    directory must exist. A directory is Hugging Face when it holds ``tokenizer.json``, else SentencePiece
+    when it holds ``tokenizer.model``; a JSON file is a ``tokenizer.json``; any other file SentencePiece."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / HF_TOKENIZER_FILE).is_file():
+            return "huggingface"
+        if (path / "tokenizer.model").is_file():
+            return "sentencepiece"
+        raise ValueError(f"no tokenizer in {path}: expected {HF_TOKENIZER_FILE} (Hugging Face) or tokenizer.model "
+                         "(SentencePiece)")
+    if path.suffix == ".json":
+        return "huggingface"
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    return "huggingface" if head.startswith(b"{") else "sentencepiece"
+
+
 class Tokenizer:
-    """A loaded SentencePiece model with the ids the data pipeline and the trainer need.
+    """A loaded tokenizer with the ids the data pipeline, the trainer and the evaluation need.
+
+    Two backends behind one interface (``encode``, ``decode``, ``vocab_size``, ``bos_id``, ``eos_id``):
+
+    * SentencePiece: a ``.model`` file (ours or LLaMA-2's ``tokenizer.model``), or a directory holding one;
+    * Hugging Face (as Megatron-LM's ``HuggingFaceTokenizer``, through ``transformers.AutoTokenizer``): a
+      ``tokenizer.json`` (Llama-3's byte-level BPE and most current models) or a directory holding one. Its
+      ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it name BOS and EOS (Llama-3:
+      ``<|begin_of_text|>``, ``<|end_of_text|>``); a bare ``tokenizer.json`` falls back to the usual names
+      (``KNOWN_BOS`` / ``KNOWN_EOS``). The vocabulary size is ``len(tokenizer)``, added tokens included.
+
+    ``encode`` never adds special tokens by itself (a Hugging Face post-processor's BOS is not added either):
+    BOS / EOS only when asked for. ``bos_id`` / ``eos_id`` / ``pad_id`` / ``unk_id`` are None when the
+    tokenizer has no such token.
 
     Args:
-        model_path: a SentencePiece ``.model`` file (ours or LLaMA's ``tokenizer.model``).
+        model_path: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json``, or a directory with either.
+
+    Raises:
+        FileNotFoundError: nothing at ``model_path``.
+        ValueError: it is neither kind of tokenizer, or it cannot be loaded (one line).
     """
 
     def __init__(self, model_path):
         self.path = str(model_path)
-        if not Path(self.path).is_file():
+        path = Path(self.path)
+        if not path.exists():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
+        self.kind = tokenizer_kind(path)
+        self.sp = self.hf = None
+        if self.kind == "huggingface":
+            self.hf = _load_hf(path)
+            return
+        model = path / "tokenizer.model" if path.is_dir() else path
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(self.path)
+            self.sp.Load(str(model))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"not a SentencePiece model: {self.path} ({err})") from None
+            raise ValueError(f"not a SentencePiece model (nor a Hugging Face {HF_TOKENIZER_FILE}): {self.path} "
+                             f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})"
+                             ) from None
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids (pieces), byte-fallback and special pieces included."""
-        return self.sp.get_piece_size()
+        """Number of ids: SentencePiece pieces (byte-fallback and special pieces included), or the Hugging Face
+        vocabulary with its added tokens."""
+        return self.sp.get_piece_size() if self.sp is not None else len(self.hf)
+
+    @staticmethod
+    def _id(value) -> Optional[int]:
+        return None if value is None or value < 0 else int(value)
 
     @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
+    def bos_id(self) -> Optional[int]:
+        return self._id(self.sp.bos_id() if self.sp is not None else self._hf_special("bos", KNOWN_BOS))
 
     @property
-    def eos_id(self) -> int:
+    def eos_id(self) -> Optional[int]:
         """End of sentence; the preprocessor appends it after every document (Megatron's ``eod``)."""
-        return self.sp.eos_id()
+        return self._id(self.sp.eos_id() if self.sp is not None else self._hf_special("eos", KNOWN_EOS))
 
     @property
-    def pad_id(self) -> int:
-        """-1 when the model has no pad piece (ours and LLaMA's)."""
-        return self.sp.pad_id()
+    def pad_id(self) -> Optional[int]:
+        """None when the tokenizer has no pad token (ours, LLaMA's and Llama-3's)."""
+        return self._id(self.sp.pad_id() if self.sp is not None else self.hf.pad_token_id)
 
     @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
+    def unk_id(self) -> Optional[int]:
+        return self._id(self.sp.unk_id() if self.sp is not None else self.hf.unk_token_id)
+
+    def _hf_special(self, which: str, known: Sequence[str]) -> Optional[int]:
+        found = getattr(self.hf, f"{which}_token_id")
+        if found is not None:
+            return found
+        vocab = self.hf.get_vocab()
+        return next((vocab[name] for name in known if name in vocab), None)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         """Token ids of ``text``, optionally framed by BOS / EOS."""
-        ids = self.sp.encode(text)
+        if self.sp is not None:
+            ids = self.sp.encode(text)
+        else:
+            ids = list(self.hf.encode(text, add_special_tokens=False))
+        for wanted, name, token in ((bos, "BOS", self.bos_id), (eos, "EOS", self.eos_id)):
+            if wanted and token is None:
+                raise ValueError(f"the tokenizer {self.path} has no {name} token")
         if bos:
             ids = [self.bos_id] + ids
         if eos:
@@ -86,16 +161,72 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids`` (a list, NumPy array or tensor); control ids (BOS/EOS) decode to nothing."""
+        """Text of ``ids`` (a list, NumPy array or tensor); special ids (BOS/EOS) decode to nothing."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return self.sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def id_to_piece(self, token_id: int) -> str:
-        return self.sp.id_to_piece(int(token_id))
+        if self.sp is not None:
+            return self.sp.id_to_piece(int(token_id))
+        return self.hf.convert_ids_to_tokens(int(token_id))
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.path!r}, {self.kind}, vocab_size={self.vocab_size})"
+
+
+def _load_hf(path: Path):
+    """``transformers.AutoTokenizer`` over a directory with ``tokenizer.json``, or a ``tokenizer.json``: with the
+    tokenizer config beside it when there is one (that names the special tokens), else the bare file."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import transformers
+    except ImportError:
+        raise ValueError(f"{path}: a Hugging Face tokenizer needs transformers (pip install -e '.[hf]')") from None
+    directory = path if path.is_dir() else path.parent
+    with_config = path.is_dir() or (path.name == HF_TOKENIZER_FILE and any(
+        (directory / name).is_file() for name in HF_CONFIG_FILES))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than model_max_length" and similar notes
+    try:
+        if with_config:
+            return transformers.AutoTokenizer.from_pretrained(str(directory))
+        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as err:  # noqa: BLE001 - any loader failure is one error line
+        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"not a Hugging Face tokenizer (nor a SentencePiece model): {path} ({line})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(path, what: str = "tokenizer") -> Tokenizer:
+    """:class:`Tokenizer` with a missing or unreadable tokenizer as one-line
+    :class:`~megatron_resonance.cli.UsageError` (``what`` names it, e.g. the flag). Loaded once per process
+    while its files are unchanged (the evaluation checks ``--tokenizer`` first, then uses it)."""
+    from megatron_resonance.cli import UsageError
+
+    try:
+        return _cached_tokenizer(os.path.abspath(path), _stamp(Path(path)))
+    except FileNotFoundError as err:
+        raise UsageError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
+    except ValueError as err:
+        raise UsageError(str(err) if what == "tokenizer" else f"{what}: {err}") from None
+
+
+def _stamp(path: Path) -> tuple:
+    files = [path / n for n in (HF_TOKENIZER_FILE, "tokenizer.model", *HF_CONFIG_FILES)] if path.is_dir() else [path]
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(path: str, stamp: tuple) -> Tokenizer:
+    return Tokenizer(path)
 
 
 def _line_chunks(text: str, max_chars: int = TRAIN_CHUNK_CHARS) -> Iterator[str]:

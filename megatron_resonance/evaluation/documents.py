@@ -23,62 +23,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_resonance.cli import UsageError
+from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer  # noqa: F401 - the evaluation's tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizers: our SentencePiece models, or a Hugging Face directory's own tokenizer
-# ----------------------------------------------------------------------------------------------------------
-
-
-class TextTokenizer:
-    """``encode`` / ``decode`` / ``eos_id`` / ``bos_id`` over a SentencePiece model or a Hugging Face tokenizer.
-
-    Args:
-        path: a SentencePiece ``.model`` file, or a Hugging Face directory with ``tokenizer.json``.
-    """
-
-    def __init__(self, path: str):
-        self.path = str(path)
-        if os.path.isdir(self.path):
-            try:
-                from transformers import AutoTokenizer
-
-                self._hf = AutoTokenizer.from_pretrained(self.path)
-            except Exception as e:  # noqa: BLE001 - any loader failure is one error line
-                raise UsageError(f"cannot load the tokenizer in {self.path}: {str(e).splitlines()[0]}") from None
-            self._sp = None
-        else:
-            from megatron_resonance.data.tokenizer import Tokenizer
-
-            try:
-                self._sp = Tokenizer(self.path)
-            except (FileNotFoundError, ValueError) as e:
-                raise UsageError(str(e)) from None
-            self._hf = None
-
-    def encode(self, text: str) -> List[int]:
-        if self._sp is not None:
-            return self._sp.encode(text)
-        return list(self._hf.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
-        return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids)
-
-    @property
-    def eos_id(self) -> Optional[int]:
-        eos = self._sp.eos_id if self._sp is not None else self._hf.eos_token_id
-        return None if eos is None or eos < 0 else int(eos)
-
-    @property
-    def bos_id(self) -> Optional[int]:
-        bos = self._sp.bos_id if self._sp is not None else self._hf.bos_token_id
-        return None if bos is None or bos < 0 else int(bos)
-
-    def __repr__(self) -> str:
-        return f"TextTokenizer({self.path!r})"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,10 +88,11 @@ def default_texts() -> List[str]:
     return [(root / src.relpath).read_bytes().decode("utf-8") for src in valid]
 
 
-def load_documents(data: Optional[str], tokenizer: Optional[TextTokenizer] = None) -> List[np.ndarray]:
+def load_documents(data: Optional[str], tokenizer: Optional[Tokenizer] = None) -> List[np.ndarray]:
     """Token arrays (int64) of the documents of ``data`` (see the module docstring), in file order.
 
-    Text needs ``tokenizer``; an indexed dataset is cut at its EOS when ``tokenizer`` is given."""
+    Text needs ``tokenizer`` (a :class:`~megatron_resonance.data.tokenizer.Tokenizer`: SentencePiece or Hugging
+    Face); an indexed dataset is cut at its EOS when ``tokenizer`` is given."""
     kind = data_kind(data)
     if kind == "indexed":
         return _indexed_documents(_indexed_prefix(data), tokenizer.eos_id if tokenizer else None)

@@ -5,12 +5,14 @@ original training length and tokenizer), so every bad input is found before any 
 another. :func:`open_scorer` loads it and returns a :class:`Scorer`: ``scores(tokens)`` for a batch of
 equal-length windows, plus the data-parallel layout so callers can split windows over replicas.
 
-**Which tokenizer goes with a checkpoint.** ``--tokenizer`` wins. Otherwise, for a Megatron checkpoint, the
-first that exists of: ``<root>/hf/tokenizer.model`` (kept by ``tools/convert_hf_to_megatron.py``),
-``<iter dir>/tokenizer.model`` or ``<root>/tokenizer.model`` (a copy placed with the checkpoint), and the
-training run's ``data.tokenizer_model`` recorded in ``megatron_resonance.json`` (as recorded, else
-relative to the checkpoint root). For a Hugging Face directory: its ``tokenizer.model``, else its
-``tokenizer.json`` through ``transformers.AutoTokenizer``.
+**Which tokenizer goes with a checkpoint.** ``--tokenizer`` wins (a SentencePiece ``.model``, a Hugging Face
+``tokenizer.json``, or a directory with either). Otherwise, for a Megatron checkpoint, the first that exists
+of: the Hugging Face files kept by ``tools/convert_hf_to_megatron.py`` (and carried on by training from
+it) in ``<root>/hf/`` (``tokenizer.model``, else the directory when it holds ``tokenizer.json``, as a
+Llama-3 source does), a ``tokenizer.model`` or ``tokenizer.json`` placed in the ``iter_*`` directory or
+the root, and the training run's ``data.tokenizer_model`` recorded in ``megatron_resonance.json`` (as
+recorded, else relative to the checkpoint root). For a Hugging Face directory: its ``tokenizer.model``,
+else the directory itself when it holds ``tokenizer.json`` (loaded with its ``tokenizer_config.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from megatron_resonance.cli import UsageError
+from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.evaluation.scoring import TokenScores
 from megatron_resonance.megatron import distributed
@@ -83,9 +86,10 @@ def default_name(spec: ModelSpec) -> str:
     return base
 
 
-def _first_file(candidates: Sequence[Optional[str]]) -> Optional[str]:
+def _first_tokenizer(candidates: Sequence[Optional[str]]) -> Optional[str]:
+    """The first candidate that is a tokenizer: a file, or a directory holding ``tokenizer.json``."""
     for c in candidates:
-        if c and os.path.isfile(c):
+        if c and (os.path.isfile(c) or os.path.isfile(os.path.join(c, HF_TOKENIZER_FILE))):
             return c
     return None
 
@@ -94,24 +98,18 @@ def megatron_tokenizer(load: str, checkpoint: str, stored: Dict[str, Any]) -> Op
     """The tokenizer stored with a Megatron checkpoint (see the module docstring), or None."""
     root = os.path.dirname(os.path.abspath(checkpoint))
     recorded = ((stored.get("run") or {}).get("data") or {}).get("tokenizer_model")
-    candidates = [
-        os.path.join(root, "hf", "tokenizer.model"),
-        os.path.join(load, "hf", "tokenizer.model"),
-        os.path.join(checkpoint, "tokenizer.model"),
-        os.path.join(root, "tokenizer.model"),
-    ]
+    candidates = []
+    for assets in (os.path.join(root, "hf"), os.path.join(load, "hf")):
+        candidates += [os.path.join(assets, "tokenizer.model"), assets]
+    for directory in (checkpoint, root):
+        candidates += [os.path.join(directory, "tokenizer.model"), os.path.join(directory, HF_TOKENIZER_FILE)]
     if recorded:
         candidates += [recorded, os.path.join(root, recorded)]
-    return _first_file(candidates)
+    return _first_tokenizer(candidates)
 
 
 def hf_tokenizer(directory: str) -> Optional[str]:
-    found = _first_file([os.path.join(directory, "tokenizer.model")])
-    if found:
-        return found
-    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        return directory
-    return None
+    return _first_tokenizer([os.path.join(directory, "tokenizer.model"), directory])
 
 
 def resolve(spec: ModelSpec, tokenizer: Optional[str] = None) -> ResolvedModel:
@@ -122,8 +120,8 @@ def resolve(spec: ModelSpec, tokenizer: Optional[str] = None) -> ResolvedModel:
         flag = "--load" if spec.kind == "megatron" else "--hf"
         raise UsageError(f"{flag} {spec.path}: no such file or directory")
     name = spec.name or default_name(spec)
-    if tokenizer is not None and not os.path.exists(tokenizer):
-        raise UsageError(f"--tokenizer {tokenizer}: no such file")
+    if tokenizer is not None:
+        load_tokenizer(tokenizer, "--tokenizer")  # one line for a path that is no tokenizer, before any model
     if spec.kind == "megatron":
         return _resolve_megatron(spec, name, tokenizer)
     return _resolve_hf(spec, name, tokenizer)
@@ -435,8 +433,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool) -> No
     if several:
         g.add_argument("--name", action="append", default=[],
                        help="report key of the models in --load/--hf order (default: the directory's basename)")
-    g.add_argument("--tokenizer", default=None, metavar="SPM_MODEL",
-                   help="SentencePiece model (default: the tokenizer stored with the model)")
+    g.add_argument("--tokenizer", default=None, metavar="TOKENIZER",
+                   help="SentencePiece .model, Hugging Face tokenizer.json, or a directory with either "
+                        "(default: the tokenizer stored with the model)")
     p = parser.add_argument_group("parallelism and precision (Megatron checkpoints)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP ranks (under torchrun)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP stages (under torchrun)")

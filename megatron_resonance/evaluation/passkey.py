@@ -43,8 +43,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.evaluation import models as models_lib
-from megatron_resonance.evaluation.documents import TextTokenizer
 from megatron_resonance.evaluation.models import ModelSpec, Runtime, Scorer
 from megatron_resonance.evaluation.plots import fmt, markdown_table, plot_passkey
 
@@ -234,7 +234,7 @@ def run(
     runtime.check([resolved])
     if resolved.tokenizer is None:
         raise UsageError(f"passkey prompts are text and no tokenizer is stored with {resolved.name}: pass --tokenizer")
-    builder = PromptBuilder(TextTokenizer(resolved.tokenizer), add_bos=add_bos)
+    builder = PromptBuilder(load_tokenizer(resolved.tokenizer), add_bos=add_bos)
     shortest = builder.fixed_tokens()
     if lengths[0] < shortest:
         raise UsageError(f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "

@@ -210,7 +210,7 @@ def _documents(resolved: Sequence[ResolvedModel], data: Optional[str], add_bos: 
                              if text else f"--add-bos needs a tokenizer: none is stored with {m.name}")
         key = m.tokenizer if (text or add_bos or docs_lib.data_kind(data) == "indexed") else None
         if key not in cache:
-            tok = docs_lib.TextTokenizer(key) if key else None
+            tok = docs_lib.load_tokenizer(key) if key else None
             found = docs_lib.load_documents(data, tok)
             if add_bos:
                 if tok.bos_id is None:

@@ -37,7 +37,9 @@ class DataConfig:
     data_path: Optional[str] = _f(None, "indexed-dataset prefix (…/name without .bin/.idx) for training")
     valid_data_path: Optional[str] = _f(None, "indexed-dataset prefix for evaluation (default: data_path)")
     mock_data: bool = _f(False, "synthetic tokens instead of a dataset (megatron MockGPTDataset)")
-    tokenizer_model: Optional[str] = _f(None, "SentencePiece model; sets the vocabulary size")
+    tokenizer_model: Optional[str] = _f(
+        None, "SentencePiece .model, Hugging Face tokenizer.json or a directory with either; sets the vocabulary "
+        "size and the end-of-document id")
     seq_length: int = _f(128, "tokens per training sample")
     micro_batch_size: int = _f(1, "samples per micro-batch per data-parallel rank")
     global_batch_size: int = _f(8, "samples per optimizer step (a multiple of micro_batch_size x DP)")

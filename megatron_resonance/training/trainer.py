@@ -157,12 +157,34 @@ def resolve_and_validate(cfg: Config, world_size: int) -> None:
 
 
 def _tokenizer_vocab(cfg: Config) -> None:
-    if cfg.data.tokenizer_model:
-        from megatron_resonance.data.tokenizer import Tokenizer
+    """The model's vocabulary: the tokenizer's, or, for a run that starts from a checkpoint (resume or
+    ``--load``), the checkpoint's when the tokenizer fits in it: Hugging Face models often have more embedding
+    rows than tokenizer ids (a DeepSeek or Qwen-style source), and those rows are part of the weights."""
+    if not cfg.data.tokenizer_model:
+        return
+    tokenizer = load_data_tokenizer(cfg.data.tokenizer_model)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    c = cfg.checkpoint
+    source = c.save if c.save and _has_checkpoint(c.save) else c.load if c.load and _has_checkpoint(c.load) else None
+    if source is None:
+        return
+    stored = checkpointing.read_config(source)["model"].get("vocab_size")
+    if stored is not None and stored > tokenizer.vocab_size:
+        cfg.model.vocab_size = stored
 
-        if not os.path.isfile(cfg.data.tokenizer_model):
-            raise ConfigError(f"tokenizer model not found: {cfg.data.tokenizer_model}")
-        cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
+
+def load_data_tokenizer(path: str):
+    """The ``--tokenizer-model`` (SentencePiece or Hugging Face), which must have an EOS (the documents' end);
+    ConfigError with one line otherwise."""
+    from megatron_resonance.data.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer.eos_id is None:
+        raise ConfigError(f"tokenizer {path} has no EOS token (the end-of-document id the datasets cut at)")
+    return tokenizer
 
 
 def build_data(cfg: Config, train_samples: int, valid_samples: int):
@@ -174,9 +196,7 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
 
     d = cfg.data
     if d.tokenizer_model:
-        from megatron_resonance.data.tokenizer import Tokenizer
-
-        tokenizer = dict(tokenizer=Tokenizer(d.tokenizer_model))
+        tokenizer = dict(tokenizer=load_data_tokenizer(d.tokenizer_model))
     else:
         tokenizer = dict(vocab_size=cfg.model.vocab_size, eod_id=cfg.model.vocab_size - 1)
     if d.mock_data:
@@ -556,6 +576,13 @@ def run(cfg: Config) -> TrainState:
     elif cfg.checkpoint.load:
         info = load_weights_only(cfg.checkpoint.load, chunks, optimizer)
         print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
+    if cfg.checkpoint.load and save and resume_from != save and distributed.is_rank0():
+        # the source's Hugging Face files (tokenizer, token ids) go on with the weights trained from them
+        from megatron_resonance.conversion import hf_assets
+
+        kept = hf_assets.carry_assets(cfg.checkpoint.load, info["path"], save)
+        if kept:
+            print_rank0(f"[build] kept the source's Hugging Face files (tokenizer, config) in {kept}")
 
     # ---------------------------------------------------------------- build: data
     iters = cfg.training.train_iters

@@ -44,7 +44,7 @@ def test_round_trip_on_whitespace_control_and_unicode(tiny_tokenizer, text):
 
 def test_special_ids_and_framing(tiny_tokenizer):
     tok = tiny_tokenizer
-    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, -1)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, None)  # no pad: None
     assert tok.vocab_size == TINY_VOCAB
     ids = tok.encode("def f():\n", bos=True, eos=True)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id

@@ -50,6 +50,9 @@ def checkpoint(tmp_path_factory):
         (["LOAD", "--lengths", "16", "--data", "/no/prefix"], "/no/prefix.bin not found"),
         (["LOAD", "--lengths", "16"], "no tokenizer is stored with ckpt: pass --tokenizer"),
         (["LOAD", "--lengths", "16", "--tokenizer", "/no/tok.model"], "--tokenizer /no/tok.model: no such file"),
+        (["LOAD", "--lengths", "16", "--tokenizer", "NOT_A_TOKENIZER"], "--tokenizer: not a SentencePiece model (nor "
+                                                                        "a Hugging Face tokenizer.json)"),
+        (["LOAD", "--lengths", "16", "--tokenizer", "/"], "--tokenizer: no tokenizer in /: expected tokenizer.json"),
         (["LOAD", "--lengths", "16", "--tensor-model-parallel-size", "3"], "world size 1 is not divisible"),
         (["LOAD", "LOAD", "--lengths", "16"], "two models are named 'ckpt'"),
         (["--lengths", "16"], "no model"),
@@ -60,7 +63,10 @@ def checkpoint(tmp_path_factory):
     ],
 )
 def test_perplexity_bad_input(checkpoint, tmp_path, capsys, argv, message):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"\x00 neither SentencePiece nor JSON")
     argv = [a for x in argv for a in (["--load", str(checkpoint)] if x == "LOAD" else [x])]
+    argv = [str(junk) if a == "NOT_A_TOKENIZER" else a for a in argv]
     err = _fails(perplexity.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert err.startswith("eval_perplexity.py: error: ") and message in err, err
 

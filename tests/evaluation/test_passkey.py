@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from megatron_resonance.cli import UsageError
-from megatron_resonance.evaluation.documents import TextTokenizer
+from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.evaluation.passkey import INTRO, NEEDLE, QUESTION, PromptBuilder, passkey
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_model):
-    return TextTokenizer(str(tokenizer_model))
+    return load_tokenizer(str(tokenizer_model))
 
 
 @pytest.mark.parametrize("add_bos", [False, True])

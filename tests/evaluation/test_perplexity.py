@@ -101,12 +101,12 @@ def test_stride_equals_sliding_window_reference(session, hf_model):
 
 def test_text_jsonl_and_indexed_dataset_agree(session):
     """Text tokenized with the tokenizer recorded by the training run == its preprocessed .bin/.idx (EOS cut)."""
-    from megatron_resonance.evaluation.documents import TextTokenizer
+    from megatron_resonance.data.tokenizer import load_tokenizer
 
     text, indexed = session.result("text"), session.result("indexed")
     assert text["models"]["ckpt"]["tokenizer"] == str(session.tokenizer)
     assert text["perplexity"] == indexed["perplexity"]
-    tok = TextTokenizer(str(session.tokenizer))
+    tok = load_tokenizer(str(session.tokenizer))
     lengths = [len(tok.encode(json.loads(line)["text"])) for line in open(session.text)]
     for L in ("16", "64"):
         used = [n for n in lengths if n >= int(L)]

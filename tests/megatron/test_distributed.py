@@ -20,9 +20,10 @@ def srun_task(monkeypatch):
     """This process as task 0 of an ``srun`` step with ``n`` tasks (no torchrun variables)."""
 
     def make(n: int):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(SLURM_JOB_ID="7", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
-                   SLURM_NTASKS=str(n), SLURM_STEP_NUM_TASKS=str(n), SLURM_JOB_NODELIST="localhost")  # fmt: skip
+                   SLURM_NTASKS=str(n), SLURM_STEP_NUM_TASKS=str(n), SLURM_JOB_NODELIST="localhost",
+                   MASTER_ADDR="127.0.0.1")  # fmt: skip (no scontrol look-up of the first node's address)
         monkeypatch.setattr(os, "environ", env)
 
     return make

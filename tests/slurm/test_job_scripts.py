@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path)
     assert meta["run"]["world_size"] == 2  # CPU mode: NPROC_PER_NODE defaults to 2 gloo processes
     run_dir = tmp_path / "outputs" / "slurm" / f"mr-extend-{job_id}"
     launch = (run_dir / "launch.log").read_text()
-    assert "--rdzv-backend=c10d" in launch and "CUDA_VISIBLE_DEVICES=" in launch
+    assert "--rdzv-backend=static" in launch and "CUDA_VISIBLE_DEVICES=" in launch
     assert "NCCL_DEBUG" not in launch  # no NCCL settings in CPU mode
 
 
@@ -203,9 +204,92 @@ def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     cmd = proc.stdout
     for part in (
         "srun --nodes=4 --ntasks=4 --ntasks-per-node=1", "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
-        "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu07:29500",
+        "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=static", "--rdzv-endpoint=gpu07:29500",
+        "--node-rank=",
         f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml", f"--load {tmp_path}/ckpt/llama2-7b",
         "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_DEBUG=WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
     ):
         assert part in cmd, (part, cmd)
     assert "CUDA_VISIBLE_DEVICES" not in cmd
+
+
+# ---- two nodes ------------------------------------------------------------------------------------------
+# The session's cluster has two nodes, n1 and n2, whose names resolve nowhere (NodeAddr=127.0.0.1): a job
+# that rendezvouses at the first node's *name* fails to connect.
+
+PROBE = """\
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+total = torch.tensor([float(dist.get_rank())])
+dist.all_reduce(total)
+keys = ("RANK", "GROUP_RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_NODEID", "SLURMD_NODENAME", "MASTER_ADDR")
+record = {k: os.environ.get(k) for k in keys}
+record["sum"] = total.item()
+with open(os.path.join(sys.argv[1], f"rank-{dist.get_rank()}.json"), "w") as f:
+    json.dump(record, f)
+dist.destroy_process_group()
+"""
+
+
+def slow_first_node_python(path: Path) -> Path:
+    """An interpreter for $PYTHON whose torchrun agent on node 0 starts 5 s after node 1's: with c10d's
+    arrival-order rendezvous node 1 would take group rank 0."""
+    path.write_text(f'#!/bin/bash\nif [[ $SLURM_NODEID == 0 ]]; then sleep 5; fi\nexec {sys.executable} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_two_node_torchrun_ranks_follow_node_ids_and_meet_at_node_addr(local_slurm, tmp_path):
+    """common.sh's launcher on 2 nodes x 2 workers: rendezvous at node 0's NodeAddr (127.0.0.1; its name
+    n1 does not resolve), global rank = SLURM_NODEID * 2 + local rank however late node 0 starts, and a
+    gloo all-reduce across all four."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    (tmp_path / "probe.py").write_text(PROBE)
+    python = slow_first_node_python(tmp_path / "python")
+    script = tmp_path / "probe.sbatch"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --job-name=probe --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/%x-%j.out
+        set -euo pipefail
+        REPO={REPO} PYTHON={python} GPUS_PER_NODE=0 NPROC_PER_NODE=2 OUTPUT_DIR={tmp_path}/outputs
+        source "$REPO/slurm/common.sh"
+        mr_init probe
+        mr_torchrun_command {tmp_path}/probe.py {out}
+        mr_run
+        """))
+    job_id = local_slurm.sbatch(script, cwd=tmp_path)
+    finished_ok(local_slurm, job_id, tmp_path, timeout=180)
+
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(4)]
+    for r, rec in enumerate(ranks):
+        assert (rec["sum"], rec["WORLD_SIZE"]) == (0 + 1 + 2 + 3, "4"), rec
+        assert int(rec["GROUP_RANK"]) == int(rec["SLURM_NODEID"]) == r // 2, ranks
+        assert (int(rec["LOCAL_RANK"]), rec["SLURMD_NODENAME"]) == (r % 2, f"n{r // 2 + 1}"), ranks
+        assert rec["MASTER_ADDR"] == "127.0.0.1", rec  # the workers' store: node 0's NodeAddr too
+
+
+def two_node_extend(local_slurm, pretrained, tmp_path, save: Path, train_args: str) -> int:
+    """extend_context.sbatch on both nodes, one torchrun worker per node, the two pipeline stages on
+    different nodes."""
+    return submit(
+        local_slurm, "extend_context.sbatch", tmp_path, "--nodes=2", LOAD=str(pretrained), SAVE=str(save),
+        MOCK_DATA="1", NPROC_PER_NODE="1", PP="2", TRAIN_ARGS=f"{EXTEND_STEPS} {train_args}",
+    )
+
+
+def test_extend_context_on_two_nodes_pipeline_across_them(local_slurm, pretrained, tmp_path):
+    save = tmp_path / "extended"
+    job_id = two_node_extend(local_slurm, pretrained, tmp_path, save, "--train-iters 3")
+    job = finished_ok(local_slurm, job_id, tmp_path, timeout=300)
+
+    assert job["NodeList"] == "n[1-2]"
+    assert latest(save) == 3 and training_iterations(save) == [1, 2, 3]
+    meta = stored(save)
+    assert meta["run"]["world_size"] == 2 and meta["run"]["parallel"]["pipeline_model_parallel_size"] == 2
+    assert meta["model"]["rope"]["kind"] == "resonance_yarn"
+    launch = (tmp_path / "outputs" / "slurm" / f"mr-extend-{job_id}" / "launch.log").read_text()
+    assert "--nnodes=2" in launch and "MASTER_ADDR=127.0.0.1" in launch  # n1's NodeAddr, not the name

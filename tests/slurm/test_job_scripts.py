@@ -293,3 +293,28 @@ def test_extend_context_on_two_nodes_pipeline_across_them(local_slurm, pretraine
     assert meta["model"]["rope"]["kind"] == "resonance_yarn"
     launch = (tmp_path / "outputs" / "slurm" / f"mr-extend-{job_id}" / "launch.log").read_text()
     assert "--nnodes=2" in launch and "MASTER_ADDR=127.0.0.1" in launch  # n1's NodeAddr, not the name
+
+
+def test_srun_direct_launch_two_tasks_tensor_parallel_trains_and_saves(local_slurm, tmp_path):
+    """No torchrun: srun starts one trainer per task on each node, and the trainer maps SLURM_PROCID /
+    SLURM_STEP_NUM_TASKS onto torchrun's variables, rendezvousing at node 0's NodeAddr. A plain python in
+    the batch script itself (SLURM_PROCID=0, SLURM_NTASKS=2, but no step) stays a one-process run."""
+    save = tmp_path / "checkpoint"
+    script = tmp_path / "direct.sbatch"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --job-name=direct --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/%x-%j.out
+        set -euo pipefail
+        export PYTHONPATH={REPO} CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1
+        {sys.executable} -c 'from megatron_resonance.megatron import distributed as d
+        print(d.world_size_from_env())' > batch_world_size.txt
+        srun --kill-on-bad-exit=1 {sys.executable} {REPO}/pretrain/pretrain_llama.py --mock-data \\
+          --tensor-model-parallel-size 2 {TINY_MODEL} --seq-length 32 {STEPS} --train-iters 3 --save {save}
+        """))
+    job_id = local_slurm.sbatch(script, cwd=tmp_path)
+    finished_ok(local_slurm, job_id, tmp_path, timeout=300)
+
+    assert (tmp_path / "batch_world_size.txt").read_text().split() == ["1"]
+    assert latest(save) == 3 and training_iterations(save) == [1, 2, 3]
+    meta = stored(save)
+    assert meta["run"]["world_size"] == 2 and meta["run"]["parallel"]["tensor_model_parallel_size"] == 2

@@ -295,6 +295,32 @@ def test_extend_context_on_two_nodes_pipeline_across_them(local_slurm, pretraine
     assert "--nnodes=2" in launch and "MASTER_ADDR=127.0.0.1" in launch  # n1's NodeAddr, not the name
 
 
+def test_two_node_preemption_after_a_periodic_save_saves_requeues_and_resumes(local_slurm, pretrained, tmp_path):
+    save, iters, interval = tmp_path / "extended", 30, 5
+    job_id = two_node_extend(
+        local_slurm, pretrained, tmp_path, save, f"--train-iters {iters} --save-interval {interval}"
+    )
+    # The warning once a periodic save is complete and training has gone on past it.
+    deadline = time.monotonic() + 300
+    while not ((save / "latest_checkpointed_iteration.txt").exists() and latest(save) >= interval
+               and len(training_iterations(save)) > interval + 1):  # fmt: skip
+        assert time.monotonic() < deadline, f"no periodic save after 300 s\n{local_slurm.job(job_id)}"
+        assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), local_slurm.job(job_id)
+        time.sleep(0.2)
+    local_slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    job = local_slurm.wait(job_id, timeout=400)
+
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
+    stopped = re.findall(r"\[signal\] received at iteration (\d+)", log)
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log)
+    assert len(stopped) == 1 and resumed == stopped, log[-4000:]
+    assert interval < int(stopped[0]) < iters  # saved again at the signal, past the periodic save
+    assert re.search(r"start \(restart 1\) on 2 node\(s\) n\[1-2\]", log), log[-4000:]
+    assert training_iterations(save) == list(range(1, iters + 1))
+    assert latest(save) == iters
+
+
 def test_srun_direct_launch_two_tasks_tensor_parallel_trains_and_saves(local_slurm, tmp_path):
     """No torchrun: srun starts one trainer per task on each node, and the trainer maps SLURM_PROCID /
     SLURM_STEP_NUM_TASKS onto torchrun's variables, rendezvousing at node 0's NodeAddr. A plain python in

@@ -1,15 +1,18 @@
-"""The job scripts in slurm/ on the local one-node Slurm, in CPU mode (GPUS_PER_NODE=0: gloo, no GPUs).
+"""The job scripts in slurm/ on the local two-node Slurm (conftest), in CPU mode (GPUS_PER_NODE=0: gloo, no
+GPUs).
 
 * pretrain.sbatch makes a tiny checkpoint (module fixture); extend_context.sbatch extends it and leaves a
-  checkpoint with the new rotary plan;
+  checkpoint with the new rotary plan, on one node (TP=2) and on two (PP=2 across them);
 * a job sent the preemption signal (what ``#SBATCH --signal=B:USR1@300`` sends before the time limit) saves,
-  requeues itself, and the requeued run resumes with every iteration in metrics.jsonl exactly once;
+  requeues itself, and the requeued run resumes with every iteration in metrics.jsonl exactly once, on one
+  node and on two after a periodic save;
 * submit_pipeline.sh chains convert -> extend -> export -> eval with afterok and runs to the end;
-* the multi-node command line (srun, torchrun rendezvous, container) as printed by DRY_RUN=1.
+* common.sh's launcher ranks nodes by SLURM_NODEID and meets at node 0's NodeAddr; srun direct launch
+  (one trainer per task, no torchrun) trains with TP=2;
+* the multi-node GPU command line (srun, torchrun rendezvous, container) as printed by DRY_RUN=1.
 
-What needs GPUs or several nodes (NCCL, TP/CP at 32K, pyxis) is only checked by the dry run here.
+What needs GPUs or separate hosts (NCCL, TP/CP at 32K, pyxis) is only checked by the dry run here.
 """
-
 from __future__ import annotations
 
 import json

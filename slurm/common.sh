@@ -29,6 +29,15 @@ mr_repo_file() {
 
 mr_is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# mr_node_addr NODE: the node's NodeAddr from `scontrol show node` (how Slurm itself reaches it; a node name
+# need not be a resolvable host name), else the name.
+mr_node_addr() {
+  local addr
+  addr=$(scontrol show node --oneliner "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2) || true
+  if [[ -z $addr || $addr == '(null)' ]]; then addr=$1; fi
+  echo "$addr"
+}
+
 # ---- job setup ----------------------------------------------------------------------------------------
 
 # mr_init KIND: run directory, devices, rendezvous address. Outside Slurm only with DRY_RUN=1 (the commands
@@ -47,10 +56,13 @@ mr_init() {
   RUN_DIR=$(mr_abspath "${RUN_DIR:-$OUTPUT_DIR/$SLURM_JOB_NAME-$SLURM_JOB_ID}")
   [[ ${DRY_RUN:-0} == 1 ]] || mkdir -p "$RUN_DIR"
   mr_setup_device
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1) || true
+  local first
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1) || true
   # A dry run without a Slurm configuration: the nodelist's first name, unexpanded.
-  [[ -n $MASTER_ADDR || ${DRY_RUN:-0} != 1 ]] || MASTER_ADDR=${SLURM_JOB_NODELIST%%[,[]*}
-  [[ -n $MASTER_ADDR ]] || mr_die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+  [[ -n $first || ${DRY_RUN:-0} != 1 ]] || first=${SLURM_JOB_NODELIST%%[,[]*}
+  [[ -n $first ]] || mr_die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+  # The rendezvous host is node 0 (the first of the node list: Slurm numbers SLURM_NODEID in that order).
+  MASTER_ADDR=$(mr_node_addr "$first")
   # Per job, so jobs sharing a node (the local cluster, small eval jobs) do not meet in one rendezvous; below
   # Linux's ephemeral range (32768+), so no outgoing connection holds it.
   MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
@@ -115,14 +127,22 @@ mr_srun_command() {
 }
 
 # mr_torchrun_command SCRIPT ARGS...: MR_CMD = one task per node running torchrun with NPROC_PER_NODE
-# workers, c10d rendezvous at the first node of the job. The `bash -c` wrapper starts torchrun with SIGUSR1
-# ignored (see the top of this file); workers inherit that and the trainer installs its own handler.
+# workers, static rendezvous at the first node of the job (MASTER_ADDR), node rank = SLURM_NODEID.
+#   * Static, not c10d: c10d numbers the nodes in the order their torchrun agents arrive, so global rank 0
+#     (pipeline stage 0, the rank that logs) would land on whichever node starts first. Static rendezvous
+#     takes --node-rank: node i runs ranks i*NPROC_PER_NODE .. (i+1)*NPROC_PER_NODE-1, on every run and
+#     requeue. What static lacks (elastic membership, agent restarts) these jobs do not use: the node count
+#     is fixed and --max-restarts=0 (a failed step ends the job; a requeue resumes from SAVE).
+#   * The `bash -c` wrapper runs on each node (so SLURM_NODEID is that node's) and starts torchrun with
+#     SIGUSR1 ignored (see the top of this file); workers inherit that and the trainer installs its own
+#     handler.
 mr_torchrun_command() {
   mr_srun_command "$SLURM_NNODES"
-  MR_CMD=("${MR_SRUN[@]}" bash -c 'trap "" USR1; exec "$@"' mr-node
-    "$PYTHON" -m torch.distributed.run
+  MR_CMD=("${MR_SRUN[@]}" bash -c \
+    'trap "" USR1; python=$1; shift; exec "$python" -m torch.distributed.run --node-rank="$SLURM_NODEID" "$@"' \
+    mr-node "$PYTHON"
     --nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC_PER_NODE"
-    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
+    --rdzv-backend=static --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
     --max-restarts=0 --log-dir="$RUN_DIR/torchrun"
     "$@")
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A real one-node Slurm on localhost, for the tests and for trying the job scripts on a workstation.
+# A real Slurm on localhost (one node, or several), for the tests and for trying the job scripts on a
+# workstation.
 #
 #   sudo slurm/local_cluster.sh install   # apt-get install slurm-wlm munge (Debian/Ubuntu), once
 #   sudo slurm/local_cluster.sh start     # munged + slurmctld + slurmd; waits until the node is idle
+#   sudo LOCAL_SLURM_NODES=2 slurm/local_cluster.sh start  # nodes n1, n2: one slurmd each, same host
 #   eval "$(slurm/local_cluster.sh env)"  # export SLURM_CONF so sbatch/squeue/scontrol find this cluster
 #   sbatch ... ; squeue ; scontrol show job <id>
 #   sudo slurm/local_cluster.sh status
@@ -14,30 +16,40 @@
 # this never touches /etc/slurm and can sit beside a real Slurm client configuration; the daemons'
 # ports are configurable for the same reason.
 #
+# Several nodes use Slurm's multiple-slurmd support (Debian's slurm-wlm is built with it): one
+# `slurmd -N nI` per node, each NodeName with its own Port, and spool/pid/log paths containing %n. The nodes
+# are named n1..nN, which no resolver knows: everything reaches them through NodeAddr=127.0.0.1, as on
+# clusters whose node names are not host names (job scripts must rendezvous at NodeAddr, not the name).
+#
 # Environment:
 #   LOCAL_SLURM_DIR        state directory: slurm.conf, spool, state, pid and log files
 #                          (default /tmp/megatron-resonance-slurm)
 #   LOCAL_SLURM_CTLD_PORT  slurmctld port (default 6817)
-#   LOCAL_SLURM_D_PORT     slurmd port (default 6818)
-#   LOCAL_SLURM_CPUS       CPUs the node offers (default: nproc, at least 2)
-#   LOCAL_SLURM_TIMEOUT    seconds `start` waits for the node to turn idle (default 60)
+#   LOCAL_SLURM_NODES      number of nodes (default 1: one node named after this host)
+#   LOCAL_SLURM_D_PORT     slurmd port of the first node (default 6818); node I listens on this + I - 1
+#   LOCAL_SLURM_CPUS       CPUs each node offers (default: nproc, at least 2)
+#   LOCAL_SLURM_TIMEOUT    seconds `start` waits for the nodes to turn idle (default 60)
 set -euo pipefail
 
 # ---- configuration ------------------------------------------------------------------------------
 STATE_DIR=${LOCAL_SLURM_DIR:-/tmp/megatron-resonance-slurm}
 CTLD_PORT=${LOCAL_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${LOCAL_SLURM_D_PORT:-6818}
+NODES=${LOCAL_SLURM_NODES:-1}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-60}
 CONF=$STATE_DIR/etc/slurm.conf
 LOG_DIR=$STATE_DIR/log
 CTLD_PID=$STATE_DIR/run/slurmctld.pid
-SLURMD_PID=$STATE_DIR/run/slurmd.pid
 MUNGE_KEY=/etc/munge/munge.key
 MUNGED_PID=/run/munge/munged.pid
 # Present when a `start` launched munged; the last `stop` on this host (any state directory) ends it.
 MUNGED_OURS=/run/munge/started-by-local-cluster
 PACKAGES=(slurm-wlm munge)
-NODE=$(hostname -s)
+HOST=$(hostname -s)
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || { echo "local_cluster: error: LOCAL_SLURM_NODES must be >= 1" >&2; exit 2; }
+if ((NODES == 1)); then NODE_NAMES=("$HOST"); else mapfile -t NODE_NAMES < <(printf 'n%d\n' $(seq "$NODES")); fi
+# slurmd_pid NODE: that node's slurmd pid file (SlurmdPidFile below, %n expanded).
+slurmd_pid() { echo "$STATE_DIR/run/slurmd-$1.pid"; }
 
 export SLURM_CONF=$CONF
 
@@ -113,9 +125,9 @@ write_conf() {
   mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
   mkdir -p "$STATE_DIR"/{etc,run,state,spool} "$LOG_DIR"
   cat >"$CONF.tmp" <<EOF
-# Written by slurm/local_cluster.sh for host $NODE; rewritten on every start.
+# Written by slurm/local_cluster.sh for host $HOST; rewritten on every start.
 ClusterName=localcluster
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -127,11 +139,12 @@ CredType=cred/munge
 MpiDefault=none
 
 StateSaveLocation=$STATE_DIR/state
-SlurmdSpoolDir=$STATE_DIR/spool
+# %n: the node name, so that several slurmd (one per node, multiple-slurmd) keep apart.
+SlurmdSpoolDir=$STATE_DIR/spool/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$STATE_DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -157,9 +170,14 @@ SlurmdParameters=config_overrides
 KillWait=5
 MinJobAge=300
 
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+  local i
+  for i in "${!NODE_NAMES[@]}"; do
+    echo "NodeName=${NODE_NAMES[i]} NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=$cpus" \
+      "RealMemory=$mem_mb State=UNKNOWN"
+  done >>"$CONF.tmp"
+  echo "PartitionName=local Nodes=$(IFS=,; echo "${NODE_NAMES[*]}") Default=YES MaxTime=INFINITE State=UP" \
+    >>"$CONF.tmp"
   mv "$CONF.tmp" "$CONF"
 
   # slurmd loads a cgroup plugin even when no plugin above uses cgroups. Slurm 22.05 has no
@@ -176,13 +194,35 @@ EOF
 # ---- start / stop / status ----------------------------------------------------------------------
 daemon_died() { [[ -s $1 ]] && ! pid_alive "$1" "$2"; }
 
-node_state() { sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n1; }
+# all_slurmd_alive: every node's slurmd runs.
+all_slurmd_alive() {
+  local node
+  for node in "${NODE_NAMES[@]}"; do pid_alive "$(slurmd_pid "$node")" slurmd || return 1; done
+}
+
+# nodes_state: one word for the nodes: `up` when every node is idle/mixed/allocated/completing, else the
+# first other state (`unreachable` when slurmctld does not answer); drained or down nodes are resumed.
+nodes_state() {
+  local states node state
+  states=$(sinfo -h -N -o '%N %T' 2>/dev/null) || { echo unreachable; return; }
+  for node in "${NODE_NAMES[@]}"; do
+    state=$(awk -v n="$node" '$1 == n {print $2; exit}' <<<"$states")
+    case $state in
+      idle | mixed | allocated | completing) ;;
+      drain* | down*)
+        scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+        echo "$node:$state"; return ;;
+      *) echo "$node:${state:-unknown}"; return ;;
+    esac
+  done
+  echo up
+}
 
 cmd_start() {
   need_root
   have_slurm || die "slurm-wlm/munge not installed; run: $0 install"
   start_munge
-  if pid_alive "$CTLD_PID" slurmctld && pid_alive "$SLURMD_PID" slurmd; then
+  if pid_alive "$CTLD_PID" slurmctld && all_slurmd_alive; then
     log "already running ($STATE_DIR)"
   else
     write_conf
@@ -193,37 +233,38 @@ cmd_start() {
       rm -f "$CTLD_PID" # stale, from a crash or a reboot
       slurmctld -f "$CONF"
     fi
-    if ! pid_alive "$SLURMD_PID" slurmd; then
-      port_taken "$SLURMD_PORT" && die "port $SLURMD_PORT is taken (another slurmd?); set LOCAL_SLURM_D_PORT"
-      log "starting slurmd"
-      rm -f "$SLURMD_PID"
-      slurmd -f "$CONF" -N "$NODE"
-    fi
+    local i node pid
+    for i in "${!NODE_NAMES[@]}"; do
+      node=${NODE_NAMES[i]} pid=$(slurmd_pid "${NODE_NAMES[i]}")
+      pid_alive "$pid" slurmd && continue
+      port_taken $((SLURMD_PORT + i)) \
+        && die "port $((SLURMD_PORT + i)) is taken (another slurmd?); set LOCAL_SLURM_D_PORT"
+      log "starting slurmd for node $node"
+      rm -f "$pid"
+      mkdir -p "$STATE_DIR/spool/$node"
+      slurmd -f "$CONF" -N "$node"
+    done
   fi
-  local waited=0 state=""
+  local waited=0 state="" node
   while ((waited < TIMEOUT)); do
     # A daemon that wrote its pid file and died (bad config, say) will not come back: fail now. No pid
     # file yet only means a slow start: slurmd took over 3 s to write it on a loaded 2-core machine.
-    if daemon_died "$CTLD_PID" slurmctld || daemon_died "$SLURMD_PID" slurmd; then
-      state="a daemon died"
-      break
-    fi
-    state=$(node_state)
-    case $state in
-      idle | mixed | allocated | completing) break ;;
-      drain* | down*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
-    esac
+    state=""
+    daemon_died "$CTLD_PID" slurmctld && state="slurmctld died"
+    for node in "${NODE_NAMES[@]}"; do
+      daemon_died "$(slurmd_pid "$node")" slurmd && state="slurmd of $node died"
+    done
+    [[ -z $state ]] || break
+    state=$(nodes_state)
+    [[ $state == up ]] && break
     sleep 1
     waited=$((waited + 1))
   done
-  case $state in
-    idle | mixed | allocated | completing) ;;
-    *)
-      tail -n 20 "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" >&2 || true
-      die "node $NODE is '${state:-unreachable}' after ${waited}s; logs in $LOG_DIR"
-      ;;
-  esac
-  log "up: node $NODE $state; export SLURM_CONF=$CONF"
+  if [[ $state != up ]]; then
+    tail -n 20 "$LOG_DIR"/*.log >&2 || true
+    die "nodes not up after ${waited}s (${state}); logs in $LOG_DIR"
+  fi
+  log "up: node(s) $(IFS=,; echo "${NODE_NAMES[*]}") ready; export SLURM_CONF=$CONF"
 }
 
 # stop_daemon PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL.
@@ -246,7 +287,11 @@ cmd_stop() {
     local _
     for _ in $(seq 30); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.5; done
   fi
-  stop_daemon "$SLURMD_PID" slurmd
+  # Every slurmd of this state directory, whatever LOCAL_SLURM_NODES says now (slurmd.pid: older versions).
+  local pid
+  for pid in "$STATE_DIR"/run/slurmd-*.pid "$STATE_DIR"/run/slurmd.pid; do
+    [[ -e $pid ]] && stop_daemon "$pid" slurmd
+  done
   stop_daemon "$CTLD_PID" slurmctld
   if [[ -e $MUNGED_OURS ]]; then
     # Another cluster (e.g. a second test session with its own LOCAL_SLURM_DIR) may still need munged.
@@ -260,10 +305,13 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local rc=0
-  for d in slurmctld:"$CTLD_PID" slurmd:"$SLURMD_PID"; do
-    if pid_alive "${d#*:}" "${d%%:*}"; then echo "${d%%:*}: running (pid $(<"${d#*:}"))"
-    else echo "${d%%:*}: stopped"; rc=3; fi
+  local rc=0 node pid
+  if pid_alive "$CTLD_PID" slurmctld; then echo "slurmctld: running (pid $(<"$CTLD_PID"))"
+  else echo "slurmctld: stopped"; rc=3; fi
+  for node in "${NODE_NAMES[@]}"; do
+    pid=$(slurmd_pid "$node")
+    if pid_alive "$pid" slurmd; then echo "slurmd $node: running (pid $(<"$pid"))"
+    else echo "slurmd $node: stopped"; rc=3; fi
   done
   if munge_works; then echo "munged: running"; else echo "munged: stopped"; rc=3; fi
   echo "SLURM_CONF=$CONF"

@@ -148,6 +148,7 @@ def save_checkpoint(
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     if train_state is not None:
         sharded["train_state"] = train_state
+    _in_process_write_results_queue()
     dist_checkpointing.save(sharded, ckpt, content_metadata=OPTIMIZER_METADATA)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -155,6 +156,24 @@ def save_checkpoint(
         _write_atomic(os.path.join(root, TRACKER), str(iteration))
     dist.barrier()
     return ckpt
+
+
+def _in_process_write_results_queue() -> None:
+    """Give megatron's checkpoint writer an in-process results queue instead of its ``Manager().Queue()``.
+
+    megatron-core 0.16.1 creates that queue once per process, on the first save, in a spawned
+    multiprocessing manager: a server process that stays for the rest of the run with default signal
+    dispositions. Slurm delivers a step's signals to every process of the step, so the preemption warning
+    (SIGUSR1) or SIGTERM kills the manager, and the save the trainer then makes fails with BrokenPipeError
+    (seen on two nodes after a periodic save: the job requeued from the save before). Saves here are
+    synchronous (the writer reports from this process), so a plain queue does the same job without a process.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", ...) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _ensure_optimizer_state(optimizer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from typing import Optional
 
 import torch
@@ -17,21 +18,59 @@ from megatron_resonance.megatron import cpu_backend
 
 
 def _env_from_slurm() -> None:
-    """Map Slurm's per-task variables onto torchrun's when launched by ``srun`` directly."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    """Map Slurm's per-task variables onto torchrun's when ``srun`` started the workers directly (one Slurm
+    task per process, no torchrun).
+
+    Only inside an ``srun`` step of several tasks: the batch script itself also has ``SLURM_PROCID=0`` and
+    the *job's* ``SLURM_NTASKS``, and a plain ``python tool.py`` there (or in a one-task step) is one
+    process. The world size is the step's task count, the rendezvous host the step's first node, by its
+    ``NodeAddr`` (node names need not resolve), the port derived from the job id unless ``MASTER_PORT`` is
+    set. Under torchrun (``RANK`` set) nothing changes.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if "MASTER_ADDR" not in os.environ:
-        nodelist = os.environ.get("SLURM_JOB_NODELIST", "localhost")
-        # first host of a compact list like "node[01-04],gpu7" -> "node01"
-        head = nodelist.split(",")[0]
-        if "[" in head:
-            prefix, rest = head.split("[", 1)
-            head = prefix + rest.split("-")[0].split("]")[0]
-        os.environ["MASTER_ADDR"] = head
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
+    if int(tasks) <= 1:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = tasks
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "9500")) % 10000))
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+        env["MASTER_ADDR"] = _node_addr(_first_host(nodelist))
+
+
+def _scontrol(*args: str) -> Optional[str]:
+    """``scontrol ARGS`` stdout, or None where scontrol is missing or fails (a container without Slurm)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (``node[01-04],gpu7`` -> ``node01``): scontrol's expansion, else
+    a parse of the first entry."""
+    out = _scontrol("show", "hostnames", nodelist)
+    if out and out.split():
+        return out.split()[0]
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].split("]")[0]
+    return head
+
+
+def _node_addr(node: str) -> str:
+    """The node's ``NodeAddr`` (``scontrol show node``), else its name."""
+    out = _scontrol("show", "node", "--oneliner", node)
+    match = re.search(r"\bNodeAddr=(\S+)", out or "")
+    return match.group(1) if match and match.group(1) not in ("", "(null)") else node
 
 
 def world_size_from_env() -> int:

@@ -1,4 +1,7 @@
-"""A real one-node Slurm for the tests marked ``slurm``: ``slurm/local_cluster.sh`` started once per session.
+"""A real two-node Slurm for the tests marked ``slurm``: ``slurm/local_cluster.sh`` started once per session
+with ``LOCAL_SLURM_NODES=2``: nodes ``n1`` and ``n2``, one slurmd each on this host. Their names resolve
+nowhere (``NodeAddr=127.0.0.1`` is how anything reaches them), as on clusters whose node names are not host
+names. One-node jobs run on either node.
 
 Each session runs its own cluster (its own state directory in /tmp, free ports), so it never touches a
 cluster someone started by hand and two sessions on one host do not collide. Where the Slurm packages are
@@ -23,6 +26,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
+NODES = 2
+"""Nodes of the session's cluster: ``n1``, ``n2``."""
 SLURM_COMMANDS = ("sbatch", "srun", "scontrol", "squeue", "slurmctld", "slurmd", "munged")
 # States after which a job never runs again (a requeued job passes through REQUEUED/PENDING instead).
 FINAL_STATES = {
@@ -41,6 +46,25 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _free_port_block(n: int, tries: int = 50) -> int:
+    """The first of ``n`` consecutive ports free right now (local_cluster.sh gives node I port base + I - 1)."""
+    for _ in range(tries):
+        (base,) = _free_ports(1)
+        if base + n > 65536:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 def _missing_commands() -> list[str]:
@@ -108,9 +132,11 @@ def local_slurm():
     # Short path under /tmp: slurmd's step sockets live in the spool and must fit sun_path (108 bytes).
     state_dir = Path(tempfile.mkdtemp(prefix="mr-slurm-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
-    ctld_port, slurmd_port = _free_ports(2)
+    slurmd_port = _free_port_block(NODES)
+    ctld_port = next(p for p in _free_ports(NODES + 1) if not slurmd_port <= p < slurmd_port + NODES)
     env.update(
         LOCAL_SLURM_DIR=str(state_dir),
+        LOCAL_SLURM_NODES=str(NODES),
         LOCAL_SLURM_CTLD_PORT=str(ctld_port),
         LOCAL_SLURM_D_PORT=str(slurmd_port),
         SLURM_CONF=str(state_dir / "etc" / "slurm.conf"),

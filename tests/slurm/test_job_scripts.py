@@ -1,21 +1,25 @@
-"""The job scripts in slurm/ on the local one-node Slurm, in CPU mode (GPUS_PER_NODE=0: gloo, no GPUs).
+"""The job scripts in slurm/ on the local two-node Slurm (conftest), in CPU mode (GPUS_PER_NODE=0: gloo, no
+GPUs).
 
 * pretrain.sbatch makes a tiny checkpoint (module fixture); extend_context.sbatch extends it and leaves a
-  checkpoint with the new rotary plan;
+  checkpoint with the new rotary plan, on one node (TP=2) and on two (PP=2 across them);
 * a job sent the preemption signal (what ``#SBATCH --signal=B:USR1@300`` sends before the time limit) saves,
-  requeues itself, and the requeued run resumes with every iteration in metrics.jsonl exactly once;
+  requeues itself, and the requeued run resumes with every iteration in metrics.jsonl exactly once, on one
+  node and on two after a periodic save;
 * submit_pipeline.sh chains convert -> extend -> export -> eval with afterok and runs to the end;
-* the multi-node command line (srun, torchrun rendezvous, container) as printed by DRY_RUN=1.
+* common.sh's launcher ranks nodes by SLURM_NODEID and meets at node 0's NodeAddr; srun direct launch
+  (one trainer per task, no torchrun) trains with TP=2;
+* the multi-node GPU command line (srun, torchrun rendezvous, container) as printed by DRY_RUN=1.
 
-What needs GPUs or several nodes (NCCL, TP/CP at 32K, pyxis) is only checked by the dry run here.
+What needs GPUs or separate hosts (NCCL, TP/CP at 32K, pyxis) is only checked by the dry run here.
 """
-
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -107,7 +111,7 @@ def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path)
     assert meta["run"]["world_size"] == 2  # CPU mode: NPROC_PER_NODE defaults to 2 gloo processes
     run_dir = tmp_path / "outputs" / "slurm" / f"mr-extend-{job_id}"
     launch = (run_dir / "launch.log").read_text()
-    assert "--rdzv-backend=c10d" in launch and "CUDA_VISIBLE_DEVICES=" in launch
+    assert "--rdzv-backend=static" in launch and "CUDA_VISIBLE_DEVICES=" in launch
     assert "NCCL_DEBUG" not in launch  # no NCCL settings in CPU mode
 
 
@@ -203,9 +207,143 @@ def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     cmd = proc.stdout
     for part in (
         "srun --nodes=4 --ntasks=4 --ntasks-per-node=1", "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
-        "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu07:29500",
+        "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=static", "--rdzv-endpoint=gpu07:29500",
+        "--node-rank=",
         f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml", f"--load {tmp_path}/ckpt/llama2-7b",
         "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_DEBUG=WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
     ):
         assert part in cmd, (part, cmd)
     assert "CUDA_VISIBLE_DEVICES" not in cmd
+
+
+# ---- two nodes ------------------------------------------------------------------------------------------
+# The session's cluster has two nodes, n1 and n2, whose names resolve nowhere (NodeAddr=127.0.0.1): a job
+# that rendezvouses at the first node's *name* fails to connect.
+
+PROBE = """\
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+total = torch.tensor([float(dist.get_rank())])
+dist.all_reduce(total)
+keys = ("RANK", "GROUP_RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_NODEID", "SLURMD_NODENAME", "MASTER_ADDR")
+record = {k: os.environ.get(k) for k in keys}
+record["sum"] = total.item()
+with open(os.path.join(sys.argv[1], f"rank-{dist.get_rank()}.json"), "w") as f:
+    json.dump(record, f)
+dist.destroy_process_group()
+"""
+
+
+def slow_first_node_python(path: Path) -> Path:
+    """An interpreter for $PYTHON whose torchrun agent on node 0 starts 5 s after node 1's: with c10d's
+    arrival-order rendezvous node 1 would take group rank 0."""
+    path.write_text(f'#!/bin/bash\nif [[ $SLURM_NODEID == 0 ]]; then sleep 5; fi\nexec {sys.executable} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_two_node_torchrun_ranks_follow_node_ids_and_meet_at_node_addr(local_slurm, tmp_path):
+    """common.sh's launcher on 2 nodes x 2 workers: rendezvous at node 0's NodeAddr (127.0.0.1; its name
+    n1 does not resolve), global rank = SLURM_NODEID * 2 + local rank however late node 0 starts, and a
+    gloo all-reduce across all four."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    (tmp_path / "probe.py").write_text(PROBE)
+    python = slow_first_node_python(tmp_path / "python")
+    script = tmp_path / "probe.sbatch"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --job-name=probe --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/%x-%j.out
+        set -euo pipefail
+        REPO={REPO} PYTHON={python} GPUS_PER_NODE=0 NPROC_PER_NODE=2 OUTPUT_DIR={tmp_path}/outputs
+        source "$REPO/slurm/common.sh"
+        mr_init probe
+        mr_torchrun_command {tmp_path}/probe.py {out}
+        mr_run
+        """))
+    job_id = local_slurm.sbatch(script, cwd=tmp_path)
+    finished_ok(local_slurm, job_id, tmp_path, timeout=180)
+
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(4)]
+    for r, rec in enumerate(ranks):
+        assert (rec["sum"], rec["WORLD_SIZE"]) == (0 + 1 + 2 + 3, "4"), rec
+        assert int(rec["GROUP_RANK"]) == int(rec["SLURM_NODEID"]) == r // 2, ranks
+        assert (int(rec["LOCAL_RANK"]), rec["SLURMD_NODENAME"]) == (r % 2, f"n{r // 2 + 1}"), ranks
+        assert rec["MASTER_ADDR"] == "127.0.0.1", rec  # the workers' store: node 0's NodeAddr too
+
+
+def two_node_extend(local_slurm, pretrained, tmp_path, save: Path, train_args: str) -> int:
+    """extend_context.sbatch on both nodes, one torchrun worker per node, the two pipeline stages on
+    different nodes."""
+    return submit(
+        local_slurm, "extend_context.sbatch", tmp_path, "--nodes=2", LOAD=str(pretrained), SAVE=str(save),
+        MOCK_DATA="1", NPROC_PER_NODE="1", PP="2", TRAIN_ARGS=f"{EXTEND_STEPS} {train_args}",
+    )
+
+
+def test_extend_context_on_two_nodes_pipeline_across_them(local_slurm, pretrained, tmp_path):
+    save = tmp_path / "extended"
+    job_id = two_node_extend(local_slurm, pretrained, tmp_path, save, "--train-iters 3")
+    job = finished_ok(local_slurm, job_id, tmp_path, timeout=300)
+
+    assert job["NodeList"] == "n[1-2]"
+    assert latest(save) == 3 and training_iterations(save) == [1, 2, 3]
+    meta = stored(save)
+    assert meta["run"]["world_size"] == 2 and meta["run"]["parallel"]["pipeline_model_parallel_size"] == 2
+    assert meta["model"]["rope"]["kind"] == "resonance_yarn"
+    launch = (tmp_path / "outputs" / "slurm" / f"mr-extend-{job_id}" / "launch.log").read_text()
+    assert "--nnodes=2" in launch and "MASTER_ADDR=127.0.0.1" in launch  # n1's NodeAddr, not the name
+
+
+def test_two_node_preemption_after_a_periodic_save_saves_requeues_and_resumes(local_slurm, pretrained, tmp_path):
+    save, iters, interval = tmp_path / "extended", 30, 5
+    job_id = two_node_extend(
+        local_slurm, pretrained, tmp_path, save, f"--train-iters {iters} --save-interval {interval}"
+    )
+    # The warning once a periodic save is complete and training has gone on past it.
+    deadline = time.monotonic() + 300
+    while not ((save / "latest_checkpointed_iteration.txt").exists() and latest(save) >= interval
+               and len(training_iterations(save)) > interval + 1):  # fmt: skip
+        assert time.monotonic() < deadline, f"no periodic save after 300 s\n{local_slurm.job(job_id)}"
+        assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), local_slurm.job(job_id)
+        time.sleep(0.2)
+    local_slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    job = local_slurm.wait(job_id, timeout=400)
+
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
+    stopped = re.findall(r"\[signal\] received at iteration (\d+)", log)
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log)
+    assert len(stopped) == 1 and resumed == stopped, log[-4000:]
+    assert interval < int(stopped[0]) < iters  # saved again at the signal, past the periodic save
+    assert re.search(r"start \(restart 1\) on 2 node\(s\) n\[1-2\]", log), log[-4000:]
+    assert training_iterations(save) == list(range(1, iters + 1))
+    assert latest(save) == iters
+
+
+def test_srun_direct_launch_two_tasks_tensor_parallel_trains_and_saves(local_slurm, tmp_path):
+    """No torchrun: srun starts one trainer per task on each node, and the trainer maps SLURM_PROCID /
+    SLURM_STEP_NUM_TASKS onto torchrun's variables, rendezvousing at node 0's NodeAddr. A plain python in
+    the batch script itself (SLURM_PROCID=0, SLURM_NTASKS=2, but no step) stays a one-process run."""
+    save = tmp_path / "checkpoint"
+    script = tmp_path / "direct.sbatch"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        #SBATCH --job-name=direct --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/%x-%j.out
+        set -euo pipefail
+        export PYTHONPATH={REPO} CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1
+        {sys.executable} -c 'from megatron_resonance.megatron import distributed as d
+        print(d.world_size_from_env())' > batch_world_size.txt
+        srun --kill-on-bad-exit=1 {sys.executable} {REPO}/pretrain/pretrain_llama.py --mock-data \\
+          --tensor-model-parallel-size 2 {TINY_MODEL} --seq-length 32 {STEPS} --train-iters 3 --save {save}
+        """))
+    job_id = local_slurm.sbatch(script, cwd=tmp_path)
+    finished_ok(local_slurm, job_id, tmp_path, timeout=300)
+
+    assert (tmp_path / "batch_world_size.txt").read_text().split() == ["1"]
+    assert latest(save) == 3 and training_iterations(save) == [1, 2, 3]
+    meta = stored(save)
+    assert meta["run"]["world_size"] == 2 and meta["run"]["parallel"]["tensor_model_parallel_size"] == 2

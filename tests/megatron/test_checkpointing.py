@@ -1,11 +1,17 @@
-"""Checkpoint helpers that need no process group: where a restored Adam ``step`` lives."""
+"""Checkpoint helpers that need no process group: where a restored Adam ``step`` lives, and a save that starts
+no long-lived helper process (megatron-core's writer would keep its results queue in a multiprocessing
+manager, which a Slurm step signal kills, failing every later save; the end-to-end case is tests/slurm,
+two-node preemption after a periodic save)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import types
 
 import pytest
 import torch
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron_resonance.megatron import checkpointing
 
@@ -40,3 +46,12 @@ def test_restored_adam_step_takes_the_group_count_per_parameter():
     steps = [opt.state[p]["step"] for p in params]
     assert [float(s) for s in steps] == [7.0, 7.0]
     assert steps[0] is not steps[1]  # foreach Adam increments a shared tensor once per parameter
+
+
+def test_write_results_queue_is_in_process(monkeypatch):
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a process that has not saved yet
+    before = set(multiprocessing.active_children())
+    checkpointing._in_process_write_results_queue()
+    results = filesystem_async._get_write_results_queue()  # what FileSystemWriterAsync takes
+    assert isinstance(results, queue.Queue)
+    assert set(multiprocessing.active_children()) == before

@@ -64,3 +64,44 @@ def test_torchrun_and_explicit_settings_win(slurm_env):
     assert slurm_env({**STEP, "RANK": "3"}) == {"RANK": "3"}
     env = slurm_env({**STEP, "MASTER_ADDR": "head", "MASTER_PORT": "29400"}, nodes={"n1": "10.0.0.1"})
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("head", "29400")
+
+
+# ---------------------------------------------------------------- checks before the process group ---------
+
+
+@pytest.fixture
+def srun_task(monkeypatch):
+    """This process as task 0 of an ``srun`` step of ``n`` tasks, not yet mapped (what an entry point sees)."""
+
+    def make(n: int):
+        for k in [*LAUNCH, *(k for k in os.environ if k.startswith("SLURM_"))]:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in {**STEP, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": str(n)}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(distributed, "_scontrol", lambda *args: None)
+
+    return make
+
+
+def test_training_validates_against_the_srun_world(srun_task):
+    """Validation used to read WORLD_SIZE before the Slurm variables were mapped: it saw 1 and rejected TP=2
+    under a 2-task srun. With 3 tasks, the line must name the 3."""
+    from megatron_resonance.training import launch, trainer
+    from megatron_resonance.training.config import ConfigError, config_from_args
+    from tests.training.conftest import TINY_RUN
+
+    cfg = config_from_args(launch.make_parser("x", "").parse_args([*TINY_RUN, "--tensor-model-parallel-size", "2"]))
+    srun_task(3)
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible by TP\*PP\*CP = 2\*1\*1"):
+        trainer.run(cfg)
+
+
+def test_evaluation_validates_against_the_srun_world(srun_task):
+    from megatron_resonance.cli import UsageError
+    from megatron_resonance.evaluation.models import Runtime
+
+    srun_task(2)
+    Runtime(tensor_model_parallel_size=2).check([])  # a 2-task srun at TP=2 is fine
+    srun_task(3)
+    with pytest.raises(UsageError, match=r"world size 3 is not divisible by TP x PP = 2 x 1"):
+        Runtime(tensor_model_parallel_size=2).check([])

@@ -14,6 +14,7 @@ and ``os.replace`` only after every rank finished writing, so a crash mid-save l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,9 @@ from megatron_resonance.megatron.llama import LlamaConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "megatron_resonance.json"
 FORMAT_VERSION = 1
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+#: the distributed optimizer's state in model-parameter space, so a run resumes at another TP, PP, VPP or DP
+#: (megatron's ``dp_reshardable`` bucket layout reshards over DP only)
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(Exception):
@@ -186,6 +189,37 @@ def _ensure_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+@contextlib.contextmanager
+def _states_without_step(optimizer):
+    """megatron-core 0.16.1 loads ``fully_reshardable`` optimizer state by copying every entry of torch
+    Adam's per-parameter state (used without Apex/TE) from the checkpoint, which has no ``step`` there
+    (it travels in the param groups): a KeyError. Leave ``step`` out of that copy; ``_restore_adam_steps``
+    sets it afterwards."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
 def _restore_adam_steps(optimizer) -> None:
     """Without Apex/TE (CPU), megatron's distributed optimizer keeps torch Adam's iteration count in each
     param group's ``step`` but leaves the per-parameter ``step`` tensors as they were before loading (and,
@@ -239,7 +273,9 @@ def load_checkpoint(
     same_world = meta.get("run", {}).get("world_size") == dist.get_world_size()
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=OPTIMIZER_METADATA)
+        # the format the checkpoint was saved in (older checkpoints: dp_reshardable, same layout only)
+        metadata = dist_checkpointing.load_content_metadata(ckpt) or OPTIMIZER_METADATA
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
         if same_world:
             sharded["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(
@@ -255,7 +291,8 @@ def load_checkpoint(
         for i, c in enumerate(model_chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is not None:
-        with torch.no_grad():  # fp32 main params are views of leaf parameters; megatron copies in place
+        # fp32 main params are views of leaf parameters; megatron copies in place
+        with torch.no_grad(), _states_without_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
         if scheduler is not None and "opt_param_scheduler" in loaded:

@@ -18,6 +18,8 @@ checks ``param.type() == 'torch.cuda.FloatTensor'``, synchronizes streams and tr
   linear layers skip megatron's identity region mappings (autograd nodes that do nothing on one rank);
   the vocab-parallel cross entropy takes its row maxima with ``amax`` (``max(dim)``'s index search is
   not vectorized on CPU);
+* megatron's region mappings' gathers and reduce-scatters, which allocate on the device, run under the
+  mode in backward too (sequence parallelism), like the linear layers' backward;
 * ``torch.cuda.current_device`` returns 0; ``synchronize``/``empty_cache`` do nothing; streams and events
   are inert stand-ins; the CUDA RNG API (``get_rng_state``, ``set_rng_state``, ``manual_seed``) and
   ``tensor_parallel.random._get/_set_cuda_rng_state`` act on the CPU default generator, so megatron's
@@ -243,6 +245,26 @@ def _install_one_rank_regions() -> None:
         setattr(layers, name, region)
 
 
+def _install_region_device_mode() -> None:
+    """megatron's tensor- and sequence-parallel region mappings allocate their gather and reduce-scatter
+    outputs on ``torch.cuda.current_device()``, in backward too (sequence parallelism: the embedding's
+    scatter and the row-parallel layers' reduce-scatter gather their gradients). The backward pass runs
+    without the device mode: the mode sees ``torch.autograd.backward`` as one call and, as every mode
+    does with what it intercepts, runs it with itself popped. These helpers run under the device mode
+    wherever they are called, like the linear layers' backward (``_install_linear``)."""
+    from megatron.core.tensor_parallel import mappings
+
+    for name in ("_gather_along_first_dim", "_gather_along_last_dim", "_reduce_scatter_along_first_dim",
+                 "_reduce_scatter_along_last_dim"):
+
+        @functools.wraps(getattr(mappings, name))
+        def helper(*args, _megatron=getattr(mappings, name), **kwargs):
+            with _CpuDeviceMode():
+                return _megatron(*args, **kwargs)
+
+        setattr(mappings, name, helper)
+
+
 def _multi_tensor_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Apex's ``multi_tensor_l2norm`` as one foreach norm (megatron's CPU fallback takes one norm per
     tensor and a host round trip per tensor)."""
@@ -360,6 +382,7 @@ def enable() -> bool:
     _register_local_collectives()
     _install_linear()
     _install_one_rank_regions()
+    _install_region_device_mode()
     _install_multi_tensor_ops()
     _install_cross_entropy()
     _MODE = _CpuDeviceMode()

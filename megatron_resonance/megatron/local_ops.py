@@ -25,6 +25,8 @@ match it to float rounding (tests/megatron/test_local_ops.py).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -162,13 +164,24 @@ class RMSNorm(torch.nn.RMSNorm):
 
 class LocalNorm:
     """megatron's ``WrappedTorchNorm`` (same arguments, same checks), with its ``torch.nn.RMSNorm``
-    built as ``RMSNorm``; LayerNorm and L2Norm are megatron's."""
+    built as ``RMSNorm``; LayerNorm and L2Norm are megatron's.
+
+    With sequence parallelism each TP rank normalizes its part of the sequence, so the norm's weight
+    gradient is a partial sum: its parameters are marked ``sequence_parallel``, which makes megatron's
+    ``finalize_model_grads`` all-reduce them over TP, as Apex's and TE's norms are marked. (megatron's
+    torch wrapper, which marks nothing, refuses sequence parallelism.)"""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
                 zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        module = WrappedTorchNorm(config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        checked = config
+        if config.sequence_parallel:
+            checked = copy.copy(config)
+            checked.sequence_parallel = False
+        module = WrappedTorchNorm(checked, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
         if type(module) is torch.nn.RMSNorm:
             module = RMSNorm(normalized_shape=hidden_size, eps=eps)
+        for param in module.parameters():
+            param.sequence_parallel = config.sequence_parallel
         return module

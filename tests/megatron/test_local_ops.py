@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from megatron_resonance.megatron.local_ops import (
+    LocalNorm,
     RMSNorm,
     SwiGLU,
     _RMSNormFunction,
@@ -142,3 +143,17 @@ def test_rmsnorm_gradcheck():
     x = torch.randn(5, 2, 12, dtype=torch.float64, requires_grad=True)
     w = torch.rand(12, dtype=torch.float64).add_(0.5).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_local_norm_marks_its_weight_for_sequence_parallelism(sequence_parallel):
+    """Under sequence parallelism each TP rank normalizes part of the sequence: the weight is marked, so
+    megatron's ``finalize_model_grads`` all-reduces its gradient over TP (megatron's torch wrapper refuses)."""
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
+                               tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+    norm = LocalNorm(config, 8, eps=1e-5, normalization="RMSNorm")
+    assert type(norm) is RMSNorm
+    assert norm.weight.sequence_parallel is sequence_parallel
+    assert config.sequence_parallel is sequence_parallel  # the caller's config is left as it was

@@ -115,6 +115,24 @@ def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path)
     assert "NCCL_DEBUG" not in launch  # no NCCL settings in CPU mode
 
 
+def preempt_when(local_slurm, job_id: str, tmp_path, what: str, ready) -> tuple:
+    """Once ``ready()``, send what ``--signal=B:USR1@<s>`` sends (SIGUSR1 to the batch shell only); the job
+    must save, requeue once and resume where it stopped. Returns (the iteration it stopped at, the log)."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert time.monotonic() < deadline, f"no {what} after 300 s\n{local_slurm.job(job_id)}"
+        assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), local_slurm.job(job_id)
+        time.sleep(0.2)
+    local_slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    job = local_slurm.wait(job_id, timeout=400)
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
+    stopped = re.findall(r"\[signal\] received at iteration (\d+)", log)
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log)
+    assert len(stopped) == 1 and resumed == stopped, log[-4000:]
+    return int(stopped[0]), log
+
+
 def test_preemption_signal_saves_requeues_and_resumes_without_gaps(local_slurm, pretrained, tmp_path):
     # 200 steps: ~20 s on a loaded 2-core machine, enough left for the signal's ~0.5 s trip on a fast one.
     save, iters = tmp_path / "extended", 200
@@ -122,22 +140,12 @@ def test_preemption_signal_saves_requeues_and_resumes_without_gaps(local_slurm, 
         local_slurm, "extend_context.sbatch", tmp_path, LOAD=str(pretrained), SAVE=str(save), MOCK_DATA="1",
         TRAIN_ARGS=f"{EXTEND_STEPS} --train-iters {iters}",
     )
-    # Once the trainer is stepping (its signal handler is installed), send what --signal=B:USR1@<s> sends:
-    # SIGUSR1 to the batch shell only.
-    deadline = time.monotonic() + 300
-    while not ((save / "metrics.jsonl").exists() and len(training_iterations(save)) >= 3):
-        assert time.monotonic() < deadline, f"no training after 300 s\n{local_slurm.job(job_id)}"
-        assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), local_slurm.job(job_id)
-        time.sleep(0.2)
-    local_slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
-    job = local_slurm.wait(job_id, timeout=400)
-
-    log = job_log(tmp_path, job_id)
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
-    stopped = re.findall(r"\[signal\] received at iteration (\d+)", log)
-    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log)
-    assert len(stopped) == 1 and resumed == stopped, log[-4000:]
-    assert 3 <= int(stopped[0]) < iters
+    # once the trainer is stepping (its signal handler is installed)
+    stopped, log = preempt_when(
+        local_slurm, job_id, tmp_path, "training",
+        lambda: (save / "metrics.jsonl").exists() and len(training_iterations(save)) >= 3,
+    )  # fmt: skip
+    assert 3 <= stopped < iters
     assert "requeueing; the next run resumes from" in log
     # the saved step was neither lost nor repeated: every iteration logged once, in order
     assert training_iterations(save) == list(range(1, iters + 1))
@@ -304,21 +312,12 @@ def test_two_node_preemption_after_a_periodic_save_saves_requeues_and_resumes(lo
         local_slurm, pretrained, tmp_path, save, f"--train-iters {iters} --save-interval {interval}"
     )
     # The warning once a periodic save is complete and training has gone on past it.
-    deadline = time.monotonic() + 300
-    while not ((save / "latest_checkpointed_iteration.txt").exists() and latest(save) >= interval
-               and len(training_iterations(save)) > interval + 1):  # fmt: skip
-        assert time.monotonic() < deadline, f"no periodic save after 300 s\n{local_slurm.job(job_id)}"
-        assert local_slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), local_slurm.job(job_id)
-        time.sleep(0.2)
-    local_slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
-    job = local_slurm.wait(job_id, timeout=400)
-
-    log = job_log(tmp_path, job_id)
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
-    stopped = re.findall(r"\[signal\] received at iteration (\d+)", log)
-    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log)
-    assert len(stopped) == 1 and resumed == stopped, log[-4000:]
-    assert interval < int(stopped[0]) < iters  # saved again at the signal, past the periodic save
+    stopped, log = preempt_when(
+        local_slurm, job_id, tmp_path, "periodic save",
+        lambda: (save / "latest_checkpointed_iteration.txt").exists() and latest(save) >= interval
+        and len(training_iterations(save)) > interval + 1,
+    )  # fmt: skip
+    assert interval < stopped < iters  # saved again at the signal, past the periodic save
     assert re.search(r"start \(restart 1\) on 2 node\(s\) n\[1-2\]", log), log[-4000:]
     assert training_iterations(save) == list(range(1, iters + 1))
     assert latest(save) == iters

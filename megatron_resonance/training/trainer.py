@@ -175,12 +175,13 @@ def _tokenizer_vocab(cfg: Config) -> None:
 
 def load_data_tokenizer(path: str):
     """The ``--tokenizer-model`` (SentencePiece or Hugging Face), which must have an EOS (the documents' end);
-    ConfigError with one line otherwise."""
-    from megatron_resonance.data.tokenizer import Tokenizer
+    ConfigError with one line otherwise. Loaded once per process (validation, then the datasets)."""
+    from megatron_resonance.cli import UsageError
+    from megatron_resonance.data.tokenizer import load_tokenizer
 
     try:
-        tokenizer = Tokenizer(path)
-    except (FileNotFoundError, ValueError) as e:
+        tokenizer = load_tokenizer(path)
+    except UsageError as e:
         raise ConfigError(str(e)) from None
     if tokenizer.eos_id is None:
         raise ConfigError(f"tokenizer {path} has no EOS token (the end-of-document id the datasets cut at)")

@@ -19,11 +19,16 @@ Optimizer, scheduler and iteration count start fresh (paper recipe: AdamW, lr 2e
 import dataclasses
 import sys
 
-from megatron_resonance.megatron.checkpointing import CheckpointError, read_config
-from megatron_resonance.megatron.distributed import print_rank0
-from megatron_resonance.rope import RopeConfig
-from megatron_resonance.training import launch
-from megatron_resonance.training.config import ConfigError, config_from_args, load_yaml, rope_settings_given
+from megatron_resonance.training import preemption
+
+if __name__ == "__main__":  # first: a preemption signal during the seconds of imports is recorded, not fatal
+    preemption.install()
+
+from megatron_resonance.megatron.checkpointing import CheckpointError, read_config  # noqa: E402
+from megatron_resonance.megatron.distributed import print_rank0  # noqa: E402
+from megatron_resonance.rope import RopeConfig  # noqa: E402
+from megatron_resonance.training import launch  # noqa: E402
+from megatron_resonance.training.config import ConfigError, config_from_args, load_yaml, rope_settings_given  # noqa: E402
 
 #: the paper's continued-pretraining recipe for LLaMA-2 (Wang et al., 2024, after YaRN)
 PAPER_DEFAULTS = {

@@ -14,8 +14,13 @@ holds a checkpoint; SIGTERM/SIGUSR1 save and exit 0.
 
 import sys
 
-from megatron_resonance.training import launch
-from megatron_resonance.training.config import config_from_args
+from megatron_resonance.training import preemption
+
+if __name__ == "__main__":  # first: a preemption signal during the seconds of imports is recorded, not fatal
+    preemption.install()
+
+from megatron_resonance.training import launch  # noqa: E402
+from megatron_resonance.training.config import config_from_args  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(

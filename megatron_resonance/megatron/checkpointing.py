@@ -7,18 +7,25 @@ Layout (Megatron-LM compatible)::
     <dir>/iter_0000010/megatron_resonance.json   model config (with rope plan) and run config
 
 megatron drops the rotary ``inv_freq`` from state dicts, so the rope plan travels in
-``megatron_resonance.json`` (and in the common state dict). The tracker is written with a temporary file
-and ``os.replace`` only after every rank finished writing, so a crash mid-save leaves the previous
-``latest`` intact.
+``megatron_resonance.json`` (and in the common state dict).
+
+A save writes ``<dir>/.iter_0000010.partial/``, renames it to ``iter_0000010`` once every rank finished and
+``megatron_resonance.json`` is in it, then replaces the tracker atomically: an interrupted or failed save
+never leaves an ``iter_*`` behind nor moves ``latest``. One run at a time writes a directory
+(:func:`hold_save_dir`: an ``flock`` the kernel releases when the holder dies, even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
+import glob
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+import socket
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +34,7 @@ from megatron_resonance.megatron.llama import LlamaConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "megatron_resonance.json"
+LOCK_FILE = ".megatron_resonance.lock"
 FORMAT_VERSION = 1
 #: the distributed optimizer's state in model-parameter space, so a run resumes at another TP, PP, VPP or DP
 #: (megatron's ``dp_reshardable`` bucket layout reshards over DP only)
@@ -131,34 +139,166 @@ def save_checkpoint(
     run_config: Optional[Dict[str, Any]] = None,
     train_state: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """Save a complete checkpoint, then point ``latest`` at it. Collective: every rank calls it."""
+    """Save a complete checkpoint, then point ``latest`` at it. Collective: every rank calls it.
+
+    Raises CheckpointError (on every rank) when it cannot: ``root`` lacks the space the last checkpoint took,
+    or a write failed; the partial directory is removed and ``latest`` stays where it was."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     ckpt = iteration_dir(root, iteration)
+    partial = os.path.join(root, f".{os.path.basename(ckpt)}.partial")
+    problem = None
     if dist.get_rank() == 0:
-        if os.path.exists(ckpt):  # a leftover of an interrupted save of the same iteration
-            shutil.rmtree(ckpt)
-        os.makedirs(ckpt)
-    dist.barrier()
-    sharded = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)
-        sharded["rng_state"] = _rng_sharded_object()
+        problem = _prepare_save(root, partial, iteration)
+    _raise_on_every_rank(problem)
     meta = {"model": model_config.to_dict(), "run": run_config or {}, "format_version": FORMAT_VERSION}
-    sharded["megatron_resonance"] = meta
-    sharded["iteration"] = iteration
-    if scheduler is not None:
-        sharded["opt_param_scheduler"] = scheduler.state_dict()
-    if train_state is not None:
-        sharded["train_state"] = train_state
-    _in_process_write_results_queue()
-    dist_checkpointing.save(sharded, ckpt, content_metadata=OPTIMIZER_METADATA)
+    try:
+        sharded = _model_sharded_state_dict(model_chunks)
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)
+            sharded["rng_state"] = _rng_sharded_object()
+        sharded["megatron_resonance"] = meta
+        sharded["iteration"] = iteration
+        if scheduler is not None:
+            sharded["opt_param_scheduler"] = scheduler.state_dict()
+        if train_state is not None:
+            sharded["train_state"] = train_state
+        _in_process_write_results_queue()
+        # megatron reports a failed write on every rank (its finalize step broadcasts the failure); a rank
+        # that dies makes the others' collectives fail
+        dist_checkpointing.save(sharded, partial, content_metadata=OPTIMIZER_METADATA)
+    except (Exception, CheckpointException) as e:
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"saving iteration {iteration} in {root} failed: {_first_line(e)}") from None
     dist.barrier()
     if dist.get_rank() == 0:
-        _write_atomic(os.path.join(ckpt, CONFIG_FILE), json.dumps({**meta, "iteration": iteration}, indent=2))
-        _write_atomic(os.path.join(root, TRACKER), str(iteration))
-    dist.barrier()
+        try:
+            _write_atomic(os.path.join(partial, CONFIG_FILE), json.dumps({**meta, "iteration": iteration}, indent=2))
+            if os.path.exists(ckpt):  # the same iteration saved before (a rerun from an earlier checkpoint)
+                shutil.rmtree(ckpt)
+            os.rename(partial, ckpt)
+            _fsync_dir(root)
+            _write_atomic(os.path.join(root, TRACKER), str(iteration))
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            problem = f"saving iteration {iteration} in {root} failed: {e}"
+    _raise_on_every_rank(problem)
     return ckpt
+
+
+def _prepare_save(root: str, partial: str, iteration: int) -> Optional[str]:
+    """Rank 0 before a save: remove the partial directories of interrupted saves (this run holds ``root``),
+    check the space, create ``partial``. Returns what stops the save, or None."""
+    for stale in glob.glob(os.path.join(root, ".iter_*.partial")):
+        shutil.rmtree(stale, ignore_errors=True)
+    latest = read_latest_iteration(root) if os.path.isfile(os.path.join(root, TRACKER)) else None
+    previous = iteration_dir(root, latest) if latest is not None else None
+    if previous and os.path.isdir(previous):
+        need = _dir_size(previous)
+        if os.path.exists(iteration_dir(root, iteration)):  # replaced by this save: its space comes back
+            need = 0
+        free = shutil.disk_usage(root).free
+        if free < need:
+            return (
+                f"not enough space to save iteration {iteration} in {root}: {free / 2**20:.1f} MiB free, "
+                f"the last checkpoint took {need / 2**20:.1f} MiB"
+            )
+    try:
+        os.makedirs(partial)
+    except OSError as e:
+        return f"saving iteration {iteration} in {root} failed: {e}"
+    return None
+
+
+def _dir_size(path: str) -> int:
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**"), recursive=True) if os.path.isfile(f))
+
+
+def _raise_on_every_rank(problem: Optional[str]) -> None:
+    """Rank 0's verdict (``problem``: None when fine) on every rank, as CheckpointError; a barrier either way."""
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_save_dir(root: Optional[str]) -> Iterator[None]:
+    """Hold ``root`` for this run (collective): rank 0 takes an exclusive ``flock`` on ``root/LOCK_FILE`` and
+    writes who holds it; CheckpointError on every rank, naming the holder, when another run has it."""
+    handle, problem = None, None
+    if root and dist.get_rank() == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            handle = open(os.path.join(root, LOCK_FILE), "a+")
+        except OSError as e:
+            problem = f"--save {root}: {e.strerror or e}"
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                problem = _held_message(root, _read_holder(handle))
+                handle.close()
+                handle = None
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(_holder_text())
+                handle.flush()
+    if root:
+        _raise_on_every_rank(problem)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def check_save_dir_free(root: Optional[str]) -> None:
+    """CheckpointError naming the holder when another run holds ``root`` (see :func:`hold_save_dir`). Creates
+    nothing: for the checks before a launch."""
+    path = os.path.join(root, LOCK_FILE) if root else None
+    if not path or not os.path.isfile(path):
+        return
+    try:
+        handle = open(path)
+    except OSError:
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(_held_message(root, _read_holder(handle))) from None
+
+
+def _held_message(root: str, holder: str) -> str:
+    return f"--save {root} is in use by another run ({holder}): wait for it to end, or give another --save"
+
+
+def _holder_text() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()}" + (f", Slurm job {job}" if job else "") + f", since {since}"
+
+
+def _read_holder(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "holder unknown"
 
 
 def _in_process_write_results_queue() -> None:

@@ -4,18 +4,30 @@ Under ``torchrun`` the script runs directly. Started with plain ``python ... --n
 validates the configuration in one process (so bad input is one error line, before any worker starts),
 then runs ``torch.distributed.run`` in this process, which starts the workers and passes SIGTERM/SIGUSR1
 on to them (see :func:`run_torchrun`).
+
+An error a worker reports (a configuration only the workers can check, a held ``--save``, a non-finite
+loss) is one line ``<prog>: error: ...``, the last thing printed: this launcher prints it after torchrun's
+log line; under plain ``torchrun`` the worker also writes it to torchrun's error file, so it is the
+``traceback`` of torchrun's failure report instead of a pointer to the docs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import sys
+import time
 from typing import Callable, List, Optional
 
 from megatron_resonance.cli import ArgumentParser, fail
 from megatron_resonance.megatron.checkpointing import CheckpointError
+from megatron_resonance.training import preemption
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
+
+#: set by this launcher for its workers: they leave printing their error line to it
+_LAUNCHER_ENV = "MEGATRON_RESONANCE_LAUNCHER"
 
 
 def make_parser(prog: str, description: str) -> ArgumentParser:
@@ -59,68 +71,77 @@ def main(
     """Parse ``argv`` into a Config with ``make_config(args)``, then run or launch the trainer."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser(prog, description).parse_args(argv)
-    rank0 = os.environ.get("RANK", "0") == "0"
+    from megatron_resonance.training import trainer
+
     try:
         try:
             cfg = make_config(args)
         except (ValueError, TypeError) as e:  # a field the config dataclasses reject
             raise ConfigError(str(e)) from None
-        from megatron_resonance.training import trainer
-
         if args.nproc_per_node and not _under_launcher():
             trainer.resolve_and_validate(cfg, args.nproc_per_node)
+            if preemption.received() is not None:
+                print("[signal] received before the workers started: nothing to save, exiting", flush=True)
+                return 0
             os.environ.setdefault("OMP_NUM_THREADS", "1")
-            run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)])
-            return 0
+            return run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)], prog)
         trainer.run(cfg)
     except (ConfigError, CheckpointError) as e:
-        if rank0:
-            fail(f"{prog}: error: {e}")
-        sys.exit(2)
+        _report(f"{prog}: error: {e}", 2)
+    except trainer.TrainingError as e:
+        _report(f"{prog}: error: {e}", 1)
     return 0
 
 
-#: the signals a worker answers by finishing its step, saving and exiting 0 (Slurm preemption)
-SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+def _report(line: str, status: int) -> None:
+    """Print ``line`` (rank 0 of the launch) and exit ``status``; under torchrun also write it to this worker's
+    error file (torchrun's report shows it; this module's launcher prints it instead of the worker)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                stamp = str(int(time.time()))
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": stamp}}}, f)
+        except OSError:
+            error_file = None
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        if not (error_file and os.environ.get(_LAUNCHER_ENV)):
+            fail(line, status)
+    sys.exit(status)
 
 
-def run_torchrun(torchrun_args: List[str]) -> None:
-    """``torchrun --standalone ARGS`` in this process, passing SIGTERM and SIGUSR1 on to the workers.
+def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
+    """``torchrun --standalone ARGS`` in this process, passing SIGTERM and SIGUSR1 on to the workers; returns
+    torchrun's exit status (0), or prints the failing worker's error line and exits 1 (or its status).
 
-    torchrun alone does not do that: SIGUSR1 kills it and leaves the workers running as orphans, and
+    torchrun alone does not pass them on: SIGUSR1 kills it and leaves the workers running as orphans, and
     SIGTERM makes it signal the workers, SIGKILL any still saving after 30 s, and exit 1. Here torchrun
     keeps SIGINT/SIGHUP/SIGQUIT (Ctrl-C still stops everything at once); SIGTERM and SIGUSR1 go to each
-    worker, which finishes its step, saves and exits 0, and torchrun then exits 0 like after any
-    successful run. Raises torchrun's ChildFailedError when a worker fails."""
+    worker (:func:`preemption.forward_to_children`: also one that is still starting), which finishes its
+    step, saves and exits 0, and torchrun then exits 0 like after any successful run."""
     from torch.distributed import run as torchrun
-
-    def forward(signum, frame):
-        for pid in _child_pids():
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:  # exited in the meantime
-                pass
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default, where workers cannot be found (no /proc)
+    blocked = contextlib.nullcontext()
     if os.path.isdir("/proc"):
-        for sig in SAVE_SIGNALS:
-            signal.signal(sig, forward)
-        handled = "SIGINT,SIGHUP,SIGQUIT"
-    torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
-
-
-def _child_pids() -> List[int]:
-    """Processes whose parent is this one (torchrun's workers), from ``/proc``."""
-    me, pids = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # gone, or not ours to read
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
-        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-            pids.append(int(entry))
-    return pids
+        preemption.install()
+        preemption.forward_to_children()
+        handled, blocked = "SIGINT,SIGHUP,SIGQUIT", preemption.block_for_children()
+    os.environ[_LAUNCHER_ENV] = "1"
+    try:
+        with blocked:
+            torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        message = failure.message
+        if isinstance(message, dict) and isinstance(message.get("message"), str):
+            line = message["message"]
+        elif failure.exitcode < 0:
+            line = f"{prog}: error: worker rank {rank} was killed by {signal.Signals(-failure.exitcode).name}"
+        else:
+            line = f"{prog}: error: worker rank {rank} exited with status {failure.exitcode} (its output is above)"
+        fail(line, failure.exitcode if 0 < failure.exitcode < 128 else 1)
+    finally:
+        os.environ.pop(_LAUNCHER_ENV, None)
+    return 0

@@ -28,10 +28,14 @@ import torch.distributed as dist
 from megatron_resonance.megatron import checkpointing, cpu_backend, distributed
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import build_model, resolve_spec, transformer_config
-from megatron_resonance.training import flops
+from megatron_resonance.training import flops, preemption
 from megatron_resonance.training.config import Config, ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(Exception):
+    """A run that must stop without saving (a non-finite loss, a failed save): one line, exit status 1."""
 
 
 # ==========================================================================================================
@@ -154,6 +158,7 @@ def resolve_and_validate(cfg: Config, world_size: int) -> None:
     """Take the vocabulary size from the tokenizer (when given), then ``validate``: what every start does."""
     _tokenizer_vocab(cfg)
     validate(cfg, world_size)
+    checkpointing.check_save_dir_free(cfg.checkpoint.save)
 
 
 def _tokenizer_vocab(cfg: Config) -> None:
@@ -459,16 +464,32 @@ def evaluate(forward_backward, valid_dataset, chunks, cfg: Config, num_microbatc
 
 
 class SignalFlag:
-    """Records SIGTERM/SIGUSR1; every rank learns of it at the same step through an all-reduce."""
+    """SIGTERM/SIGUSR1, recorded from the process start (``preemption``); every rank learns of one at the same
+    point through an all-reduce. A torchrun worker whose launcher died (SIGKILL) counts that as SIGTERM: it
+    saves and exits instead of training on as an orphan next to a rerun."""
 
     def __init__(self, enabled: bool):
-        self.received: Optional[int] = None
+        self.enabled = enabled
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
+            preemption.install()  # the entry points did already; keeps what they recorded
+        else:
+            for sig in preemption.SAVE_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            if preemption.received() is not None:  # came before this run asked for the default
+                os.kill(os.getpid(), preemption.received())
 
-    def _handler(self, signum, frame):
-        self.received = signum
+    @property
+    def received(self) -> Optional[int]:
+        if not self.enabled:
+            return None
+        if preemption.received() is None and self.parent is not None and os.getppid() != self.parent:
+            return signal.SIGTERM
+        return preemption.received()
+
+    def what(self) -> str:
+        """How the stop was asked for, on this rank (for the log line)."""
+        return "the launcher is gone" if self.received is not None and preemption.received() is None else "received"
 
     def any_rank(self) -> bool:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -483,6 +504,7 @@ class MetricsLog:
     def __init__(self, cfg: Config, resumed_iteration: int):
         self.path = None
         self.tb = None
+        self.write_failed = False
         if not distributed.is_rank0() or not cfg.checkpoint.save:
             return
         os.makedirs(cfg.checkpoint.save, exist_ok=True)
@@ -496,27 +518,55 @@ class MetricsLog:
             self.tb = None
 
     def _truncate_after(self, iteration: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+        """Drop lines logged after the checkpoint we resume from (they will be logged again), and lines that
+        are not JSON (a record cut by a full disk or a kill), with a warning."""
         if not os.path.isfile(self.path):
             return
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("iteration", 0) <= iteration]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                where = "last line" if number == len(lines) else f"line {number}"
+                print(f"[metrics] warning: dropped the torn {where} of {self.path}: {line[:60]!r}", flush=True)
+                continue
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line)
         if len(kept) != len(lines):
             tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
+            with open(tmp, "wb") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._append(json.dumps(record) + "\n")
         if self.tb:
             for k, v in record.items():
                 if k != "iteration" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                     self.tb.add_scalar(k, v, record["iteration"])
             self.tb.flush()
+
+    def _append(self, line: str) -> None:
+        """One record, whole or not at all: a failed write (full disk) is cut back off, with one warning;
+        training goes on (its next save reports the disk)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                data = memoryview(line.encode())
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                if not self.write_failed:
+                    print(f"[metrics] warning: cannot append to {self.path}: {e.strerror or e}", flush=True)
+                self.write_failed = True
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self.tb:
@@ -543,9 +593,20 @@ def run(cfg: Config) -> TrainState:
         p.context_parallel_size,
         seed=cfg.training.seed,
     )
+    signals = SignalFlag(cfg.checkpoint.exit_on_signal)
+    with checkpointing.hold_save_dir(cfg.checkpoint.save):
+        if signals.any_rank():  # nothing trained yet: nothing to save
+            print_rank0("[signal] received before training started: nothing new to save, exiting")
+            return TrainState()
+        return _train(cfg, signals)
+
+
+def _train(cfg: Config, signals: SignalFlag) -> TrainState:
+    """``run`` once the process groups exist and this run holds ``--save``."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    p = cfg.parallel
     bf16 = cfg.training.bf16 if cfg.training.bf16 is not None else torch.cuda.is_available()
     dp = ps.get_data_parallel_world_size()
     num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
@@ -596,24 +657,29 @@ def run(cfg: Config) -> TrainState:
     # ---------------------------------------------------------------- loop
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)
+    if signals.any_rank():  # during the build: the checkpoint loaded is still the latest
+        print_rank0(f"[signal] received before iteration {state.iteration + 1}: nothing new to save, exiting")
+        return state
     metrics = MetricsLog(cfg, state.iteration)
-    signals = SignalFlag(cfg.checkpoint.exit_on_signal)
     flops_per_token = flops.training_flops_per_token(cfg.model, cfg.data.seq_length)
     peak = flops.peak_tflops()
     run_config = {**cfg.to_dict(), "world_size": dist.get_world_size()}
 
     def save_now():
         if save:
-            checkpointing.save_checkpoint(
-                save,
-                state.iteration,
-                chunks,
-                cfg.model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                run_config=run_config,
-                train_state=dataclasses.asdict(state),
-            )
+            try:
+                checkpointing.save_checkpoint(
+                    save,
+                    state.iteration,
+                    chunks,
+                    cfg.model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    run_config=run_config,
+                    train_state=dataclasses.asdict(state),
+                )
+            except checkpointing.CheckpointError as e:
+                raise TrainingError(f"{e}; {_latest_note(save)}") from None
             print_rank0(f"[save] iteration {state.iteration} -> {checkpointing.iteration_dir(save, state.iteration)}")
 
     window_loss, window_steps, window_time = 0.0, 0, 0.0
@@ -624,6 +690,12 @@ def run(cfg: Config) -> TrainState:
             forward_backward, train_iter, chunks, optimizer, scheduler, cfg, num_microbatches
         )
         window_time += time.perf_counter() - step_start
+        poison = _non_finite(loss, grad_norm if update_ok else None)
+        if poison:
+            raise TrainingError(
+                f"{poison} at iteration {state.iteration + 1}: stopped without saving"
+                + (f"; {_latest_note(save)}" if save else "")
+            )
         state.iteration += 1
         state.consumed_train_samples += gbs
         window_loss += loss
@@ -660,7 +732,7 @@ def run(cfg: Config) -> TrainState:
             _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics)
 
         if signals.any_rank():
-            print_rank0(f"[signal] received at iteration {state.iteration}: saving and exiting")
+            print_rank0(f"[signal] {signals.what()} at iteration {state.iteration}: saving and exiting")
             save_now()
             metrics.close()
             return state
@@ -680,6 +752,23 @@ def run(cfg: Config) -> TrainState:
         save_now()
     metrics.close()
     return state
+
+
+def _non_finite(loss: Optional[float], grad_norm) -> Optional[str]:
+    """What is not finite of a step's loss and gradient norm (None: both fine). Checked before anything is
+    logged or saved, as Megatron-LM's ``check_for_nan_in_loss_and_grad``."""
+    if loss is not None and not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        return f"non-finite gradient norm ({float(grad_norm)})"
+    return None
+
+
+def _latest_note(save: str) -> str:
+    iteration = checkpointing.read_latest_iteration(save)
+    if iteration is None:
+        return f"{save} holds no checkpoint yet"
+    return f"the latest checkpoint in {save} is still iteration {iteration}"
 
 
 def _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics) -> None:

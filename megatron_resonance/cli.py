@@ -26,21 +26,22 @@ def fail(line: str, status: int = 2):
     sys.exit(status)
 
 
-def check_output_dir(path, what: str) -> None:
-    """UsageError (one line, ``what`` names the flag) unless ``path`` is a directory this process can write
-    in, or one it could create: the nearest existing ancestor a writable directory. Checks only, writes
-    nothing. Writability is ``os.access``: as root that sees read-only mounts and kernel file systems
-    (``/proc/self``) but not permission bits, which root ignores anyway."""
-    path = str(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{what} {path}: exists and is not a directory")
+def check_output_dir(path, what: str, shown=None) -> None:
+    """UsageError ``<what> <shown>: <problem>`` (one line; ``what`` names the flag, ``shown`` the value,
+    by default ``path``) unless ``path`` is a directory this process can write in, or one it could create:
+    the nearest existing ancestor a writable directory. Checks only, writes nothing. Writability is
+    ``os.access``: as root that sees read-only mounts and kernel file systems (``/proc/self``) but not
+    permission bits, which root ignores anyway."""
+    path, shown = str(path), str(path if shown is None else shown)
+    if shown == path and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {shown}: exists and is not a directory")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # also a path under a file: exists() is False there
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"{what} {path}: {existing} is a file, not a directory")
+        raise UsageError(f"{what} {shown}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path}: {existing} is not writable")
+        raise UsageError(f"{what} {shown}: {existing} is not writable")
 
 
 def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
@@ -54,7 +55,7 @@ def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # (a byte-order mark is fine)
             except UnicodeDecodeError as e:
                 raise UsageError(
                     f"{what}{path}:{number}: not UTF-8 text ({e.reason} at byte {start + e.start} of the file)"

@@ -123,6 +123,14 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and value < least:
             raise ConfigError(f"--{field.replace('_', '-')} must be >= {least}, got {value}")
     o = cfg.optimizer
+    for flag, value, allowed in (("--optimizer", o.optimizer, ("adam", "sgd")),
+                                 ("--lr-decay-style", o.lr_decay_style, ("constant", "linear", "cosine"))):
+        if value not in allowed:
+            raise ConfigError(f"unknown {flag} {value!r}; expected one of {', '.join(allowed)}")
+    try:
+        resolve_spec(cfg.parallel.transformer_impl)
+    except (ValueError, RuntimeError) as e:  # an unknown spec, or te without Transformer Engine
+        raise ConfigError(str(e)) from None
     if o.min_lr > o.lr:
         raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
     if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:

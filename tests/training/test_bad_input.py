@@ -222,6 +222,9 @@ PRETRAIN_CASES = {
     "adam-beta2 1": (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
     "zero heads": (["--num-attention-heads", "0"], "num_attention_heads must be >= 1, got 0"),
     "zero layers": (["--num-layers", "0"], "num_layers must be >= 1, got 0"),
+    "unknown optimizer": (["--optimizer", "lamb"], "unknown --optimizer 'lamb'; expected one of adam, sgd"),
+    "unknown decay style": (["--lr-decay-style", "wsd"], "unknown --lr-decay-style 'wsd'; expected one of constant"),
+    "unknown layer spec": (["--transformer-impl", "fast"], "unknown layer spec 'fast'; expected one of auto, te"),
 }
 
 #: name: (a --config file's text, the message; "{file}" is that file)

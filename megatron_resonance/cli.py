@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from typing import Iterator, Tuple
 
 
 class UsageError(Exception):
@@ -21,3 +24,44 @@ def fail(line: str, status: int = 2):
     """Print one error line to stderr and exit."""
     print(line, file=sys.stderr)
     sys.exit(status)
+
+
+def check_output_dir(path, what: str, shown=None) -> None:
+    """UsageError ``<what> <shown>: <problem>`` (one line; ``what`` names the flag, ``shown`` the value,
+    by default ``path``) unless ``path`` is a directory this process can write in, or one it could create:
+    the nearest existing ancestor a writable directory. Checks only, writes nothing. Writability is
+    ``os.access``: as root that sees read-only mounts and kernel file systems (``/proc/self``) but not
+    permission bits, which root ignores anyway."""
+    path, shown = str(path), str(path if shown is None else shown)
+    if shown == path and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {shown}: exists and is not a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # also a path under a file: exists() is False there
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{what} {shown}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {shown}: {existing} is not writable")
+
+
+def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
+    """``(line number, parsed JSON)`` for each non-blank line of the JSONL file ``path``; UsageError naming
+    the file and line (and for undecodable text the file's byte offset) for a line that is not UTF-8 JSON.
+    ``what`` (e.g. ``"--data "``) goes before the path in the message."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # (a byte-order mark is fine)
+            except UnicodeDecodeError as e:
+                raise UsageError(
+                    f"{what}{path}:{number}: not UTF-8 text ({e.reason} at byte {start + e.start} of the file)"
+                ) from None
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{what}{path}:{number}: not a JSON line ({e.msg})") from None
+            yield number, record

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, UsageError, fail
 from megatron_resonance.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
     try:
         model = train_tokenizer(inputs, args.model_prefix, vocab_size=args.vocab_size, json_key=args.json_key,
                                 max_sentences=args.max_sentences)
-    except KeyError as err:
-        fail(f"{PROG}: error: a JSONL record has no key {err} (set --json-key)")
-    except (ValueError, UnicodeDecodeError) as err:
+    except (UsageError, ValueError) as err:
         fail(f"{PROG}: error: {err}")
     tok = Tokenizer(model)
     chars = tokens = docs = exact = 0

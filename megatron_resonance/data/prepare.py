@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_resonance.cli import check_output_dir
 from megatron_resonance.data.corpus import (
     DEFAULT_MAX_TRAIN_BYTES,
     DEFAULT_MAX_VALID_BYTES,
@@ -73,6 +74,7 @@ def prepare_default_data(
     (:func:`~megatron_resonance.data.corpus.build_stdlib_corpus`); ``workers`` tokenizer processes.
     """
     say = log or (lambda _: None)
+    check_output_dir(output_dir, "output directory")
     out = Path(output_dir)
     settings = dict(
         python_version=platform.python_version(),

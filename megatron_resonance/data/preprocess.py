@@ -22,7 +22,6 @@ existing dataset untouched.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -34,7 +33,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.cli import UsageError, check_output_dir, jsonl_records
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -102,20 +101,13 @@ def iter_documents(paths: Sequence[Path], json_key: str = "text") -> Iterator[st
             except UnicodeDecodeError as err:
                 raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             continue
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except (UnicodeDecodeError, ValueError) as err:
-                    raise UsageError(f"{path}:{lineno}: not a JSON line ({err})") from None
-                if not isinstance(record, dict) or json_key not in record:
-                    raise UsageError(f"{path}:{lineno}: no key {json_key!r} (set --json-key)")
-                text = record[json_key]
-                if not isinstance(text, str):
-                    raise UsageError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
-                yield text
+        for lineno, record in jsonl_records(path):
+            if not isinstance(record, dict) or json_key not in record:
+                raise UsageError(f"{path}:{lineno}: no key {json_key!r} (set --json-key)")
+            text = record[json_key]
+            if not isinstance(text, str):
+                raise UsageError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
+            yield text
 
 
 def count_documents(paths: Sequence[Path]) -> int:
@@ -198,6 +190,7 @@ def preprocess(
     if str(output_prefix).endswith(("/", os.sep)) or Path(output_prefix).is_dir():
         raise UsageError(f"output prefix is a directory, expected a path prefix: {output_prefix}")
     bin_path, idx_path = output_paths(output_prefix)
+    check_output_dir(bin_path.parent, "output prefix", output_prefix)  # under a file, or unwritable
     existing = [str(p) for p in (bin_path, idx_path) if p.exists()]
     if existing and not overwrite:
         raise UsageError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")

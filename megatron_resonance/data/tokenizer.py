@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import sentencepiece as spm
+
+from megatron_resonance.cli import UsageError
 
 DEFAULT_VOCAB_SIZE = 2048
 #: training sentences are documents cut at line ends into pieces of at most this many characters
@@ -209,8 +210,6 @@ def load_tokenizer(path, what: str = "tokenizer") -> Tokenizer:
     """:class:`Tokenizer` with a missing or unreadable tokenizer as one-line
     :class:`~megatron_resonance.cli.UsageError` (``what`` names it, e.g. the flag). Loaded once per process
     while its files are unchanged (the evaluation checks ``--tokenizer`` first, then uses it)."""
-    from megatron_resonance.cli import UsageError
-
     try:
         return _cached_tokenizer(os.path.abspath(path), _stamp(Path(path)))
     except FileNotFoundError as err:
@@ -245,15 +244,11 @@ def _line_chunks(text: str, max_chars: int = TRAIN_CHUNK_CHARS) -> Iterator[str]
 
 def iter_training_texts(inputs: Sequence, json_key: str = "text") -> Iterator[str]:
     """Documents of ``inputs``: JSONL files (``.jsonl``/``.json``, one ``{json_key: ...}`` per line) or
-    plain text files (one document each)."""
-    for path in map(Path, inputs):
-        if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)[json_key]
-        else:
-            yield path.read_text(encoding="utf-8")
+    plain text files (one document each); read like ``preprocess`` reads them, with its
+    :class:`~megatron_resonance.cli.UsageError` naming the file and line of bad content."""
+    from megatron_resonance.data.preprocess import iter_documents
+
+    return iter_documents([Path(p) for p in inputs], json_key)
 
 
 def trainer_options(vocab_size: int = DEFAULT_VOCAB_SIZE, num_threads: Optional[int] = None) -> dict:
@@ -303,16 +298,29 @@ def train_tokenizer(
         ValueError: no text, or a vocabulary too large for the corpus (SentencePiece's message).
     """
     model_path = Path(f"{model_prefix}.model")
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    chunks = (c for text in iter_training_texts(inputs, json_key) for c in _line_chunks(text))
+    bad_input = []
+
+    def chunks():
+        try:
+            for text in iter_training_texts(inputs, json_key):
+                yield from _line_chunks(text)
+        except UsageError as err:  # SentencePiece would report it as its own failure
+            bad_input.append(err)
+            raise
+
     options = trainer_options(vocab_size, num_threads)
     if max_sentences:
         options.update(input_sentence_size=max_sentences, shuffle_input_sentence=True)
     proto = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=chunks, model_writer=proto, **options)
+        spm.SentencePieceTrainer.train(sentence_iterator=chunks(), model_writer=proto, **options)
     except RuntimeError as err:
+        if bad_input:
+            raise bad_input[0] from None
         raise ValueError(f"SentencePiece training failed: {str(err).strip().splitlines()[-1]}") from None
+    if bad_input:
+        raise bad_input[0]
+    model_path.parent.mkdir(parents=True, exist_ok=True)  # after training: bad input leaves nothing behind
     model_path.write_bytes(proto.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
     with open(f"{model_prefix}.vocab", "w", encoding="utf-8") as f:

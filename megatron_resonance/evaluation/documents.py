@@ -16,13 +16,12 @@ window over each such document (see :func:`windows`).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.cli import UsageError, jsonl_records
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer  # noqa: F401 - the evaluation's tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -66,17 +65,10 @@ def needs_tokenizer(data: Optional[str]) -> bool:
 
 
 def _jsonl(path: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--data {path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not ("tokens" in obj or "text" in obj):
-                raise UsageError(f"--data {path}:{number}: expected an object with \"tokens\" or \"text\"")
-            yield obj
+    for number, obj in jsonl_records(path, "--data "):
+        if not isinstance(obj, dict) or not ("tokens" in obj or "text" in obj):
+            raise UsageError(f"--data {path}:{number}: expected an object with \"tokens\" or \"text\"")
+        yield obj
 
 
 def default_texts() -> List[str]:

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.cli import UsageError, check_output_dir
 from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.evaluation.scoring import TokenScores
@@ -488,8 +488,7 @@ def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
 
 def prepare_out(out: str) -> None:
     """Create the output directory (rank 0); UsageError when it cannot be."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out, "--out")
     if is_rank0():
         try:
             os.makedirs(out, exist_ok=True)

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir, fail
 from megatron_resonance.evaluation import documents as docs_lib
 from megatron_resonance.evaluation import models as models_lib
 from megatron_resonance.evaluation.models import ModelSpec, ResolvedModel, Runtime, Scorer
@@ -165,10 +165,12 @@ def run(
     runtime.check(resolved)
     models_lib.check_memory(resolved, runtime, lengths[-1], max_memory_gb)
     if out:
-        models_lib.prepare_out(out)
+        check_output_dir(out, "--out")  # created once the documents are read: bad data leaves nothing behind
 
     # ---------------------------------------------------------------- data
     documents = _documents(resolved, data, add_bos)
+    if out:
+        models_lib.prepare_out(out)
 
     # ---------------------------------------------------------------- evaluate
     if any(m.spec.kind == "megatron" for m in resolved):

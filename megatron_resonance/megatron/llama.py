@@ -21,6 +21,13 @@ from megatron_resonance.rope import RopeConfig
 SPECS = ("auto", "te", "local")
 
 
+#: the LlamaConfig sizes that must be >= 1
+_POSITIVE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+    "max_position_embeddings", "make_vocab_size_divisible_by",
+)  # fmt: skip
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     """Architecture of a LLaMA-family decoder. Field names follow Megatron-LM's flags."""
@@ -53,6 +60,10 @@ class LlamaConfig:
     def __post_init__(self):
         if isinstance(self.rope, dict):
             self.rope = RopeConfig.from_dict(self.rope)
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:  # (a value of another type is the config loader's to name)
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -152,22 +153,66 @@ def _check_keys(where: str, given: Dict[str, Any], cls) -> None:
         raise ConfigError(f"unknown config key(s) in {where}: {', '.join(unknown)}")
 
 
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_types(where: str, section: str, given: Dict[str, Any], cls) -> Dict[str, Any]:
+    """``given`` with each value checked against ``cls``'s field type (int, float, bool, str, optionally
+    None); ConfigError naming the field, the value and the expected type. A float field also takes an
+    integer, and a number YAML 1.1 reads as a string (``3e-4``: no dot)."""
+    hints = typing.get_type_hints(cls)
+    out = dict(given)
+    for name, value in given.items():
+        hint = hints.get(name)
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        expected = next((a for a in args if a is not type(None)), hint) if optional else hint
+        if expected not in _TYPE_NAMES or (value is None and optional):
+            continue
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and not ok and not isinstance(value, bool):
+            if isinstance(value, int):
+                ok = True
+            elif isinstance(value, str):
+                try:
+                    out[name], ok = float(value), True
+                except ValueError:
+                    pass
+        if not ok:
+            raise ConfigError(
+                f"{where}: {section}.{name} is {value!r}, expected {_TYPE_NAMES[expected]}"
+                + (" or null" if optional else "")
+            )
+    return out
+
+
 def from_dict(d: Dict[str, Any], where: str = "config") -> Config:
     """Build a Config from nested dicts (a parsed YAML file). Unknown keys raise ConfigError."""
     d = dict(d or {})
     _check_keys(where, d, Config)
-    model = dict(d.pop("model", {}) or {})
+    model = _mapping(where, "model", d.pop("model", {}))
     _check_keys(f"{where}: model", model, LlamaConfig)
-    rope = dict(model.pop("rope", {}) or {})
+    rope = _mapping(where, "model.rope", model.pop("rope", {}))
     _check_keys(f"{where}: model.rope", rope, RopeConfig)
+    model = _check_types(where, "model", model, LlamaConfig)
+    rope = _check_types(where, "model.rope", rope, RopeConfig)
     rope.setdefault("head_dim", 0)  # filled from the model shape below
     sections = {}
     for name, cls in SECTIONS.items():
-        values = dict(d.get(name, {}) or {})
+        values = _mapping(where, name, d.get(name, {}))
         _check_keys(f"{where}: {name}", values, cls)
+        values = _check_types(where, name, values, cls)
         sections[name] = cls(**values)
     model_cfg = _model_from(model, rope)
     return Config(model=model_cfg, **sections)
+
+
+def _mapping(where: str, section: str, value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {section} is {value!r}, expected a mapping of keys")
+    return dict(value)
 
 
 def _model_from(model: Dict[str, Any], rope: Dict[str, Any]) -> LlamaConfig:

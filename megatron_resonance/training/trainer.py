@@ -46,6 +46,7 @@ class TrainingError(Exception):
 def validate(cfg: Config, world_size: int) -> None:
     """Raise ConfigError with one clear line for a configuration that cannot run."""
     p, d, m = cfg.parallel, cfg.data, cfg.model
+    _check_ranges(cfg)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
         if value < 1:
@@ -82,6 +83,16 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ConfigError("no training data: give --data-path PREFIX or --mock-data")
         for prefix in filter(None, (d.data_path, d.valid_data_path)):
             _check_dataset(prefix)
+    from megatron_resonance.cli import UsageError, check_output_dir
+
+    # where the run writes: checked here, before a worker starts or the model is built
+    for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir),
+                       ("--data-cache-path", d.data_cache_path)):
+        if path:
+            try:
+                check_output_dir(path, flag)
+            except UsageError as e:
+                raise ConfigError(str(e)) from None
     if cfg.checkpoint.load and not _has_checkpoint(cfg.checkpoint.load):
         raise ConfigError(f"--load {cfg.checkpoint.load}: no checkpoint there")
     # A checkpoint whose tensors do not fit would fail deep inside dist_checkpointing, one traceback per rank.
@@ -94,6 +105,43 @@ def validate(cfg: Config, world_size: int) -> None:
     warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
     if warmup >= decay:
         raise ConfigError(f"lr warm-up ({warmup} steps) must be shorter than the decay ({decay} steps)")
+
+
+#: (flag, smallest allowed value) of the numbers validate bounds; an interval of 0 is "off" (see run), so
+#: intervals may be 0 but not negative; --log-interval has no "off"
+_AT_LEAST = (
+    ("data.micro_batch_size", 1), ("data.global_batch_size", 1), ("data.seq_length", 1),
+    ("logging.log_interval", 1), ("training.eval_interval", 0), ("training.eval_iters", 0),
+    ("checkpoint.save_interval", 0), ("training.exit_interval", 0), ("optimizer.lr", 0.0),
+    ("optimizer.min_lr", 0.0), ("optimizer.lr_warmup_iters", 0), ("optimizer.lr_decay_iters", 0),
+    ("optimizer.clip_grad", 0.0), ("optimizer.weight_decay", 0.0), ("optimizer.adam_eps", 0.0),
+)  # fmt: skip
+
+
+def _check_ranges(cfg: Config) -> None:
+    """ConfigError for a number outside what the run can use (a zero batch divides by zero in a worker,
+    a negative lr trips an assertion in the scheduler, a negative interval fires at every step)."""
+    for name, least in _AT_LEAST:
+        section, field = name.split(".")
+        value = getattr(getattr(cfg, section), field)
+        if value is not None and value < least:
+            raise ConfigError(f"--{field.replace('_', '-')} must be >= {least}, got {value}")
+    o = cfg.optimizer
+    for flag, value, allowed in (("--optimizer", o.optimizer, ("adam", "sgd")),
+                                 ("--lr-decay-style", o.lr_decay_style, ("constant", "linear", "cosine"))):
+        if value not in allowed:
+            raise ConfigError(f"unknown {flag} {value!r}; expected one of {', '.join(allowed)}")
+    try:
+        resolve_spec(cfg.parallel.transformer_impl)
+    except (ValueError, RuntimeError) as e:  # an unknown spec, or te without Transformer Engine
+        raise ConfigError(str(e)) from None
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
+        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+    for flag, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
 
 
 def warmup_iters(cfg: Config) -> int:

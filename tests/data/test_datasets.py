@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from megatron_resonance.data.prepare import prepare_default_data
-from tests.data.conftest import TINY_VOCAB
+from tests.data.conftest import TINY_VOCAB, tool_main
 from tests.launch import torchrun
 
 WORKER = Path(__file__).with_name("datasets_worker.py")
@@ -57,3 +58,20 @@ def test_build_gpt_datasets_under_gloo(default_data, tmp_path):
     # rank 0 cached the indices under a directory named by the .idx fingerprint
     cached = list((tmp_path / "cache").glob("*/*-GPTDataset-train-shuffle_index.npy"))
     assert len(cached) == 2  # per-split train, blend train
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "unwritable"])
+def test_prepare_data_output_dir_that_cannot_be_written(tmp_path, where):
+    (tmp_path / "a_file").write_text("not a directory\n")
+    out, message = {
+        "file": (tmp_path / "a_file", f"output directory {tmp_path / 'a_file'}: exists and is not a directory"),
+        "under a file": (tmp_path / "a_file" / "data",
+                         f"output directory {tmp_path / 'a_file' / 'data'}: {tmp_path / 'a_file'} is a file"),
+        "unwritable": ("/proc/self/data", "output directory /proc/self/data: /proc/self is not writable"),
+    }[where]
+    if where == "unwritable" and os.access("/proc/self", os.W_OK):
+        pytest.skip("no directory here refuses writes to this user")
+    status, err = tool_main("prepare_data.py", "--output-dir", out)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"prepare_data.py: error: {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

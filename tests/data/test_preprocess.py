@@ -208,3 +208,25 @@ def test_cli_bad_content_is_one_line(inputs, tiny_tokenizer, tmp_path):
     proc = _main("--input", bad, "--output-prefix", tmp_path / "ds", "--tokenizer-model", tiny_tokenizer.path)
     _assert_one_error_line(proc, "bad.jsonl:2: not a JSON line")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_cli_output_prefix_under_a_file_or_unwritable(inputs, tiny_tokenizer, tmp_path):
+    """Checked before anything is written: a prefix under a file, and one under a directory that refuses
+    writes even to root (``/proc/self``; the permission bits of a chmod-ed directory do not stop root)."""
+    (tmp_path / "somefile.txt").write_text("a file\n")
+    under_file = tmp_path / "somefile.txt" / "out"
+    proc = _main("--input", inputs["jsonl"], "--output-prefix", under_file, "--tokenizer-model", tiny_tokenizer.path)
+    _assert_one_error_line(proc, f"output prefix {under_file}: {tmp_path / 'somefile.txt'} is a file, not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile.txt"]
+    if not os.access("/proc/self", os.W_OK):
+        proc = _main("--input", inputs["jsonl"], "--output-prefix", "/proc/self/out", "--tokenizer-model",
+                     tiny_tokenizer.path)
+        _assert_one_error_line(proc, "output prefix /proc/self/out: /proc/self is not writable")
+
+
+def test_input_that_is_not_utf8_names_the_line_and_byte(tiny_tokenizer, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UsageError, match=r"latin1.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 28 "):
+        preprocess([bad], tmp_path / "ds", tiny_tokenizer.path, progress=False, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]

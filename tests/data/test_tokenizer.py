@@ -11,7 +11,7 @@ import torch
 
 from megatron_resonance.data.corpus import list_stdlib_sources, stdlib_root
 from megatron_resonance.data.tokenizer import Tokenizer, train_tokenizer
-from tests.data.conftest import TINY_VOCAB
+from tests.data.conftest import TINY_VOCAB, tool_main
 
 
 def test_round_trip_on_unseen_stdlib_source(small_corpus, tiny_tokenizer):
@@ -93,3 +93,25 @@ def test_training_is_deterministic(small_corpus, tiny_tokenizer, tmp_path):
         return [(tok.sp.id_to_piece(i), tok.sp.get_score(i)) for i in range(tok.vocab_size)]
 
     assert pieces(again) == pieces(tiny_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "def f(): pass"}\nnot json\n', "bad.jsonl:2: not a JSON line (Expecting value)"),
+        (
+            b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+            "bad.jsonl:2: not UTF-8 text (invalid continuation byte at byte 28 of the file)",
+        ),
+        (b'{"text": "ok"}\n{"body": "x"}\n', "bad.jsonl:2: no key 'text' (set --json-key)"),
+    ],
+)
+def test_train_tokenizer_bad_input_names_the_file_and_line(tmp_path, content, message):
+    """One line naming the input file and line (not SentencePiece's internals); nothing written."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    status, err = tool_main("train_tokenizer.py", "--input", bad, "--model-prefix", tmp_path / "out" / "spm",
+                             "--vocab-size", "300")
+    assert status == 2 and err.strip() == f"train_tokenizer.py: error: {tmp_path / message}", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+

@@ -122,3 +122,14 @@ def test_tool_script_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["eval_perplexity.py: error: --load /no/such/ckpt: no such file or "
                                                 "directory"]
+
+
+def test_data_that_is_not_utf8(checkpoint, tokenizer_model, tmp_path, capsys):
+    """A JSONL line that is not UTF-8: the file, the line and the byte offset; --out is not created."""
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    err = _fails(perplexity.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), "--lengths", "16",
+                                   "--data", str(bad), "--out", str(tmp_path / "out")], capsys)
+    assert err.strip() == (f"eval_perplexity.py: error: --data {bad}:2: not UTF-8 text (invalid continuation byte at "
+                           f"byte 28 of the file)")
+    assert not (tmp_path / "out").exists()

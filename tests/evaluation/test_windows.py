@@ -68,7 +68,7 @@ def test_jsonl_tokens_and_errors(tmp_path):
     with pytest.raises(UsageError, match="holds text: pass --tokenizer"):
         load_documents(str(path))
     path.write_text("{oops\n")
-    with pytest.raises(UsageError, match=r"d.jsonl:1: not JSON"):
+    with pytest.raises(UsageError, match=r"d.jsonl:1: not a JSON line"):
         load_documents(str(path))
 
 

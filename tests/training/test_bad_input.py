@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Dict, List
@@ -61,6 +62,9 @@ def files(tmp_path_factory) -> Dict[str, Path]:
     (tmp / "unknown_rope.yaml").write_text("model:\n  rope:\n    kindd: yarn\n")
     (tmp / "unknown_training.yaml").write_text("training:\n  train_iter: 5\n")
     (tmp / "not_a_mapping.yaml").write_text("- a\n- b\n")
+    (tmp / "a_file").write_text("not a directory\n")
+    for name, text in YAML_TYPE_CASES.items():
+        (tmp / f"{name}.yaml").write_text(text[0])
     fake_checkpoint(tmp / "other_model", 3, tiny_model(hidden_size=128))
     # the --save every case passes: a run's checkpoint (same model) and its metrics, which must survive
     save = fake_checkpoint(tmp / "save", 7, tiny_model())
@@ -196,6 +200,47 @@ PRETRAIN_CASES = {
         ["--config", "{tmp}/unknown_training.yaml"],
         "unknown config key(s) in {tmp}/unknown_training.yaml: training: train_iter",
     ),
+    "save: a file": (["--save", "{tmp}/a_file"], "--save {tmp}/a_file: exists and is not a directory"),
+    "save: under a file": (["--save", "{tmp}/a_file/ckpt"], "--save {tmp}/a_file/ckpt: {tmp}/a_file is a file"),
+    "tensorboard-dir: a file": (
+        ["--tensorboard-dir", "{tmp}/a_file"],
+        "--tensorboard-dir {tmp}/a_file: exists and is not a directory",
+    ),
+    "micro-batch 0": (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+    "global batch 0": (["--global-batch-size", "0"], "--global-batch-size must be >= 1, got 0"),
+    "seq-length 0": (["--seq-length", "0"], "--seq-length must be >= 1, got 0"),
+    "log-interval 0": (["--log-interval", "0"], "--log-interval must be >= 1, got 0"),
+    "eval-interval -1": (["--eval-interval", "-1"], "--eval-interval must be >= 0, got -1"),
+    "eval-iters -1": (["--eval-iters", "-1"], "--eval-iters must be >= 0, got -1"),
+    "save-interval -1": (["--save-interval", "-1"], "--save-interval must be >= 0, got -1"),
+    "exit-interval -1": (["--exit-interval", "-1"], "--exit-interval must be >= 0, got -1"),
+    "negative lr": (["--lr", "-1"], "--lr must be >= 0.0, got -1.0"),
+    "negative min-lr": (["--min-lr", "-1"], "--min-lr must be >= 0.0, got -1.0"),
+    "min-lr above lr": (["--lr", "1e-5"], "--min-lr 0.0001 is above --lr 1e-05"),
+    "negative clip-grad": (["--clip-grad", "-1"], "--clip-grad must be >= 0.0, got -1.0"),
+    "warm-up fraction < 0": (["--lr-warmup-fraction", "-0.5"], "--lr-warmup-fraction must be in [0, 1], got -0.5"),
+    "adam-beta2 1": (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
+    "zero heads": (["--num-attention-heads", "0"], "num_attention_heads must be >= 1, got 0"),
+    "zero layers": (["--num-layers", "0"], "num_layers must be >= 1, got 0"),
+    "unknown optimizer": (["--optimizer", "lamb"], "unknown --optimizer 'lamb'; expected one of adam, sgd"),
+    "unknown decay style": (["--lr-decay-style", "wsd"], "unknown --lr-decay-style 'wsd'; expected one of constant"),
+    "unknown layer spec": (["--transformer-impl", "fast"], "unknown layer spec 'fast'; expected one of auto, te"),
+}
+
+#: name: (a --config file's text, the message; "{file}" is that file)
+YAML_TYPE_CASES = {
+    "train_iters_text": (
+        "training:\n  train_iters: abc\n",
+        "{file}: training.train_iters is 'abc', expected an integer",
+    ),
+    "hidden_size_list": ("model:\n  hidden_size: [1]\n", "{file}: model.hidden_size is [1], expected an integer"),
+    "lr_word": ('optimizer:\n  lr: "fast"\n', "{file}: optimizer.lr is 'fast', expected a number"),
+    "rope_factor_word": ("model:\n  rope:\n    factor: big\n", "{file}: model.rope.factor is 'big', expected a number"),
+    "bool_as_text": (
+        "checkpoint:\n  finetune: 'no'\n",
+        "{file}: checkpoint.finetune is 'no', expected a boolean (true/false)",
+    ),
+    "section_not_a_mapping": ("training: 5\n", "{file}: training is 5, expected a mapping of keys"),
 }
 
 
@@ -214,6 +259,46 @@ def test_pretrain_bad_input(monkeypatch, files, case):
     assert_one_error_line(proc, "pretrain_llama.py", _fill(message, files))
     assert proc.launched == []
     assert snapshot(save.parent) == before
+
+
+@pytest.mark.parametrize("case", YAML_TYPE_CASES)
+def test_config_value_of_the_wrong_type(monkeypatch, files, case):
+    """A YAML value that is not the field's type: one line naming the field, the value and the type (the
+    file alone sets it: the tiny-model flags would override these fields)."""
+    save, config = files["save"], files[f"{case}.yaml"]
+    before = snapshot(save.parent)
+    proc = launch_in_process(monkeypatch, PRETRAIN, ["--mock-data", "--config", str(config), "--save", str(save)])
+    assert_one_error_line(proc, "pretrain_llama.py", YAML_TYPE_CASES[case][1].replace("{file}", str(config)))
+    assert proc.launched == []
+    assert snapshot(save.parent) == before
+
+
+def test_config_number_yaml_reads_as_text_is_a_number(tmp_path):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; a float field takes it as the number it is."""
+    (tmp_path / "lr.yaml").write_text("optimizer:\n  lr: 3e-4\n  min_lr: 3\n")
+    cfg = config_from_args(launch.make_parser("x", "").parse_args(["--config", str(tmp_path / "lr.yaml")]))
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr) == (3e-4, 3.0)
+
+
+def test_save_where_nothing_can_be_written(monkeypatch, files):
+    """A --save whose nearest existing directory is not writable. As root (these tests) permission bits
+    do not stop writes, so the case is a kernel directory that refuses them even to root (``/proc/self``);
+    skipped where that directory is writable."""
+    if os.access("/proc/self", os.W_OK):
+        pytest.skip("no directory here refuses writes to this user")
+    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, "--save", "/proc/self/ckpt"])
+    assert_one_error_line(proc, "pretrain_llama.py", "--save /proc/self/ckpt: /proc/self is not writable")
+    assert proc.launched == []
+
+
+def test_intervals_of_zero_are_off_not_errors(monkeypatch, files):
+    """0 keeps its meaning in run(): evaluate/save only at the end, no exit interval, no evaluation."""
+    argv = [*TINY_RUN, *ITERS, "--eval-interval", "0", "--save-interval", "0", "--exit-interval", "0",
+            "--eval-iters", "0", "--save", str(files["save"].parent / "fresh" / "run")]  # fmt: skip
+    proc = launch_in_process(monkeypatch, PRETRAIN, argv)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert len(proc.launched) == 1
+    assert not (files["save"].parent / "fresh").exists()  # validation creates nothing
 
 
 def test_context_parallel_without_transformer_engine(monkeypatch, files):
@@ -243,6 +328,10 @@ EXTEND_CASES = {
     ),
     "shrinking factor": (["--load", "{tmp}/save", "--seq-length", "64", "--rope-factor", "0.5"], "factor must be"),
     "unknown rope kind": (["--load", "{tmp}/save", "--seq-length", "64", "--rope-kind", "alibi"], "alibi"),
+    "save: a file": (
+        ["--load", "{tmp}/save", "--seq-length", "64", "--save", "{tmp}/a_file"],
+        "--save {tmp}/a_file: exists and is not a directory",
+    ),
 }
 
 

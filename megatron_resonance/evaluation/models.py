@@ -133,6 +133,7 @@ def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> R
 
     try:
         ckpt = checkpointing.resolve_checkpoint(spec.path)
+        checkpointing.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
     except checkpointing.CheckpointError as e:
         raise UsageError(f"--load {spec.path}: {e}") from None
     config_path = os.path.join(ckpt, checkpointing.CONFIG_FILE)

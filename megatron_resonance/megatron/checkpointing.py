@@ -438,7 +438,6 @@ def load_checkpoint(
     else:
         for i, c in enumerate(model_chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
-    check_finite([unwrap(c) for c in model_chunks], ckpt)
     if optimizer is not None:
         # fp32 main params are views of leaf parameters; megatron copies in place
         with torch.no_grad(), _states_without_step(optimizer):
@@ -448,6 +447,7 @@ def load_checkpoint(
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:
             _set_rng(loaded["rng_state"])
+    check_finite([unwrap(c) for c in model_chunks], ckpt)  # after the optimizer's copy of the weights
     return {
         "iteration": loaded.get("iteration", meta.get("iteration", 0)),
         "train_state": loaded.get("train_state"),

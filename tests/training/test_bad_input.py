@@ -33,11 +33,20 @@ ITERS = ["--train-iters", "20"]
 
 
 def fake_checkpoint(root: Path, iteration: int, model: dict) -> Path:
-    """What validation reads of a checkpoint: the tracker and the iteration's megatron_resonance.json."""
+    """What validation reads of a checkpoint: the tracker, the iteration's megatron_resonance.json, and the
+    files ``verify_checkpoint`` checks (dist_checkpointing's metadata, a DCP ``.metadata`` naming no shard,
+    ``common.pt``)."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.metadata import Metadata
+
     ckpt = root / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True)
     (ckpt / "megatron_resonance.json").write_text(json.dumps({"model": model, "run": {}, "iteration": iteration}))
-    (ckpt / "common.pt").write_bytes(b"\0" * 64)
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "common_backend": "torch"}))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={})))
+    torch.save({}, ckpt / "common.pt")
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root
 

@@ -13,6 +13,8 @@ import signal
 import sys
 from typing import Callable, List, Optional
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
 from megatron_resonance.cli import ArgumentParser, fail
 from megatron_resonance.megatron.checkpointing import CheckpointError
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
@@ -70,7 +72,12 @@ def main(
         if args.nproc_per_node and not _under_launcher():
             trainer.resolve_and_validate(cfg, args.nproc_per_node)
             os.environ.setdefault("OMP_NUM_THREADS", "1")
-            run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)])
+            try:
+                run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)])
+            except ChildFailedError as e:
+                if e.get_first_failure()[1].exitcode == 2:  # the worker printed its one error line (below)
+                    sys.exit(2)
+                raise
             return 0
         trainer.run(cfg)
     except (ConfigError, CheckpointError) as e:

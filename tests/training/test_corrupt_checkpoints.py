@@ -67,6 +67,21 @@ def test_resume_falls_back_to_the_previous_complete_checkpoint(save):
         assert shard(save / f"iter_{iteration:07d}").stat().st_size == shard(save / "iter_0000003").stat().st_size
 
 
+def test_bit_flipped_latest_is_one_error_line(save):
+    """Damage only the loaded values can show (the sizes are right): every rank stops after the load, rank 0
+    says which parameter, and the launcher exits 2 without torchrun's ChildFailedError traceback."""
+    from tests.megatron.test_checkpoint_integrity import flip_exponent
+
+    flip_exponent(save / "iter_0000006", "embedding.word_embeddings.weight")
+    proc = failed(command(PRETRAIN, *ARGS, "--train-iters", 9, "--save", save))
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith(("W", "E"))]  # torchrun's log
+    assert errors == [
+        f"pretrain_llama.py: error: {save}/iter_0000006: parameter embedding.word_embeddings.weight holds "
+        "non-finite values (a corrupted shard)"
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr and "[train]" not in proc.stdout
+
+
 def test_no_complete_checkpoint_is_one_error_line(save):
     truncate(save / "iter_0000006" / ".metadata")
     (save / "iter_0000003" / "common.pt").unlink()

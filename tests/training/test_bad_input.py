@@ -24,6 +24,7 @@ import pytest
 from megatron_resonance.training import launch
 from megatron_resonance.training.config import config_from_args
 from megatron_resonance.training.trainer import resolve_spec
+from tests.fake_checkpoint import add_dist_files
 from tests.training.conftest import EXTEND, PRETRAIN, REPO, TINY_RUN, command, env
 
 ITERS = ["--train-iters", "20"]
@@ -34,19 +35,11 @@ ITERS = ["--train-iters", "20"]
 
 def fake_checkpoint(root: Path, iteration: int, model: dict) -> Path:
     """What validation reads of a checkpoint: the tracker, the iteration's megatron_resonance.json, and the
-    files ``verify_checkpoint`` checks (dist_checkpointing's metadata, a DCP ``.metadata`` naming no shard,
-    ``common.pt``)."""
-    import pickle
-
-    import torch
-    from torch.distributed.checkpoint.metadata import Metadata
-
+    files ``verify_checkpoint`` checks."""
     ckpt = root / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True)
     (ckpt / "megatron_resonance.json").write_text(json.dumps({"model": model, "run": {}, "iteration": iteration}))
-    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "common_backend": "torch"}))
-    (ckpt / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={})))
-    torch.save({}, ckpt / "common.pt")
+    add_dist_files(ckpt)
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root
 

@@ -184,19 +184,20 @@ def newest_usable_checkpoint(root: str) -> tuple:
 def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
     """CheckpointError naming the first parameter with non-finite values, or values beyond any trained weight
     (``> 1e19``: an exponent bit flipped in a shard), after a load. Every rank learns of a bad rank."""
+    named = [
+        (name if len(model_chunks) == 1 else f"{name} (model chunk {i})", param.detach())
+        for i, chunk in enumerate(model_chunks)
+        for name, param in chunk.named_parameters()
+        if param.numel()
+    ]
     bad = None
-    for i, chunk in enumerate(model_chunks):
-        for name, param in chunk.named_parameters():
-            if param.numel() == 0:
-                continue
-            peak = param.detach().abs().max().item()
+    if named:  # the largest magnitude of each (NaN if any is NaN), without a copy, read back at once
+        peaks = torch.stack([torch.linalg.vector_norm(p, float("inf")).float() for _, p in named]).tolist()
+        for (name, _), peak in zip(named, peaks):
             if not math.isfinite(peak) or peak > 1e19:
                 what = "non-finite values" if not math.isfinite(peak) else f"a value of magnitude {peak:.3g}"
-                where = name if len(model_chunks) == 1 else f"{name} (model chunk {i})"
-                bad = f"{ckpt}: parameter {where} holds {what} (a corrupted shard)"
+                bad = f"{ckpt}: parameter {name} holds {what} (a corrupted shard)"
                 break
-        if bad:
-            break
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         flag = torch.tensor([1 if bad else 0], device=device)

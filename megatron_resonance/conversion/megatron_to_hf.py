@@ -55,6 +55,7 @@ def convert_megatron_to_hf(
     shard_bytes = parse_size(max_shard_size)
     try:
         ckpt = checkpointing.resolve_checkpoint(load)
+        checkpointing.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before megatron reads it
         cfg = checkpointing.read_model_config(ckpt)
     except checkpointing.CheckpointError as e:
         raise ConversionError(str(e)) from None
@@ -87,6 +88,8 @@ def convert_megatron_to_hf(
             # of a training checkpoint) is not requested and not read
             try:
                 checkpointing.load_checkpoint(ckpt, [model])
+            except checkpointing.CheckpointError as e:  # damaged files, non-finite weights
+                raise ConversionError(str(e)) from None
             except Exception as e:  # megatron's CheckingError, torch DCP errors: name what is wrong, in one line
                 raise ConversionError(f"{ckpt}: cannot load the model from it ({one_line(e)})") from None
 

@@ -143,6 +143,10 @@ def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> R
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"--load {spec.path}: cannot read the model config {config_path} ({reason})") from None
+    try:
+        checkpointing.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
+    except checkpointing.CheckpointError as e:
+        raise UsageError(f"--load {spec.path}: {e}") from None
     return ResolvedModel(
         spec=spec,
         name=name,

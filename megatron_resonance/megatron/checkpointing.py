@@ -22,7 +22,9 @@ import datetime
 import fcntl
 import glob
 import json
+import math
 import os
+import pickle
 import shutil
 import socket
 from typing import Any, Dict, Iterator, List, Optional
@@ -79,9 +81,139 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_config(path: str) -> Dict[str, Any]:
-    """The stored ``megatron_resonance.json`` of a checkpoint (or of the latest under a root)."""
-    with open(os.path.join(resolve_checkpoint(path), CONFIG_FILE)) as f:
-        return json.load(f)
+    """The stored ``megatron_resonance.json`` of a checkpoint (or of the latest under a root);
+    CheckpointError with one line when it does not parse."""
+    return _read_json(os.path.join(resolve_checkpoint(path), CONFIG_FILE), require="model")
+
+
+def _first_line(e: BaseException) -> str:
+    """One line for an exception: torch DCP's CheckpointException (a BaseException holding each rank's
+    failure and traceback) by its first rank's cause, others by the first line of their message."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
+            return _first_line(first[0])
+        if isinstance(first, BaseException):
+            return _first_line(first)
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    if len(line) > 160 and ". " in line:  # torch.load's zip errors go on for several sentences
+        line = line.split(". ")[0]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _read_json(path: str, require: Optional[str] = None) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
+    if not isinstance(data, dict) or (require and not isinstance(data.get(require), dict)):
+        raise CheckpointError(f"{path}: not a checkpoint's {os.path.basename(path)} (no {require or 'object'})")
+    return data
+
+
+def verify_checkpoint(ckpt_dir: str) -> None:
+    """Check what can be checked of the checkpoint directory ``ckpt_dir`` (an ``iter_*``) without reading
+    its tensors: CheckpointError with one line naming the file and the problem.
+
+    ``megatron_resonance.json`` and dist_checkpointing's ``metadata.json`` parse; torch DCP's ``.metadata``
+    loads; every shard file it names exists and is at least as long as the last byte it refers to (a
+    truncated or missing ``.distcp``); ``common.pt`` loads (as megatron loads it). Corrupted bytes inside a
+    shard are not seen here; :func:`load_checkpoint` checks the loaded weights for that."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint directory")
+    _read_json(os.path.join(ckpt_dir, CONFIG_FILE), require="model")
+    _read_json(os.path.join(ckpt_dir, "metadata.json"), require=None)
+    metadata_path = os.path.join(ckpt_dir, ".metadata")
+    if not os.path.isfile(metadata_path):
+        raise CheckpointError(f"{metadata_path}: missing")
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(ckpt_dir).read_metadata()
+        storage = dict(metadata.storage_data or {})
+    except Exception as e:  # noqa: BLE001 - pickle, EOF, zip errors of a truncated or damaged file
+        raise CheckpointError(f"{metadata_path}: unreadable ({_first_line(e)})") from None
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        shard = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(shard):
+            raise CheckpointError(f"{shard}: missing (named in {metadata_path})")
+        size = os.path.getsize(shard)
+        if size < end:
+            raise CheckpointError(f"{shard}: truncated ({size} bytes; .metadata refers to byte {end})")
+    common = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.isfile(common):
+        raise CheckpointError(f"{common}: missing")
+    try:
+        torch.load(common, map_location="cpu", weights_only=True)  # what megatron's common strategy does
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{common}: unreadable ({_first_line(e)})") from None
+
+
+def newest_usable_checkpoint(root: str) -> tuple:
+    """For a run resuming from its own ``--save`` root: ``(checkpoint, warning)``, the checkpoint the tracker
+    names when it passes :func:`verify_checkpoint`, else the newest earlier ``iter_*`` that does, with a
+    one-line warning naming what was skipped. CheckpointError when none is usable."""
+    latest = read_latest_iteration(root)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint at {root}: no {TRACKER}")
+    named = iteration_dir(root, latest)
+    try:
+        verify_checkpoint(named)
+        return named, None
+    except CheckpointError as e:
+        reason = str(e)
+        if reason.startswith(named + os.sep):
+            reason = reason[len(named) + 1 :]
+    earlier = []
+    for entry in os.listdir(root):
+        if entry.startswith("iter_") and entry[5:].isdigit() and int(entry[5:]) < latest:
+            earlier.append(int(entry[5:]))
+    for iteration in sorted(earlier, reverse=True):
+        try:
+            verify_checkpoint(iteration_dir(root, iteration))
+        except CheckpointError:
+            continue
+        return iteration_dir(root, iteration), (
+            f"[resume] {named} is unusable ({reason}); resuming from iter_{iteration:07d}, the newest complete "
+            "checkpoint"
+        )
+    raise CheckpointError(f"{named} is unusable ({reason}) and no earlier checkpoint in {root} is complete")
+
+
+def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
+    """CheckpointError naming the first parameter with non-finite values, or values beyond any trained weight
+    (``> 1e19``: an exponent bit flipped in a shard), after a load. Every rank learns of a bad rank."""
+    named = [
+        (name if len(model_chunks) == 1 else f"{name} (model chunk {i})", param.detach())
+        for i, chunk in enumerate(model_chunks)
+        for name, param in chunk.named_parameters()
+        if param.numel()
+    ]
+    bad = None
+    if named:  # the largest magnitude of each (NaN if any is NaN), without a copy, read back at once
+        peaks = torch.stack([torch.linalg.vector_norm(p, float("inf")).float() for _, p in named]).tolist()
+        for (name, _), peak in zip(named, peaks):
+            if not math.isfinite(peak) or peak > 1e19:
+                what = "non-finite values" if not math.isfinite(peak) else f"a value of magnitude {peak:.3g}"
+                bad = f"{ckpt}: parameter {name} holds {what} (a corrupted shard)"
+                break
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([1 if bad else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = f"{ckpt}: another rank loaded non-finite or huge parameter values (a corrupted shard)"
+    if bad:
+        raise CheckpointError(bad)
 
 
 def read_model_config(path: str) -> LlamaConfig:
@@ -222,11 +354,6 @@ def _raise_on_every_rank(problem: Optional[str]) -> None:
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise CheckpointError(verdict[0])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def _fsync_dir(path: str) -> None:
@@ -392,6 +519,22 @@ def place_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _load_errors(ckpt: str):
+    """megatron's CheckpointingException, torch DCP's CheckpointException (a BaseException, which
+    ``except Exception`` misses) and the unpickling/reading errors of damaged files, as one CheckpointError
+    line naming the checkpoint and the cause's first line."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    # RuntimeError, ValueError: torch.load's zip reader, tensors of the wrong size
+    except (CheckpointingException, CheckpointException, pickle.UnpicklingError, EOFError, OSError,
+            RuntimeError, ValueError) as e:  # fmt: skip
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({_first_line(e)})") from None
+
+
 def load_checkpoint(
     path: str,
     model_chunks: List[torch.nn.Module],
@@ -407,22 +550,23 @@ def load_checkpoint(
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt = resolve_checkpoint(path)
-    with open(os.path.join(ckpt, CONFIG_FILE)) as f:
-        meta = json.load(f)
+    verify_checkpoint(ckpt)
+    meta = _read_json(os.path.join(ckpt, CONFIG_FILE), require="model")
     sharded = _model_sharded_state_dict(model_chunks)
     same_world = meta.get("run", {}).get("world_size") == dist.get_world_size()
-    if optimizer is not None:
-        _ensure_optimizer_state(optimizer)
-        # the format the checkpoint was saved in (older checkpoints: dp_reshardable, same layout only)
-        metadata = dist_checkpointing.load_content_metadata(ckpt) or OPTIMIZER_METADATA
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
-        if same_world:
-            sharded["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(
-        sharded,
-        ckpt,
-        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.ASSUME_OK_UNEXPECTED,
-    )
+    with _load_errors(ckpt):
+        if optimizer is not None:
+            _ensure_optimizer_state(optimizer)
+            # the format the checkpoint was saved in (older checkpoints: dp_reshardable, same layout only)
+            metadata = dist_checkpointing.load_content_metadata(ckpt) or OPTIMIZER_METADATA
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
+            if same_world:
+                sharded["rng_state"] = _rng_sharded_object()
+        loaded = dist_checkpointing.load(
+            sharded,
+            ckpt,
+            strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.ASSUME_OK_UNEXPECTED,
+        )
     from megatron_resonance.megatron.rotary import unwrap
 
     if len(model_chunks) == 1:
@@ -439,6 +583,7 @@ def load_checkpoint(
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:
             _set_rng(loaded["rng_state"])
+    check_finite([unwrap(c) for c in model_chunks], ckpt)  # after the optimizer's copy of the weights
     return {
         "iteration": loaded.get("iteration", meta.get("iteration", 0)),
         "train_state": loaded.get("train_state"),

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -96,10 +97,11 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.checkpoint.load and not _has_checkpoint(cfg.checkpoint.load):
         raise ConfigError(f"--load {cfg.checkpoint.load}: no checkpoint there")
     # A checkpoint whose tensors do not fit would fail deep inside dist_checkpointing, one traceback per rank.
-    if cfg.checkpoint.save and _has_checkpoint(cfg.checkpoint.save):  # resume: the run must be the same model
-        _check_same_model(f"--save {cfg.checkpoint.save} holds a checkpoint of", cfg.checkpoint.save, cfg, None)
+    resume, _ = resume_checkpoint(cfg)
+    if resume:  # resume: the run must be the same model
+        _check_same_model(f"--save {cfg.checkpoint.save} holds a checkpoint of", resume, cfg, None)
     elif cfg.checkpoint.load:
-        _check_same_model(f"--load {cfg.checkpoint.load} is", cfg.checkpoint.load, cfg, _SHAPE_FIELDS)
+        _check_same_model(f"--load {cfg.checkpoint.load} is", _load_source(cfg), cfg, _SHAPE_FIELDS)
     if cfg.training.train_iters < 1:
         raise ConfigError(f"--train-iters must be >= 1, got {cfg.training.train_iters}")
     warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
@@ -189,6 +191,28 @@ def _has_checkpoint(path: str) -> bool:
         return False
 
 
+def resume_checkpoint(cfg: Config) -> tuple:
+    """``(checkpoint, warning)``: the ``iter_*`` directory a run continues from when its own ``--save`` holds
+    a tracker (a requeued job), or ``(None, None)``. The checkpoint the tracker names when it is complete
+    (:func:`checkpointing.verify_checkpoint`), else the newest earlier complete one, with a one-line
+    warning; CheckpointError when none is. Validation and :func:`run` both take the checkpoint from here."""
+    save = cfg.checkpoint.save
+    if not save or checkpointing.read_latest_iteration(save) is None:
+        return None, None
+    return checkpointing.newest_usable_checkpoint(save)
+
+
+def _load_source(cfg: Config) -> str:
+    """The ``--load`` checkpoint directory, verified: ConfigError with one line when it is damaged (no
+    fallback: the user named it)."""
+    try:
+        ckpt = checkpointing.resolve_checkpoint(cfg.checkpoint.load)
+        checkpointing.verify_checkpoint(ckpt)
+    except checkpointing.CheckpointError as e:
+        raise ConfigError(f"--load {cfg.checkpoint.load}: {e}") from None
+    return ckpt
+
+
 # ==========================================================================================================
 # Build
 # ==========================================================================================================
@@ -218,7 +242,7 @@ def _tokenizer_vocab(cfg: Config) -> None:
     tokenizer = load_data_tokenizer(cfg.data.tokenizer_model)
     cfg.model.vocab_size = tokenizer.vocab_size
     c = cfg.checkpoint
-    source = c.save if c.save and _has_checkpoint(c.save) else c.load if c.load and _has_checkpoint(c.load) else None
+    source = resume_checkpoint(cfg)[0] or (_load_source(cfg) if c.load and _has_checkpoint(c.load) else None)
     if source is None:
         return
     stored = checkpointing.read_config(source)["model"].get("vocab_size")
@@ -673,10 +697,12 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
     # ---------------------------------------------------------------- build: checkpoint
     state = TrainState()
     save = cfg.checkpoint.save
-    resume_from = None
-    if save and checkpointing.read_latest_iteration(save) is not None:
-        resume_from = save  # our own run was interrupted: continue it (Slurm requeue)
-    elif cfg.checkpoint.load and not cfg.checkpoint.finetune:
+    # our own run was interrupted: continue it (Slurm requeue), from the newest complete checkpoint
+    resume_from, warning = resume_checkpoint(cfg)
+    own = resume_from is not None
+    if warning:
+        print_rank0(warning, file=sys.stderr)
+    if not own and cfg.checkpoint.load and not cfg.checkpoint.finetune:
         resume_from = cfg.checkpoint.load
     if resume_from:
         info = checkpointing.load_checkpoint(resume_from, chunks, optimizer=optimizer, scheduler=scheduler)
@@ -686,7 +712,7 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
     elif cfg.checkpoint.load:
         info = load_weights_only(cfg.checkpoint.load, chunks, optimizer)
         print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
-    if cfg.checkpoint.load and save and resume_from != save and distributed.is_rank0():
+    if cfg.checkpoint.load and save and not own and distributed.is_rank0():
         # the source's Hugging Face files (tokenizer, token ids) go on with the weights trained from them
         from megatron_resonance.conversion import hf_assets
 

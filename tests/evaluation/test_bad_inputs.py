@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megatron_resonance.evaluation import passkey, perplexity
+from tests.fake_checkpoint import add_dist_files
 from tests.launch import REPO
 
 
@@ -24,7 +25,8 @@ def _fails(main, argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint root with only what resolve() reads: tracker and megatron_resonance.json."""
+    """A checkpoint root with only what resolve() reads: tracker, megatron_resonance.json and the files
+    verify_checkpoint checks (no weights)."""
     from megatron_resonance.megatron.llama import LlamaConfig
 
     root = tmp_path_factory.mktemp("bad_inputs") / "ckpt"
@@ -33,6 +35,7 @@ def checkpoint(tmp_path_factory):
     cfg = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
                       vocab_size=400, max_position_embeddings=64)
     (root / "iter_0000005" / "megatron_resonance.json").write_text(json.dumps({"model": cfg.to_dict(), "run": {}}))
+    add_dist_files(root / "iter_0000005")
     return root
 
 

@@ -25,6 +25,7 @@ import pytest
 from megatron_resonance.training import launch
 from megatron_resonance.training.config import config_from_args
 from megatron_resonance.training.trainer import resolve_spec
+from tests.fake_checkpoint import add_dist_files
 from tests.training.conftest import EXTEND, PRETRAIN, REPO, TINY_RUN, command, env
 
 ITERS = ["--train-iters", "20"]
@@ -34,11 +35,12 @@ ITERS = ["--train-iters", "20"]
 
 
 def fake_checkpoint(root: Path, iteration: int, model: dict) -> Path:
-    """What validation reads of a checkpoint: the tracker and the iteration's megatron_resonance.json."""
+    """What validation reads of a checkpoint: the tracker, the iteration's megatron_resonance.json, and the
+    files ``verify_checkpoint`` checks."""
     ckpt = root / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True)
     (ckpt / "megatron_resonance.json").write_text(json.dumps({"model": model, "run": {}, "iteration": iteration}))
-    (ckpt / "common.pt").write_bytes(b"\0" * 64)
+    add_dist_files(ckpt)
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root
 

@@ -303,7 +303,10 @@ def save_checkpoint(
     except (Exception, CheckpointException) as e:
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(f"saving iteration {iteration} in {root} failed: {_first_line(e)}") from None
+        free = shutil.disk_usage(root).free / 2**20
+        raise CheckpointError(
+            f"saving iteration {iteration} in {root} failed ({free:.1f} MiB free there): {_first_line(e)}"
+        ) from None
     dist.barrier()
     if dist.get_rank() == 0:
         try:

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Callable, List, Optional
 
@@ -129,6 +130,9 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
         preemption.forward_to_children()
         handled, blocked = "SIGINT,SIGHUP,SIGQUIT", preemption.block_for_children()
     os.environ[_LAUNCHER_ENV] = "1"
+    # torchrun copies the failed worker's error file to its own (and complains in the log without one)
+    error_dir = tempfile.TemporaryDirectory(prefix="torchrun-errors-")
+    os.environ.setdefault("TORCHELASTIC_ERROR_FILE", os.path.join(error_dir.name, "error.json"))
     try:
         with blocked:
             torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
@@ -144,4 +148,7 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
         fail(line, failure.exitcode if 0 < failure.exitcode < 128 else 1)
     finally:
         os.environ.pop(_LAUNCHER_ENV, None)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE", "").startswith(error_dir.name):
+            del os.environ["TORCHELASTIC_ERROR_FILE"]
+        error_dir.cleanup()
     return 0

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from megatron_resonance.training.preemption import child_pids
 from tests.training.conftest import PRETRAIN, REPO, command, env
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -40,19 +41,6 @@ def session_processes(sid: int) -> List[str]:
         if fields[0] != "Z" and int(fields[3]) == sid:
             out.append(f"{entry} {cmdline.strip()}")
     return out
-
-
-def child_pids(pid: int) -> List[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
 
 
 def latest(save: Path) -> Optional[int]:

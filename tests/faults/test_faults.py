@@ -221,20 +221,27 @@ def small_disk(tmp_path):
 
 
 def _one_error_line(output: str) -> str:
-    errors = [line for line in output.splitlines() if "error:" in line]
+    errors = [line for line in output.splitlines() if line.startswith("pretrain_llama.py: error:")]
     assert len(errors) == 1, output[-3000:]
     assert output.rstrip().splitlines()[-1] == errors[0]
     return errors[0]
+
+
+DISK_ARGS = [*TINY_RUN, "--eval-interval", "0", "--save-interval", "2"]
+
+
+def _failed_run(save: Path, iters: int, log: Path) -> str:
+    """Run ``DISK_ARGS`` to ``iters``, which must fail with exit 1 and one error line (returned)."""
+    job = Job([*DISK_ARGS, "--train-iters", iters, "--save", save], log)
+    assert job.finish() == 1
+    return _one_error_line(job.output)
 
 
 def test_full_disk_keeps_the_last_checkpoint_and_resumes(small_disk, tmp_path):
     # room for one checkpoint (2.2 MB) and the metrics: the second save is refused before it writes
     disk = small_disk("disk", "3m")
     save = disk / "ckpt"
-    job = Job([*TINY_RUN, "--train-iters", "8", "--eval-interval", "0", "--save-interval", "2", "--save", save],
-              tmp_path / "full.log")  # fmt: skip
-    assert job.finish() == 1
-    line = _one_error_line(job.output)
+    line = _failed_run(save, 8, tmp_path / "full.log")
     assert f"not enough space to save iteration 4 in {save}" in line
     assert "the latest checkpoint in" in line and "is still iteration 2" in line
     assert latest(save) == 2 and _complete(save, 2)
@@ -242,8 +249,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_resumes(small_disk, tmp_path):
     # on a disk with room, the requeued job resumes from it and trains every iteration once
     moved = tmp_path / "ckpt"
     shutil.copytree(save, moved)
-    proc = run(PRETRAIN, *TINY_RUN, "--train-iters", "8", "--eval-interval", "0", "--save-interval", "2",
-               "--save", moved)  # fmt: skip
+    proc = run(PRETRAIN, *DISK_ARGS, "--train-iters", 8, "--save", moved)
     assert f"resumed from {moved / 'iter_0000002'} at iteration 2" in proc.stdout
     assert [rec["iteration"] for rec in records(moved) if "loss" in rec] == list(range(1, 9))
 
@@ -252,11 +258,8 @@ def test_disk_full_during_the_write_leaves_nothing_partial(small_disk, tmp_path)
     # smaller than one checkpoint: the first save fails inside megatron's writer
     disk = small_disk("tiny", "1m")
     save = disk / "ckpt"
-    job = Job([*TINY_RUN, "--train-iters", "4", "--eval-interval", "0", "--save-interval", "2", "--save", save],
-              tmp_path / "tiny.log")  # fmt: skip
-    assert job.finish() == 1
-    line = _one_error_line(job.output)
-    assert f"saving iteration 2 in {save} failed" in line and f"{save} holds no checkpoint yet" in line
+    line = _failed_run(save, 4, tmp_path / "tiny.log")
+    assert f"saving iteration 2 in {save} failed (" in line and f"{save} holds no checkpoint yet" in line
     assert latest(save) is None
     assert not [p.name for p in save.iterdir() if p.name.startswith((".iter", "iter"))]
 

@@ -6,6 +6,7 @@ two-node preemption after a periodic save)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import types
 
@@ -55,3 +56,58 @@ def test_write_results_queue_is_in_process(monkeypatch):
     results = filesystem_async._get_write_results_queue()  # what FileSystemWriterAsync takes
     assert isinstance(results, queue.Queue)
     assert set(multiprocessing.active_children()) == before
+
+
+# ---------------------------------------------------------------- one writer per --save -------------------
+
+
+@pytest.fixture
+def rank0(monkeypatch):
+    """``hold_save_dir`` as rank 0 of a one-process job (its verdict broadcast is then a no-op)."""
+    monkeypatch.setattr(checkpointing.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(checkpointing.dist, "broadcast_object_list", lambda objects, src: None)
+
+
+def _holder(root, seconds: float = 60):
+    """Another process holding ``root`` (takes the lock as a run's rank 0 does), until killed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"f = open(os.path.join({str(root)!r}, {checkpointing.LOCK_FILE!r}), 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write('pid %d on somehost, since then' % os.getpid()); f.flush()\n"
+        "print('held', flush=True)\n"
+        f"time.sleep({seconds})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_held_save_dir_is_refused_naming_the_holder(tmp_path, rank0):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(checkpointing.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
+            checkpointing.check_save_dir_free(str(tmp_path))
+        with pytest.raises(checkpointing.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
+            with checkpointing.hold_save_dir(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the killed holder's lock: the next run takes it and says it holds it
+    checkpointing.check_save_dir_free(str(tmp_path))
+    with checkpointing.hold_save_dir(str(tmp_path)):
+        text = (tmp_path / checkpointing.LOCK_FILE).read_text()
+        assert text.startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(checkpointing.CheckpointError, match=rf"\(pid {os.getpid()} on "):
+            checkpointing.check_save_dir_free(str(tmp_path))
+    checkpointing.check_save_dir_free(str(tmp_path))  # released at the end of the run
+
+
+def test_checking_a_save_dir_creates_nothing(tmp_path):
+    checkpointing.check_save_dir_free(str(tmp_path / "new"))
+    checkpointing.check_save_dir_free(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

@@ -29,6 +29,8 @@ from typing import Dict, List
 
 import pytest
 
+from megatron_resonance.training.preemption import child_pids
+
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "pretrain" / "pretrain_llama.py"
 EXTEND = REPO / "finetune" / "extend_context.py"
@@ -167,20 +169,6 @@ def model_checks(run_tp2, tmp_path_factory) -> Dict[str, CheckResults]:
 
 
 # ---------------------------------------------------------------- signals ----------------------------------
-
-
-def child_pids(pid: int) -> List[int]:
-    """Processes whose parent is ``pid`` (the launcher's torchrun workers)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def interrupt(args, save: Path, sig: int, target: str, min_iteration: int, log: Path, timeout: int = 300) -> dict:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -93,7 +94,7 @@ def load_extend():
 def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.CompletedProcess:
     """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch."""
     launched = []
-    monkeypatch.setattr(launch, "run_torchrun", lambda args, prog: launched.append(args))
+    monkeypatch.setattr(launch, "run_torchrun", lambda args, prog: launched.append(args) or 0)
     for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -364,6 +365,12 @@ def subprocess_runs(files) -> Dict[str, subprocess.CompletedProcess]:
             command(PRETRAIN, *args, nproc=0), cwd=REPO, env=env(), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+    # under plain torchrun (the workers validate): the line is the traceback of torchrun's failure report
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(PRETRAIN)]
+    procs["plain torchrun"] = subprocess.Popen(
+        [*torchrun, *TINY_RUN, "--train-iters", "0"], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     procs["--help"] = subprocess.Popen(
         command(PRETRAIN, "--help", nproc=0), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
@@ -385,6 +392,15 @@ def test_command_line_bad_input(subprocess_runs, files, case):
     proc = subprocess_runs[case]
     assert_one_error_line(proc, "pretrain_llama.py", _fill(PRETRAIN_CASES[case][1], files))
     assert proc.stdout == ""
+
+
+def test_plain_torchrun_reports_the_line_last(subprocess_runs):
+    proc = subprocess_runs["plain torchrun"]
+    assert proc.returncode != 0
+    line = "pretrain_llama.py: error: --train-iters must be >= 1, got 0"
+    report = proc.stderr[proc.stderr.index("Root Cause (first observed failure)") :]
+    assert f"traceback : {line}" in report, proc.stderr[-3000:]
+    assert "To enable traceback see" not in proc.stderr  # torchrun's pointer, where it has no message
 
 
 def test_help_lists_every_flag(subprocess_runs):

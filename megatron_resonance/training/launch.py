@@ -137,7 +137,10 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
         with blocked:
             torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # the lowest rank that left a line (rank 0 names the problem; others may only know it exists), else
+        # the first to fail
+        told = sorted(r for r, f in e.failures.items() if isinstance(f.message, dict))
+        rank, failure = (told[0], e.failures[told[0]]) if told else e.get_first_failure()
         message = failure.message
         if isinstance(message, dict) and isinstance(message.get("message"), str):
             line = message["message"]

@@ -33,7 +33,7 @@ def test_export_refuses_a_checkpoint_missing_tensors(pipeline):
     (r,) = [r for r in pipeline.conversions if r["argv"][3] == str(pipeline.tampered_export)]
     lines = r["stderr"].strip().splitlines()
     assert r["status"] == 2 and len(lines) == 1, r["stderr"]
-    assert lines[0].startswith("convert_megatron_to_hf.py: error: ") and "cannot load the model" in lines[0]
+    assert lines[0].startswith("convert_megatron_to_hf.py: error: ") and "cannot be loaded" in lines[0]
     assert "output_layer.weight" in lines[0]
     assert not pipeline.tampered_export.exists()
     assert not any(".partial-" in f.name for f in pipeline.tampered_export.parent.iterdir())

@@ -37,6 +37,8 @@ def extend_context_module():
 
 def fake_checkpoint(root: Path, model: str) -> Path:
     """A converted LLaMA-2 checkpoint as far as the configuration is concerned (no weights)."""
+    from tests.fake_checkpoint import add_dist_files
+
     stored = dict(
         LLAMA2[model], vocab_size=32000, max_position_embeddings=4096, norm_epsilon=1e-5, tie_word_embeddings=False,
         init_method_std=0.02, make_vocab_size_divisible_by=128,
@@ -44,6 +46,7 @@ def fake_checkpoint(root: Path, model: str) -> Path:
     )
     (root / "iter_0000000").mkdir(parents=True)
     (root / "iter_0000000" / "megatron_resonance.json").write_text(json.dumps({"model": stored, "iteration": 0}))
+    add_dist_files(root / "iter_0000000")
     (root / "latest_checkpointed_iteration.txt").write_text("0")
     return root
 

@@ -59,9 +59,10 @@ def test_paper_recipe_defaults(run_extend):
 
 
 def write_pretrained(path, **model_fields):
-    """A checkpoint as make_config reads it: the tracker and megatron_resonance.json (length 32 unless
-    ``model_fields`` say otherwise)."""
+    """A checkpoint as make_config and validation read it: the tracker, megatron_resonance.json (length 32
+    unless ``model_fields`` say otherwise) and the files ``verify_checkpoint`` checks (no weights)."""
     from megatron_resonance.training.config import config_from_args
+    from tests.fake_checkpoint import add_dist_files
 
     model = config_from_args(launch.make_parser("x", "").parse_args(TINY_RUN)).model.to_dict()
     rope = model_fields.pop("rope", {})
@@ -70,6 +71,7 @@ def write_pretrained(path, **model_fields):
     ckpt = path / "iter_0000100"
     ckpt.mkdir(parents=True)
     (ckpt / "megatron_resonance.json").write_text(json.dumps({"model": model, "run": {}, "iteration": 100}))
+    add_dist_files(ckpt)
     (path / "latest_checkpointed_iteration.txt").write_text("100")
     return path
 

@@ -88,7 +88,13 @@ def read_config(path: str) -> Dict[str, Any]:
 
 def _first_line(e: BaseException) -> str:
     """One line for an exception: torch DCP's CheckpointException (a BaseException holding each rank's
-    failure and traceback) by its first rank's cause, others by the first line of their message."""
+    failure and traceback) by its first rank's cause; megatron's CheckpointingException whole (the keys it
+    names are on the lines after the first); others by the first line of their message."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    if isinstance(e, CheckpointingException):
+        text = " ".join(str(e).split())
+        return f"{type(e).__name__}: {text if len(text) <= 400 else text[:397] + '...'}"
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))

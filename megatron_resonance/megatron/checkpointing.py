@@ -532,7 +532,7 @@ def place_adam_steps(optimizer) -> None:
 def _load_errors(ckpt: str):
     """megatron's CheckpointingException, torch DCP's CheckpointException (a BaseException, which
     ``except Exception`` misses) and the unpickling/reading errors of damaged files, as one CheckpointError
-    line naming the checkpoint and the cause's first line."""
+    line naming the checkpoint and the cause (:func:`_first_line`)."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 

@@ -137,10 +137,13 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
         with blocked:
             torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
     except ChildFailedError as e:
-        # the lowest rank that left a line (rank 0 names the problem; others may only know it exists), else
-        # the first to fail
-        told = sorted(r for r, f in e.failures.items() if isinstance(f.message, dict))
-        rank, failure = (told[0], e.failures[told[0]]) if told else e.get_first_failure()
+        # a worker killed by a signal (the others then fail talking to it), else the lowest rank that left a
+        # line (rank 0 names the problem; others may only know it exists), else the first to fail
+        failures = e.failures
+        killed = sorted((r for r, f in failures.items() if f.exitcode < 0), key=lambda r: failures[r].timestamp)
+        told = sorted(r for r, f in failures.items() if isinstance(f.message, dict))
+        chosen = (killed or told or [None])[0]
+        rank, failure = (chosen, failures[chosen]) if chosen is not None else e.get_first_failure()
         message = failure.message
         if isinstance(message, dict) and isinstance(message.get("message"), str):
             line = message["message"]

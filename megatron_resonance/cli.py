@@ -26,6 +26,18 @@ def fail(line: str, status: int = 2):
     sys.exit(status)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type's name when it has none)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """The whole message of ``e`` on one line (for errors whose detail is on later lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_output_dir(path, what: str, shown=None) -> None:
     """UsageError ``<what> <shown>: <problem>`` (one line; ``what`` names the flag, ``shown`` the value,
     by default ``path``) unless ``path`` is a directory this process can write in, or one it could create:

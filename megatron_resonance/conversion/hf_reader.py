@@ -15,23 +15,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from megatron_resonance.cli import first_line
 from megatron_resonance.conversion.errors import ConversionError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-def one_line(e: BaseException, limit: int = 400) -> str:
-    """The whole message of ``e`` on one line (for errors whose detail is on later lines)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_json(path: str, what: str) -> dict:

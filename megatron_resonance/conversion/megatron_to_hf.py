@@ -18,9 +18,10 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from megatron_resonance.cli import one_line
 from megatron_resonance.conversion import hf_assets, hf_config, key_map
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.conversion.hf_reader import one_line, read_json
+from megatron_resonance.conversion.hf_reader import read_json
 from megatron_resonance.conversion.hf_writer import parse_size, write_sharded
 from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
 from megatron_resonance.conversion.staging import StagedDirectory

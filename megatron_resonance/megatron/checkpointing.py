@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.cli import one_line
 from megatron_resonance.megatron.llama import LlamaConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -93,8 +94,7 @@ def _first_line(e: BaseException) -> str:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     if isinstance(e, CheckpointingException):
-        text = " ".join(str(e).split())
-        return f"{type(e).__name__}: {text if len(text) <= 400 else text[:397] + '...'}"
+        return f"{type(e).__name__}: {one_line(e)}"
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 OUT ?= outputs/demo
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo posgen-small posgen-paper clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,14 @@ lint: install
 
 demo: install
 	$(PY) tools/run_demo.py --out $(OUT)
+
+# PosGen presets: run (or resume) in runs/posgen_<preset>, then copy the report to benchmarks/results/.
+# WORKERS concurrent processes: the CPU cores shared out, or cells sharing one GPU.
+WORKERS ?= 2
+posgen-small posgen-paper: posgen-%: install
+	$(PY) tools/posgen_benchmark.py --preset $* --workers $(WORKERS) --out runs/posgen_$*
+	mkdir -p benchmarks/results/posgen_$*
+	cp runs/posgen_$*/report.md runs/posgen_$*/report.json runs/posgen_$*/position_*.png benchmarks/results/posgen_$*/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

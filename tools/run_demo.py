@@ -6,7 +6,10 @@
 2. pretrain the demo LLaMA at sequence length 128 with 2 processes (tensor parallel, TP=2);
 3. extend it to 512 (s = 4) twice, with `yarn` and with `resonance_yarn` (data parallel, DP=2);
 4. evaluate held-out perplexity at 128..512 for the unextended `rope` model, `yarn` and `resonance_yarn`;
-5. write `report.json` ({"perplexity": {variant: {length: ppl}}}), `report.md` and `perplexity.png`.
+5. PosGen (`--preset demo`): train the small PosGen model at length 64 with rope and with resonance on the
+   recursive task and test it at 256 as all four variants (`posgen_recursive.png`);
+6. write `report.json` ({"perplexity": {variant: {length: ppl}}, "posgen": ...}), `report.md`,
+   `perplexity.png` and `posgen_recursive.png`.
 
 Each finished stage leaves a marker under `<out>/stages/`; a re-run skips it.
 """
@@ -27,6 +30,8 @@ from megatron_resonance.cli import ArgumentParser  # noqa: E402
 
 LENGTHS = (128, 256, 384, 512)
 VARIANTS = ("rope", "yarn", "resonance_yarn")
+POSGEN_TASK = "recursive"
+"""The PosGen task of the demo preset: the one a small model learns in a minute."""
 
 
 class Demo:
@@ -91,10 +96,25 @@ class Demo:
             "--data", self.out / "data" / "valid", "--out", self.out / "eval",
         )  # fmt: skip
 
+    def posgen(self) -> None:
+        self.run(
+            "tools/posgen_benchmark.py", "--preset", "demo", "--workers", self.nproc, "--out", self.out / "posgen",
+        )  # fmt: skip
+
     def report(self) -> None:
         evaluated = json.loads((self.out / "eval" / "report.json").read_text())
         ppl = {v: {str(k): float(x) for k, x in evaluated["perplexity"][v].items()} for v in VARIANTS}
-        report = {"perplexity": ppl, "lengths": list(LENGTHS), "stage_seconds": self.timings}
+        posgen = json.loads((self.out / "posgen" / "report.json").read_text())
+        accuracy = {
+            metric: {v: posgen[metric][POSGEN_TASK][v]["mean"] for v in posgen["variants"]}
+            for metric in ("id_accuracy", "ood_accuracy")
+        }
+        report = {
+            "perplexity": ppl,
+            "lengths": list(LENGTHS),
+            "posgen": {"task": POSGEN_TASK, **accuracy},
+            "stage_seconds": self.timings,
+        }
         (self.out / "report.json").write_text(json.dumps(report, indent=2))
         lines = [
             "# megatron-resonance demo: held-out perplexity by context length",
@@ -106,11 +126,26 @@ class Demo:
         ]
         for v in VARIANTS:
             lines.append(f"| {v} | " + " | ".join(f"{ppl[v][str(n)]:.2f}" for n in LENGTHS) + " |")
+        lines += [
+            "",
+            f"PosGen `{POSGEN_TASK}`: trained at length 64, teacher-forced accuracy (%) at positions 4–63 and "
+            "64–255 (`posgen_recursive.png` shows it by position).",
+            "",
+            "| variant | in distribution | beyond the training length |",
+            "|---|---|---|",
+        ]
+        for v in posgen["variants"]:
+            lines.append(
+                f"| {v} | {100 * accuracy['id_accuracy'][v]:.1f} | {100 * accuracy['ood_accuracy'][v]:.1f} |"
+            )
         lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in self.timings.items())]
         (self.out / "report.md").write_text("\n".join(lines) + "\n")
-        plot = self.out / "eval" / "perplexity.png"
-        if plot.exists():
-            (self.out / "perplexity.png").write_bytes(plot.read_bytes())
+        for plot, name in (
+            (self.out / "eval" / "perplexity.png", "perplexity.png"),
+            (self.out / "posgen" / f"position_{POSGEN_TASK}.png", f"posgen_{POSGEN_TASK}.png"),
+        ):
+            if plot.exists():
+                (self.out / name).write_bytes(plot.read_bytes())
         print("\n".join(lines), flush=True)
 
 
@@ -126,9 +161,10 @@ def main(argv=None) -> int:
     for kind in VARIANTS[1:]:
         demo.stage(f"extend_{kind}", lambda kind=kind: demo.extend(kind))
     demo.stage("evaluate", demo.evaluate)
+    demo.stage("posgen", demo.posgen)
     demo.report()
     print(f"\ndemo finished in {time.time() - start:.0f} s; results in {demo.out}:")
-    for name in ("report.json", "report.md", "perplexity.png"):
+    for name in ("report.json", "report.md", "perplexity.png", f"posgen_{POSGEN_TASK}.png"):
         print(f"  {demo.out / name}")
     return 0
 

@@ -46,6 +46,7 @@ from typing import Dict, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.posgen import stats
 from megatron_resonance.posgen.splits import make_split
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, TASKS, VOCAB_SIZE
 
@@ -155,22 +156,40 @@ PRESETS: Dict[str, Preset] = {
     # The paper's setup (2 layers in T5-small shape, 10k/1k/1k, 150 epochs, AdamW 2e-4, wd 0.01, batch 128,
     # one-cycle cosine with 10 % warm-up, 5 seeds). For a GPU.
     "paper": Preset(name="paper"),
-    # All 12 task x variant cells, 3 seeds, within an hour on 2 CPU cores: the paper's shape scaled to
-    # d_model 64 (2 heads x 32), 4,000 sequences x 12 epochs = 750 steps of 64 at a higher learning rate
-    # (recursive and CoT reach ~98 % in distribution by ~500 steps; see the README for measured numbers).
+    # All 30 cells (3 tasks x 2 trainings x 5 seeds) in about 25 minutes with 2 workers on 2 CPU cores:
+    # the paper's shape scaled to d_model 64 (2 heads x 32), 4,000 sequences x 12 epochs = 750 steps of
+    # 64 at a higher learning rate. Recursive and CoT reach ~98 % in distribution by ~400 steps;
+    # semi-recursive stays at ~53 % at any width, depth or length of training tried (benchmarks/README.md).
     "small": Preset(
         name="small",
-        seeds=3,
+        seeds=5,
         hidden_size=64,
         num_attention_heads=2,
         ffn_hidden_size=256,
         train_sequences=4_000,
         validation_sequences=200,
-        test_sequences=500,
+        test_sequences=1_000,
         epochs=12,
         global_batch_size=64,
         lr=3e-3,
         validation_interval=4,
+    ),
+    # `make demo`'s PosGen stage (about a minute with 2 workers on 2 CPU cores): the small model on the
+    # recursive task, which it learns in a few hundred steps, so the plot shows what happens past 64.
+    "demo": Preset(
+        name="demo",
+        tasks=("recursive",),
+        seeds=1,
+        hidden_size=64,
+        num_attention_heads=2,
+        ffn_hidden_size=256,
+        train_sequences=2_000,
+        validation_sequences=100,
+        test_sequences=200,
+        epochs=15,
+        global_batch_size=64,
+        lr=3e-3,
+        validation_interval=5,
     ),
     # The test suite's end-to-end run (about a minute and a half on 2 CPU cores): the small model on the
     # recursive task, 375 steps of 32 (~65 % in distribution, far above chance, not converged).
@@ -337,33 +356,59 @@ def summarize_positions(accuracy: torch.Tensor, train_length: int) -> Dict[str, 
 # ==========================================================================================================
 
 
-def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, torch.Tensor], prefix: str,
-             weights_path: Optional[str] = None) -> dict:
-    """Train with ``kind`` and evaluate as ``EVALUATED_AS[kind]``; returns the cell's JSON record."""
+@dataclasses.dataclass
+class Training:
+    """One PosGen model with its optimizer, scheduler and the LLM path's training step."""
+
+    cfg: object
+    chunks: list
+    optimizer: object
+    scheduler: object
+    micro_batch_size: int
+    num_microbatches: int
+    forward_backward: object
+
+    def step(self, batches: Iterator[Dict[str, torch.Tensor]]):
+        """One optimizer step over ``num_microbatches`` micro-batches: (loss, grad norm, update applied)."""
+        from megatron_resonance.training import trainer
+
+        return trainer.train_step(self.forward_backward, batches, self.chunks, self.optimizer, self.scheduler,
+                                  self.cfg, self.num_microbatches)
+
+
+def build_training(preset: Preset, kind: str, seed: int) -> Training:
+    """The model trained with ``kind`` at ``seed``: ``trainer.build_model_and_optimizer`` on
+    :func:`run_config`. The same seed gives the rope and the resonance model the same initial weights."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_resonance.megatron.distributed import print_rank0
-    from megatron_resonance.megatron.rotary import install_rotary, unwrap
     from megatron_resonance.training import trainer
 
-    # ---------------------------------------------------------------- build
     dp = ps.get_data_parallel_world_size()
     micro = preset.micro_batch_size or preset.global_batch_size // dp
     if preset.global_batch_size % (micro * dp):
         raise ValueError(f"global batch {preset.global_batch_size} is not a multiple of micro-batch {micro} x DP {dp}")
     cfg = run_config(preset, kind, seed, micro)
-    num_microbatches = preset.global_batch_size // (micro * dp)
-    # The same seed gives the rope and the resonance model the same initial weights and data order.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
-    forward_backward = get_forward_backward_func()
+    return Training(cfg, chunks, optimizer, scheduler, micro, preset.global_batch_size // (micro * dp),
+                    get_forward_backward_func())
+
+
+def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, torch.Tensor], prefix: str,
+             weights_path: Optional[str] = None) -> dict:
+    """Train with ``kind`` and evaluate as ``EVALUATED_AS[kind]``; returns the cell's JSON record."""
+    from megatron_resonance.megatron.distributed import print_rank0
+    from megatron_resonance.megatron.rotary import install_rotary, unwrap
+
+    training = build_training(preset, kind, seed)
+    cfg, chunks, optimizer, scheduler = training.cfg, training.chunks, training.optimizer, training.scheduler
     iters = cfg.training.train_iters
     steps_per_epoch = preset.train_sequences / preset.global_batch_size
     order = sample_order(preset.train_sequences, iters * preset.global_batch_size, seed)
-    batches = train_micro_batches(data["train"], order, preset.global_batch_size, micro)
+    batches = train_micro_batches(data["train"], order, preset.global_batch_size, training.micro_batch_size)
 
     # ---------------------------------------------------------------- train
     start = time.time()
@@ -374,9 +419,7 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
     } | {iters}
     window_loss, window_steps, history = 0.0, 0, []
     for step in range(1, iters + 1):
-        loss, _, update_ok = trainer.train_step(
-            forward_backward, batches, chunks, optimizer, scheduler, cfg, num_microbatches
-        )
+        loss, _, update_ok = training.step(batches)
         window_loss += loss
         window_steps += 1
         if step in log_steps:
@@ -469,57 +512,145 @@ def load_splits(preset: Preset, task: str, seed: int) -> Dict[str, torch.Tensor]
     }
 
 
-def run(preset: Preset, out: str, save_weights: bool = False) -> dict:
-    """Run every unfinished cell of ``preset`` (torchrun: data-parallel), then write the report.
-    Returns the report (on every rank)."""
+def all_cells(preset: Preset) -> list:
+    """Every (task, seed, trained kind) of the preset, in run order."""
+    return [(t, s, k) for t in preset.tasks for s in range(preset.seeds) for k in TRAINED_KINDS]
+
+
+def cell_name(cell) -> str:
+    """``task:seed:kind``, as ``--cells`` spells a cell."""
+    return ":".join(map(str, cell))
+
+
+def parse_cell(name: str, preset: Preset) -> tuple:
+    """The cell a :func:`cell_name` string names; ValueError if it is not one of the preset's."""
+    try:
+        task, seed, kind = name.split(":")
+        cell = (task, int(seed), kind)
+    except ValueError:
+        cell = None
+    if cell not in all_cells(preset):
+        raise ValueError(f"{name!r} is not a cell of this run (task:seed:kind, e.g. {cell_name(all_cells(preset)[0])})")
+    return cell
+
+
+def prepare_output(out: str, preset: Preset) -> list:
+    """Check ``out`` against the preset, record the settings there, and return the unfinished cells.
+    One process calls it (rank 0 of a torchrun job, or the parent of the workers)."""
+    check_output_dir(out, preset)
+    _write_json_atomic(os.path.join(out, CONFIG_FILE), {"preset": preset.name, "fingerprint": preset.fingerprint()})
+    return [c for c in all_cells(preset) if not os.path.isfile(cell_path(out, *c))]
+
+
+def _header(preset: Preset, out: str, todo: list, how: str) -> str:
+    done = len(all_cells(preset)) - len(todo)
+    return (
+        f"[posgen] preset {preset.name}: {len(preset.tasks)} task(s) x {preset.seeds} seed(s) x "
+        f"{len(TRAINED_KINDS)} trainings = {len(all_cells(preset))} cells, {done} already done | "
+        f"{preset.train_iters()} steps each | {how} | output {out}"
+    )
+
+
+def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Sequence] = None,
+        worker: Optional[str] = None) -> Optional[dict]:
+    """Run the unfinished cells of ``preset`` (torchrun: data-parallel), then write the report and return
+    it (on every rank).
+
+    ``cells``/``worker``: this process is worker ``worker`` (``k/N``) of :func:`run_workers` and runs
+    the given cells only; the parent writes the report, so a worker returns None.
+    """
     from megatron_resonance.megatron import distributed
     from megatron_resonance.megatron.distributed import is_rank0, print_rank0
 
     check_output_dir(out, preset)
     distributed.initialize(seed=0)
-    if is_rank0():
-        _write_json_atomic(os.path.join(out, CONFIG_FILE), {"preset": preset.name, "fingerprint": preset.fingerprint()})
-    dist.barrier()
-    cells = [(t, s, k) for t in preset.tasks for s in range(preset.seeds) for k in TRAINED_KINDS]
-    todo = [c for c in cells if not os.path.isfile(cell_path(out, *c))]
-    print_rank0(
-        f"[posgen] preset {preset.name}: {len(preset.tasks)} task(s) x {preset.seeds} seed(s) x "
-        f"{len(TRAINED_KINDS)} trainings = {len(cells)} cells, {len(cells) - len(todo)} already done | "
-        f"{preset.train_iters()} steps each | world size {dist.get_world_size()} | output {out}"
-    )
+    if worker is None:
+        todo = prepare_output(out, preset) if is_rank0() else None
+        holder = [todo]
+        dist.broadcast_object_list(holder, src=0)
+        todo = holder[0]
+        print_rank0(_header(preset, out, todo, f"world size {dist.get_world_size()}"))
+    else:
+        todo = [c for c in cells if not os.path.isfile(cell_path(out, *c))]
     wall = time.time()
+    tag = "posgen" if worker is None else f"posgen w{worker}"
     for i, (task, seed, kind) in enumerate(todo, start=1):
-        prefix = f"[posgen {i}/{len(todo)}] {task} seed {seed} {kind}:"
+        prefix = f"[{tag} {i}/{len(todo)}] {task} seed {seed} {kind}:"
         data = load_splits(preset, task, seed)
         weights = cell_path(out, task, seed, kind)[: -len(".json")] + ".pt" if save_weights else None
         record = run_cell(preset, task, seed, kind, data, prefix, weights)
         if is_rank0():
             _write_json_atomic(cell_path(out, task, seed, kind), record)
-            write_report(out, preset)
+            if worker is None:
+                write_report(out, preset)
         dist.barrier()
         print_rank0(f"{prefix} done in {record['train']['seconds'] + record['test_seconds']:.0f} s")
+    if worker is not None:
+        return None
     if is_rank0():
-        write_report(out, preset)
+        write_report(out, preset, wall_seconds=time.time() - wall)
     dist.barrier()
     print_rank0(f"[posgen] {len(todo)} cell(s) run in {time.time() - wall:.0f} s; report in {out}/report.md")
     with open(os.path.join(out, "report.json")) as f:
-        report = json.load(f)
+        return json.load(f)
+
+
+def threads_per_worker(workers: int) -> int:
+    """CPU threads each of ``workers`` concurrent processes gets: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
+    """Run the unfinished cells in ``workers`` concurrent single-rank processes, then write the report.
+
+    ``worker_argv(k, cells)`` is the command line of worker k (it calls :func:`run` with ``cells`` and
+    ``worker``). Cells are dealt round-robin (they cost the same); each worker gets
+    :func:`threads_per_worker` CPU threads, and on a GPU machine all of them share the one device. A worker
+    that fails leaves the others running to the end; the finished cells are kept, so a rerun of the same
+    command runs only what is missing. Raises RuntimeError naming the failed workers.
+    """
+    import signal
+
+    todo = prepare_output(out, preset)
+    threads = threads_per_worker(workers)
+    shares = [todo[k::workers] for k in range(workers)]
+    shares = [share for share in shares if share]
+    print(_header(preset, out, todo, f"{len(shares)} worker process(es) x {threads} thread(s)"), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    wall = time.time()
+    procs = []
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        procs = [subprocess.Popen(worker_argv(f"{k + 1}/{len(shares)}", share), env=env)
+                 for k, share in enumerate(shares)]
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+        signal.signal(signal.SIGTERM, previous)
+    wall = time.time() - wall
+    report = write_report(out, preset, wall_seconds=wall)
+    failed = [f"worker {k + 1} (exit {c})" for k, c in enumerate(codes) if c]
+    if failed:
+        missing = [cell_name(c) for c in todo if not os.path.isfile(cell_path(out, *c))]
+        raise RuntimeError(f"{', '.join(failed)} failed; {len(missing)} cell(s) not run: {' '.join(missing)}; "
+                           "rerun the same command to run them")
+    print(f"[posgen] {len(todo)} cell(s) run in {wall:.0f} s by {len(shares)} worker(s); report in "
+          f"{out}/report.md", flush=True)
     return report
 
 
 # ==========================================================================================================
 # Report
 # ==========================================================================================================
-
-
-def _stats(runs: Sequence[float]) -> dict:
-    """Mean, sample standard deviation (0 for a single run) and the runs themselves, in seed order."""
-    runs = [float(r) for r in runs]
-    if not runs:
-        return {"mean": None, "std": None, "runs": []}
-    mean = sum(runs) / len(runs)
-    var = sum((r - mean) ** 2 for r in runs) / (len(runs) - 1) if len(runs) > 1 else 0.0
-    return {"mean": mean, "std": math.sqrt(var), "runs": runs}
 
 
 def _environment() -> dict:
@@ -554,22 +685,38 @@ def _environment() -> dict:
     }
 
 
+PAIRS = (("resonance", "rope"), ("resonance_yarn", "yarn"))
+"""The paired comparisons the report makes: (variant, baseline) with the same seed."""
+METRICS = ("ood_accuracy", "id_accuracy")
+
+
+def pair_name(pair) -> str:
+    return f"{pair[0]} - {pair[1]}"
+
+
 def build_report(out: str, preset: Preset) -> dict:
-    """Aggregate the stored cells of ``preset``'s tasks and seeds (finished ones only)."""
+    """Aggregate the stored cells of ``preset``'s tasks and seeds (finished ones only).
+
+    Per task and variant: ``{metric: summary}`` (mean ± std over seeds); per task and pair of
+    :data:`PAIRS`: the paired per-seed difference with its 95 % interval; per task and variant the
+    position curves' mean and std over seeds.
+    """
     report = {
         "preset": preset.name,
         "settings": dataclasses.asdict(preset),
         "tasks": list(preset.tasks),
         "variants": list(VARIANTS),
         "seeds": list(range(preset.seeds)),
-        "ood_accuracy": {},
-        "id_accuracy": {},
+        **{metric: {} for metric in METRICS},
+        "paired_difference": {metric: {} for metric in METRICS},
         "position_accuracy": {},
+        "position_accuracy_std": {},
+        "position_accuracy_runs": {},
         "cells": [],
     }
     for task in preset.tasks:
-        runs = {metric: {v: [] for v in VARIANTS} for metric in ("ood_accuracy", "id_accuracy")}
-        positions = {v: [] for v in VARIANTS}
+        by_seed = {metric: {v: {} for v in VARIANTS} for metric in METRICS}
+        curves = {v: [] for v in VARIANTS}
         for seed in range(preset.seeds):
             for kind in TRAINED_KINDS:
                 path = cell_path(out, task, seed, kind)
@@ -588,34 +735,43 @@ def build_report(out: str, preset: Preset) -> dict:
                     }
                 )
                 for variant, result in cell["variants"].items():
-                    for metric in runs:
-                        runs[metric][variant].append(result[metric])
-                    positions[variant].append(result["position_accuracy"])
-        for metric in runs:
-            report[metric][task] = {v: _stats(runs[metric][v]) for v in VARIANTS}
-        report["position_accuracy"][task] = {
-            v: [
-                None if p[0] is None else sum(p) / len(p)
-                for p in zip(*positions[v])
-            ]
-            if positions[v]
-            else []
-            for v in VARIANTS
-        }
+                    for metric in METRICS:
+                        by_seed[metric][variant][seed] = result[metric]
+                    curves[variant].append(result["position_accuracy"])
+        for metric in METRICS:
+            report[metric][task] = {v: stats.summary(by_seed[metric][v]) for v in VARIANTS}
+            report["paired_difference"][metric][task] = {
+                pair_name(pair): stats.paired_difference(by_seed[metric][pair[0]], by_seed[metric][pair[1]])
+                for pair in PAIRS
+            }
+        bands = {v: stats.band(curves[v]) if curves[v] else ([], []) for v in VARIANTS}
+        report["position_accuracy"][task] = {v: bands[v][0] for v in VARIANTS}
+        report["position_accuracy_std"][task] = {v: bands[v][1] for v in VARIANTS}
+        report["position_accuracy_runs"][task] = curves
     report["complete"] = len(report["cells"]) == len(preset.tasks) * preset.seeds * len(TRAINED_KINDS)
     report["environment"] = _environment()
     return report
 
 
-def _cell_text(stats: dict) -> str:
-    if stats["mean"] is None:
+def _cell_text(summary: dict) -> str:
+    if summary["mean"] is None:
         return "–"
-    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+    return f"{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f}"
 
 
-def write_report(out: str, preset: Preset) -> dict:
-    """``report.json``, ``report.md`` and one ``position_<task>.png`` per task, from the stored cells."""
+def _difference_text(d: dict) -> str:
+    if d["mean"] is None:
+        return "–"
+    if d["ci"] is None:
+        return f"{100 * d['mean']:+.1f} (1 seed)"
+    return f"{100 * d['mean']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
+
+
+def write_report(out: str, preset: Preset, wall_seconds: Optional[float] = None) -> dict:
+    """``report.json``, ``report.md`` and one ``position_<task>.png`` per task, from the stored cells.
+    ``wall_seconds``: the run's wall-clock time, when the cells of the report were all run by one command."""
     report = build_report(out, preset)
+    report["wall_seconds"] = wall_seconds
     _write_json_atomic(os.path.join(out, "report.json"), report)
     plots = plot_positions(out, report)
     env, p = report["environment"], preset
@@ -633,21 +789,28 @@ def write_report(out: str, preset: Preset) -> dict:
         f"- training: {p.epochs:g} epochs = {p.train_iters():,} steps of {p.global_batch_size}, AdamW lr {p.lr:g} "
         f"wd {p.weight_decay:g}, {100 * p.warmup_fraction:g} % warm-up then cosine",
         f"- seeds: {p.seeds}; cells finished: {len(report['cells'])} of "
-        f"{len(p.tasks) * p.seeds * len(TRAINED_KINDS)}; compute time {train_total / 60:.1f} min",
+        f"{len(p.tasks) * p.seeds * len(TRAINED_KINDS)}; compute time {train_total / 60:.1f} min"
+        + ("" if wall_seconds is None else f", wall time {wall_seconds / 60:.1f} min"),
         "",
         "Teacher-forced next-token accuracy (%), mean ± sample std over seeds. `yarn` / `resonance_yarn` are "
-        "the `rope` / `resonance` models evaluated with YaRN (s = 4) applied at test time.",
+        "the `rope` / `resonance` models evaluated with YaRN (s = 4) applied at test time. Differences are "
+        f"paired by seed (same initial weights and data order), in points, with a two-sided "
+        f"{100 * stats.CONFIDENCE:g} % Student-t interval over seeds.",
         "",
     ]
+    pairs = [pair_name(pair) for pair in PAIRS]
     for metric, title in (
         ("ood_accuracy", f"Out of distribution: positions {p.train_length}–{p.test_length - 1}"),
         ("id_accuracy", f"In distribution: positions {PREFIX_LENGTH}–{p.train_length - 1}"),
     ):
-        lines += [f"## {title}", "", "| task | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+        columns = list(VARIANTS) + [f"{pair} [95 % CI]" for pair in pairs]
+        lines += [f"## {title}", "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for task in p.tasks:
-            lines.append(f"| {task} | " + " | ".join(_cell_text(report[metric][task][v]) for v in VARIANTS) + " |")
+            cells = [_cell_text(report[metric][task][v]) for v in VARIANTS]
+            cells += [_difference_text(report["paired_difference"][metric][task][pair]) for pair in pairs]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Accuracy by position (mean over seeds, bins of 4 positions)", ""]
+    lines += ["## Accuracy by position (mean ± std over seeds, bins of 4 positions)", ""]
     lines += [f"![{task}]({os.path.basename(f)})" for task, f in plots.items()]
     lines += ["", "## Cells", "", "| task | seed | trained as | train s | test s |", "|---|---|---|---|---|"]
     for c in report["cells"]:
@@ -676,8 +839,9 @@ def binned(curve: Sequence[Optional[float]], width: int = PLOT_BIN):
 
 
 def plot_positions(out: str, report: dict) -> Dict[str, str]:
-    """One PNG per task with data: mean accuracy over seeds by position (bins of 4), one line per variant.
-    The unbinned curves are ``report.json``'s ``position_accuracy``."""
+    """One PNG per task with data: accuracy by position (bins of 4), one line per variant at the mean over
+    seeds with a band of ± one std (each seed's curve binned first). The unbinned curves are
+    ``report.json``'s ``position_accuracy`` / ``position_accuracy_runs``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -685,14 +849,21 @@ def plot_positions(out: str, report: dict) -> Dict[str, str]:
 
     train_length = report["settings"]["train_length"]
     written = {}
-    for task, curves in report["position_accuracy"].items():
-        if not any(curves.values()):
+    for task, runs in report["position_accuracy_runs"].items():
+        if not any(runs.values()):
             continue
         fig, ax = plt.subplots(figsize=(10, 4.5))
         for variant in VARIANTS:
-            if curves[variant]:
-                n = len(report["ood_accuracy"][task][variant]["runs"])
-                ax.plot(*binned(curves[variant]), label=f"{variant} ({n} seed{'s' * (n != 1)})", linewidth=1.5)
+            if not runs[variant]:
+                continue
+            binned_runs = [binned(curve) for curve in runs[variant]]
+            xs = binned_runs[0][0]
+            mean, std = stats.band([ys for _, ys in binned_runs])
+            n = len(binned_runs)
+            (line,) = ax.plot(xs, mean, label=f"{variant} ({n} seed{'s' * (n != 1)})", linewidth=1.5)
+            if n > 1:
+                ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         ax.axvline(train_length - 0.5, color="grey", linestyle="--", linewidth=1, label="training length")
         ax.axhline(1 / VOCAB_SIZE, color="grey", linestyle=":", linewidth=1, label="chance (1/17)")
         ax.set(

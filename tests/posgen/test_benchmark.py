@@ -31,8 +31,8 @@ TOOL = REPO / "tools" / "posgen_benchmark.py"
 CHANCE = 1 / VOCAB_SIZE
 
 
-def run_tool(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+def run_tool(*args, timeout=600, env=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **(env or {}))
     start = time.time()
     proc = subprocess.run(
         [sys.executable, str(TOOL), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
@@ -87,9 +87,12 @@ def _check_stats(stats, seeds):
 @pytest.mark.slow
 def test_smoke_run_learns_reports_and_resumes(tmp_path):
     out = tmp_path / "posgen"
-    proc, first = run_tool("--preset", "smoke", "--out", out, "--tasks", "recursive", "--seeds", "1")
+    proc, first = run_tool("--preset", "smoke", "--out", out, "--tasks", "recursive", "--seeds", "1", "--workers", "2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "[posgen 2/2] recursive seed 0 resonance" in proc.stdout  # progress output
+    # the two cells ran at once, one per worker process, each with one of the two cores
+    assert "2 worker process(es) x 1 thread(s)" in proc.stdout
+    assert "[posgen w1/2 1/1] recursive seed 0 rope" in proc.stdout
+    assert "[posgen w2/2 1/1] recursive seed 0 resonance" in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["tasks"] == ["recursive"] and report["seeds"] == [0]
@@ -120,6 +123,55 @@ def test_smoke_run_learns_reports_and_resumes(tmp_path):
     for key in ("ood_accuracy", "id_accuracy", "position_accuracy", "cells"):
         assert again[key] == report[key]
 
+    # one cell lost: the plain run (no workers) retrains just that one, with the worker's result exactly
+    lost = out / "cells" / "recursive" / "seed0" / "resonance.json"
+    by_worker = json.loads(lost.read_text())
+    lost.unlink()
+    proc, _ = run_tool("--preset", "smoke", "--out", out, "--tasks", "recursive", "--seeds", "1",
+                       env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "2 cells, 1 already done" in proc.stdout and "[posgen 1/1] recursive seed 0 resonance" in proc.stdout
+    assert json.loads(lost.read_text())["variants"] == by_worker["variants"]
+
     # a run with other settings refuses the directory
     proc, _ = run_tool("--preset", "small", "--out", out, "--tasks", "recursive", "--seeds", "1")
     assert proc.returncode == 2 and "holds a benchmark run with other settings" in proc.stderr
+
+
+def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path):
+    """run_workers with stand-in worker commands: worker 1 fails, worker 2 stores its cell."""
+    import dataclasses
+
+    from megatron_resonance.posgen import benchmark
+    from tests.posgen.test_stats import _fake_cell
+
+    preset = dataclasses.replace(PRESETS["smoke"], seeds=2)
+    out = str(tmp_path)
+    seen = {}
+
+    def worker_argv(worker, cells):
+        seen[worker] = cells
+        if worker == "1/2":
+            return [sys.executable, "-c", "import sys; sys.exit(3)"]
+        records = {benchmark.cell_path(out, *c): _fake_cell(preset, *c, 0.9, 0.3) for c in cells}
+        return [sys.executable, "-c", "import json, os, sys\n"
+                f"for path, record in {records!r}.items():\n"
+                "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+                "    json.dump(record, open(path, 'w'))\n"]
+
+    with pytest.raises(RuntimeError) as e:
+        benchmark.run_workers(preset, out, 2, worker_argv)
+    # cells are dealt round-robin: worker 1 had rope of both seeds, worker 2 resonance
+    assert seen == {"1/2": [("recursive", 0, "rope"), ("recursive", 1, "rope")],
+                    "2/2": [("recursive", 0, "resonance"), ("recursive", 1, "resonance")]}
+    assert str(e.value) == ("worker 1 (exit 3) failed; 2 cell(s) not run: recursive:0:rope recursive:1:rope; "
+                            "rerun the same command to run them")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["complete"] and len(report["cells"]) == 2
+    assert report["id_accuracy"]["recursive"]["resonance"]["n"] == 2
+    assert report["id_accuracy"]["recursive"]["rope"]["n"] == 0
+    # the rerun deals out only what is missing
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        benchmark.run_workers(preset, out, 2, worker_argv)
+    assert seen == {"1/2": [("recursive", 0, "rope")], "2/2": [("recursive", 1, "rope")]}

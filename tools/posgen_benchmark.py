@@ -43,6 +43,7 @@ def build_parser() -> ArgumentParser:
                    help=f"subtasks to run (default: the preset's; choices: {', '.join(TASKS)})")
     p.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 (default: the preset's)")
     p.add_argument("--epochs", type=float, metavar="E", help="passes over the training set (default: the preset's)")
+    p.add_argument("--bf16", action="store_true", help="train in bf16 with fp32 main weights (default: fp32)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run the cells in N concurrent processes, each with cores/N threads (default 1)")
     p.add_argument("--save-weights", action="store_true", help="also store each trained model under OUT/cells/")
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
         if not args.epochs > 0:
             fail(f"{PROG}: error: --epochs must be positive, got {args.epochs:g}")
         preset = dataclasses.replace(preset, epochs=args.epochs)
+    if args.bf16:
+        preset = dataclasses.replace(preset, bf16=True)
     if args.workers < 1:
         fail(f"{PROG}: error: --workers must be >= 1, got {args.workers}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

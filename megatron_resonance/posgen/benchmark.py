@@ -1,6 +1,6 @@
 """PosGen benchmark: train the project's Megatron LLaMA at length 64, test it at 256, per rotary variant.
 
-    python tools/posgen_benchmark.py --preset small --out runs/posgen_small
+    python tools/posgen_benchmark.py --preset small --workers 2 --out runs/posgen_small
     torchrun --nproc-per-node 8 tools/posgen_benchmark.py --preset paper --out runs/posgen_paper
 
 Per task x seed there are two trainings and four evaluations, as in the paper's reference code (which
@@ -15,7 +15,8 @@ trains with plain or rounded RoPE and switches to the YaRN variant only for eval
 The model is the LLM path's own: ``training.trainer.build_model_and_optimizer`` (GPTModel chunks from
 ``megatron.llama.build_model`` with our rotary module, megatron DDP, the distributed optimizer, warm-up +
 cosine scheduler) and ``trainer.train_step`` / ``forward_step`` / ``loss_func`` (per-token loss). Only the
-data and the evaluation are PosGen's. Data-parallel over the ranks of a torchrun job (TP = PP = 1).
+data and the evaluation are PosGen's. A cell runs data-parallel over the ranks of a torchrun job
+(TP = PP = 1); ``run_workers`` instead runs whole cells side by side in single-rank processes.
 
 Input layout. A sequence x_0..x_{L-1} is fed as ``[BOS, x_0, .., x_{L-2}]`` with labels ``x_0..x_{L-1}``, so
 the prediction of x_l is made at rotary position l from exactly the tokens before it: training sees
@@ -122,6 +123,8 @@ class Preset:
     """Sequences per evaluation forward pass."""
     validation_interval: int = 10
     """Score the validation split every this many epochs (and after the last)."""
+    bf16: bool = False
+    """Train in bf16 with fp32 main weights (megatron's Float16Module + distributed optimizer) instead of fp32."""
     test_seed: int = 0
     """Seed of the test split (fixed, so every seed and variant is scored on the same sequences)."""
 
@@ -142,6 +145,8 @@ class Preset:
         d = dataclasses.asdict(self)
         for key in ("name", "tasks", "seeds", "eval_batch_size", "validation_interval", "micro_batch_size"):
             d.pop(key)
+        if not d["bf16"]:
+            d.pop("bf16")  # added later: fp32 runs stored before it match as they are
         return d
 
     @property
@@ -152,6 +157,21 @@ class Preset:
         return max(1, math.ceil(self.epochs * self.train_sequences / self.global_batch_size))
 
 
+_SMALL = Preset(
+    name="small",
+    seeds=5,
+    hidden_size=64,
+    num_attention_heads=2,
+    ffn_hidden_size=256,
+    train_sequences=4_000,
+    validation_sequences=200,
+    test_sequences=1_000,
+    epochs=12,
+    global_batch_size=64,
+    lr=3e-3,
+    validation_interval=4,
+)
+
 PRESETS: Dict[str, Preset] = {
     # The paper's setup (2 layers in T5-small shape, 10k/1k/1k, 150 epochs, AdamW 2e-4, wd 0.01, batch 128,
     # one-cycle cosine with 10 % warm-up, 5 seeds). For a GPU.
@@ -160,53 +180,18 @@ PRESETS: Dict[str, Preset] = {
     # the paper's shape scaled to d_model 64 (2 heads x 32), 4,000 sequences x 12 epochs = 750 steps of
     # 64 at a higher learning rate. Recursive and CoT reach ~98 % in distribution by ~400 steps;
     # semi-recursive stays at ~53 % at any width, depth or length of training tried (benchmarks/README.md).
-    "small": Preset(
-        name="small",
-        seeds=5,
-        hidden_size=64,
-        num_attention_heads=2,
-        ffn_hidden_size=256,
-        train_sequences=4_000,
-        validation_sequences=200,
-        test_sequences=1_000,
-        epochs=12,
-        global_batch_size=64,
-        lr=3e-3,
-        validation_interval=4,
-    ),
+    "small": _SMALL,
     # `make demo`'s PosGen stage (about a minute with 2 workers on 2 CPU cores): the small model on the
     # recursive task, which it learns in a few hundred steps, so the plot shows what happens past 64.
-    "demo": Preset(
-        name="demo",
-        tasks=("recursive",),
-        seeds=1,
-        hidden_size=64,
-        num_attention_heads=2,
-        ffn_hidden_size=256,
-        train_sequences=2_000,
-        validation_sequences=100,
-        test_sequences=200,
-        epochs=15,
-        global_batch_size=64,
-        lr=3e-3,
-        validation_interval=5,
+    "demo": dataclasses.replace(
+        _SMALL, name="demo", tasks=("recursive",), seeds=1, train_sequences=2_000, validation_sequences=100,
+        test_sequences=200, epochs=15, validation_interval=5,
     ),
     # The test suite's end-to-end run (about a minute and a half on 2 CPU cores): the small model on the
     # recursive task, 375 steps of 32 (~65 % in distribution, far above chance, not converged).
-    "smoke": Preset(
-        name="smoke",
-        tasks=("recursive",),
-        seeds=1,
-        hidden_size=64,
-        num_attention_heads=2,
-        ffn_hidden_size=256,
-        train_sequences=1_000,
-        validation_sequences=100,
-        test_sequences=100,
-        epochs=12,
-        global_batch_size=32,
-        lr=5e-3,
-        validation_interval=4,
+    "smoke": dataclasses.replace(
+        _SMALL, name="smoke", tasks=("recursive",), seeds=1, train_sequences=1_000, validation_sequences=100,
+        test_sequences=100, global_batch_size=32, lr=5e-3,
     ),
 }
 
@@ -270,7 +255,7 @@ def run_config(preset: Preset, kind: str, seed: int, micro_batch_size: int):
             lr_warmup_fraction=preset.warmup_fraction,
             lr_decay_style="cosine",
         ),
-        training=TrainingConfig(train_iters=preset.train_iters(), seed=seed, bf16=False),
+        training=TrainingConfig(train_iters=preset.train_iters(), seed=seed, bf16=preset.bf16),
     )
 
 
@@ -392,7 +377,7 @@ def build_training(preset: Preset, kind: str, seed: int) -> Training:
     cfg = run_config(preset, kind, seed, micro)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=preset.bf16)
     return Training(cfg, chunks, optimizer, scheduler, micro, preset.global_batch_size // (micro * dp),
                     get_forward_backward_func())
 
@@ -588,7 +573,9 @@ def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Se
     if worker is not None:
         return None
     if is_rank0():
-        write_report(out, preset, wall_seconds=time.time() - wall)
+        run_info = {"wall_seconds": time.time() - wall, "cells_run": len(todo), "processes": dist.get_world_size(),
+                    "threads_per_process": torch.get_num_threads(), "how": f"world size {dist.get_world_size()}"}
+        write_report(out, preset, run_info if todo else None)
     dist.barrier()
     print_rank0(f"[posgen] {len(todo)} cell(s) run in {time.time() - wall:.0f} s; report in {out}/report.md")
     with open(os.path.join(out, "report.json")) as f:
@@ -637,7 +624,9 @@ def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
                 p.wait()
         signal.signal(signal.SIGTERM, previous)
     wall = time.time() - wall
-    report = write_report(out, preset, wall_seconds=wall)
+    run_info = {"wall_seconds": wall, "cells_run": len(todo), "processes": len(shares),
+                "threads_per_process": threads, "how": f"{len(shares)} worker processes"}
+    report = write_report(out, preset, run_info if todo else None)
     failed = [f"worker {k + 1} (exit {c})" for k, c in enumerate(codes) if c]
     if failed:
         missing = [cell_name(c) for c in todo if not os.path.isfile(cell_path(out, *c))]
@@ -673,7 +662,7 @@ def _environment() -> dict:
                 hardware = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-        hardware += f" ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads per rank)"
+        hardware += f" ({os.cpu_count()} cores visible)"
     import megatron.core
 
     return {
@@ -767,11 +756,20 @@ def _difference_text(d: dict) -> str:
     return f"{100 * d['mean']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
 
 
-def write_report(out: str, preset: Preset, wall_seconds: Optional[float] = None) -> dict:
+def write_report(out: str, preset: Preset, run_info: Optional[dict] = None) -> dict:
     """``report.json``, ``report.md`` and one ``position_<task>.png`` per task, from the stored cells.
-    ``wall_seconds``: the run's wall-clock time, when the cells of the report were all run by one command."""
+
+    ``run_info``: the last command that ran cells (``wall_seconds``, ``cells_run``, ``processes``,
+    ``threads_per_process``, ``how``); None keeps the one the previous report recorded.
+    """
     report = build_report(out, preset)
-    report["wall_seconds"] = wall_seconds
+    if run_info is None:
+        try:
+            with open(os.path.join(out, "report.json")) as f:
+                run_info = json.load(f).get("last_run")
+        except (OSError, ValueError):
+            run_info = None
+    report["last_run"] = run_info
     _write_json_atomic(os.path.join(out, "report.json"), report)
     plots = plot_positions(out, report)
     env, p = report["environment"], preset
@@ -780,17 +778,19 @@ def write_report(out: str, preset: Preset, wall_seconds: Optional[float] = None)
         f"# PosGen benchmark — preset `{preset.name}`",
         "",
         f"- date {env['date']}, commit `{env['commit']}`, torch {env['torch']}, megatron-core {env['megatron_core']}",
-        f"- hardware: {env['hardware']}; data-parallel ranks: "
+        f"- hardware: {env['hardware']}; data-parallel ranks per cell: "
         + ", ".join(sorted({str(c["world_size"]) for c in report["cells"]}) or ["–"]),
         f"- model: {p.num_layers} layers, d_model {p.hidden_size}, {p.num_attention_heads} heads x {p.head_dim}, "
         f"SwiGLU {p.ffn_hidden_size}, rotary base {p.rotary_base:g}; vocab 17 + BOS",
         f"- data: {p.train_sequences:,} / {p.validation_sequences:,} / {p.test_sequences:,} sequences, train "
         f"length {p.train_length}, test length {p.test_length}; YaRN s = {p.scaling_factor:g}",
         f"- training: {p.epochs:g} epochs = {p.train_iters():,} steps of {p.global_batch_size}, AdamW lr {p.lr:g} "
-        f"wd {p.weight_decay:g}, {100 * p.warmup_fraction:g} % warm-up then cosine",
+        f"wd {p.weight_decay:g}, {100 * p.warmup_fraction:g} % warm-up then cosine, {'bf16' if p.bf16 else 'fp32'}",
         f"- seeds: {p.seeds}; cells finished: {len(report['cells'])} of "
         f"{len(p.tasks) * p.seeds * len(TRAINED_KINDS)}; compute time {train_total / 60:.1f} min"
-        + ("" if wall_seconds is None else f", wall time {wall_seconds / 60:.1f} min"),
+        + ("" if run_info is None else f"; the last command ran {run_info['cells_run']} cell(s) in "
+           f"{run_info['wall_seconds'] / 60:.1f} min wall ({run_info['how']} x {run_info['threads_per_process']} "
+           "thread(s))"),
         "",
         "Teacher-forced next-token accuracy (%), mean ± sample std over seeds. `yarn` / `resonance_yarn` are "
         "the `rope` / `resonance` models evaluated with YaRN (s = 4) applied at test time. Differences are "

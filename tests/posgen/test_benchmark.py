@@ -6,6 +6,7 @@ of the same command must find both cells and only rewrite the report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -140,8 +141,6 @@ def test_smoke_run_learns_reports_and_resumes(tmp_path):
 
 def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path):
     """run_workers with stand-in worker commands: worker 1 fails, worker 2 stores its cell."""
-    import dataclasses
-
     from megatron_resonance.posgen import benchmark
     from tests.posgen.test_stats import _fake_cell
 
@@ -175,3 +174,54 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
     with pytest.raises(RuntimeError):
         benchmark.run_workers(preset, out, 2, worker_argv)
     assert seen == {"1/2": [("recursive", 0, "rope")], "2/2": [("recursive", 1, "rope")]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_paper_preset_is_the_papers_recipe():
+    """../shared/DESIGN.md §4: 2 layers in T5-small shape, 10k / 1k / 1k, 150 epochs, AdamW 2e-4, wd 0.01,
+    batch 128, one-cycle cosine with 10 % warm-up, 5 seeds, YaRN s = 4, rotary base 10,000."""
+    p = PRESETS["paper"]
+    assert (p.num_layers, p.hidden_size, p.num_attention_heads, p.head_dim, p.ffn_hidden_size) == (2, 512, 8, 64, 2048)
+    assert (p.train_sequences, p.validation_sequences, p.test_sequences) == (10_000, 1_000, 1_000)
+    assert (p.epochs, p.global_batch_size, p.lr, p.weight_decay, p.warmup_fraction) == (150, 128, 2e-4, 0.01, 0.1)
+    assert (p.seeds, p.scaling_factor, p.rotary_base, p.train_length, p.test_length) == (5, 4.0, 10000.0, 64, 256)
+    assert p.tasks == ("recursive", "cot", "semi_recursive")
+    assert p.train_iters() == 11_719  # ceil(150 * 10,000 / 128)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("kind", TRAINED_KINDS)
+def test_every_preset_gives_a_config_the_trainer_accepts(name, kind):
+    from megatron_resonance.posgen.benchmark import run_config
+    from megatron_resonance.training.trainer import validate
+
+    preset = PRESETS[name]
+    cfg = run_config(preset, kind, seed=3, micro_batch_size=preset.global_batch_size)
+    # PosGen feeds the step its own batches, so the data section names no dataset; everything else is checked
+    validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mock_data=True)), world_size=1)
+    assert cfg.model.rope.kind == kind and cfg.training.seed == 3
+    assert cfg.training.train_iters == preset.train_iters()
+    assert cfg.data.seq_length == preset.train_length and cfg.model.max_position_embeddings == preset.test_length
+    # every cell of every preset fits the split pools: distinct prefixes for train, validation and test
+    from megatron_resonance.posgen.splits import POOL_SIZES
+
+    assert preset.train_sequences <= POOL_SIZES["train"] and preset.test_sequences <= POOL_SIZES["test"]
+
+
+def test_bad_cell_and_worker_arguments_are_one_line(tmp_path):
+    proc, _ = run_tool("--preset", "smoke", "--out", tmp_path / "x", "--cells", "recursive:0:alibi")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "posgen_benchmark.py: error: 'recursive:0:alibi' is not a cell of this run (task:seed:kind, e.g. "
+        "recursive:0:rope)"
+    ]
+    proc, _ = run_tool("--preset", "smoke", "--out", tmp_path / "x", "--workers", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["posgen_benchmark.py: error: --workers must be >= 1, got 0"]
+    proc, _ = run_tool("--preset", "smoke", "--out", tmp_path / "x", "--epochs", "-1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["posgen_benchmark.py: error: --epochs must be positive, got -1"]

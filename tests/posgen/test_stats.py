@@ -108,8 +108,10 @@ def test_report_gives_paired_intervals_and_band_plot(tmp_path):
         for kind in benchmark.TRAINED_KINDS:
             path = benchmark.cell_path(str(tmp_path), "recursive", seed, kind)
             benchmark._write_json_atomic(path, _fake_cell(preset, "recursive", seed, kind, 0.98, ood[kind][seed]))
-    report = benchmark.write_report(str(tmp_path), preset, wall_seconds=12.0)
-    assert report["complete"] and report["wall_seconds"] == 12.0
+    run_info = {"wall_seconds": 90.0, "cells_run": 6, "processes": 2, "threads_per_process": 1,
+                "how": "2 worker processes"}
+    report = benchmark.write_report(str(tmp_path), preset, run_info)
+    assert report["complete"] and report["last_run"] == run_info
     ours = report["paired_difference"]["ood_accuracy"]["recursive"]["resonance - rope"]
     assert ours["runs"] == pytest.approx([0.06, 0.03, 0.06])
     expected = stats.paired_difference(dict(enumerate(ood["resonance"])), dict(enumerate(ood["rope"])))
@@ -121,4 +123,7 @@ def test_report_gives_paired_intervals_and_band_plot(tmp_path):
     assert "resonance - rope [95 % CI]" in md
     lo, hi = (100 * x for x in ours["ci"])
     assert f"+5.0 [{lo:+.1f}, {hi:+.1f}]" in md
+    assert "the last command ran 6 cell(s) in 1.5 min wall (2 worker processes x 1 thread(s))" in md
     assert (tmp_path / "position_recursive.png").read_bytes()[:4] == b"\x89PNG"
+    # a rewrite by a command that ran nothing keeps the last run's record
+    assert benchmark.write_report(str(tmp_path), preset)["last_run"] == run_info

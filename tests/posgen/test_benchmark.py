@@ -171,6 +171,26 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
     assert seen == {"1/2": [("recursive", 0, "rope")], "2/2": [("recursive", 1, "rope")]}
 
 
+@pytest.mark.slow
+def test_paper_preset_runs_in_bf16_workers_through_the_entry_point(tmp_path):
+    """The GPU command's plumbing on CPU: the paper's model in bf16, one step per cell, two worker processes,
+    small evaluation splits (``--set``); the report records the paper's settings with the overrides."""
+    out = tmp_path / "paper"
+    proc, _ = run_tool("--preset", "paper", "--tasks", "recursive", "--seeds", "1", "--epochs", "0.0128", "--bf16",
+                       "--set", "test_sequences=8", "validation_sequences=8", "--workers", "2", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| 1 steps each | 2 worker process(es)" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["preset"] == "paper"
+    settings = report["settings"]
+    assert (settings["hidden_size"], settings["num_attention_heads"], settings["ffn_hidden_size"]) == (512, 8, 2048)
+    assert settings["bf16"] and settings["test_sequences"] == 8 and settings["train_sequences"] == 10_000
+    for variant in VARIANTS:
+        curve = report["position_accuracy"]["recursive"][variant]
+        assert len(curve) == 256 and all(0 <= a <= 1 for a in curve[4:])
+    assert "training: 0.0128 epochs = 1 steps of 128" in (out / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ collects and skips it. Whatever part of a test runs on a CPU too (the comparison
 on CPU in the normal tier, beside it. Fixtures here run the workers once per session:
 
 * ``precision_runs``: ``workers/trainer_steps.py precision`` on the GPU (fp32 and bf16 training steps, and the
-  layer spec the trainer built);
-* ``transfer(save_on, load_on)``: a full training checkpoint saved on one device and loaded on the other (the
-  CPU side in a process that CUDA is hidden from).
+  layer spec the trainer built); ``precision(device)`` runs it anywhere;
+* ``transfer(root, save_on, load_on)``: a full training checkpoint saved on one device and loaded on the other
+  (the CPU side in a process that CUDA is hidden from).
+
+``make gpu-check`` runs the tier's modules side by side when pytest-xdist is installed (one module each).
 """
 
 from __future__ import annotations

@@ -59,3 +59,16 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 600, env=None) -> sub
 def python(script, *args, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """``python script args`` (one process); raises AssertionError with the output on failure."""
     return _run([sys.executable, str(script), *map(str, args)], timeout, env)
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py`` (tools are scripts, not a package), imported once per process."""
+    import importlib.util
+
+    key = f"tools.{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

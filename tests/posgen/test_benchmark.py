@@ -197,8 +197,9 @@ def test_paper_preset_runs_in_bf16_workers_through_the_entry_point(tmp_path):
 
 
 def test_paper_preset_is_the_papers_recipe():
-    """../shared/DESIGN.md §4: 2 layers in T5-small shape, 10k / 1k / 1k, 150 epochs, AdamW 2e-4, wd 0.01,
-    batch 128, one-cycle cosine with 10 % warm-up, 5 seeds, YaRN s = 4, rotary base 10,000."""
+    """The paper's PosGen setup (and its reference code's sweep command): 2 layers in T5-small shape,
+    10k / 1k / 1k, 150 epochs, AdamW 2e-4, wd 0.01, batch 128, one-cycle cosine with 10 % warm-up, 5 seeds,
+    YaRN s = 4, rotary base 10,000."""
     p = PRESETS["paper"]
     assert (p.num_layers, p.hidden_size, p.num_attention_heads, p.head_dim, p.ffn_hidden_size) == (2, 512, 8, 64, 2048)
     assert (p.train_sequences, p.validation_sequences, p.test_sequences) == (10_000, 1_000, 1_000)

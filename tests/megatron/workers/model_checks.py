@@ -684,9 +684,10 @@ CHECKS = [
 
 
 def main(out_dir: str) -> None:
-    from megatron_resonance.megatron import distributed
+    from megatron_resonance.megatron import cpu_speed, distributed
 
     distributed.initialize(1, 1)
+    cpu_speed.set_enabled(True)  # whatever MEGATRON_RESONANCE_CPU_SPEED says: these checks are of its measures
     results = {"cuda_available": torch.cuda.is_available()}
     for check in CHECKS:
         try:

@@ -22,8 +22,9 @@ every collective. On:
   on every torch call); megatron's forward makes no device call at CP=1 without sequence parallelism.
 
 ``set_enabled()`` is the switch (``distributed.init_process_group`` calls it with the environment's
-choice). It patches megatron process-wide and undoes that when switched off; it decides the code of
-models built and steps run after it. Nothing happens on a machine with CUDA.
+choice). It patches megatron process-wide and undoes that when switched off. Switch before building a
+model: one built with the measures on asks for them (its config names the fused RoPE hook and the
+gradient-accumulation kernel). Nothing happens on a machine with CUDA.
 """
 
 from __future__ import annotations

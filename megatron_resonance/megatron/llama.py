@@ -8,6 +8,7 @@ spec with SDPA core attention otherwise) and installs the rotary plan on every c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import List, Optional
@@ -15,7 +16,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_resonance.megatron import cpu_backend, local_ops
+from megatron_resonance.megatron import cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
 
 SPECS = ("auto", "te", "local")
@@ -155,18 +156,15 @@ def transformer_config(
         # CPU: no fused CUDA kernels; full weights are initialized on CPU then split, which also makes
         # the initial weights independent of the TP layout.
         use_cpu_initialization=not on_gpu,
-        # on CPU the CPU backend provides the fused weight-gradient accumulation (Apex's on GPUs)
-        gradient_accumulation_fusion=cpu_backend.is_enabled(),
+        # Apex's fused weight-gradient accumulation is not used on GPUs; cpu_speed provides it on CPU
+        gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
-        # megatron's switch for "the MLP activation is the spec's module" (named for TE's): the local spec
-        # on CPU runs SwiGLU as local_ops.SwiGLU over the fused gate/up output.
-        use_te_activation_func=not use_te and not on_gpu,
+        use_te_activation_func=False,
         bias_dropout_fusion=on_gpu,
         # Apex/TE kernels: the local spec on a GPU without TE uses torch's RMSNorm and SDPA instead.
         masked_softmax_fusion=use_te,
         persist_layer_norm=use_te,
-        # TE's fused RoPE; on CPU local_ops.apply_rotary in its place
-        apply_rope_fusion=use_te or (not on_gpu and local_ops.install_rotary()),
+        apply_rope_fusion=use_te,
         cross_entropy_loss_fusion=False,
         # Megatron-LM's defaults. The interleaved schedule needs separate, overlapped isend/irecv: with
         # batched p2p and PP=2 the previous and next stage are the same rank, and the two directions get
@@ -174,6 +172,7 @@ def transformer_config(
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=not interleaved,
     )
+    kwargs.update(cpu_speed.transformer_settings())  # nothing unless its measures are on (CPU)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -200,7 +199,8 @@ def resolve_spec(spec: str) -> str:
 
 
 def layer_spec(spec: str = "auto"):
-    """megatron's GPT layer spec: TE's, or the local one with SDPA core attention."""
+    """megatron's GPT layer spec: TE's, or the local one with SDPA core attention and ``LocalNorm``; with
+    ``cpu_speed`` on, ``local_ops``' SwiGLU as the MLP activation module and RMSNorm in the norms."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -212,32 +212,61 @@ def layer_spec(spec: str = "auto"):
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPAAttention
-    layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU  # used when use_te_activation_func is set
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name)))
+    if cpu_speed.is_enabled():  # the module cpu_speed.transformer_settings' use_te_activation_func runs
+        layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU
     return layer
 
 
+class LocalNorm:
+    """megatron's ``WrappedTorchNorm`` (same arguments, same checks) that also runs sequence parallel; its
+    RMSNorm is built as ``rms_norm`` (torch's, or ``local_ops.RMSNorm`` under ``cpu_speed``). LayerNorm
+    and L2Norm are megatron's.
+
+    With sequence parallelism each TP rank normalizes its part of the sequence, so the norm's weight
+    gradient is a partial sum: its parameters are marked ``sequence_parallel``, which makes megatron's
+    ``finalize_model_grads`` all-reduce them over TP, as Apex's and TE's norms are marked. (megatron's
+    torch wrapper, which marks nothing, refuses sequence parallelism.)"""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm",
+                rms_norm: type = torch.nn.RMSNorm):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        checked = config
+        if config.sequence_parallel:
+            checked = copy.copy(config)
+            checked.sequence_parallel = False
+        module = WrappedTorchNorm(checked, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        if type(module) is torch.nn.RMSNorm and rms_norm is not torch.nn.RMSNorm:
+            module = rms_norm(normalized_shape=hidden_size, eps=eps)
+        for param in module.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return module
+
+
 def _local_norm(norm):
-    """torch's norm wrapper (megatron's choice without Apex) as ``local_ops.LocalNorm``; Apex's as is."""
+    """torch's norm wrapper (megatron's choice without Apex) as ``LocalNorm``; Apex's as is."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    return local_ops.LocalNorm if norm is WrappedTorchNorm else norm
+    if norm is not WrappedTorchNorm:
+        return norm
+    rms_norm = local_ops.RMSNorm if cpu_speed.is_enabled() else torch.nn.RMSNorm
+    return ModuleSpec(module=LocalNorm, params={"rms_norm": rms_norm})
 
 
 def _block_spec(layer, tf_config, vp_stage: Optional[int]):
     """megatron's block for a layer spec (its layers for this PP/VPP stage and a final norm), with the
-    final norm as the layers' when they use ``local_ops.LocalNorm``."""
-    from megatron.core.transformer.transformer_block import (
-        LayerNormImpl,
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
+    final norm as the layers' when they use ``LocalNorm``."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    if layer.submodules.input_layernorm is not local_ops.LocalNorm:
+    norm = layer.submodules.input_layernorm
+    if getattr(norm, "module", None) is not LocalNorm:
         return layer
     num_layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_local_norm(LayerNormImpl))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
 def build_model(

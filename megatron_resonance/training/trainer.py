@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.megatron import checkpointing, cpu_backend, distributed
+from megatron_resonance.megatron import checkpointing, cpu_speed, distributed
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import build_model, resolve_spec, transformer_config
 from megatron_resonance.training import flops, preemption
@@ -435,12 +435,12 @@ def forward_step(
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     if cp_size > 1:
         batch = get_batch_on_this_cp_rank(batch)
-    # On CPU the model runs without the CPU backend's device mode (a Python hook on every torch call):
-    # megatron's forward allocates on the device only for context parallelism (rotary slicing) and
+    # With cpu_speed on, the model runs without cpu_compat's device mode (a Python hook on every torch
+    # call): megatron's forward allocates on the device only for context parallelism (rotary slicing) and
     # sequence parallelism (gather buffers), which keep it.
     device_free = cp_size == 1 and not sequence_parallel
     labels = None if score_vocab else batch["labels"]
-    with cpu_backend.suspended() if device_free else contextlib.nullcontext():
+    with cpu_speed.suspended() if device_free else contextlib.nullcontext():
         output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
     if score_vocab:
         return output, functools.partial(_real_vocab_loss, batch["labels"], batch["loss_mask"], score_vocab)
@@ -687,6 +687,7 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
         f"PP={p.pipeline_model_parallel_size} VPP={p.virtual_pipeline_model_parallel_size or 1} "
         f"CP={p.context_parallel_size} DP={dp} micro-batches={num_microbatches} "
         f"dtype={'bf16' if bf16 else 'fp32'} spec={resolve_spec(p.transformer_impl)} rope={cfg.model.rope.kind}"
+        + ("" if torch.cuda.is_available() else f" cpu_speed={'on' if cpu_speed.is_enabled() else 'off'}")
     )
 
     # ---------------------------------------------------------------- build: model, optimizer, scheduler

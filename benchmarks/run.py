@@ -203,12 +203,11 @@ def _model_only_trainer(model_cfg, rope, seq: int, batch: int):
     optimizer or pipeline schedule. Returns the loss."""
     import dataclasses
 
-    from megatron_resonance.megatron.llama import build_model, transformer_config
+    from megatron_resonance.megatron.llama import build_model
 
     cfg = dataclasses.replace(model_cfg, rope=rope)
     _seed()
-    tf_config = transformer_config(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
-    model = build_model(cfg, tf_config, seq_length=seq)[0]
+    model = build_model(cfg, seq_length=seq, per_token_loss=True)[0]
     position_ids = torch.arange(seq).expand(batch, seq)
 
     def loss_of(t):

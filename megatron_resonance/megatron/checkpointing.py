@@ -260,7 +260,7 @@ def _rng_sharded_object():
 def _set_rng(state: Dict[str, Any]) -> None:
     """Restore the saved RNG states. The CPU generator's state is the same on every machine; the CUDA and
     tracker states are restored only on the kind of device that saved them: a CUDA generator's state is a
-    Philox seed and offset, the tracker's on CPU (the CPU backend's) a Mersenne Twister state, and neither
+    Philox seed and offset, the tracker's on CPU (cpu_compat's) a Mersenne Twister state, and neither
     loads into the other. Across devices the run keeps its own seeds; an exact resume needs the same
     device anyway."""
     from megatron.core import tensor_parallel

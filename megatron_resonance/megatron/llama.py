@@ -271,22 +271,36 @@ def _block_spec(layer, tf_config, vp_stage: Optional[int]):
 
 def build_model(
     cfg: LlamaConfig,
-    tf_config=None,
     *,
+    dtype: torch.dtype = torch.float32,
     spec: str = "auto",
     seq_length: Optional[int] = None,
-    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    initialize: bool = True,
+    per_token_loss: bool = False,
+    device: Optional[str] = None,
 ) -> List[torch.nn.Module]:
-    """GPTModel chunks for this rank: one, or one per virtual-pipeline stage. Rotary installed on each."""
+    """The model provider: GPTModel chunks of ``cfg`` for this rank under the current ``parallel_state``
+    (one, or one per virtual-pipeline stage), our rotary installed on each, their ``TransformerConfig`` as
+    ``chunk.config``.
+
+    ``dtype``: the parameters' dtype (bf16 models train with fp32 main weights in the optimizer);
+    ``initialize=False`` allocates the weights without initializing them (a checkpoint load or a conversion
+    fills them); ``per_token_loss``: megatron's per-token loss normalization (training). The chunks are on
+    the current CUDA device when there is one, unless ``device="cpu"`` (the converters, which only move
+    weights). Wrap them with :func:`for_training` or :func:`for_inference`.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megatron_resonance.megatron.rotary import install_rotary
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    cfg.check_parallel(tp)
-    if tf_config is None:
-        tf_config = transformer_config(cfg, params_dtype=params_dtype, spec=spec)
+    cfg.check_parallel(ps.get_tensor_model_parallel_world_size())
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    tf_config = transformer_config(
+        cfg, params_dtype=dtype, sequence_parallel=sequence_parallel, spec=spec, perform_initialization=initialize,
+        calculate_per_token_loss=per_token_loss, **({"use_cpu_initialization": True} if on_cpu else {}),
+    )
     spec_module = layer_spec(spec)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
@@ -304,8 +318,46 @@ def build_model(
             rotary_base=int(cfg.rope.base),
             vp_stage=stage,
         )
-        chunks.append(model)
+        chunks.append(model if on_cpu else model.cuda(torch.cuda.current_device()))
     install_rotary(chunks, cfg.rope)
+    return chunks
+
+
+def _half_precision(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    """megatron's ``Float16Module`` around bf16/fp16 chunks (it casts the inputs and the outputs)."""
+    config = chunks[0].config
+    if not (config.bf16 or config.fp16):
+        return chunks
+    from megatron.core.transformer.module import Float16Module
+
+    return [Float16Module(config, c) for c in chunks]
+
+
+def for_training(chunks: List[torch.nn.Module], *, use_distributed_optimizer: bool = True) -> List[torch.nn.Module]:
+    """The training wrapper of :func:`build_model`'s chunks: ``Float16Module`` for half precision, then
+    megatron DDP (gradients reduced in fp32 into contiguous buffers, one bucket per chunk but the first, as
+    Megatron-LM for virtual pipelining), the parameters broadcast from data-parallel rank 0."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer
+    )
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
+        for i, c in enumerate(_half_precision(chunks))
+    ]
+    for c in wrapped:
+        c.broadcast_params()
+    return wrapped
+
+
+def for_inference(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    """The inference wrapper of :func:`build_model`'s chunks (after a checkpoint load): ``Float16Module``
+    for half precision, eval mode."""
+    chunks = _half_precision(chunks)
+    for c in chunks:
+        c.eval()
     return chunks
 
 

@@ -2,7 +2,7 @@
 
 1. Tiny random Hugging Face sources (``tiny_models.SOURCES``) and their logits (this process).
 2. ``workers/convert_all.py``: every import and export through the tools' ``main``, in one process (the
-   CPU backend and megatron's parallel state are process-wide and must not leak into pytest).
+   CPU compatibility layer and megatron's parallel state are process-wide and must not leak into pytest).
 3. ``workers/megatron_logits.py`` under torchrun (2 processes): each Megatron checkpoint at TP=2 and PP=2.
 4. ``workers/hf_logits.py``: the portable export loaded by stock transformers in a process that never
    imports megatron_resonance; the custom-format export here, after ``megatron_resonance.hf.register()``.

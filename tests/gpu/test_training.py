@@ -47,7 +47,7 @@ def test_layer_spec_is_transformer_engine_when_it_imports(precision_runs, record
 
 @pytest.mark.slow
 def test_bf16_check_on_cpu(tmp_path):
-    """The precision worker and its check, where CI can run them (bf16 on the CPU backend)."""
+    """The precision worker and its check, where CI can run them (bf16 on CPU)."""
     runs = precision("cpu", tmp_path / "precision.json")
     assert runs["device"] == "cpu" and runs["spec"]["resolved"] == "local"
     checks.assert_bf16_follows_fp32(runs["losses"])

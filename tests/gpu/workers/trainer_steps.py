@@ -5,7 +5,7 @@
     python tests/gpu/workers/trainer_steps.py load CKPT OUT.pt       # another init, then that checkpoint
 
 The device is CUDA when there is one; a test hides it (``CUDA_VISIBLE_DEVICES=``) to run the CPU side, which
-then goes through the CPU backend over gloo, as training on a laptop does. The model is a tiny LLaMA
+then goes through cpu_compat over gloo, as training on a laptop does. The model is a tiny LLaMA
 (2 layers, width 64, GQA 4:2, vocabulary 256) with Resonance YaRN (s = 4 over 16 original positions), built
 and stepped by ``training.trainer`` (megatron DDP, distributed optimizer, fused AdamW, clipping) on one fixed
 batch of 4 x 64 random tokens, which it memorizes: the loss falls step after step.

@@ -370,9 +370,9 @@ def check_speed_switch_in_model():
     try:
         for name, on in (("speed", True), ("megatron", False)):
             cpu_speed.set_enabled(on)
-            tf_config = llama.transformer_config(cfg)
             torch.manual_seed(0)
-            model = llama.build_model(cfg, tf_config, seq_length=SEQ)[0]
+            model = llama.build_model(cfg, seq_length=SEQ)[0]
+            tf_config = model.config
             logits = model(tokens, positions, None)[..., : cfg.vocab_size]
             logits.float().pow(2).mean().backward()
             kinds = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
@@ -428,6 +428,7 @@ def check_grad_accumulation_fusion():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import layers
 
+    from megatron_resonance.megatron import llama
     from megatron_resonance.training import trainer
 
     cfg = _train_config(1, lr=1e-3, clip_grad=0.0)
@@ -435,11 +436,11 @@ def check_grad_accumulation_fusion():
     shim = layers.fused_weight_gradient_mlp_cuda
     accumulate = shim.wgrad_gemm_accum_fp32
     shim.wgrad_gemm_accum_fp32 = lambda *a: (calls.append(1), accumulate(*a))
-    original_config = trainer.transformer_config
+    original_config = llama.transformer_config  # what the model provider builds its config with
     grads, flags = {}, {}
     try:
         for fused in (True, False):
-            trainer.transformer_config = lambda *a, **k: original_config(*a, **k, gradient_accumulation_fusion=fused)
+            llama.transformer_config = lambda *a, **k: original_config(*a, **k, gradient_accumulation_fusion=fused)
             torch.manual_seed(0)
             chunks, optimizer, scheduler, tf_config = trainer.build_model_and_optimizer(cfg, bf16=False)
             flags[str(fused)] = tf_config.gradient_accumulation_fusion
@@ -449,7 +450,7 @@ def check_grad_accumulation_fusion():
             grads[fused] = torch.cat([p.main_grad.flatten() for p in chunks[0].parameters()])
             flags[f"calls_{fused}"] = len(calls)
     finally:
-        trainer.transformer_config = original_config
+        llama.transformer_config = original_config
         shim.wgrad_gemm_accum_fp32 = accumulate
     rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
     return {"flags": flags, "grads_rel": rel, "grad_norm": grads[False].norm().item()}

@@ -156,7 +156,6 @@ def code_paths(chunk, tf_config) -> dict:
 
 def run_layout(out_dir, kind, layout, weights_dir):
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -166,7 +165,7 @@ def run_layout(out_dir, kind, layout, weights_dir):
     tp, pp, vpp, sp = LAYOUTS[layout]
     distributed.initialize(tp, pp, vpp)
     cfg = model_config(kind)
-    chunks = llama.build_model(cfg, llama.transformer_config(cfg, sequence_parallel=sp), seq_length=SEQ_LENGTH)
+    chunks = llama.build_model(cfg, sequence_parallel=sp, seq_length=SEQ_LENGTH)
     checkpointing.load_checkpoint(weights_dir, chunks)
     # every rank's chunks: with VPP, the rotary must be ours on all 2 x 2 chunks
     rotary = [None] * dist.get_world_size()
@@ -174,11 +173,7 @@ def run_layout(out_dir, kind, layout, weights_dir):
 
     tf_config = unwrap(chunks[0]).config
     paths = code_paths(chunks[-1], tf_config)  # the last chunk of the last stage holds the final norm
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    model = [
-        DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-        for i, c in enumerate(chunks)
-    ]
+    model = llama.for_training(chunks, use_distributed_optimizer=False)
     no_sync = [m.no_sync for m in model]
     tf_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     tf_config.finalize_model_grads_func = finalize_model_grads

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from megatron_resonance.megatron.llama import SPECS, LlamaConfig
+from megatron_resonance.megatron.llama import SPECS, LlamaConfig, resolve_spec
 from megatron_resonance.rope import KINDS, RopeConfig
 
 
@@ -144,6 +144,107 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration the run cannot start with."""
+
+
+# ==========================================================================================================
+# The config's own rules (world size given): checked before any process starts
+# ==========================================================================================================
+
+
+def check(cfg: Config, world_size: int) -> None:
+    """ConfigError with one clear line for a config that cannot run at ``world_size`` ranks: values out of
+    range, a layout that does not divide the model, the batch or the world, a schedule that cannot work."""
+    p, d, m = cfg.parallel, cfg.data, cfg.model
+    _check_ranges(cfg)
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
+        if value < 1:
+            raise ConfigError(f"--{name}-model-parallel-size must be >= 1, got {value}")
+    try:
+        m.check_parallel(tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cp > 1 and d.seq_length % (2 * cp):
+        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x context-parallel-size = {2 * cp}")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
+    dp = world_size // (tp * pp * cp)
+    if cp > 1 and resolve_spec(p.transformer_impl) != "te":
+        raise ConfigError("--context-parallel-size > 1 needs Transformer Engine attention (a GPU with TE)")
+    vpp = p.virtual_pipeline_model_parallel_size or 1
+    if m.num_layers % (pp * vpp):
+        raise ConfigError(f"num_layers {m.num_layers} is not divisible by PP x VPP = {pp} x {vpp}")
+    if p.virtual_pipeline_model_parallel_size and pp < 2:
+        raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size {d.global_batch_size} is not a multiple of micro-batch-size x DP = "
+            f"{d.micro_batch_size} x {dp}"
+        )
+    if vpp > 1 and (d.global_batch_size // (d.micro_batch_size * dp)) % pp:
+        raise ConfigError("with virtual pipelining the number of micro-batches must be a multiple of PP")
+    if d.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"--seq-length {d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}"
+        )
+    if not d.mock_data and not d.data_path:
+        raise ConfigError("no training data: give --data-path PREFIX or --mock-data")
+    if cfg.training.train_iters < 1:
+        raise ConfigError(f"--train-iters must be >= 1, got {cfg.training.train_iters}")
+    warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
+    if warmup >= decay:
+        raise ConfigError(f"lr warm-up ({warmup} steps) must be shorter than the decay ({decay} steps)")
+
+
+#: (flag, smallest allowed value) of the numbers check bounds; an interval of 0 is "off", so
+#: intervals may be 0 but not negative; --log-interval has no "off"
+_AT_LEAST = (
+    ("data.micro_batch_size", 1), ("data.global_batch_size", 1), ("data.seq_length", 1),
+    ("logging.log_interval", 1), ("training.eval_interval", 0), ("training.eval_iters", 0),
+    ("checkpoint.save_interval", 0), ("training.exit_interval", 0), ("optimizer.lr", 0.0),
+    ("optimizer.min_lr", 0.0), ("optimizer.lr_warmup_iters", 0), ("optimizer.lr_decay_iters", 0),
+    ("optimizer.clip_grad", 0.0), ("optimizer.weight_decay", 0.0), ("optimizer.adam_eps", 0.0),
+)  # fmt: skip
+
+
+def _check_ranges(cfg: Config) -> None:
+    """ConfigError for a number outside what the run can use (a zero batch divides by zero in a worker,
+    a negative lr trips an assertion in the scheduler, a negative interval fires at every step)."""
+    for name, least in _AT_LEAST:
+        section, field = name.split(".")
+        value = getattr(getattr(cfg, section), field)
+        if value is not None and value < least:
+            raise ConfigError(f"--{field.replace('_', '-')} must be >= {least}, got {value}")
+    o = cfg.optimizer
+    for flag, value, allowed in (("--optimizer", o.optimizer, ("adam", "sgd")),
+                                 ("--lr-decay-style", o.lr_decay_style, ("constant", "linear", "cosine"))):
+        if value not in allowed:
+            raise ConfigError(f"unknown {flag} {value!r}; expected one of {', '.join(allowed)}")
+    try:
+        resolve_spec(cfg.parallel.transformer_impl)
+    except (ValueError, RuntimeError) as e:  # an unknown spec, or te without Transformer Engine
+        raise ConfigError(str(e)) from None
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
+        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+    for flag, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
+
+
+def warmup_iters(cfg: Config) -> int:
+    o = cfg.optimizer
+    if o.lr_warmup_fraction is not None:
+        return round(o.lr_warmup_fraction * cfg.training.train_iters)
+    return o.lr_warmup_iters
+
+
+
+
+# ==========================================================================================================
+# Reading a config: YAML file, then command-line flags
+# ==========================================================================================================
 
 
 def _check_keys(where: str, given: Dict[str, Any], cls) -> None:

@@ -1,13 +1,15 @@
 """The megatron-core training loop shared by pretraining and context extension.
 
-Reads top to bottom in three phases, as megatron-core's ``run_simple_mcore_train_loop.py`` grown up:
+Reads top to bottom in three phases, as megatron-core's ``run_simple_mcore_train_loop.py`` grown up;
+:func:`run` is ``build`` then ``loop``:
 
-* build  — distributed init, data, model (GPTModel chunks with our rotary), DDP, distributed optimizer,
-  scheduler, checkpoint (resume or finetune start);
+* build  — distributed init, model (the provider's GPTModel chunks with our rotary) in megatron DDP,
+  optimizer, scheduler, checkpoint (resume or finetune start), data (:func:`build`);
 * step   — micro-batches through ``get_forward_backward_func`` (1F1B / interleaved pipeline schedules),
-  per-token loss, gradient clipping and the optimizer step inside megatron's optimizer;
-* loop   — iterations with logging (console, TensorBoard, ``<save>/metrics.jsonl``), evaluation,
-  periodic saves, and SIGTERM/SIGUSR1 (Slurm preemption): finish the step, save, exit 0.
+  per-token loss, gradient clipping and the optimizer step inside megatron's optimizer (:func:`train_step`);
+* loop   — iterations with logging (console, TensorBoard, ``<save>/metrics.jsonl``), evaluation and
+  periodic saves until ``--train-iters`` or a stop (:func:`_stop_reason`: SIGTERM/SIGUSR1 from Slurm's
+  preemption, ``--exit-interval``); the state is saved where the loop ends (:func:`loop`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from megatron_resonance.megatron import checkpointing, cpu_speed, distributed
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import build_model, for_training, resolve_spec
 from megatron_resonance.training import flops, preemption
-from megatron_resonance.training.config import Config, ConfigError
+from megatron_resonance.training.config import Config, ConfigError, check, warmup_iters
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,43 +47,11 @@ class TrainingError(Exception):
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Raise ConfigError with one clear line for a configuration that cannot run."""
-    p, d, m = cfg.parallel, cfg.data, cfg.model
-    _check_ranges(cfg)
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
-        if value < 1:
-            raise ConfigError(f"--{name}-model-parallel-size must be >= 1, got {value}")
-    try:
-        m.check_parallel(tp)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cp > 1 and d.seq_length % (2 * cp):
-        raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x context-parallel-size = {2 * cp}")
-    if world_size % (tp * pp * cp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
-    dp = world_size // (tp * pp * cp)
-    if cp > 1 and resolve_spec(p.transformer_impl) != "te":
-        raise ConfigError("--context-parallel-size > 1 needs Transformer Engine attention (a GPU with TE)")
-    vpp = p.virtual_pipeline_model_parallel_size or 1
-    if m.num_layers % (pp * vpp):
-        raise ConfigError(f"num_layers {m.num_layers} is not divisible by PP x VPP = {pp} x {vpp}")
-    if p.virtual_pipeline_model_parallel_size and pp < 2:
-        raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size >= 2")
-    if d.global_batch_size % (d.micro_batch_size * dp):
-        raise ConfigError(
-            f"--global-batch-size {d.global_batch_size} is not a multiple of micro-batch-size x DP = "
-            f"{d.micro_batch_size} x {dp}"
-        )
-    if vpp > 1 and (d.global_batch_size // (d.micro_batch_size * dp)) % pp:
-        raise ConfigError("with virtual pipelining the number of micro-batches must be a multiple of PP")
-    if d.seq_length > m.max_position_embeddings:
-        raise ConfigError(
-            f"--seq-length {d.seq_length} exceeds the model's max_position_embeddings {m.max_position_embeddings}"
-        )
+    """Raise ConfigError with one clear line for a run that cannot start: the config's own rules
+    (``config.check``), then what it names on disk (data, output directories, checkpoints)."""
+    check(cfg, world_size)
+    d = cfg.data
     if not d.mock_data:
-        if not d.data_path:
-            raise ConfigError("no training data: give --data-path PREFIX or --mock-data")
         for prefix in filter(None, (d.data_path, d.valid_data_path)):
             _check_dataset(prefix)
     from megatron_resonance.cli import UsageError, check_output_dir
@@ -102,55 +72,6 @@ def validate(cfg: Config, world_size: int) -> None:
         _check_same_model(f"--save {cfg.checkpoint.save} holds a checkpoint of", resume, cfg, None)
     elif cfg.checkpoint.load:
         _check_same_model(f"--load {cfg.checkpoint.load} is", _load_source(cfg), cfg, _SHAPE_FIELDS)
-    if cfg.training.train_iters < 1:
-        raise ConfigError(f"--train-iters must be >= 1, got {cfg.training.train_iters}")
-    warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
-    if warmup >= decay:
-        raise ConfigError(f"lr warm-up ({warmup} steps) must be shorter than the decay ({decay} steps)")
-
-
-#: (flag, smallest allowed value) of the numbers validate bounds; an interval of 0 is "off" (see run), so
-#: intervals may be 0 but not negative; --log-interval has no "off"
-_AT_LEAST = (
-    ("data.micro_batch_size", 1), ("data.global_batch_size", 1), ("data.seq_length", 1),
-    ("logging.log_interval", 1), ("training.eval_interval", 0), ("training.eval_iters", 0),
-    ("checkpoint.save_interval", 0), ("training.exit_interval", 0), ("optimizer.lr", 0.0),
-    ("optimizer.min_lr", 0.0), ("optimizer.lr_warmup_iters", 0), ("optimizer.lr_decay_iters", 0),
-    ("optimizer.clip_grad", 0.0), ("optimizer.weight_decay", 0.0), ("optimizer.adam_eps", 0.0),
-)  # fmt: skip
-
-
-def _check_ranges(cfg: Config) -> None:
-    """ConfigError for a number outside what the run can use (a zero batch divides by zero in a worker,
-    a negative lr trips an assertion in the scheduler, a negative interval fires at every step)."""
-    for name, least in _AT_LEAST:
-        section, field = name.split(".")
-        value = getattr(getattr(cfg, section), field)
-        if value is not None and value < least:
-            raise ConfigError(f"--{field.replace('_', '-')} must be >= {least}, got {value}")
-    o = cfg.optimizer
-    for flag, value, allowed in (("--optimizer", o.optimizer, ("adam", "sgd")),
-                                 ("--lr-decay-style", o.lr_decay_style, ("constant", "linear", "cosine"))):
-        if value not in allowed:
-            raise ConfigError(f"unknown {flag} {value!r}; expected one of {', '.join(allowed)}")
-    try:
-        resolve_spec(cfg.parallel.transformer_impl)
-    except (ValueError, RuntimeError) as e:  # an unknown spec, or te without Transformer Engine
-        raise ConfigError(str(e)) from None
-    if o.min_lr > o.lr:
-        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
-    if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
-        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {o.lr_warmup_fraction}")
-    for flag, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
-        if not 0 <= beta < 1:
-            raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
-
-
-def warmup_iters(cfg: Config) -> int:
-    o = cfg.optimizer
-    if o.lr_warmup_fraction is not None:
-        return round(o.lr_warmup_fraction * cfg.training.train_iters)
-    return o.lr_warmup_iters
 
 
 def _check_dataset(prefix: str) -> None:
@@ -639,10 +560,7 @@ class MetricsLog:
 def run(cfg: Config) -> TrainState:
     """Train as configured: resume from ``<save>`` if it holds a checkpoint, else start from ``--load``
     (full state, or weights only with ``finetune``), else from scratch. Returns the final state."""
-    world = distributed.world_size_from_env()
-    resolve_and_validate(cfg, world)
-
-    # ---------------------------------------------------------------- build: distributed
+    resolve_and_validate(cfg, distributed.world_size_from_env())
     p = cfg.parallel
     distributed.initialize(
         p.tensor_model_parallel_size,
@@ -656,11 +574,53 @@ def run(cfg: Config) -> TrainState:
         if signals.any_rank():  # nothing trained yet: nothing to save
             print_rank0("[signal] received before training started: nothing new to save, exiting")
             return TrainState()
-        return _train(cfg, signals)
+        job = build(cfg)
+        if signals.any_rank():  # during the build: the checkpoint loaded is still the latest
+            print_rank0(f"[signal] received before iteration {job.state.iteration + 1}: nothing new to save, exiting")
+            return job.state
+        return loop(cfg, job, signals)
 
 
-def _train(cfg: Config, signals: SignalFlag) -> TrainState:
-    """``run`` once the process groups exist and this run holds ``--save``."""
+@dataclasses.dataclass
+class Job:
+    """What :func:`build` makes and :func:`loop` trains: the model chunks (in megatron DDP), optimizer,
+    scheduler, the state to continue from, the data and the schedule's function."""
+
+    chunks: list
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    last_saved: Optional[int]
+    """The iteration whose checkpoint ``--save`` holds already (a resumed run), else None."""
+    train_iterator: Any
+    valid_dataset: Any
+    forward_backward: Any
+    num_microbatches: int
+
+    def save(self, cfg: Config) -> None:
+        """Checkpoint the current state to ``--save`` (if given); TrainingError with one line if it fails."""
+        save = cfg.checkpoint.save
+        if not save or self.last_saved == self.state.iteration:
+            return
+        try:
+            checkpointing.save_checkpoint(
+                save,
+                self.state.iteration,
+                self.chunks,
+                cfg.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                run_config={**cfg.to_dict(), "world_size": dist.get_world_size()},
+                train_state=dataclasses.asdict(self.state),
+            )
+        except checkpointing.CheckpointError as e:
+            raise TrainingError(f"{e}; {_latest_note(save)}") from None
+        self.last_saved = iteration = self.state.iteration
+        print_rank0(f"[save] iteration {iteration} -> {checkpointing.iteration_dir(save, iteration)}")
+
+
+def build(cfg: Config) -> Job:
+    """Model, optimizer and scheduler; the checkpoint to continue from; the data (process groups exist)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -677,7 +637,7 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
     )
 
     # ---------------------------------------------------------------- build: model, optimizer, scheduler
-    chunks, optimizer, scheduler, tf_config = build_model_and_optimizer(cfg, bf16)
+    chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16)
     n_params = sum(prm.numel() for c in chunks for prm in c.parameters())
     print_rank0(f"[build] parameters on rank 0: {n_params / 1e6:.2f} M")
 
@@ -712,62 +672,47 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
     gbs = cfg.data.global_batch_size
     valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
     train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
-    train_iter = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
-    forward_backward = get_forward_backward_func()
-
-    # ---------------------------------------------------------------- loop
+    train_iterator = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)
-    if signals.any_rank():  # during the build: the checkpoint loaded is still the latest
-        print_rank0(f"[signal] received before iteration {state.iteration + 1}: nothing new to save, exiting")
-        return state
+    return Job(chunks, optimizer, scheduler, state, state.iteration if resume_from else None, train_iterator,
+               valid_ds, get_forward_backward_func(), num_microbatches)
+
+
+def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:
+    """Steps until ``--train-iters`` or a stop (a signal, ``--exit-interval``), with logging, evaluation and
+    periodic saves; the state is saved where the loop ends. Returns the final state."""
+    state, iters, gbs = job.state, cfg.training.train_iters, cfg.data.global_batch_size
     metrics = MetricsLog(cfg, state.iteration)
     flops_per_token = flops.training_flops_per_token(cfg.model, cfg.data.seq_length)
     peak = flops.peak_tflops()
-    run_config = {**cfg.to_dict(), "world_size": dist.get_world_size()}
-
-    def save_now():
-        if save:
-            try:
-                checkpointing.save_checkpoint(
-                    save,
-                    state.iteration,
-                    chunks,
-                    cfg.model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    run_config=run_config,
-                    train_state=dataclasses.asdict(state),
-                )
-            except checkpointing.CheckpointError as e:
-                raise TrainingError(f"{e}; {_latest_note(save)}") from None
-            print_rank0(f"[save] iteration {state.iteration} -> {checkpointing.iteration_dir(save, state.iteration)}")
-
     window_loss, window_steps, window_time = 0.0, 0, 0.0
-    last_saved = state.iteration if resume_from else None
     while state.iteration < iters:
+        # ------------------------------------------------------------ step
         step_start = time.perf_counter()
         loss, grad_norm, update_ok = train_step(
-            forward_backward, train_iter, chunks, optimizer, scheduler, cfg, num_microbatches
+            job.forward_backward, job.train_iterator, job.chunks, job.optimizer, job.scheduler, cfg,
+            job.num_microbatches,
         )
         window_time += time.perf_counter() - step_start
         poison = _non_finite(loss, grad_norm if update_ok else None)
         if poison:
             raise TrainingError(
                 f"{poison} at iteration {state.iteration + 1}: stopped without saving"
-                + (f"; {_latest_note(save)}" if save else "")
+                + (f"; {_latest_note(cfg.checkpoint.save)}" if cfg.checkpoint.save else "")
             )
         state.iteration += 1
         state.consumed_train_samples += gbs
         window_loss += loss
         window_steps += 1
 
+        # ------------------------------------------------------------ log, evaluate
         if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters:
             tokens_per_s = window_steps * gbs * cfg.data.seq_length / window_time
             record = {
                 "iteration": state.iteration,
                 "loss": window_loss / window_steps,
-                "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "lr": job.scheduler.get_lr(job.optimizer.param_groups[0]),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_per_s,
                 "consumed_samples": state.consumed_train_samples,
@@ -788,31 +733,32 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
             print_rank0(line)
             metrics.write(record)
             window_loss, window_steps, window_time = 0.0, 0, 0.0
-
         if cfg.training.eval_interval and state.iteration % cfg.training.eval_interval == 0:
-            _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics)
+            _log_eval(job, cfg, metrics)
 
-        if signals.any_rank():
-            print_rank0(f"[signal] {signals.what()} at iteration {state.iteration}: saving and exiting")
-            save_now()
-            metrics.close()
-            return state
-        exit_interval = cfg.training.exit_interval
-        if exit_interval and state.iteration % exit_interval == 0 and state.iteration < iters:
-            print_rank0(f"[exit] --exit-interval {exit_interval} reached at iteration {state.iteration}")
-            save_now()
-            metrics.close()
-            return state
+        # ------------------------------------------------------------ stop or save
+        stop = _stop_reason(cfg, state, signals)
+        if stop:
+            print_rank0(stop)
+            break
         if cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
-            save_now()
-            last_saved = state.iteration
-
-    if not cfg.training.eval_interval or iters % cfg.training.eval_interval:
-        _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics)
-    if last_saved != state.iteration:
-        save_now()
+            job.save(cfg)
+    else:  # trained to --train-iters: a last evaluation unless one just ran
+        if not cfg.training.eval_interval or iters % cfg.training.eval_interval:
+            _log_eval(job, cfg, metrics)
+    job.save(cfg)
     metrics.close()
     return state
+
+
+def _stop_reason(cfg: Config, state: TrainState, signals: SignalFlag) -> Optional[str]:
+    """The one place that decides to stop before ``--train-iters``: the line to print, or None to go on."""
+    if signals.any_rank():
+        return f"[signal] {signals.what()} at iteration {state.iteration}: saving and exiting"
+    interval = cfg.training.exit_interval
+    if interval and state.iteration % interval == 0 and state.iteration < cfg.training.train_iters:
+        return f"[exit] --exit-interval {interval} reached at iteration {state.iteration}"
+    return None
 
 
 def _non_finite(loss: Optional[float], grad_norm) -> Optional[str]:
@@ -832,12 +778,12 @@ def _latest_note(save: str) -> str:
     return f"the latest checkpoint in {save} is still iteration {iteration}"
 
 
-def _log_eval(forward_backward, valid_ds, chunks, cfg, num_microbatches, state, metrics) -> None:
+def _log_eval(job: Job, cfg: Config, metrics: MetricsLog) -> None:
     if cfg.training.eval_iters <= 0:
         return
-    loss = evaluate(forward_backward, valid_ds, chunks, cfg, num_microbatches)
+    loss = evaluate(job.forward_backward, job.valid_dataset, job.chunks, cfg, job.num_microbatches)
     if loss is None:
         return
     ppl = math.exp(min(loss, 50))
-    print_rank0(f"[eval]  iter {state.iteration:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
-    metrics.write({"iteration": state.iteration, "eval_loss": loss, "eval_perplexity": ppl})
+    print_rank0(f"[eval]  iter {job.state.iteration:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
+    metrics.write({"iteration": job.state.iteration, "eval_loss": loss, "eval_perplexity": ppl})

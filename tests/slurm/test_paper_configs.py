@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_resonance.training import launch, trainer
+from megatron_resonance.training import config, launch, trainer
 from megatron_resonance.training.config import from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def test_preset_loads_and_extend_context_accepts_it(preset, tmp_path, monkeypatc
     assert cfg.parallel.sequence_parallel and o.use_distributed_optimizer
 
     # Valid on one and on two 8-GPU nodes (Transformer Engine, which CP needs, stands in for a GPU node's).
-    monkeypatch.setattr(trainer, "resolve_spec", lambda impl: "te")
+    monkeypatch.setattr(config, "resolve_spec", lambda impl: "te")
     for nodes in (1, 2):
         trainer.validate(cfg, world_size=8 * nodes)
         assert memory_per_gpu_gb(cfg, 8 * nodes) < 65, "leave >= 15 GB of an 80 GB GPU as margin"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -33,13 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"(\d+) tensors, ([\d.]+) GB in ([\d.]+) s \(([\d.]+) GB/s; setup ([\d.]+) s of it\)")
 
 
-def make_model(path: Path, args) -> int:
+def make_model(path: Path, args) -> None:
+    """The random model, saved by transformers. Run in a process of its own (see ``main``)."""
+    import torch
     import transformers
 
     config = transformers.LlamaConfig(
@@ -55,7 +56,6 @@ def make_model(path: Path, args) -> int:
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.save_pretrained(path, max_shard_size=args.shard_size)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def timed(cmd) -> tuple:
@@ -117,9 +117,17 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     src, copy, megatron, back = work / "hf", work / "hf_copy", work / "megatron", work / "hf_back"
-    nbytes = make_model(src, args)
+    # made in a child process: a forked child's ru_maxrss starts at its parent's resident size (Linux keeps
+    # the pre-exec high-water mark), so this process stays small while it times the tools
+    maker = multiprocessing.get_context("spawn").Process(target=make_model, args=(src, args))
+    maker.start()
+    maker.join()
+    if maker.exitcode != 0:
+        sys.exit("making the model failed")
     files = sorted(f.name for f in src.iterdir() if f.suffix == ".safetensors")
     on_disk = sum((src / f).stat().st_size for f in files)
+    index = src / "model.safetensors.index.json"
+    nbytes = json.loads(index.read_text())["metadata"]["total_size"] if index.exists() else on_disk
 
     runs = {"cp_r": [], "cp_r_sync": [], "hf_to_megatron": [], "megatron_to_hf": []}
     for _ in range(args.repeat):
@@ -132,6 +140,7 @@ def main() -> None:
     cp, cp_sync, imp, exp = (medians(runs[k]) for k in runs)
     cp_wall, cp_sync_wall = cp["wall_s"], cp_sync["wall_s"]
 
+    import torch
     from safetensors.torch import load_file
 
     a, b = {}, {}

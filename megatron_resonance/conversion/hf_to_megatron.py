@@ -17,11 +17,13 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_resonance.conversion import hf_assets, hf_config, key_map
+from megatron_resonance.conversion import key_map
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.conversion.hf_reader import HFCheckpoint
 from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
 from megatron_resonance.conversion.staging import StagedDirectory
+from megatron_resonance.hf import assets as hf_assets
+from megatron_resonance.hf import config as hf_config
+from megatron_resonance.hf.reader import HFCheckpoint
 from megatron_resonance.megatron.llama import LlamaConfig
 
 

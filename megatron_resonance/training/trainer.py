@@ -714,7 +714,7 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
         print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
     if cfg.checkpoint.load and save and not own and distributed.is_rank0():
         # the source's Hugging Face files (tokenizer, token ids) go on with the weights trained from them
-        from megatron_resonance.conversion import hf_assets
+        from megatron_resonance.hf import assets as hf_assets
 
         kept = hf_assets.carry_assets(cfg.checkpoint.load, info["path"], save)
         if kept:

@@ -205,8 +205,10 @@ def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
         if param.numel()
     ]
     bad = None
-    if named:  # the largest magnitude of each (NaN if any is NaN), without a copy, read back at once
-        peaks = torch.stack([torch.linalg.vector_norm(p, float("inf")).float() for _, p in named]).tolist()
+    if named:  # the largest magnitude of each (NaN if any is NaN), read back at once: from its minimum and
+        # maximum, one pass without a copy (an inf-norm is several times slower on CPU in bfloat16)
+        extremes = torch.stack([torch.stack(torch.aminmax(p)).float() for _, p in named])
+        peaks = extremes.abs().amax(dim=1).tolist()
         for (name, _), peak in zip(named, peaks):
             if not math.isfinite(peak) or peak > 1e19:
                 what = "non-finite values" if not math.isfinite(peak) else f"a value of magnitude {peak:.3g}"

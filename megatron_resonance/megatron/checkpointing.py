@@ -322,7 +322,7 @@ def save_checkpoint(
             if os.path.exists(ckpt):  # the same iteration saved before (a rerun from an earlier checkpoint)
                 shutil.rmtree(ckpt)
             os.rename(partial, ckpt)
-            _fsync_dir(root)
+            fsync(root)
             _write_atomic(os.path.join(root, TRACKER), str(iteration))
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
@@ -367,7 +367,8 @@ def _raise_on_every_rank(problem: Optional[str]) -> None:
         raise CheckpointError(verdict[0])
 
 
-def _fsync_dir(path: str) -> None:
+def fsync(path: str) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

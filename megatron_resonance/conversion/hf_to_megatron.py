@@ -6,7 +6,8 @@ without initializing it · stream the Hugging Face tensors through the key map i
 ``checkpointing.save_checkpoint`` (iteration 0) into a staging directory · copy tokenizer files and the
 source config into ``<save>/hf/`` · swap the staging directory into place.
 
-Peak memory is one copy of the weights (the model) plus the tensors of one parameter in flight.
+Peak memory is one copy of the weights: parameters that need no change are the source files'
+memory-mapped pages, the others (q/k/v and gate/up fused, a padded vocabulary, another dtype) new tensors.
 """
 
 from __future__ import annotations
@@ -110,9 +111,17 @@ def convert_hf_to_megatron(
                                        disable=not progress) as bar:
                 for p in params:
                     tensors = tuple(hf.get(k) for k in p.hf)
-                    state[p.megatron].copy_(p.transform.to_megatron(tensors, cfg))
+                    param = state[p.megatron]
+                    converted = p.transform.to_megatron(tensors, cfg).to(target).contiguous()
+                    if converted.shape != param.shape:
+                        raise RuntimeError(f"{p.megatron}: converted to {list(converted.shape)}, the model has "
+                                           f"{list(param.shape)}")
+                    # the parameter becomes the converted tensor (its own allocation, never touched, is
+                    # freed): a tensor that needs no change stays the reader's memory-mapped, copy-on-write
+                    # view of the file, which the checkpoint writer then reads without a copy
+                    param.data = converted
                     bar.update(sum(t.numel() * t.element_size() for t in tensors))
-                    del tensors
+                    del tensors, converted
             hf.close()
             from megatron_resonance.megatron import checkpointing
 

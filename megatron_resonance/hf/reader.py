@@ -178,8 +178,9 @@ class HFCheckpoint:
         return math.prod(shape) * dtype.itemsize
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor, as a private copy (safetensors) or a memory-mapped view (zip .bin). A file is closed
-        (unmapped) once every tensor in it has been read, so its pages stop counting as this process's."""
+        """The tensor: a copy-on-write, memory-mapped view of its file (safetensors, zip .bin; the mapping
+        lives as long as a tensor from it does), or a tensor of a legacy .bin loaded whole. A file's handle
+        is dropped once every tensor in it has been read."""
         name = self.weight_map[key]
         handle = self._open(name)
         try:

@@ -274,7 +274,8 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
 
     d = cfg.data
     if d.tokenizer_model:
-        tokenizer = dict(tokenizer=load_data_tokenizer(d.tokenizer_model))
+        tok = load_data_tokenizer(d.tokenizer_model)
+        tokenizer = dict(vocab_size=tok.vocab_size, eod_id=tok.eos_id, tokenizer_name=os.path.basename(tok.path))
     else:
         tokenizer = dict(vocab_size=cfg.model.vocab_size, eod_id=cfg.model.vocab_size - 1)
     if d.mock_data:

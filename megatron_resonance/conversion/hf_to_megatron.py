@@ -12,9 +12,10 @@ memory-mapped pages, the others (q/k/v and gate/up fused, a padded vocabulary, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -26,6 +27,19 @@ from megatron_resonance.hf import assets as hf_assets
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.reader import HFCheckpoint
 from megatron_resonance.megatron.llama import LlamaConfig
+
+
+@contextlib.contextmanager
+def _without_zip_crc32() -> Iterator[None]:
+    """torch.save (each tensor of a dist checkpoint is one) without the zip CRC-32 of every record: a second
+    pass over all the bytes, about half the writer's time on CPU, for checksums that torch.load (and so
+    every megatron load) never reads. ``torch.serialization.set_crc32_options``; restored after."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
 
 def check_tensors(hf: HFCheckpoint, cfg: LlamaConfig) -> None:
@@ -126,7 +140,8 @@ def convert_hf_to_megatron(
             from megatron_resonance.megatron import checkpointing
 
             run = {"converted_from": os.path.abspath(load), "dtype": hf_config.dtype_name(target)}
-            checkpointing.save_checkpoint(staged.path, 0, [model], cfg, run_config=run)
+            with _without_zip_crc32():
+                checkpointing.save_checkpoint(staged.path, 0, [model], cfg, run_config=run)
             del model, state
         hf_assets.copy_assets(load, os.path.join(staged.path, hf_assets.ASSETS_DIR), include_config=True)
         staged.commit()

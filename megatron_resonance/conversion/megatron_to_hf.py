@@ -2,13 +2,14 @@
 
 Phases: check (checkpoint, stored model config, reference config, ``--save``) · build the TP=1 model in the
 checkpoint's dtype and load it (dist_checkpointing merges TP shards and pipeline stages) · stream every
-Hugging Face tensor through the key map into safetensors shards (+ index), a shard at a time
+Hugging Face tensor through the key map into safetensors shards (+ index), two shards at a time
 (``megatron_resonance.hf.writer``) · write ``config.json`` with the rope plan encoded for stock transformers
-(``megatron_resonance.hf.rope``) · copy tokenizer files · swap the staging directory into place.
+(``megatron_resonance.hf.rope``) · copy tokenizer files · fsync and swap the staging directory into place.
 
-Peak memory is one copy of the weights (the model): each parameter is released once its Hugging Face
-tensors are written, so a shard's copies (q/k/v are not views of ``linear_qkv``; another ``--dtype``) take
-the place of the parameters they came from.
+Peak memory is about one copy of the weights (the model): each parameter is released once its Hugging Face
+tensors are produced, and its memory goes when they are written, so the shards in flight take the place of
+the parameters they came from. Only copies cost more: q/k/v (not views of ``linear_qkv``), and with a
+wider ``--dtype`` the widening of the shards in flight.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     config   check_llama, from_hf, model_sizes, export_config   config.json <-> LlamaConfig
     rope     rope_from_hf, rope_config_keys, register           rope_scaling / rope_parameters <-> RopeConfig
     reader   HFCheckpoint(path)                                 safetensors or .bin (weights_only), sharded or not
-    writer   write_sharded(directory, specs, produce, ...)      safetensors shards + index, a shard at a time
+    writer   write_sharded(directory, specs, produce, ...)      safetensors shards + index, two at a time
     assets   copy_assets, carry_assets, default_reference       tokenizer / generation files beside the weights
 
 The default export needs nothing from this package at load time: it encodes every rope plan with

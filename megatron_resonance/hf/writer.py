@@ -1,17 +1,21 @@
-"""Safetensors shards plus index, as transformers writes them, one shard in memory at a time.
+"""Safetensors shards plus index, as transformers writes them, a few shards in memory at a time.
 
 The shards are planned from names, shapes and dtypes alone (``huggingface_hub.split_torch_state_dict_into_
 shards`` over meta tensors: Hugging Face's own grouping and file names, ``model.safetensors`` or
 ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``); then each shard's tensors are
 produced and written with ``safetensors.torch.save_file``, straight from their memory (views of the model
-where the layout allows, no copy), and dropped before the next shard.
+where the layout allows, no copy), and dropped once written. ``WRITERS`` shards are written at once, in
+threads (safetensors releases the GIL): copying into the page cache is CPU-bound, and two threads halved
+the time of a 2.16 GB write on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable, List, Sequence, Tuple
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE
@@ -22,6 +26,8 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
           "GIB": 2**30}
 
 TensorSpec = Tuple[str, Tuple[int, ...], torch.dtype]
+#: shards written at once (each its own thread; the shards in flight are the writer's memory beyond the model)
+WRITERS = 2
 
 
 def parse_size(text: str) -> int:
@@ -68,12 +74,19 @@ def write_sharded(
             )
         return t.contiguous()
 
-    split = plan_shards(specs, max_shard_size)
-    for file, names in split.filename_to_tensors.items():
-        shard = {name: checked(name) for name in names}
+    def write(shard: Dict[str, torch.Tensor], file: str) -> int:
         save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-        on_written(sum(t.numel() * t.element_size() for t in shard.values()))
-        del shard
+        return sum(t.numel() * t.element_size() for t in shard.values())
+
+    split = plan_shards(specs, max_shard_size)
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+        in_flight: deque = deque()
+        for file, names in split.filename_to_tensors.items():
+            if len(in_flight) == WRITERS:
+                on_written(in_flight.popleft().result())
+            in_flight.append(pool.submit(write, {name: checked(name) for name in names}, file))
+        while in_flight:
+            on_written(in_flight.popleft().result())
     files = list(split.filename_to_tensors)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

@@ -35,6 +35,20 @@ from megatron_resonance.rope import KINDS, RopeConfig
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: config.json field -> LlamaConfig field: read by ``from_hf``, written by ``export_config``
+FIELDS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "vocab_size": "vocab_size",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "norm_epsilon",
+    "initializer_range": "init_method_std",
+}
+_REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -70,22 +84,14 @@ def check_llama(config: Dict[str, Any], where: str) -> None:
 def model_sizes(config) -> Dict[str, Any]:
     """The ``LlamaConfig`` size fields of a Hugging Face config (dict or transformers object), unchecked;
     KeyError for a missing required one."""
-    def required(key):
-        value = get(config, key)
-        if value is None:
+    sizes = {}
+    for key in _REQUIRED_SIZES:
+        sizes[FIELDS[key]] = get(config, key)
+        if sizes[FIELDS[key]] is None:
             raise KeyError(key)
-        return value
-
-    heads = required("num_attention_heads")
-    return dict(
-        num_layers=required("num_hidden_layers"),
-        hidden_size=required("hidden_size"),
-        ffn_hidden_size=required("intermediate_size"),
-        num_attention_heads=heads,
-        num_query_groups=get(config, "num_key_value_heads") or heads,
-        vocab_size=required("vocab_size"),
-        tie_word_embeddings=bool(get(config, "tie_word_embeddings", False)),
-    )
+    sizes["num_query_groups"] = get(config, "num_key_value_heads") or sizes["num_attention_heads"]
+    sizes["tie_word_embeddings"] = bool(get(config, "tie_word_embeddings", False))
+    return sizes
 
 
 def from_hf(config) -> LlamaConfig:
@@ -179,26 +185,9 @@ def export_config(
             out.pop(key, None)
         out.update(rope_config_keys(cfg.rope, rope_format, cfg.max_position_embeddings))
     name = dtype_name(dtype)
-    out.update(
-        architectures=[ARCHITECTURE],
-        model_type=MODEL_TYPE,
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_epsilon,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.init_method_std,
-        dtype=name,
-        torch_dtype=name,
-    )
+    out.update({key: getattr(cfg, field) for key, field in FIELDS.items()})
+    out.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, head_dim=cfg.head_dim, hidden_act="silu",
+               attention_bias=False, mlp_bias=False, dtype=name, torch_dtype=name)
     out.setdefault("attention_dropout", 0.0)
     out.setdefault("use_cache", True)
     return dict(sorted(out.items()))

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 OUT ?= outputs/demo
 
-.PHONY: install test lint demo posgen-small posgen-paper clean
+.PHONY: install test lint demo posgen-small posgen-paper gpu-check gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,18 @@ posgen-small posgen-paper: posgen-%: install
 	$(PY) tools/posgen_benchmark.py --preset $* --workers $(WORKERS) --out runs/posgen_$*
 	mkdir -p benchmarks/results/posgen_$*
 	cp runs/posgen_$*/report.md runs/posgen_$*/report.json runs/posgen_$*/position_*.png benchmarks/results/posgen_$*/
+
+# The GPU checks in one command (tools/gpu_check.py; README "On a GPU"): on a CUDA machine with the Python that
+# has torch (GPU_PYTHON), no .venv. OUT=dir is required; DRY_RUN=1 checks the bundle and the plan anywhere;
+# WORK=dir keeps the scratch files. megatron-core comes from .whl/ (make gpu-wheels, where PyPI is reachable).
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS = $(if $(filter-out file,$(origin OUT)),--out "$(OUT)") $(if $(WORK),--workdir "$(WORK)") \
+	$(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run)
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	$(PYTHON) tools/gpu_wheels.py fetch
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_resonance", "megatron_resonance.*"]),
     install_requires=[
-        # 0.17+ needs Python >= 3.12; the CPU backend and rotary module are written against 0.16.1.
+        # 0.17+ needs Python >= 3.12; cpu_compat, cpu_speed and the rotary module are written against 0.16.1.
         "megatron-core==0.16.1",
         "torch>=2.6",
         "numpy",

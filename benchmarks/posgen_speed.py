@@ -29,14 +29,15 @@ def one_copy(preset_name: str, steps: int, warmup: int) -> dict:
     import torch
 
     from megatron_resonance.megatron import distributed
-    from megatron_resonance.posgen import benchmark
+    from megatron_resonance.posgen import cell
+    from megatron_resonance.posgen.presets import PRESETS
 
     distributed.initialize(seed=0)
-    preset = benchmark.PRESETS[preset_name]
-    training = benchmark.build_training(preset, "rope", 0)
-    train = benchmark.load_splits(preset, "recursive", 0)["train"]
-    order = benchmark.sample_order(preset.train_sequences, (steps + warmup) * preset.global_batch_size, 0)
-    batches = benchmark.train_micro_batches(train, order, preset.global_batch_size, training.micro_batch_size)
+    preset = PRESETS[preset_name]
+    training = cell.build_training(preset, "rope", 0)
+    train = cell.load_splits(preset, "recursive", 0)["train"]
+    order = cell.sample_order(preset.train_sequences, (steps + warmup) * preset.global_batch_size, 0)
+    batches = cell.train_micro_batches(train, order, preset.global_batch_size, training.micro_batch_size)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         training.step(batches)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     if args.copy:
         print(json.dumps(one_copy(args.preset, args.steps, args.warmup)), flush=True)
         return 0
-    from megatron_resonance.posgen.benchmark import PRESETS
+    from megatron_resonance.posgen.presets import PRESETS
 
     if args.preset not in PRESETS:
         p.error(f"unknown preset {args.preset!r} (choices: {', '.join(PRESETS)})")

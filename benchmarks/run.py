@@ -176,15 +176,16 @@ def _plain_trainer(model, loss_of, vocab_size: int, seq: int, batch: int):
     """A training step as a plain PyTorch / Hugging Face loop runs it: Hugging Face Trainer's default
     optimizer with torch >= 2.8 (``adamw_torch_fused``, as ours on CPU), ``clip_grad_norm_``, autograd
     gradients; ``loss_of(tokens)`` is the model's mean token loss on a [batch, seq + 1] window. Runs
-    without the CPU backend's device mode, as in a process without megatron. Returns the loss."""
-    from megatron_resonance.megatron import cpu_backend
+    without cpu_compat's device mode (``cpu_speed.suspended``), as in a process without megatron. Returns
+    the loss."""
+    from megatron_resonance.megatron import cpu_speed
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     tokens = _token_batches(vocab_size, seq, batch)
 
     def step():
-        with cpu_backend.suspended():
+        with cpu_speed.suspended():
             t = next(tokens)
             opt.zero_grad(set_to_none=True)
             loss = loss_of(t)
@@ -197,17 +198,16 @@ def _plain_trainer(model, loss_of, vocab_size: int, seq: int, batch: int):
 
 
 def _model_only_trainer(model_cfg, rope, seq: int, batch: int):
-    """The trainer's GPTModel (the CPU path's layers: local spec, SDPA attention, ``local_ops``), trained
+    """The trainer's GPTModel (the CPU path's layers: local spec, SDPA attention, ``cpu_speed``), trained
     the way ``_hf_trainer`` trains Hugging Face's model (``_plain_trainer``): no megatron DDP, distributed
     optimizer or pipeline schedule. Returns the loss."""
     import dataclasses
 
-    from megatron_resonance.megatron.llama import build_model, transformer_config
+    from megatron_resonance.megatron.llama import build_model
 
     cfg = dataclasses.replace(model_cfg, rope=rope)
     _seed()
-    tf_config = transformer_config(cfg, params_dtype=torch.float32, calculate_per_token_loss=True)
-    model = build_model(cfg, tf_config, seq_length=seq)[0]
+    model = build_model(cfg, seq_length=seq, per_token_loss=True)[0]
     position_ids = torch.arange(seq).expand(batch, seq)
 
     def loss_of(t):

@@ -18,3 +18,17 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped where there is none (CI), run by ``pytest -m gpu``."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]  # (keywords would match tests/gpu/)
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the gpu tier: make gpu-check OUT=dir on a GPU machine)")
+    for item in marked:
+        item.add_marker(skip)

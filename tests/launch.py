@@ -1,4 +1,4 @@
-"""Run a worker script under torchrun (gloo on CPU) from a test and return its output.
+"""Run a worker script from a test, under torchrun (gloo on CPU) or as one process, and return its output.
 
 Worker scripts live next to the tests that use them, guard their body with ``if __name__ == "__main__"``
 (dist_checkpointing starts a spawn-context Manager, which re-imports ``__main__``), and report results by
@@ -22,6 +22,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(**overrides) -> dict:
+    """``os.environ`` for a worker: this repository first on PYTHONPATH, ahead of what was there (where
+    ``make gpu-check`` puts the megatron-core it installed), one OpenMP thread, no warnings."""
+    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path), PYTHONWARNINGS="ignore",
+                **overrides)
+
+
+def _run(cmd, timeout: int, env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+            f"--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
 def torchrun(script, *args, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc script args``; raises AssertionError with the output on failure."""
     cmd = [
@@ -34,12 +53,22 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 600, env=None) -> sub
         str(script),
         *map(str, args),
     ]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
-            f"--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
+    return _run(cmd, timeout, env)
+
+
+def python(script, *args, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """``python script args`` (one process); raises AssertionError with the output on failure."""
+    return _run([sys.executable, str(script), *map(str, args)], timeout, env)
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py`` (tools are scripts, not a package), imported once per process."""
+    import importlib.util
+
+    key = f"tools.{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

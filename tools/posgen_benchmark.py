@@ -4,6 +4,8 @@
     python tools/posgen_benchmark.py --preset paper --workers 12 --out runs/posgen_paper      # one GPU
     torchrun --nproc-per-node 8 tools/posgen_benchmark.py --preset paper --out runs/posgen_paper
     python tools/posgen_benchmark.py --preset smoke --out /tmp/posgen_smoke --tasks recursive --seeds 1
+    python tools/posgen_benchmark.py --preset paper --tasks recursive --seeds 1 --epochs 0.1 \
+        --set test_sequences=20 validation_sequences=20 --out /tmp/posgen_plumbing   # any preset field
 
 ``--workers N`` runs the cells as N concurrent single-rank processes (sharing the CPU cores, or the one
 GPU); torchrun instead runs one cell at a time data-parallel over its ranks.
@@ -33,7 +35,7 @@ for _message in (".*(Apex|Transformer Engine).* not installed", ".*non-leaf Tens
 
 
 def build_parser() -> ArgumentParser:
-    from megatron_resonance.posgen.benchmark import PRESETS
+    from megatron_resonance.posgen.presets import PRESETS
 
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--preset", required=True, choices=tuple(PRESETS),
@@ -44,6 +46,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 (default: the preset's)")
     p.add_argument("--epochs", type=float, metavar="E", help="passes over the training set (default: the preset's)")
     p.add_argument("--bf16", action="store_true", help="train in bf16 with fp32 main weights (default: fp32)")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override other preset fields, e.g. test_sequences=100 lr=1e-3 (megatron_resonance/posgen/"
+                        "presets.py lists them)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run the cells in N concurrent processes, each with cores/N threads (default 1)")
     p.add_argument("--save-weights", action="store_true", help="also store each trained model under OUT/cells/")
@@ -70,9 +75,20 @@ def worker_argv(argv, worker: str, cells) -> list:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_resonance.posgen.benchmark import PRESETS, parse_cell, run, run_workers
+    from megatron_resonance.posgen.benchmark import parse_cell, run, run_workers
+    from megatron_resonance.posgen.presets import PRESETS, with_settings
 
     preset = PRESETS[args.preset]
+    settings = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            fail(f"{PROG}: error: --set {item!r}: expected FIELD=VALUE")
+        settings[name] = value
+    try:
+        preset = with_settings(preset, settings)
+    except ValueError as e:
+        fail(f"{PROG}: error: {e}")
     if args.tasks:
         preset = dataclasses.replace(preset, tasks=tuple(dict.fromkeys(args.tasks)))
     if args.seeds is not None:

@@ -15,7 +15,7 @@ from megatron_resonance.megatron.llama import LlamaConfig
 
 @contextlib.contextmanager
 def single_process() -> Iterator[None]:
-    """megatron's groups at TP=1, PP=1 in this process (gloo + the CPU backend without CUDA); torn down after.
+    """megatron's groups at TP=1, PP=1 in this process (gloo + cpu_compat without CUDA); torn down after.
 
     The converters are single-process programs: inside a multi-rank job they refuse rather than have every
     rank write the same files."""
@@ -36,11 +36,10 @@ def single_process() -> Iterator[None]:
 
 
 def build_tp1_model(cfg: LlamaConfig, dtype: torch.dtype) -> torch.nn.Module:
-    """The full (TP=1, PP=1) GPTModel, parameters allocated but not initialized: all get overwritten."""
+    """The full (TP=1, PP=1) GPTModel on CPU, parameters allocated but not initialized: all get overwritten."""
     from megatron_resonance.megatron import llama
 
-    tf_config = llama.transformer_config(cfg, params_dtype=dtype, spec="local", perform_initialization=False)
-    (model,) = llama.build_model(cfg, tf_config, spec="local", params_dtype=dtype)
+    (model,) = llama.build_model(cfg, dtype=dtype, spec="local", initialize=False, device="cpu")
     return model
 
 

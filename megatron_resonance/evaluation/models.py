@@ -347,24 +347,13 @@ def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Li
     """GPTModel chunks for this rank with the checkpoint's weights (resharded to this TP/PP), in eval mode."""
     from megatron_resonance.megatron import checkpointing, llama
 
-    dtype = runtime.torch_dtype
-    tf_config = llama.transformer_config(model.llama, params_dtype=dtype, spec=runtime.transformer_impl,
-                                         perform_initialization=False)
-    chunks = llama.build_model(model.llama, tf_config, spec=runtime.transformer_impl,
-                               seq_length=max(seq_length, model.llama.max_position_embeddings), params_dtype=dtype)
-    if torch.cuda.is_available():
-        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    chunks = llama.build_model(model.llama, dtype=runtime.torch_dtype, spec=runtime.transformer_impl,
+                               seq_length=max(seq_length, model.llama.max_position_embeddings), initialize=False)
     try:
         checkpointing.load_checkpoint(model.directory, chunks)
     except checkpointing.CheckpointError as e:
         raise UsageError(f"--load {model.spec.path}: {e}") from None
-    if dtype != torch.float32:
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(tf_config, c) for c in chunks]
-    for c in chunks:
-        c.eval()
-    return chunks
+    return llama.for_inference(chunks)
 
 
 def load_hf(model: ResolvedModel, runtime: Runtime) -> torch.nn.Module:

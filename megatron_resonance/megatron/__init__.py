@@ -1,1 +1,1 @@
-"""Megatron-Core integration: rotary module, LLaMA builder, SDPA core attention, CPU backend."""
+"""Megatron-Core integration: rotary module, LLaMA builder, SDPA core attention, CPU compatibility and speed."""

@@ -260,10 +260,22 @@ def _rng_sharded_object():
 
 
 def _set_rng(state: Dict[str, Any]) -> None:
+    """Restore the saved RNG states. The CPU generator's state is the same on every machine; the CUDA and
+    tracker states are restored only on the kind of device that saved them: a CUDA generator's state is a
+    Philox seed and offset, the tracker's on CPU (cpu_compat's) a Mersenne Twister state, and neither
+    loads into the other. Across devices the run keeps its own seeds; an exact resume needs the same
+    device anyway."""
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    saved_on_gpu = state.get("cuda") is not None
+    if saved_on_gpu != torch.cuda.is_available():
+        if dist.get_rank() == 0:
+            print(f"[checkpoint] RNG state saved on {'GPU' if saved_on_gpu else 'CPU'}, loaded on "
+                  f"{'CPU' if saved_on_gpu else 'GPU'}: the CUDA and model-parallel generators keep this "
+                  "run's seeds", flush=True)
+        return
+    if saved_on_gpu:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 

@@ -1,7 +1,8 @@
 """torch.distributed + megatron ``parallel_state`` initialization from torchrun or Slurm variables.
 
-gloo on CPU (with the CPU backend enabled), NCCL on GPU. ``initialize`` is what every entry point and
-multi-process test calls; ``destroy`` undoes it so a process can re-initialize with another layout.
+gloo on CPU (with ``cpu_compat``, and ``cpu_speed`` as the environment chooses), NCCL on GPU.
+``initialize`` is what every entry point and multi-process test calls; ``destroy`` undoes it so a process
+can re-initialize with another layout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.megatron import cpu_backend
+from megatron_resonance.megatron import cpu_compat, cpu_speed
 
 
 def _env_from_slurm() -> None:
@@ -94,7 +95,8 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         backend = "nccl"
     else:
-        cpu_backend.enable()
+        cpu_compat.enable()
+        cpu_speed.set_enabled()
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 

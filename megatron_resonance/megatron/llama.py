@@ -9,6 +9,7 @@ the rotary plan on every chunk.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import List, Optional
@@ -16,7 +17,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_resonance.megatron import cpu_backend, local_ops
+from megatron_resonance.megatron import cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
 
 SPECS = ("auto", "te", "local")
@@ -156,18 +157,15 @@ def transformer_config(
         # CPU: no fused CUDA kernels; full weights are initialized on CPU then split, which also makes
         # the initial weights independent of the TP layout.
         use_cpu_initialization=not on_gpu,
-        # on CPU the CPU backend provides the fused weight-gradient accumulation (Apex's on GPUs)
-        gradient_accumulation_fusion=cpu_backend.is_enabled(),
+        # Apex's fused weight-gradient accumulation is not used on GPUs; cpu_speed provides it on CPU
+        gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
-        # megatron's switch for "the MLP activation is the spec's module" (named for TE's): the local spec
-        # on CPU runs SwiGLU as local_ops.SwiGLU over the fused gate/up output.
-        use_te_activation_func=not use_te and not on_gpu,
+        use_te_activation_func=False,
         bias_dropout_fusion=on_gpu,
         # Apex/TE kernels: the local spec on a GPU without TE uses torch's RMSNorm and SDPA instead.
         masked_softmax_fusion=use_te,
         persist_layer_norm=use_te,
-        # TE's fused RoPE; on CPU local_ops.apply_rotary in its place
-        apply_rope_fusion=use_te or (not on_gpu and local_ops.install_rotary()),
+        apply_rope_fusion=use_te,
         cross_entropy_loss_fusion=False,
         # Megatron-LM's defaults. The interleaved schedule needs separate, overlapped isend/irecv: with
         # batched p2p and PP=2 the previous and next stage are the same rank, and the two directions get
@@ -175,6 +173,7 @@ def transformer_config(
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=not interleaved,
     )
+    kwargs.update(cpu_speed.transformer_settings())  # nothing unless its measures are on (CPU)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -201,7 +200,8 @@ def resolve_spec(spec: str) -> str:
 
 
 def layer_spec(spec: str = "auto"):
-    """megatron's GPT layer spec: TE's, or the local one with SDPA core attention."""
+    """megatron's GPT layer spec: TE's, or the local one with SDPA core attention and ``LocalNorm``; with
+    ``cpu_speed`` on, ``local_ops``' SwiGLU as the MLP activation module and RMSNorm in the norms."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -213,52 +213,95 @@ def layer_spec(spec: str = "auto"):
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPAAttention
-    layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU  # used when use_te_activation_func is set
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name)))
+    if cpu_speed.is_enabled():  # the module cpu_speed.transformer_settings' use_te_activation_func runs
+        layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU
     return layer
 
 
+class LocalNorm:
+    """megatron's ``WrappedTorchNorm`` (same arguments, same checks) that also runs sequence parallel; its
+    RMSNorm is built as ``rms_norm`` (torch's, or ``local_ops.RMSNorm`` under ``cpu_speed``). LayerNorm
+    and L2Norm are megatron's.
+
+    With sequence parallelism each TP rank normalizes its part of the sequence, so the norm's weight
+    gradient is a partial sum: its parameters are marked ``sequence_parallel``, which makes megatron's
+    ``finalize_model_grads`` all-reduce them over TP, as Apex's and TE's norms are marked. (megatron's
+    torch wrapper, which marks nothing, refuses sequence parallelism.)"""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm",
+                rms_norm: type = torch.nn.RMSNorm):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        checked = config
+        if config.sequence_parallel:
+            checked = copy.copy(config)
+            checked.sequence_parallel = False
+        module = WrappedTorchNorm(checked, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        if type(module) is torch.nn.RMSNorm and rms_norm is not torch.nn.RMSNorm:
+            module = rms_norm(normalized_shape=hidden_size, eps=eps)
+        for param in module.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return module
+
+
 def _local_norm(norm):
-    """torch's norm wrapper (megatron's choice without Apex) as ``local_ops.LocalNorm``; Apex's as is."""
+    """torch's norm wrapper (megatron's choice without Apex) as ``LocalNorm``; Apex's as is."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    return local_ops.LocalNorm if norm is WrappedTorchNorm else norm
+    if norm is not WrappedTorchNorm:
+        return norm
+    rms_norm = local_ops.RMSNorm if cpu_speed.is_enabled() else torch.nn.RMSNorm
+    return ModuleSpec(module=LocalNorm, params={"rms_norm": rms_norm})
 
 
 def _block_spec(layer, tf_config, vp_stage: Optional[int]):
     """megatron's block for a layer spec (its layers for this PP/VPP stage and a final norm), with the
-    final norm as the layers' when they use ``local_ops.LocalNorm``."""
-    from megatron.core.transformer.transformer_block import (
-        LayerNormImpl,
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
+    final norm as the layers' when they use ``LocalNorm``."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    if layer.submodules.input_layernorm is not local_ops.LocalNorm:
+    norm = layer.submodules.input_layernorm
+    if getattr(norm, "module", None) is not LocalNorm:
         return layer
     num_layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_local_norm(LayerNormImpl))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
 def build_model(
     cfg: LlamaConfig,
-    tf_config=None,
     *,
+    dtype: torch.dtype = torch.float32,
     spec: str = "auto",
     seq_length: Optional[int] = None,
-    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    initialize: bool = True,
+    per_token_loss: bool = False,
+    device: Optional[str] = None,
 ) -> List[torch.nn.Module]:
-    """GPTModel chunks for this rank: one, or one per virtual-pipeline stage. Rotary installed on each."""
+    """The model provider: GPTModel chunks of ``cfg`` for this rank under the current ``parallel_state``
+    (one, or one per virtual-pipeline stage), our rotary installed on each, their ``TransformerConfig`` as
+    ``chunk.config``.
+
+    ``dtype``: the parameters' dtype (bf16 models train with fp32 main weights in the optimizer);
+    ``initialize=False`` allocates the weights without initializing them (a checkpoint load or a conversion
+    fills them); ``per_token_loss``: megatron's per-token loss normalization (training). The chunks are on
+    the current CUDA device when there is one, unless ``device="cpu"`` (the converters, which only move
+    weights). Wrap them with :func:`for_training` or :func:`for_inference`.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megatron_resonance.megatron.rotary import install_rotary
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    cfg.check_parallel(tp)
-    if tf_config is None:
-        tf_config = transformer_config(cfg, params_dtype=params_dtype, spec=spec)
+    cfg.check_parallel(ps.get_tensor_model_parallel_world_size())
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    tf_config = transformer_config(
+        cfg, params_dtype=dtype, sequence_parallel=sequence_parallel, spec=spec, perform_initialization=initialize,
+        calculate_per_token_loss=per_token_loss, **({"use_cpu_initialization": True} if on_cpu else {}),
+    )
     spec_module = layer_spec(spec)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
@@ -276,7 +319,45 @@ def build_model(
             rotary_base=int(cfg.rope.base),
             vp_stage=stage,
         )
-        chunks.append(model)
+        chunks.append(model if on_cpu else model.cuda(torch.cuda.current_device()))
     install_rotary(chunks, cfg.rope)
+    return chunks
+
+
+def _half_precision(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    """megatron's ``Float16Module`` around bf16/fp16 chunks (it casts the inputs and the outputs)."""
+    config = chunks[0].config
+    if not (config.bf16 or config.fp16):
+        return chunks
+    from megatron.core.transformer.module import Float16Module
+
+    return [Float16Module(config, c) for c in chunks]
+
+
+def for_training(chunks: List[torch.nn.Module], *, use_distributed_optimizer: bool = True) -> List[torch.nn.Module]:
+    """The training wrapper of :func:`build_model`'s chunks: ``Float16Module`` for half precision, then
+    megatron DDP (gradients reduced in fp32 into contiguous buffers, one bucket per chunk but the first, as
+    Megatron-LM for virtual pipelining), the parameters broadcast from data-parallel rank 0."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer
+    )
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
+        for i, c in enumerate(_half_precision(chunks))
+    ]
+    for c in wrapped:
+        c.broadcast_params()
+    return wrapped
+
+
+def for_inference(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    """The inference wrapper of :func:`build_model`'s chunks (after a checkpoint load): ``Float16Module``
+    for half precision, eval mode."""
+    chunks = _half_precision(chunks)
+    for c in chunks:
+        c.eval()
     return chunks
 

@@ -1,4 +1,5 @@
-"""Leaner eager versions of three element-wise blocks of megatron's local spec, used on CPU.
+"""Leaner eager versions of three element-wise blocks of megatron's local spec: CPU speed measures,
+swapped in by ``cpu_speed`` (this module installs nothing itself).
 
 * SwiGLU: megatron computes ``silu(x_glu) * (x_linear + glu_linear_offset)`` over ``torch.chunk`` views
   of the fused fc1 output: the ``+ 0.0`` is a full copy, and autograd's backward of ``chunk``
@@ -9,15 +10,14 @@
   ``t * cos + roll(t, d/2) * [-sin, sin]`` (rotate-half as a roll with the sign folded into the table)
   with a hand-written backward, the inverse rotation. cos/sin of the [s, 1, 1, d] angle table are
   taken once per table (megatron's takes them in every call: 4 ops x 2 (q, k) x layers per step). It
-  plugs into megatron where TE's fused RoPE would (``rope_utils.fused_apply_rotary_pos_emb`` with
-  ``apply_rope_fusion``), and only where TE is absent. The rotated [s, b, h, d] tensor is laid out in
-  memory as [b, h, s, d], the layout SDPA reads it in (``SDPAAttention`` permutes it to a contiguous
-  tensor); values are the same either way.
+  takes the place of TE's fused RoPE (``rope_utils.fused_apply_rotary_pos_emb`` with ``apply_rope_fusion``).
+  The rotated [s, b, h, d] tensor is laid out in memory as [b, h, s, d], the layout SDPA reads it in
+  (``SDPAAttention`` permutes it to a contiguous tensor); values are the same either way.
 * RMSNorm: torch's ``RMSNorm`` (megatron's ``WrappedTorchNorm`` without Apex) has a fused forward on
   CPU, but its backward is autograd's composition: ~17 ops, 1.7 ms of a 1.9 ms forward + backward for
   [1024, 256] fp32 on 2 cores. ``RMSNorm`` keeps torch's module (same parameter, same checkpoints) and,
   for fp32 CPU input, runs a hand-written backward of 8 ops (``dx = r (g w - x̂ mean(g w x̂))``,
-  ``dw = sum(g x̂)``): 1.0 ms forward + backward. ``LocalNorm`` is ``WrappedTorchNorm`` with it.
+  ``dw = sum(g x̂)``): 1.0 ms forward + backward.
 
 Measured on the 2-core CPU benchmark (benchmarks/README.md) against the autograd composition; results
 match it to float rounding (tests/megatron/test_local_ops.py).
@@ -25,10 +25,10 @@ match it to float rounding (tests/megatron/test_local_ops.py).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
+
+from megatron_resonance.megatron._private_torch import silu_backward_into, version
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -48,7 +48,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
         grad_gate, grad_linear = torch.chunk(grad_x, 2, dim=-1)
         torch.mul(grad, activated, out=grad_linear)
-        torch.ops.aten.silu_backward.grad_input(grad * linear, gate, grad_input=grad_gate)
+        silu_backward_into(grad * linear, gate, out=grad_gate)
         return grad_x
 
 
@@ -97,14 +97,14 @@ def _cos_signed_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
     ``freqs`` object (held, so it cannot be freed and another take its place) at its version (an in-place
     change is a new table); tables sliced per call (context parallelism) are recomputed each time."""
     global _TABLE
-    last, version, last_dtype, cos, signed_sin = _TABLE
-    if last is freqs and version == freqs._version and last_dtype == dtype and not freqs.requires_grad:
+    last, last_version, last_dtype, cos, signed_sin = _TABLE
+    if last is freqs and last_version == version(freqs) and last_dtype == dtype and not freqs.requires_grad:
         return cos, signed_sin
     half = freqs.shape[-1] // 2
     cos = torch.cos(freqs).to(dtype)
     sin = torch.sin(freqs).to(dtype)
     signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    _TABLE = (freqs, freqs._version, dtype, cos, signed_sin)
+    _TABLE = (freqs, version(freqs), dtype, cos, signed_sin)
     return cos, signed_sin
 
 
@@ -120,15 +120,6 @@ def apply_rotary(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False
         return _RotaryFunction.apply(t, cos, signed_sin)
     rotated = _RotaryFunction.apply(t[..., :rot_dim], cos, signed_sin)
     return torch.cat((rotated, t[..., rot_dim:]), dim=-1)
-
-
-def install_rotary() -> bool:
-    """Make ``apply_rotary`` megatron's fused RoPE when Transformer Engine provides none. Idempotent."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = apply_rotary
-    return rope_utils.fused_apply_rotary_pos_emb is apply_rotary
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -160,28 +151,3 @@ class RMSNorm(torch.nn.RMSNorm):
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         return _RMSNormFunction.apply(x, self.weight, eps)
-
-
-class LocalNorm:
-    """megatron's ``WrappedTorchNorm`` (same arguments, same checks), with its ``torch.nn.RMSNorm``
-    built as ``RMSNorm``; LayerNorm and L2Norm are megatron's.
-
-    With sequence parallelism each TP rank normalizes its part of the sequence, so the norm's weight
-    gradient is a partial sum: its parameters are marked ``sequence_parallel``, which makes megatron's
-    ``finalize_model_grads`` all-reduce them over TP, as Apex's and TE's norms are marked. (megatron's
-    torch wrapper, which marks nothing, refuses sequence parallelism.)"""
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        checked = config
-        if config.sequence_parallel:
-            checked = copy.copy(config)
-            checked.sequence_parallel = False
-        module = WrappedTorchNorm(checked, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
-        if type(module) is torch.nn.RMSNorm:
-            module = RMSNorm(normalized_shape=hidden_size, eps=eps)
-        for param in module.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return module

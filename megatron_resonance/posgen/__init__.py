@@ -4,8 +4,10 @@ Data half: the three subtasks' token rules (:mod:`~megatron_resonance.posgen.tas
 validation / test splits that never share a seed prefix (:mod:`~megatron_resonance.posgen.splits`).
 Pure torch + numpy; no Megatron import.
 
-Benchmark half: :mod:`~megatron_resonance.posgen.benchmark` (run by ``tools/posgen_benchmark.py``) trains the
-project's Megatron LLaMA on these splits and compares rotary variants; it is not imported here.
+Benchmark half, run by ``tools/posgen_benchmark.py`` and not imported here: the presets
+(:mod:`~megatron_resonance.posgen.presets`), one training and its test (:mod:`~megatron_resonance.posgen.cell`),
+the run over all cells (:mod:`~megatron_resonance.posgen.benchmark`) and its report
+(:mod:`~megatron_resonance.posgen.report`, statistics in :mod:`~megatron_resonance.posgen.stats`).
 """
 
 from megatron_resonance.posgen.splits import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 
@@ -313,14 +313,3 @@ def _deep_merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def flag_names() -> List[str]:
-    """Every accepted flag (for docs and tests)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_config_arguments(p)
-    return sorted(o for a in p._actions for o in a.option_strings)

@@ -26,9 +26,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.megatron import checkpointing, cpu_backend, distributed
+from megatron_resonance.megatron import checkpointing, cpu_speed, distributed
 from megatron_resonance.megatron.distributed import print_rank0
-from megatron_resonance.megatron.llama import build_model, resolve_spec, transformer_config
+from megatron_resonance.megatron.llama import build_model, for_training, resolve_spec
 from megatron_resonance.training import flops, preemption
 from megatron_resonance.training.config import Config, ConfigError
 
@@ -319,38 +319,24 @@ def micro_batches(dataset, start_sample: int, micro_batch_size: int) -> Iterator
 
 
 def build_model_and_optimizer(cfg: Config, bf16: bool):
-    """GPTModel chunks -> (Float16Module) -> megatron DDP; distributed optimizer; warm-up + decay scheduler."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    """The model provider's chunks in the training wrapper (megatron DDP); megatron's optimizer (distributed
+    unless ``--no-use-distributed-optimizer``); warm-up + decay scheduler."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.transformer.module import Float16Module
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    tf_config = transformer_config(
+    chunks = build_model(
         cfg.model,
-        params_dtype=dtype,
-        sequence_parallel=cfg.parallel.sequence_parallel,
+        dtype=dtype,
         spec=cfg.parallel.transformer_impl,
-        calculate_per_token_loss=True,
+        seq_length=cfg.data.seq_length,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        per_token_loss=True,
     )
-    chunks = build_model(cfg.model, tf_config, spec=cfg.parallel.transformer_impl, seq_length=cfg.data.seq_length)
-    if torch.cuda.is_available():
-        for c in chunks:
-            c.cuda(torch.cuda.current_device())
-    if bf16:
-        chunks = [Float16Module(tf_config, c) for c in chunks]
+    tf_config = chunks[0].config
     o = cfg.optimizer
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=o.use_distributed_optimizer,
-    )
-    chunks = [
-        DistributedDataParallel(tf_config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)
-    ]
-    for c in chunks:
-        c.broadcast_params()
+    chunks = for_training(chunks, use_distributed_optimizer=o.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer=o.optimizer,
@@ -436,12 +422,12 @@ def forward_step(
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     if cp_size > 1:
         batch = get_batch_on_this_cp_rank(batch)
-    # On CPU the model runs without the CPU backend's device mode (a Python hook on every torch call):
-    # megatron's forward allocates on the device only for context parallelism (rotary slicing) and
+    # With cpu_speed on, the model runs without cpu_compat's device mode (a Python hook on every torch
+    # call): megatron's forward allocates on the device only for context parallelism (rotary slicing) and
     # sequence parallelism (gather buffers), which keep it.
     device_free = cp_size == 1 and not sequence_parallel
     labels = None if score_vocab else batch["labels"]
-    with cpu_backend.suspended() if device_free else contextlib.nullcontext():
+    with cpu_speed.suspended() if device_free else contextlib.nullcontext():
         output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
     if score_vocab:
         return output, functools.partial(_real_vocab_loss, batch["labels"], batch["loss_mask"], score_vocab)
@@ -688,6 +674,7 @@ def _train(cfg: Config, signals: SignalFlag) -> TrainState:
         f"PP={p.pipeline_model_parallel_size} VPP={p.virtual_pipeline_model_parallel_size or 1} "
         f"CP={p.context_parallel_size} DP={dp} micro-batches={num_microbatches} "
         f"dtype={'bf16' if bf16 else 'fp32'} spec={resolve_spec(p.transformer_impl)} rope={cfg.model.rope.kind}"
+        + ("" if torch.cuda.is_available() else f" cpu_speed={'on' if cpu_speed.is_enabled() else 'off'}")
     )
 
     # ---------------------------------------------------------------- build: model, optimizer, scheduler

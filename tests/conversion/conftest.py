@@ -2,7 +2,7 @@
 
 1. Tiny random Hugging Face sources (``tiny_models.SOURCES``) and their logits (this process).
 2. ``workers/convert_all.py``: every import and export through the tools' ``main``, in one process (the
-   CPU backend and megatron's parallel state are process-wide and must not leak into pytest).
+   CPU compatibility layer and megatron's parallel state are process-wide and must not leak into pytest).
 3. ``workers/megatron_logits.py`` under torchrun (2 processes): each Megatron checkpoint at TP=2 and PP=2.
 4. ``workers/hf_logits.py``: the portable export loaded by stock transformers in a process that never
    imports megatron_resonance; the custom-format export here, after ``megatron_resonance.hf.register()``.
@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conversion import tiny_models
-from tests.launch import REPO, torchrun
+from tests.launch import python, torchrun
 
 WORKERS = Path(__file__).parent / "workers"
 EXTENDED = "gqa_resonance_yarn"  # gqa with a recorded resonance_yarn plan, factor 4: 64 -> 256 positions
@@ -47,15 +44,6 @@ class Pipeline:
 
     def megatron_logits(self, name: str, layout: str) -> torch.Tensor:
         return torch.load(self.root / "megatron_logits" / f"{name}.{layout}.pt")
-
-
-def _run(cmd, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
 
 
 def _custom_format_logits(directory: Path, tokens: Path) -> dict:
@@ -105,7 +93,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
     ]
     plan, results = p.root / "convert_plan.json", p.root / "convert_results.json"
     plan.write_text(json.dumps({"commands": commands}))
-    _run([sys.executable, WORKERS / "convert_all.py", plan, results])
+    python(WORKERS / "convert_all.py", plan, results)
     p.conversions = json.loads(results.read_text())
 
     # 3. Megatron logits at TP=2 and PP=2
@@ -122,7 +110,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
         plan.write_text(json.dumps({"jobs": [{"name": EXTENDED, "model": str(p.export_longrope),
                                               "tokens": str(p.tokens_extended),
                                               "out": str(p.root / "hf_stock_logits.pt")}]}))
-        _run([sys.executable, WORKERS / "hf_logits.py", plan, out])
+        python(WORKERS / "hf_logits.py", plan, out)
         p.hf_stock = json.loads(out.read_text())
         p.hf_stock["logits"] = torch.load(p.root / "hf_stock_logits.pt")
         p.hf_custom = _custom_format_logits(p.export_custom, p.tokens_extended)

@@ -14,7 +14,7 @@ CFG = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attentio
 
 
 def test_qkv_is_grouped_per_query_group():
-    """linear_qkv rows: for each group g, [q heads of g (4 x hd), k_g (hd), v_g (hd)] (DESIGN.md §2)."""
+    """linear_qkv rows: for each group g, [q heads of g (4 x hd), k_g (hd), v_g (hd)] (megatron-core's layout)."""
     hd, h = CFG.head_dim, CFG.hidden_size
     q = torch.arange(8 * hd)[:, None].float().expand(-1, h) + 0.0
     k = 1000 + torch.arange(2 * hd)[:, None].float().expand(-1, h)
@@ -28,7 +28,7 @@ def test_qkv_is_grouped_per_query_group():
         assert torch.equal(block[: 4 * hd], q[g * 4 * hd:(g + 1) * 4 * hd, 0])
         assert torch.equal(block[4 * hd: 5 * hd], k[g * hd:(g + 1) * hd, 0])
         assert torch.equal(block[5 * hd:], v[g * hd:(g + 1) * hd, 0])
-    # the formula in DESIGN.md
+    # the Hugging Face -> Megatron formula: per query group, its q heads, then its k and v
     design = torch.cat([q.view(2, 4 * hd, h), k.view(2, hd, h), v.view(2, hd, h)], 1).view(-1, h)
     assert torch.equal(qkv, design)
 

@@ -16,7 +16,9 @@ once per module and only when a test asks for it:
 4. ``evaluated``: ``tools/convert_megatron_to_hf.py`` exports each extended checkpoint (all in one
    process, ``tests/conversion/workers/convert_all.py``), then one ``tools/eval_perplexity.py`` run scores
    every Megatron checkpoint (``--load``) and its export (``--hf``, stock transformers) on the same
-   token documents.
+   token documents;
+5. ``megatron(layout)``: the reference's command at one of ``MEGATRON_LAYOUTS``, uninterrupted, with
+   ``cpu_speed`` off (``MEGATRON_RESONANCE_CPU_SPEED=0``): megatron-core's own code on CPU.
 
 A run that fails fails the tests that need it, with its output, and only those.
 """
@@ -46,6 +48,8 @@ LAYOUTS = {
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
 }
 REFERENCE = "tp2"
+#: the layouts also run with cpu_speed off: the distributed optimizer over DP=2, and sequence parallelism
+MEGATRON_LAYOUTS = ("dp2", "tp2_sp")
 #: the layouts the resumed runs take, in order; each resumes the run before it (the first: the reference)
 HOPS = ["pp2_vpp2", "dp2", "tp2_sp", "pp2", "tp2"]
 #: extended at layout <- from the checkpoint of the hop at layout
@@ -104,6 +108,15 @@ class Runs:
             return {"save": save, "stdout": proc.stdout, "load": load, "layout": HOPS[i], "from": before["layout"]}
 
         return self.once(("hop", i, HOPS[i]), make)
+
+    def megatron(self, layout: str) -> dict:
+        def make():
+            save = self.root / f"megatron_{layout}"
+            proc = run(PRETRAIN, *RUN, *LAYOUTS[layout], "--save", save,
+                       extra_env={"MEGATRON_RESONANCE_CPU_SPEED": "0"})
+            return {"save": save, "stdout": proc.stdout, "layout": layout}
+
+        return self.once(("megatron", layout), make)
 
     def extended(self, layout: str) -> dict:
         def make():

@@ -1,5 +1,6 @@
 """Train, save, resume at another layout, extend, export and evaluate, at TP=2, PP=2, PP=2 x VPP=2, DP=2
-(distributed optimizer) and TP=2 with sequence parallelism (``conftest.py`` runs the entry points).
+(distributed optimizer) and TP=2 with sequence parallelism (``conftest.py`` runs the entry points); DP=2 and
+TP=2 with sequence parallelism also through megatron-core's own code (``cpu_speed`` off).
 
 Every layout reads the same global sample order and reduces the loss per token, so a run resumed at
 another layout logs the losses of the uninterrupted run up to float rounding (the layouts sum in
@@ -13,7 +14,16 @@ import math
 import pytest
 
 from megatron_resonance.megatron.checkpointing import read_config, read_latest_iteration
-from tests.layouts.conftest import EVAL_LENGTHS, EXTEND_FROM, HOPS, ITERS, SAVE_INTERVAL, checkpoints, start_iteration
+from tests.layouts.conftest import (
+    EVAL_LENGTHS,
+    EXTEND_FROM,
+    HOPS,
+    ITERS,
+    MEGATRON_LAYOUTS,
+    SAVE_INTERVAL,
+    checkpoints,
+    start_iteration,
+)
 from tests.training.conftest import eval_losses, train_losses
 
 pytestmark = pytest.mark.slow
@@ -32,11 +42,12 @@ CLAIMS = {
 }
 
 
-def _assert_layout(result: dict) -> None:
+def _assert_layout(result: dict, cpu_speed: str = "on") -> None:
     line = next(line for line in result["stdout"].splitlines() if line.startswith("[build] world="))
     build = dict(item.split("=") for item in line.split()[1:])
     sizes, sequence_parallel = CLAIMS[result["layout"]]
     assert (build["TP"], build["PP"], build["VPP"], build["DP"]) == sizes
+    assert build["cpu_speed"] == cpu_speed
     run_config = read_config(str(result["save"]))["run"]
     assert run_config["parallel"]["sequence_parallel"] is sequence_parallel
     assert run_config["optimizer"]["use_distributed_optimizer"] is True
@@ -74,6 +85,16 @@ def test_resumed_at_another_layout_continues_the_run(runs, hop):
     saved = [f"iter_{i:07d}" for i in range(start + SAVE_INTERVAL, ITERS + 1, SAVE_INTERVAL)]
     assert checkpoints(resumed["save"]) == saved
     assert read_latest_iteration(str(resumed["save"])) == ITERS
+
+
+@pytest.mark.parametrize("layout", MEGATRON_LAYOUTS)
+def test_megatron_s_own_code_gives_the_same_run(runs, layout):
+    """With cpu_speed off (megatron-core's own code on CPU) at another layout, the uninterrupted run logs
+    the reference's losses (speed measures on) and ends at its validation loss."""
+    ref, megatron = runs.reference(), runs.megatron(layout)
+    _assert_layout(megatron, cpu_speed="off")
+    _assert_close(train_losses(megatron["save"]), train_losses(ref["save"]))
+    _assert_close(eval_losses(megatron["save"]), eval_losses(ref["save"]))
 
 
 @pytest.mark.parametrize("layout", EXTEND_FROM)

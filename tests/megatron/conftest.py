@@ -27,8 +27,8 @@ class CheckResults:
 
 @pytest.fixture(scope="session")
 def model_checks(tmp_path_factory) -> CheckResults:
-    """Measurements from ``workers/model_checks.py``, run once in its own process: the CPU backend and
-    megatron's parallel state are process-wide and must not leak into the pytest process."""
+    """Measurements from ``workers/model_checks.py``, run once in its own process: cpu_compat, cpu_speed
+    and megatron's parallel state are process-wide and must not leak into the pytest process."""
     out = tmp_path_factory.mktemp("model_checks")
     torchrun(WORKERS / "model_checks.py", out, nproc=1, timeout=300)
     return CheckResults(json.loads((out / "results.json").read_text()))

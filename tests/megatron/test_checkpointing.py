@@ -58,6 +58,40 @@ def test_write_results_queue_is_in_process(monkeypatch):
     assert set(multiprocessing.active_children()) == before
 
 
+class _Tracker:
+    def __init__(self):
+        self.loaded = []
+
+    def set_states(self, states):
+        self.loaded.append(states)
+
+
+@pytest.mark.parametrize("saved_on_gpu", [True, False])
+def test_rng_state_from_the_other_kind_of_device_keeps_this_runs_seeds(saved_on_gpu, rank0, monkeypatch):
+    """A CUDA generator's state (16 bytes: Philox seed and offset) does not load into a CPU generator (5,056
+    bytes) or the other way round: across devices only the CPU generator's state is restored; on the same
+    kind of device everything is."""
+    from megatron.core import tensor_parallel
+
+    tracker, cuda_loaded = _Tracker(), []
+    monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", lambda: tracker)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", cuda_loaded.append)
+    philox, twister = torch.zeros(16, dtype=torch.uint8), torch.get_rng_state()
+    generator = philox if saved_on_gpu else twister
+    state = {"cpu": torch.get_rng_state(), "cuda": philox if saved_on_gpu else None,
+             "tracker": {"model-parallel-rng": generator}}
+    expected = torch.rand(3)
+    for here_gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: here_gpu)
+        checkpointing._set_rng(state)
+        assert torch.equal(torch.rand(3), expected)  # the CPU generator: restored either way
+        same = here_gpu == saved_on_gpu
+        assert tracker.loaded == ([state["tracker"]] if same else [])
+        assert cuda_loaded == ([philox] if same and saved_on_gpu else [])
+        tracker.loaded.clear()
+        cuda_loaded.clear()
+
+
 # ---------------------------------------------------------------- one writer per --save -------------------
 
 

@@ -55,17 +55,6 @@ def test_padded_vocab_size_splits_at_every_supported_tp(vocab_size, groups):
                        num_query_groups=3).padded_vocab_size() == 102  # fmt: skip
 
 
-def test_one_rank_collectives_skip_gloo(model_checks):
-    """DP=1 (or TP=1, ...) collectives are the identity or a copy: the CPU backend runs them in place,
-    without gloo's worker thread and buffers (benchmarks/README.md: ~1.5x training throughput)."""
-    record = model_checks["check_one_rank_collectives"]
-    assert record["gloo_collectives_without_mode"] == 1  # the counter sees gloo collectives
-    assert record["gloo_collectives_local_path"] == 0
-    assert record["all_reduce_identity"] and record["reduce_scatter_copies"] and record["all_gather_copies"]
-    assert record["async_work_completed"]
-    assert record["coalesced_copies"] == {"False": True, "True": True}
-
-
 def test_fused_torch_adam_makes_the_same_updates(model_checks):
     """The trainer switches torch's AdamW to its fused CPU kernel; 3 steps match the for-loop AdamW."""
     record = model_checks["check_fused_torch_adam"]
@@ -85,7 +74,7 @@ def test_finetune_load_survives_the_first_bf16_step(model_checks):
 
 
 def test_grad_accumulation_fusion_matches_the_unfused_gradients(model_checks):
-    """On CPU the weight-gradient GEMMs accumulate straight into DDP's main_grad (megatron's
+    """With cpu_speed the weight-gradient GEMMs accumulate straight into DDP's main_grad (megatron's
     gradient_accumulation_fusion, Apex's kernel on GPUs): same gradients as the unfused path."""
     record = model_checks["check_grad_accumulation_fusion"]
     # 2 layers x (QKV, proj, fc1, fc2) + output layer go through the fused accumulation; none unfused

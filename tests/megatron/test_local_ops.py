@@ -1,5 +1,6 @@
-"""``local_ops``: SwiGLU and the rotary application compute what megatron's unfused local-spec code
-computes, forward and backward (here, on plain tensors; in the built model by the ``model_checks`` worker)."""
+"""``local_ops``: SwiGLU, the rotary application and RMSNorm compute what megatron's unfused local-spec code
+and torch's RMSNorm compute, forward and backward (here, on plain tensors; in the built model with
+``cpu_speed`` on and off: ``test_cpu_speed.py``). Also ``llama.LocalNorm``, which builds the RMSNorm."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
+from megatron_resonance.megatron.llama import LocalNorm
 from megatron_resonance.megatron.local_ops import (
-    LocalNorm,
     RMSNorm,
     SwiGLU,
     _RMSNormFunction,
@@ -83,17 +84,6 @@ def test_rotary_gradcheck():
     assert torch.autograd.gradcheck(lambda x: _RotaryFunction.apply(x, cos, signed_sin), (t,))
 
 
-def test_the_cpu_model_uses_local_ops_and_matches_megatron(model_checks):
-    record = model_checks["check_local_ops_in_model"]
-    assert record["switches"] == {"local_ops": [True, "SwiGLU"], "megatron": [False, "function"]}
-    # every norm (the layers' two and the final one) is ours, and torch's with the switch off
-    assert record["norms"] == {"local_ops": ["megatron_resonance.megatron.local_ops.RMSNorm"],
-                               "megatron": ["torch.nn.modules.normalization.RMSNorm"]}
-    assert record["same_state_dict_keys"]
-    assert record["rope_hook_is_ours"]
-    assert record["logits_rel"] < 1e-5 and record["grads_rel"] < 1e-5, record
-
-
 def test_rotary_output_is_laid_out_for_sdpa():
     t, freqs = torch.randn(8, 2, 4, 16), torch.randn(8, 1, 1, 16)
     out = apply_rotary(t, freqs)
@@ -145,15 +135,16 @@ def test_rmsnorm_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6), (x, w))
 
 
+@pytest.mark.parametrize("rms_norm", [torch.nn.RMSNorm, RMSNorm])
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_local_norm_marks_its_weight_for_sequence_parallelism(sequence_parallel):
+def test_local_norm_marks_its_weight_for_sequence_parallelism(sequence_parallel, rms_norm):
     """Under sequence parallelism each TP rank normalizes part of the sequence: the weight is marked, so
     megatron's ``finalize_model_grads`` all-reduces its gradient over TP (megatron's torch wrapper refuses)."""
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
                                tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
-    norm = LocalNorm(config, 8, eps=1e-5, normalization="RMSNorm")
-    assert type(norm) is RMSNorm
+    norm = LocalNorm(config, 8, eps=1e-5, normalization="RMSNorm", rms_norm=rms_norm)
+    assert type(norm) is rms_norm and norm.eps == 1e-5
     assert norm.weight.sequence_parallel is sequence_parallel
     assert config.sequence_parallel is sequence_parallel  # the caller's config is left as it was

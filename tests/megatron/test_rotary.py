@@ -1,7 +1,7 @@
 """``megatron_resonance.megatron.rotary``: the Megatron rotary module carries the rope library's angles.
 
 Module-level tests run in the pytest process (building a ``ResonanceRotaryEmbedding`` needs no
-parallel state); tests that need a built model or the CPU backend read the ``model_checks`` worker.
+parallel state); tests that need a built model or cpu_compat read the ``model_checks`` worker.
 """
 
 from __future__ import annotations

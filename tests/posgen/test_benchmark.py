@@ -16,14 +16,8 @@ import time
 
 import pytest
 
-from megatron_resonance.posgen.benchmark import (
-    BOS,
-    PRESETS,
-    TRAINED_KINDS,
-    VARIANTS,
-    model_inputs,
-    sample_order,
-)
+from megatron_resonance.posgen.cell import BOS, model_inputs, sample_order
+from megatron_resonance.posgen.presets import PRESETS, TRAINED_KINDS, VARIANTS
 from megatron_resonance.posgen.splits import make_split
 from megatron_resonance.posgen.tasks import VOCAB_SIZE
 from tests.launch import REPO
@@ -78,8 +72,8 @@ def test_bad_input_is_one_line(tmp_path):
 
 
 def _check_stats(stats, seeds):
-    assert set(stats) == {"mean", "std", "runs"}
-    assert len(stats["runs"]) == seeds
+    assert set(stats) == {"mean", "std", "n", "seeds", "runs"}
+    assert len(stats["runs"]) == stats["n"] == seeds and stats["seeds"] == list(range(seeds))
     assert all(0.0 <= r <= 1.0 for r in stats["runs"])
     assert 0.0 <= stats["mean"] <= 1.0 and stats["std"] >= 0.0
     assert math.isclose(stats["mean"], sum(stats["runs"]) / seeds)
@@ -142,7 +136,8 @@ def test_smoke_run_learns_reports_and_resumes(tmp_path):
 def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path):
     """run_workers with stand-in worker commands: worker 1 fails, worker 2 stores its cell."""
     from megatron_resonance.posgen import benchmark
-    from tests.posgen.test_stats import _fake_cell
+    from megatron_resonance.posgen.report import cell_path
+    from tests.posgen.test_report import _fake_cell
 
     preset = dataclasses.replace(PRESETS["smoke"], seeds=2)
     out = str(tmp_path)
@@ -152,7 +147,7 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
         seen[worker] = cells
         if worker == "1/2":
             return [sys.executable, "-c", "import sys; sys.exit(3)"]
-        records = {benchmark.cell_path(out, *c): _fake_cell(preset, *c, 0.9, 0.3) for c in cells}
+        records = {cell_path(out, *c): _fake_cell(preset, *c, 0.9, 0.3) for c in cells}
         return [sys.executable, "-c", "import json, os, sys\n"
                 f"for path, record in {records!r}.items():\n"
                 "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
@@ -176,14 +171,35 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
     assert seen == {"1/2": [("recursive", 0, "rope")], "2/2": [("recursive", 1, "rope")]}
 
 
+@pytest.mark.slow
+def test_paper_preset_runs_in_bf16_workers_through_the_entry_point(tmp_path):
+    """The GPU command's plumbing on CPU: the paper's model in bf16, one step per cell, two worker processes,
+    small evaluation splits (``--set``); the report records the paper's settings with the overrides."""
+    out = tmp_path / "paper"
+    proc, _ = run_tool("--preset", "paper", "--tasks", "recursive", "--seeds", "1", "--epochs", "0.0128", "--bf16",
+                       "--set", "test_sequences=8", "validation_sequences=8", "--workers", "2", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| 1 steps each | 2 worker process(es)" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["preset"] == "paper"
+    settings = report["settings"]
+    assert (settings["hidden_size"], settings["num_attention_heads"], settings["ffn_hidden_size"]) == (512, 8, 2048)
+    assert settings["bf16"] and settings["test_sequences"] == 8 and settings["train_sequences"] == 10_000
+    for variant in VARIANTS:
+        curve = report["position_accuracy"]["recursive"][variant]
+        assert len(curve) == 256 and all(0 <= a <= 1 for a in curve[4:])
+    assert "training: 0.0128 epochs = 1 steps of 128" in (out / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------------------------------------
 
 
 def test_paper_preset_is_the_papers_recipe():
-    """../shared/DESIGN.md §4: 2 layers in T5-small shape, 10k / 1k / 1k, 150 epochs, AdamW 2e-4, wd 0.01,
-    batch 128, one-cycle cosine with 10 % warm-up, 5 seeds, YaRN s = 4, rotary base 10,000."""
+    """The paper's PosGen setup (and its reference code's sweep command): 2 layers in T5-small shape,
+    10k / 1k / 1k, 150 epochs, AdamW 2e-4, wd 0.01, batch 128, one-cycle cosine with 10 % warm-up, 5 seeds,
+    YaRN s = 4, rotary base 10,000."""
     p = PRESETS["paper"]
     assert (p.num_layers, p.hidden_size, p.num_attention_heads, p.head_dim, p.ffn_hidden_size) == (2, 512, 8, 64, 2048)
     assert (p.train_sequences, p.validation_sequences, p.test_sequences) == (10_000, 1_000, 1_000)
@@ -196,7 +212,7 @@ def test_paper_preset_is_the_papers_recipe():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("kind", TRAINED_KINDS)
 def test_every_preset_gives_a_config_the_trainer_accepts(name, kind):
-    from megatron_resonance.posgen.benchmark import run_config
+    from megatron_resonance.posgen.cell import run_config
     from megatron_resonance.training.trainer import validate
 
     preset = PRESETS[name]
@@ -225,3 +241,29 @@ def test_bad_cell_and_worker_arguments_are_one_line(tmp_path):
     proc, _ = run_tool("--preset", "smoke", "--out", tmp_path / "x", "--epochs", "-1")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["posgen_benchmark.py: error: --epochs must be positive, got -1"]
+
+
+def test_set_overrides_preset_fields_with_their_types():
+    from megatron_resonance.posgen.presets import with_settings
+
+    p = with_settings(PRESETS["paper"], {"test_sequences": "20", "lr": "1e-3", "micro_batch_size": "16"})
+    assert (p.test_sequences, p.lr, p.micro_batch_size) == (20, 1e-3, 16)
+    assert with_settings(p, {"micro_batch_size": "none"}).micro_batch_size is None
+    with pytest.raises(ValueError, match="--set seeds: not a preset setting"):
+        with_settings(p, {"seeds": "3"})
+    with pytest.raises(ValueError, match=r"--set test_sequences=many: expected an integer"):
+        with_settings(p, {"test_sequences": "many"})
+    with pytest.raises(ValueError, match="test_sequences must be positive, got 0"):
+        with_settings(p, {"test_sequences": "0"})
+
+
+def test_bad_set_is_one_line(tmp_path):
+    for args, line in (
+        (["--set", "depth=3"], "posgen_benchmark.py: error: --set depth: not a preset setting"),
+        (["--set", "lr"], "posgen_benchmark.py: error: --set 'lr': expected FIELD=VALUE"),
+        (["--set", "lr=fast"], "posgen_benchmark.py: error: --set lr=fast: expected a number"),
+    ):
+        proc, _ = run_tool("--preset", "smoke", "--out", tmp_path / "x", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(line), proc.stderr
+    assert not (tmp_path / "x").exists()

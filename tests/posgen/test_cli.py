@@ -1,4 +1,4 @@
-"""``python -m megatron_resonance.posgen generate``: JSON-lines output and one-line errors with exit 2."""
+"""``tools/posgen_generate.py``: JSON-lines output and one-line errors with exit 2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from megatron_resonance.posgen import make_split, rule_satisfied
-from megatron_resonance.posgen.__main__ import main
+from tests.launch import child_env, load_tool
+
+main = load_tool("posgen_generate").main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +29,7 @@ def generate_args(out, **overrides) -> list[str]:
         "out": str(out),
     }
     opts.update({k.replace("_", "-"): str(v) for k, v in overrides.items()})
-    return ["generate", *[x for k, v in opts.items() for x in (f"--{k}", v)]]
+    return [x for k, v in opts.items() for x in (f"--{k}", v)]
 
 
 def read_jsonl(path) -> list[dict]:
@@ -49,12 +51,13 @@ def test_writes_one_token_list_per_line(tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p != "cot.jsonl"], "temporary file left behind"
 
 
-def test_module_entry_point(tmp_path):
+def test_script_entry_point(tmp_path):
     out = tmp_path / "semi.jsonl"
     args = generate_args(out, task="semi_recursive", split="test", num_sequences=5, length=256)
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_resonance.posgen", *args],
+        [sys.executable, str(REPO / "tools" / "posgen_generate.py"), *args],
         cwd=REPO,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -97,15 +100,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message):
         main(generate_args(out, **overrides))
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("python -m megatron_resonance.posgen")
+    assert err.count("\n") == 1 and err.startswith("posgen_generate.py: error:")
     assert message in err
     assert not out.exists()
 
 
-def test_bad_paths_and_missing_command(tmp_path, capsys):
+def test_bad_paths_and_missing_arguments(tmp_path, capsys):
     for argv in (
         [],
-        ["shuffle"],
+        ["--shuffle"],
         generate_args(tmp_path),
         generate_args(tmp_path / "missing" / "x.jsonl"),
         generate_args(tmp_path / "x.jsonl")[:-2],  # no --out

@@ -1,15 +1,13 @@
-"""The PosGen report's statistics: t quantiles, paired differences over seeds, position bands, and the
-report built from stored cells (no training)."""
+"""The PosGen report's statistics: t quantiles, paired differences over seeds, position bands."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
 import pytest
 
-from megatron_resonance.posgen import benchmark, stats
+from megatron_resonance.posgen import stats
 
 # Two-sided 95 % critical values of Student's t (published tables, 6 significant figures).
 T_975 = {1: 12.7062, 2: 4.30265, 3: 3.18245, 4: 2.77645, 5: 2.57058, 9: 2.26216, 29: 2.04523, 120: 1.97993}
@@ -75,55 +73,3 @@ def test_band_is_per_position_mean_and_std():
     means, stds = stats.band([[None, 0.2, 0.4], [None, 0.4, 0.4]])
     assert means[0] is None and stds[0] is None
     assert means[1:] == pytest.approx([0.3, 0.4]) and stds[1:] == pytest.approx([math.sqrt(0.02), 0.0])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The report from stored cells
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _fake_cell(preset, task, seed, kind, id_acc, ood_acc):
-    curve = [None] * 4 + [id_acc] * (preset.train_length - 4) + [ood_acc] * (preset.test_length - preset.train_length)
-    variants = {
-        v: {"id_accuracy": id_acc, "ood_accuracy": ood_acc + 0.01 * i, "position_accuracy": curve}
-        for i, v in enumerate(benchmark.EVALUATED_AS[kind])
-    }
-    return {
-        "task": task,
-        "seed": seed,
-        "trained_as": kind,
-        "variants": variants,
-        "train": {"iterations": 1, "seconds": 1.0, "history": []},
-        "test_seconds": 0.5,
-        "world_size": 1,
-        "preset": preset.name,
-    }
-
-
-def test_report_gives_paired_intervals_and_band_plot(tmp_path):
-    preset = benchmark.PRESETS["smoke"]
-    preset = type(preset)(**{**preset.__dict__, "seeds": 3})
-    ood = {"rope": [0.20, 0.30, 0.25], "resonance": [0.26, 0.33, 0.31]}
-    for seed in range(3):
-        for kind in benchmark.TRAINED_KINDS:
-            path = benchmark.cell_path(str(tmp_path), "recursive", seed, kind)
-            benchmark._write_json_atomic(path, _fake_cell(preset, "recursive", seed, kind, 0.98, ood[kind][seed]))
-    run_info = {"wall_seconds": 90.0, "cells_run": 6, "processes": 2, "threads_per_process": 1,
-                "how": "2 worker processes"}
-    report = benchmark.write_report(str(tmp_path), preset, run_info)
-    assert report["complete"] and report["last_run"] == run_info
-    ours = report["paired_difference"]["ood_accuracy"]["recursive"]["resonance - rope"]
-    assert ours["runs"] == pytest.approx([0.06, 0.03, 0.06])
-    expected = stats.paired_difference(dict(enumerate(ood["resonance"])), dict(enumerate(ood["rope"])))
-    assert ours["ci"] == pytest.approx(expected["ci"])
-    assert report["ood_accuracy"]["recursive"]["yarn"]["mean"] == pytest.approx(0.26)
-    assert report["position_accuracy_std"]["recursive"]["rope"][-1] == pytest.approx(0.05)
-    assert json.loads((tmp_path / "report.json").read_text())["paired_difference"] == report["paired_difference"]
-    md = (tmp_path / "report.md").read_text()
-    assert "resonance - rope [95 % CI]" in md
-    lo, hi = (100 * x for x in ours["ci"])
-    assert f"+5.0 [{lo:+.1f}, {hi:+.1f}]" in md
-    assert "the last command ran 6 cell(s) in 1.5 min wall (2 worker processes x 1 thread(s))" in md
-    assert (tmp_path / "position_recursive.png").read_bytes()[:4] == b"\x89PNG"
-    # a rewrite by a command that ran nothing keeps the last run's record
-    assert benchmark.write_report(str(tmp_path), preset)["last_run"] == run_info

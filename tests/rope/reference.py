@@ -1,4 +1,4 @@
-"""Independent references for the rotary math, written from the papers (DESIGN.md section 1).
+"""Independent references for the rotary math, written from the papers (RoFormer, YaRN, Resonance RoPE's Algorithm 1).
 
 Nothing here imports ``megatron_resonance``: the tests compare the library against these. Frequencies are
 numpy float64 (or plain Python loops where that reads closer to the source); exact angles use Python

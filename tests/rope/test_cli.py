@@ -1,4 +1,4 @@
-"""``python -m megatron_resonance.rope`` as a user runs it: a subprocess with this interpreter."""
+"""``tools/rope_report.py`` as a user runs it: a subprocess with this interpreter."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.launch import child_env, load_tool
 from tests.rope import reference as ref
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,11 +32,12 @@ BAD_ARGUMENTS = {
 
 def _start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "megatron_resonance.rope", *args],
+        [sys.executable, str(REPO / "tools" / "rope_report.py"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        env=child_env(),
     )
 
 
@@ -133,7 +135,7 @@ def test_bad_arguments_print_one_line_and_exit_2(runs, name):
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("python -m megatron_resonance.rope: error:")
+    assert lines[0].startswith("rope_report.py: error:")
     assert needle in lines[0]
 
 
@@ -144,11 +146,11 @@ def test_bad_arguments_print_one_line_and_exit_2(runs, name):
 )  # fmt: skip
 def test_more_bad_arguments_in_process(args, capsys):
     # the same main() the subprocess runs, without paying a torch import per case
-    from megatron_resonance.rope.__main__ import main
+    main = load_tool("rope_report").main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert len(err.splitlines()) == 1 and err.startswith("python -m megatron_resonance.rope: error:"), err
+    assert len(err.splitlines()) == 1 and err.startswith("rope_report.py: error:"), err

@@ -23,7 +23,7 @@ LLAMA2 = dict(head_dim=128, base=10000.0, original_max_position=4096)
 
 
 def test_llama2_resonance_yarn_numbers():
-    # DESIGN.md: LLaMA-2 (d=128, b=1e4, L=4096) with YaRN s=8 then rounding: 39 of 64 features have lambda < L
+    # LLaMA-2 (d=128, b=1e4, L=4096) with YaRN s=8 then rounding: 39 of 64 features have lambda < L
     f = compute_frequencies(RopeConfig(kind="resonance_yarn", factor=8.0, **LLAMA2))
     mask = pre_critical_mask(f, 4096)
     assert mask.dtype == torch.bool and mask.shape == (64,)

@@ -51,8 +51,8 @@ TINY_RUN = [
 ITERS = 20
 
 
-def env() -> Dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+def env(**extra: str) -> Dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **extra)
 
 
 def command(script: Path, *args, nproc: int = 2) -> List[str]:
@@ -60,10 +60,11 @@ def command(script: Path, *args, nproc: int = 2) -> List[str]:
     return [sys.executable, str(script), *launch, *map(str, args)]
 
 
-def run(script: Path, *args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(script: Path, *args, nproc: int = 2, timeout: int = 300, extra_env=None) -> subprocess.CompletedProcess:
     """Run an entry point to completion; AssertionError with its output if it fails."""
     cmd = command(script, *args, nproc=nproc)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"

@@ -1,7 +1,9 @@
 """Worker: single-process checks of the Megatron integration that need megatron's global state.
 
-The CPU backend (a process-wide TorchFunctionMode and patched ``torch.cuda``) and ``parallel_state`` must
-not leak into the pytest process, so these checks run here, once, under ``torchrun --nproc-per-node 1``::
+``cpu_compat`` (a process-wide TorchFunctionMode and patched ``torch.cuda``), ``cpu_speed``'s patches of
+megatron and ``parallel_state`` must not leak into the pytest process, so these checks run here, once,
+under ``torchrun --nproc-per-node 1`` (``cpu_speed`` on, the default; checks that switch it off switch it
+back on)::
 
     torchrun --nproc-per-node 1 tests/megatron/workers/model_checks.py OUT_DIR
 
@@ -185,10 +187,13 @@ def check_rope_swap_changes_logits():
 
 
 def check_one_rank_collectives():
-    """Collectives over this one-rank world run in place of gloo (results, async handles, coalescing).
+    """Collectives over this one-rank world run in place of gloo (results, async handles, coalescing);
+    without the device mode, or with ``cpu_speed`` off, they go through gloo.
 
     The default group's sequence number counts the collectives that reached gloo."""
     import torch.distributed as dist
+
+    from megatron_resonance.megatron import cpu_speed
 
     group = dist.distributed_c10d._get_default_group()
     start = group._get_sequence_number_for_group()
@@ -210,11 +215,19 @@ def check_one_rank_collectives():
             cm.wait()
         coalesced[str(async_ops)] = bool(torch.equal(out, inp))
     local_end = group._get_sequence_number_for_group()
-    with torch._C.DisableTorchFunction():  # without the CPU backend's mode: gloo
+    with cpu_speed.suspended():  # without the device mode: gloo
         dist.all_reduce(x)
+    suspended_end = group._get_sequence_number_for_group()
+    try:
+        cpu_speed.set_enabled(False)
+        dist.all_reduce(x)
+        dist.reduce_scatter_tensor(scattered, inp)
+    finally:
+        cpu_speed.set_enabled(True)
     return {
         "gloo_collectives_local_path": local_end - start,
-        "gloo_collectives_without_mode": group._get_sequence_number_for_group() - local_end,
+        "gloo_collectives_without_mode": suspended_end - local_end,
+        "gloo_collectives_speed_off": group._get_sequence_number_for_group() - suspended_end,
         "all_reduce_identity": bool(torch.equal(x, before)),
         "reduce_scatter_copies": bool(torch.equal(scattered, inp)),
         "all_gather_copies": bool(torch.equal(gathered, inp)),
@@ -308,52 +321,114 @@ def check_finetune_load_bf16():
     return out
 
 
-def check_local_ops_in_model():
-    """The CPU model runs local_ops (SwiGLU module, rotary through megatron's fused-RoPE hook, RMSNorm with
-    its own backward); with all switched off (megatron's unfused code, torch's RMSNorm) the same weights
-    give the same logits and weight gradients."""
-    from megatron_resonance.megatron import llama, local_ops
+def _code_paths() -> dict:
+    """What megatron runs now for the attributes ``cpu_speed`` patches (qualified names)."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    def name(obj):
+        return None if obj is None else f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', obj)}"
+
+    return {
+        "linear": name(layers.LinearWithGradAccumulationAndAsyncCommunication),
+        "copy_to_region": name(layers.copy_to_tensor_model_parallel_region),
+        "l2_norm": name(clip_grads.l2_norm_impl),
+        "scale": [name(clip_grads.multi_tensor_scale_impl), name(optimizer.multi_tensor_scale_impl)],
+        "logits_max": name(VocabParallelCrossEntropy.calculate_logits_max),
+        "fused_rope": name(rope_utils.fused_apply_rotary_pos_emb),
+        "wgrad_kernel": hasattr(layers, "fused_weight_gradient_mlp_cuda"),
+        "grad_accum_fusion_available": layers._grad_accum_fusion_available,
+    }
+
+
+def check_speed_switch():
+    """``cpu_speed.set_enabled(False)`` puts back every attribute of megatron it patched (its own code
+    again); ``set_enabled(True)`` installs them again."""
+    from megatron_resonance.megatron import cpu_speed
+
+    on = _code_paths()
+    try:
+        off_flag = cpu_speed.set_enabled(False)
+        off = _code_paths()
+    finally:
+        again_flag = cpu_speed.set_enabled(True)
+    return {"on": on, "off": off, "on_again": _code_paths(), "flags": [off_flag, again_flag]}
+
+
+def check_speed_switch_in_model():
+    """The model built with ``cpu_speed`` on runs local_ops (SwiGLU module, rotary through megatron's
+    fused-RoPE hook, RMSNorm with its own backward); built with it off, megatron's unfused code and torch's
+    RMSNorm. From the same weights: the same logits and weight gradients."""
+    from megatron_resonance.megatron import cpu_speed, llama
 
     cfg = tiny_config("resonance_yarn")
     tokens = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(4))
     positions = torch.arange(SEQ)[None].expand(2, -1)
-    unfused = {"apply_rope_fusion": False, "use_te_activation_func": False}
     out = {}
-    for name, overrides in (("local_ops", {}), ("megatron", unfused)):
-        tf_config = llama.transformer_config(cfg, **overrides)
-        torch_norms = mock.patch.object(llama, "_local_norm", lambda norm: norm)
-        with torch_norms if name == "megatron" else contextlib.nullcontext():
+    try:
+        for name, on in (("speed", True), ("megatron", False)):
+            cpu_speed.set_enabled(on)
             torch.manual_seed(0)
-            model = llama.build_model(cfg, tf_config, seq_length=SEQ)[0]
-        logits = model(tokens, positions, None)[..., : cfg.vocab_size]
-        logits.float().pow(2).mean().backward()
-        kinds = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
-        norms = {type(m) for n, m in model.named_modules() if n.endswith(kinds)}
-        out[name] = {
-            "rope_fusion": tf_config.apply_rope_fusion,
-            "swiglu_module": type(model.decoder.layers[0].mlp.activation_func).__name__,
-            "norms": sorted(f"{t.__module__}.{t.__qualname__}" for t in norms),
-            "logits": logits.detach(),
-            "grads": torch.cat([p.grad.flatten() for p in model.parameters()]),
-            "keys": sorted(model.state_dict()),
-        }
-    a, b = out["local_ops"], out["megatron"]
+            model = llama.build_model(cfg, seq_length=SEQ)[0]
+            tf_config = model.config
+            logits = model(tokens, positions, None)[..., : cfg.vocab_size]
+            logits.float().pow(2).mean().backward()
+            kinds = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
+            norms = {type(m) for n, m in model.named_modules() if n.endswith(kinds)}
+            out[name] = {
+                "rope_fusion": tf_config.apply_rope_fusion,
+                "activation": type(model.decoder.layers[0].mlp.activation_func).__name__,
+                "norms": sorted(f"{t.__module__}.{t.__qualname__}" for t in norms),
+                "logits": logits.detach(),
+                "grads": torch.cat([p.grad.flatten() for p in model.parameters()]),
+                "keys": sorted(model.state_dict()),
+            }
+    finally:
+        cpu_speed.set_enabled(True)
+    a, b = out["speed"], out["megatron"]
     return {
-        "switches": {k: [v["rope_fusion"], v["swiglu_module"]] for k, v in out.items()},
+        "switches": {k: [v["rope_fusion"], v["activation"]] for k, v in out.items()},
         "norms": {k: v["norms"] for k, v in out.items()},
         "same_state_dict_keys": a["keys"] == b["keys"],
-        "rope_hook_is_ours": local_ops.install_rotary(),
         "logits_rel": ((a["logits"] - b["logits"]).norm() / b["logits"].norm()).item(),
         "grads_rel": ((a["grads"] - b["grads"]).norm() / b["grads"].norm()).item(),
     }
 
 
+def check_speed_matches_megatron_training():
+    """Five trainer steps (megatron DDP, distributed optimizer, grad clipping, fused AdamW) from the same
+    seed on the same batch, with ``cpu_speed`` on and off: the losses and gradient norms of every step."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_resonance.megatron import cpu_speed
+    from megatron_resonance.training import trainer
+
+    cfg = _train_config(5, lr=1e-3, clip_grad=1.0)
+    cfg.model = tiny_config("resonance_yarn")
+    batches = [_train_batch()] * 5  # one batch: the losses fall
+    out = {}
+    try:
+        for name, on in (("speed", True), ("megatron", False)):
+            cpu_speed.set_enabled(on)
+            torch.manual_seed(0)
+            chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+            steps = [trainer.train_step(get_forward_backward_func(), iter([b]), chunks, optimizer, scheduler, cfg, 1)
+                     for b in batches]
+            out[name] = {"losses": [s[0] for s in steps], "grad_norms": [float(s[1]) for s in steps]}
+    finally:
+        cpu_speed.set_enabled(True)
+    return out
+
+
 def check_grad_accumulation_fusion():
-    """The CPU backend's gradient-accumulation fusion (weight-gradient GEMMs accumulate into DDP's
+    """``cpu_speed``'s gradient-accumulation fusion (weight-gradient GEMMs accumulate into DDP's
     main_grad) gives the unfused path's gradients: one step, fused vs unfused, same weights and batch."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import layers
 
+    from megatron_resonance.megatron import llama
     from megatron_resonance.training import trainer
 
     cfg = _train_config(1, lr=1e-3, clip_grad=0.0)
@@ -361,11 +436,11 @@ def check_grad_accumulation_fusion():
     shim = layers.fused_weight_gradient_mlp_cuda
     accumulate = shim.wgrad_gemm_accum_fp32
     shim.wgrad_gemm_accum_fp32 = lambda *a: (calls.append(1), accumulate(*a))
-    original_config = trainer.transformer_config
+    original_config = llama.transformer_config  # what the model provider builds its config with
     grads, flags = {}, {}
     try:
         for fused in (True, False):
-            trainer.transformer_config = lambda *a, **k: original_config(*a, **k, gradient_accumulation_fusion=fused)
+            llama.transformer_config = lambda *a, **k: original_config(*a, **k, gradient_accumulation_fusion=fused)
             torch.manual_seed(0)
             chunks, optimizer, scheduler, tf_config = trainer.build_model_and_optimizer(cfg, bf16=False)
             flags[str(fused)] = tf_config.gradient_accumulation_fusion
@@ -375,7 +450,7 @@ def check_grad_accumulation_fusion():
             grads[fused] = torch.cat([p.main_grad.flatten() for p in chunks[0].parameters()])
             flags[f"calls_{fused}"] = len(calls)
     finally:
-        trainer.transformer_config = original_config
+        llama.transformer_config = original_config
         shim.wgrad_gemm_accum_fp32 = accumulate
     rel = ((grads[True] - grads[False]).norm() / grads[False].norm()).item()
     return {"flags": flags, "grads_rel": rel, "grad_norm": grads[False].norm().item()}
@@ -383,39 +458,32 @@ def check_grad_accumulation_fusion():
 
 @contextlib.contextmanager
 def _mode_calls(record):
-    """Inside the block, every call through the CPU backend's device mode is passed to ``record(func)``."""
-    from megatron_resonance.megatron import cpu_backend
+    """Inside the block, every call through cpu_compat's device mode is passed to ``record(func)``."""
+    from megatron_resonance.megatron import cpu_compat
 
-    original = cpu_backend._CpuDeviceMode.__torch_function__
+    original = cpu_compat._DeviceMode.__torch_function__
 
     def recording(self, func, types, args=(), kwargs=None):
         record(func)
         return original(self, func, types, args, kwargs)
 
-    cpu_backend._CpuDeviceMode.__torch_function__ = recording
+    cpu_compat._DeviceMode.__torch_function__ = recording
     try:
         yield
     finally:
-        cpu_backend._CpuDeviceMode.__torch_function__ = original
+        cpu_compat._DeviceMode.__torch_function__ = original
 
 
 def check_lean_linear():
-    """The CPU backend's linear Function (no sequence parallelism) against megatron's own, which it
+    """``cpu_speed``'s linear Function (no sequence parallelism) against megatron's own, which it
     subclasses: outputs, input gradients, weight gradients (plain, and accumulated into main_grad the way
     DDP arms it) and the bias gradient are equal; the device mode sees no call in either direction."""
     from megatron.core.tensor_parallel import layers
 
-    from megatron_resonance.megatron import cpu_backend
+    from megatron_resonance.megatron import cpu_speed
 
     ours_cls = layers.LinearWithGradAccumulationAndAsyncCommunication
-
-    class MegatronLinear(ours_cls.__bases__[0]):
-        # megatron's Function; its backward allocates on the device, so it runs under the mode (autograd
-        # runs backward without torch-function modes)
-        @staticmethod
-        def backward(ctx, *grads):
-            with cpu_backend._CpuDeviceMode():
-                return ours_cls.__bases__[0].backward(ctx, *grads)
+    megatron_cls = ours_cls.__bases__[0]  # its backward runs under the device mode (cpu_compat)
 
     g = torch.Generator().manual_seed(5)
     x0, w0, b0 = torch.randn(6, 3, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
@@ -437,8 +505,8 @@ def check_lean_linear():
     out = {}
     for fuse in (True, False):
         for bias in (True, False):
-            ref = run(MegatronLinear, fuse, bias)
-            with _mode_calls(counted.append), cpu_backend.suspended():
+            ref = run(megatron_cls, fuse, bias)
+            with _mode_calls(counted.append), cpu_speed.suspended():
                 ours = run(ours_cls, fuse, bias)
             diffs = {k: (ours[k] - ref[k]).abs().max().item() for k in ("y", "x", "w", "b") if ref[k] is not None}
             flags = {"dummy": ours["dummy"], "flag": ours["flag"], "ref_flag": ref["flag"]}
@@ -448,7 +516,7 @@ def check_lean_linear():
 
 
 def check_model_step_without_device_mode():
-    """A training step's model forward makes no call through the CPU backend's device mode (TP = CP = 1,
+    """A training step's model forward makes no call through cpu_compat's device mode (TP = CP = 1,
     no sequence parallelism); the rest of the step (optimizer, megatron's schedule) still runs under it.
     (Autograd runs backward without torch-function modes: the count there is megatron's backward_step.)"""
     from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
@@ -486,12 +554,57 @@ def check_model_step_without_device_mode():
     return counts
 
 
+def check_cpu_compat():
+    """What ``cpu_compat`` does for megatron's code, with ``cpu_speed`` off: CUDA device arguments land on
+    the CPU, ``.cuda()`` and ``.type()`` answer as on a GPU, megatron's RNG tracker forks the CPU generator,
+    and megatron's own linear Function runs its sequence-parallel backward (device allocations in backward)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, layers
+
+    from megatron_resonance.megatron import cpu_speed
+
+    out = {}
+    try:
+        cpu_speed.set_enabled(False)
+        x = torch.ones(3)
+        made = [torch.zeros(2, device="cuda"), torch.zeros(2, device=0), torch.zeros(2, device=torch.device("cuda")),
+                x.to("cuda"), x.to(torch.device("cuda", 0)), torch.empty(2, pin_memory=True)]
+        out["devices"] = sorted({t.device.type for t in made})
+        out["cuda_is_identity"] = x.cuda() is x
+        out["type_names"] = [torch.ones(1, dtype=d).type() for d in (torch.float32, torch.bfloat16, torch.float16)]
+
+        torch.manual_seed(7)
+        plain = torch.rand(4)
+        torch.manual_seed(7)
+        with get_cuda_rng_tracker().fork():
+            forked = torch.rand(4)
+        after_fork = torch.rand(4)
+        out["rng"] = {"fork_draws_elsewhere": not torch.equal(forked, plain),
+                      "default_stream_restored": torch.equal(after_fork, plain)}
+
+        function = layers.LinearWithGradAccumulationAndAsyncCommunication
+        g = torch.Generator().manual_seed(6)
+        inp = torch.randn(5, 2, 8, generator=g).requires_grad_(True)
+        weight = torch.nn.Parameter(torch.randn(6, 8, generator=g))
+        y = function.apply(inp, weight, None, False, False, True, None, 0, ps.get_tensor_model_parallel_group())
+        y.backward(torch.ones_like(y))
+        out["megatron_linear"] = f"{function.__module__}.{function.__qualname__}"
+        out["sequence_parallel_grads"] = [
+            (inp.grad - torch.ones(5, 2, 6) @ weight.detach()).abs().max().item(),
+            (weight.grad - torch.ones(10, 6).t() @ inp.detach().reshape(10, 8)).abs().max().item(),
+        ]
+    finally:
+        cpu_speed.set_enabled(True)
+    return out
+
+
 def check_suspended():
-    """``cpu_backend.suspended()`` takes the device mode off the stack and puts it back; a mode pushed
-    on top of it (not the backend's) is left alone."""
+    """``cpu_speed.suspended()`` takes cpu_compat's device mode off the stack and puts it back; a mode
+    pushed on top of it (not cpu_compat's) is left alone; with ``cpu_speed`` off it takes nothing off."""
     from torch.overrides import TorchFunctionMode
 
-    from megatron_resonance.megatron import cpu_backend
+    from megatron_resonance.megatron import cpu_speed
+    from megatron_resonance.megatron._private_torch import function_mode_depth
 
     def device_ok() -> bool:
         try:
@@ -504,23 +617,30 @@ def check_suspended():
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
-    depth = torch._C._len_torch_function_stack()
-    with cpu_backend.suspended():
-        inside = (torch._C._len_torch_function_stack(), device_ok())
-    after = (torch._C._len_torch_function_stack(), device_ok())
+    depth = function_mode_depth()
+    with cpu_speed.suspended():
+        inside = (function_mode_depth(), device_ok())
+    after = (function_mode_depth(), device_ok())
     with Other():
-        with cpu_backend.suspended():
-            foreign = torch._C._len_torch_function_stack()
-    return {"depth": depth, "inside": list(inside), "after": list(after), "under_foreign_mode": foreign}
+        with cpu_speed.suspended():
+            foreign = function_mode_depth()
+    try:
+        cpu_speed.set_enabled(False)
+        with cpu_speed.suspended():
+            speed_off = (function_mode_depth(), device_ok())
+    finally:
+        cpu_speed.set_enabled(True)
+    return {"depth": depth, "inside": list(inside), "after": list(after), "under_foreign_mode": foreign,
+            "speed_off": list(speed_off)}
 
 
 def check_cross_entropy_max():
-    """megatron's vocab-parallel cross entropy with the CPU backend's row maxima (``amax``) gives
+    """megatron's vocab-parallel cross entropy with ``cpu_speed``'s row maxima (``amax``) gives
     bit-identical losses and logit gradients to megatron's own ``max(dim)``, rows with +-inf included
     (NaN where megatron's is NaN)."""
     from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy, vocab_parallel_cross_entropy
 
-    from megatron_resonance.megatron import cpu_backend
+    from megatron_resonance.megatron import cpu_speed
 
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 3, 50, generator=g) * 8
@@ -529,9 +649,9 @@ def check_cross_entropy_max():
     logits[1, 2, 3] = 2.0
     target = torch.randint(0, 50, (6, 3), generator=g)
     upstream = torch.randn(6, 3, generator=g)
-    installed = VocabParallelCrossEntropy.calculate_logits_max is cpu_backend._logits_max
+    installed = VocabParallelCrossEntropy.calculate_logits_max is cpu_speed._logits_max
     out = {}
-    for name, impl in (("ours", cpu_backend._logits_max), ("megatron", cpu_backend._logits_max.megatron)):
+    for name, impl in (("ours", cpu_speed._logits_max), ("megatron", cpu_speed._logits_max.megatron)):
         with mock.patch.object(VocabParallelCrossEntropy, "calculate_logits_max", staticmethod(impl)):
             x = logits.clone().requires_grad_(True)
             loss = vocab_parallel_cross_entropy(x, target)
@@ -596,10 +716,13 @@ CHECKS = [
     check_one_rank_collectives,
     check_fused_torch_adam,
     check_finetune_load_bf16,
-    check_local_ops_in_model,
+    check_speed_switch,
+    check_speed_switch_in_model,
+    check_speed_matches_megatron_training,
     check_grad_accumulation_fusion,
     check_lean_linear,
     check_model_step_without_device_mode,
+    check_cpu_compat,
     check_suspended,
     check_cross_entropy_max,
     check_validation_loss_over_real_vocabulary,
@@ -607,9 +730,10 @@ CHECKS = [
 
 
 def main(out_dir: str) -> None:
-    from megatron_resonance.megatron import distributed
+    from megatron_resonance.megatron import cpu_speed, distributed
 
     distributed.initialize(1, 1)
+    cpu_speed.set_enabled(True)  # whatever MEGATRON_RESONANCE_CPU_SPEED says: these checks are of its measures
     results = {"cuda_available": torch.cuda.is_available()}
     for check in CHECKS:
         try:

@@ -7,15 +7,18 @@ Run by ``tests/megatron/test_parallel_equivalence.py`` under ``torchrun --nproc-
 One job, several layouts (re-initializing megatron's groups in between):
 
 1. build at TP=1, PP=1 (DP=2) and save the initial weights with ``checkpointing.save_checkpoint``;
-2. for each rope kind and each layout (TP1/PP1 with DP=2, TP=2, PP=2, PP=2 with VPP=2): build, load the
-   weights (dist_checkpointing reshards them), wrap in megatron DDP, run ``get_forward_backward_func()``
-   over the same 4-sequence global batch (1 sequence per microbatch), all-reduce the mean loss, copy every
-   parameter's ``main_grad`` into its data and save that as a "gradient checkpoint";
-3. at TP=1 load every gradient checkpoint back (dist_checkpointing merges TP shards and PP stages) and
-   compare each parameter with the TP1/PP1 reference.
+2. for each rope kind and each layout (TP1/PP1 with DP=2, TP=2, TP=2 with sequence parallelism, PP=2,
+   PP=2 with VPP=2): build, load the weights (dist_checkpointing reshards them), wrap in megatron DDP, run
+   ``get_forward_backward_func()`` over the same 4-sequence global batch (1 sequence per microbatch),
+   all-reduce the mean loss, copy every parameter's ``main_grad`` into its data and save that as a
+   "gradient checkpoint";
+3. at TP=1 load every gradient checkpoint back (dist_checkpointing merges TP shards and PP stages),
+   compare each parameter with the TP1/PP1 reference and save the full gradients (``grads_KIND_LAYOUT.pt``)
+   for a comparison across runs.
 
-Writes ``OUT_DIR/results.json`` (rank 0): losses, per-parameter relative gradient differences, rotary
-checks per model chunk, and the builder's refusal messages.
+The test runs it with ``cpu_speed`` on and off (``MEGATRON_RESONANCE_CPU_SPEED``). Writes
+``OUT_DIR/results.json`` (rank 0): losses, per-parameter relative gradient differences, rotary checks per
+model chunk, the code paths the model ran, and the builder's refusal messages.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 NUM_LAYERS = 4
 KINDS = ("rope", "resonance_yarn")
-# name: (TP, PP, VPP)
+# name: (TP, PP, VPP, sequence parallel)
 LAYOUTS = {
-    "tp1_pp1_dp2": (1, 1, None),
-    "tp2": (2, 1, None),
-    "pp2": (1, 2, None),
-    "pp2_vpp2": (1, 2, 2),
+    "tp1_pp1_dp2": (1, 1, None, False),
+    "tp2": (2, 1, None, False),
+    "tp2_sp": (2, 1, None, True),
+    "pp2": (1, 2, None, False),
+    "pp2_vpp2": (1, 2, 2, False),
 }
 REFERENCE = "tp1_pp1_dp2"
 
@@ -123,30 +127,53 @@ def rotary_report(chunks, cfg):
     return report
 
 
+def code_paths(chunk, tf_config) -> dict:
+    """Which code the step ran: cpu_speed's replacements or megatron's and torch's own (qualified names)."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    from megatron_resonance.megatron import cpu_speed
+    from megatron_resonance.megatron.rotary import unwrap
+
+    def name(obj) -> str:
+        obj = type(obj) if isinstance(obj, torch.nn.Module) else obj
+        return f"{obj.__module__}.{obj.__qualname__}"
+
+    gpt = unwrap(chunk)
+    return {
+        "cpu_speed": cpu_speed.is_enabled(),
+        "linear_function": name(layers.LinearWithGradAccumulationAndAsyncCommunication),
+        "mlp_activation": name(gpt.decoder.layers[0].mlp.activation_func),
+        "norm": name(gpt.decoder.layers[0].input_layernorm),
+        "final_norm": name(gpt.decoder.final_layernorm) if gpt.decoder.final_layernorm is not None else None,
+        "logits_max": name(VocabParallelCrossEntropy.calculate_logits_max),
+        "l2_norm": name(clip_grads.l2_norm_impl),
+        "gradient_accumulation_fusion": tf_config.gradient_accumulation_fusion,
+        "apply_rope_fusion": tf_config.apply_rope_fusion,
+    }
+
+
 def run_layout(out_dir, kind, layout, weights_dir):
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_resonance.megatron import checkpointing, distributed, llama
     from megatron_resonance.megatron.rotary import unwrap
 
-    tp, pp, vpp = LAYOUTS[layout]
+    tp, pp, vpp, sp = LAYOUTS[layout]
     distributed.initialize(tp, pp, vpp)
     cfg = model_config(kind)
-    chunks = llama.build_model(cfg, seq_length=SEQ_LENGTH)
+    chunks = llama.build_model(cfg, sequence_parallel=sp, seq_length=SEQ_LENGTH)
     checkpointing.load_checkpoint(weights_dir, chunks)
     # every rank's chunks: with VPP, the rotary must be ours on all 2 x 2 chunks
     rotary = [None] * dist.get_world_size()
     dist.all_gather_object(rotary, rotary_report(chunks, cfg))
 
     tf_config = unwrap(chunks[0]).config
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    model = [
-        DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-        for i, c in enumerate(chunks)
-    ]
+    paths = code_paths(chunks[-1], tf_config)  # the last chunk of the last stage holds the final norm
+    model = llama.for_training(chunks, use_distributed_optimizer=False)
     no_sync = [m.no_sync for m in model]
     tf_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     tf_config.finalize_model_grads_func = finalize_model_grads
@@ -191,6 +218,8 @@ def run_layout(out_dir, kind, layout, weights_dir):
         "num_microbatches": num_microbatches,
         "chunks": len(chunks),
         "rotary": [chunk for rank in rotary for chunk in rank],
+        "sequence_parallel": tf_config.sequence_parallel,
+        "code_paths": paths,
         "grads_dir": grads_dir,
     }
 
@@ -245,9 +274,12 @@ def main(out_dir: str) -> None:
         cfg = model_config(kind)
         reference = tp1_state(results["layouts"][f"{kind}/{REFERENCE}"]["grads_dir"], cfg)
         for layout in LAYOUTS:
+            grads_dir = results["layouts"][f"{kind}/{layout}"]["grads_dir"]
+            grads = reference if layout == REFERENCE else tp1_state(grads_dir, cfg)
+            if rank == 0:
+                torch.save(grads, os.path.join(out_dir, f"grads_{kind}_{layout}.pt"))
             if layout == REFERENCE:
                 continue
-            grads = tp1_state(results["layouts"][f"{kind}/{layout}"]["grads_dir"], cfg)
             assert grads.keys() == reference.keys(), (sorted(grads), sorted(reference))
             per_param = {}
             for name, ref in reference.items():

@@ -1,13 +1,15 @@
-"""The CPU backend's stand-ins for Apex's multi-tensor kernels compute what megatron's own CPU fallbacks
-(``megatron.core.utils.local_multi_tensor_*``) compute. Pure functions: nothing is enabled here; the
-process-wide parts of the backend are checked in ``workers/model_checks.py``."""
+"""``cpu_speed``: each replacement computes what megatron's own code computes, and the switch puts
+megatron's code back. Pure functions are checked here (nothing is enabled in the pytest process); the
+process-wide parts in ``workers/model_checks.py``. The same losses and gradients at every parallel layout
+with the measures on and off: ``test_parallel_equivalence.py``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from megatron.core.utils import local_multi_tensor_scale
 
-from megatron_resonance.megatron.cpu_backend import _logits_max, _multi_tensor_l2norm, _multi_tensor_scale
+from megatron_resonance.megatron.cpu_speed import _logits_max, _multi_tensor_l2norm, _multi_tensor_scale
 
 
 def _tensors(seed: int, dtype=torch.float32):
@@ -69,7 +71,7 @@ def test_cross_entropy_with_amax_is_bit_identical(model_checks):
 
 
 def test_lean_linear_matches_megatron_s_function(model_checks):
-    """Without sequence parallelism the CPU backend's linear Function computes what megatron's does
+    """Without sequence parallelism cpu_speed's linear Function computes what megatron's does
     (which it subclasses), and makes no call through the device mode."""
     record = model_checks["check_lean_linear"]
     assert record["mode_calls"] == 0
@@ -81,8 +83,8 @@ def test_lean_linear_matches_megatron_s_function(model_checks):
 
 
 def test_training_model_runs_without_the_device_mode(model_checks):
-    """In a training step (TP = CP = 1) the model's forward makes no call through the device mode; the
-    rest of the step (optimizer, megatron's schedule) still does."""
+    """In a training step (TP = CP = 1) the model's forward makes no call through cpu_compat's device
+    mode; the rest of the step (optimizer, megatron's schedule) still does."""
     counts = model_checks["check_model_step_without_device_mode"]
     assert counts["forward"] == 0, counts
     assert counts["other"] > 100, counts  # the counter sees the mode's calls
@@ -96,3 +98,60 @@ def test_suspended_takes_the_mode_off_and_back(model_checks):
     assert record["inside"] == [depth - 1, False]  # off the stack: a CUDA device argument fails
     assert record["after"] == [depth, True]  # back: it is rewritten to the CPU again
     assert record["under_foreign_mode"] == depth + 1  # a mode above ours: nothing popped
+    assert record["speed_off"] == [depth, True]  # cpu_speed off: megatron's code runs under the mode
+
+
+
+def test_one_rank_collectives_skip_gloo(model_checks):
+    """DP=1 (or TP=1, ...) collectives are the identity or a copy: cpu_speed runs them in place, without
+    gloo's worker thread and buffers (benchmarks/README.md: ~1.5x training throughput); with it off, or
+    outside the device mode, they go through gloo."""
+    record = model_checks["check_one_rank_collectives"]
+    assert record["gloo_collectives_without_mode"] == 1  # the counter sees gloo collectives
+    assert record["gloo_collectives_speed_off"] == 2
+    assert record["gloo_collectives_local_path"] == 0
+    assert record["all_reduce_identity"] and record["reduce_scatter_copies"] and record["all_gather_copies"]
+    assert record["async_work_completed"]
+    assert record["coalesced_copies"] == {"False": True, "True": True}
+
+
+def test_switching_off_puts_megatron_s_code_back(model_checks):
+    record = model_checks["check_speed_switch"]
+    assert record["flags"] == [False, True]
+    on, off = record["on"], record["off"]
+    assert record["on_again"] == on
+    assert off == {
+        "linear": "megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication",
+        "copy_to_region": "megatron.core.tensor_parallel.mappings.copy_to_tensor_model_parallel_region",
+        "l2_norm": "megatron.core.utils.local_multi_tensor_l2_norm",
+        "scale": ["megatron.core.utils.local_multi_tensor_scale"] * 2,
+        "logits_max": "megatron.core.tensor_parallel.cross_entropy.VocabParallelCrossEntropy.calculate_logits_max",
+        "fused_rope": None,  # no Transformer Engine: megatron's unfused RoPE
+        "wgrad_kernel": False,
+        "grad_accum_fusion_available": False,
+    }
+    assert all(on[k] != off[k] for k in off), on
+    ours = (on["linear"], on["l2_norm"], on["logits_max"], on["fused_rope"])
+    assert all(name.startswith("megatron_resonance.megatron.") for name in ours), ours
+
+
+def test_the_model_with_speed_on_and_off_matches(model_checks):
+    """Built with cpu_speed on: local_ops' SwiGLU, rotary and RMSNorm; off: megatron's unfused code and
+    torch's RMSNorm. Same weights: logits and weight gradients to float rounding, same checkpoint keys."""
+    record = model_checks["check_speed_switch_in_model"]
+    assert record["switches"] == {"speed": [True, "SwiGLU"], "megatron": [False, "function"]}
+    # every norm (the layers' two and the final one)
+    assert record["norms"] == {"speed": ["megatron_resonance.megatron.local_ops.RMSNorm"],
+                               "megatron": ["torch.nn.modules.normalization.RMSNorm"]}
+    assert record["same_state_dict_keys"]
+    assert record["logits_rel"] < 1e-5 and record["grads_rel"] < 1e-5, record
+
+
+def test_training_with_speed_on_and_off_gives_the_same_losses(model_checks):
+    """Five trainer steps from one seed on one batch: every loss and gradient norm to 1e-6 relative (float
+    rounding in a different order, carried through the Adam updates: ~2e-7 measured)."""
+    record = model_checks["check_speed_matches_megatron_training"]
+    speed, megatron = record["speed"], record["megatron"]
+    assert len(megatron["losses"]) == 5 and megatron["losses"][-1] < megatron["losses"][0]
+    assert speed["losses"] == pytest.approx(megatron["losses"], rel=1e-6)
+    assert speed["grad_norms"] == pytest.approx(megatron["grad_norms"], rel=1e-6)

@@ -1,6 +1,6 @@
 """Inspect a rotary plan: frequencies, wavelengths, critical dimension and feature gap.
 
-    python -m megatron_resonance.rope --kind resonance_yarn --head-dim 128 --base 10000 \
+    python tools/rope_report.py --kind resonance_yarn --head-dim 128 --base 10000 \
         --original-max-position 4096 --factor 8 [--json] [--plot rope.png]
 """
 
@@ -16,7 +16,7 @@ from megatron_resonance.rope.frequencies import KINDS, RopeConfig, compute_frequ
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m megatron_resonance.rope", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="rope_report.py", description=__doc__.splitlines()[0])
     p.add_argument("--kind", default="rope", help=f"one of: {', '.join(KINDS)}")
     p.add_argument("--head-dim", type=int, default=128, help="rotary head dimension d")
     p.add_argument("--base", type=float, default=10000.0, help="rotary base b (rope_theta)")
@@ -77,7 +77,7 @@ def write_plot(r: RopeReport, path: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    prog = "python -m megatron_resonance.rope"
+    prog = "rope_report.py"
     if args.kind not in KINDS:
         fail(f"{prog}: error: unknown --kind {args.kind!r} (expected one of {', '.join(KINDS)})")
     if args.head_dim <= 0 or args.head_dim % 2:

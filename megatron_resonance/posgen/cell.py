@@ -1,0 +1,325 @@
+"""One PosGen cell: train the project's Megatron LLaMA with one rotary kind on one task at one seed, test it.
+
+The model and its training step are the LLM path's own: ``training.trainer.build_model_and_optimizer``
+(GPTModel chunks from ``megatron.llama.build_model`` with our rotary module, megatron DDP, the distributed
+optimizer, warm-up + cosine scheduler) and ``trainer.train_step`` (per-token loss). Only the data and the
+metric are PosGen's. A cell runs data-parallel over the ranks of its job (TP = PP = 1).
+
+Input layout. A sequence x_0..x_{L-1} is fed as ``[BOS, x_0, .., x_{L-2}]`` with labels ``x_0..x_{L-1}``, so
+the prediction of x_l is made at rotary position l from exactly the tokens before it: training sees
+positions 0..63, the test 0..255, and positions 64..255 are the ones never seen (out of distribution).
+BOS is token 17 (the model vocabulary is 18, padded by the builder). The loss is masked on the four seed
+prefix targets x_0..x_3, which are random and cannot be predicted (the reference masks the prefix too).
+
+Metric: teacher-forced next-token accuracy, the greedy choice among the 17 PosGen tokens (the evaluation
+tools' scoring path, ``evaluation.scoring.megatron_token_scores``), per position, on a test split whose
+seed prefixes never occur in training (``posgen.splits``). Every test variant sees the same sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Dict, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_resonance.posgen.presets import EVALUATED_AS, Preset
+from megatron_resonance.posgen.splits import make_split
+from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
+
+BOS = VOCAB_SIZE
+"""Token id of the beginning-of-sequence token (17): PosGen's 17 tokens plus this one."""
+MODEL_VOCAB_SIZE = VOCAB_SIZE + 1
+
+
+# ==========================================================================================================
+# Configuration: the LLM path's config for one PosGen training
+# ==========================================================================================================
+
+
+def rope_config(preset: Preset, variant: str):
+    """The rotary plan a variant trains or tests with (YaRN kinds: s = scaling_factor, L = train_length)."""
+    from megatron_resonance.rope import RopeConfig
+
+    scaled = variant in ("yarn", "resonance_yarn")
+    return RopeConfig(
+        kind=variant,
+        head_dim=preset.head_dim,
+        base=preset.rotary_base,
+        original_max_position=preset.train_length,
+        factor=preset.scaling_factor if scaled else 1.0,
+    )
+
+
+def run_config(preset: Preset, kind: str, seed: int, micro_batch_size: int):
+    """The LLM path's ``training.config.Config`` for one PosGen training."""
+    from megatron_resonance.megatron.llama import LlamaConfig
+    from megatron_resonance.training.config import (
+        Config,
+        DataConfig,
+        OptimizerConfig,
+        ParallelConfig,
+        TrainingConfig,
+    )
+
+    model = LlamaConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_attention_heads,
+        vocab_size=MODEL_VOCAB_SIZE,
+        max_position_embeddings=preset.test_length,
+        rope=rope_config(preset, kind),
+    )
+    return Config(
+        model=model,
+        parallel=ParallelConfig(),
+        data=DataConfig(
+            seq_length=preset.train_length,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=preset.global_batch_size,
+        ),
+        optimizer=OptimizerConfig(
+            optimizer="adam",
+            lr=preset.lr,
+            min_lr=preset.min_lr,
+            weight_decay=preset.weight_decay,
+            adam_beta1=preset.adam_beta1,
+            adam_beta2=preset.adam_beta2,
+            clip_grad=preset.clip_grad,
+            lr_warmup_fraction=preset.warmup_fraction,
+            lr_decay_style="cosine",
+        ),
+        training=TrainingConfig(train_iters=preset.train_iters(), seed=seed, bf16=preset.bf16),
+    )
+
+
+# ==========================================================================================================
+# Data
+# ==========================================================================================================
+
+
+def load_splits(preset: Preset, task: str, seed: int) -> Dict[str, torch.Tensor]:
+    """Train / validation at train_length (seeded), test at test_length (fixed seed): disjoint prefixes."""
+    return {
+        "train": make_split(task, "train", preset.train_sequences, preset.train_length, seed),
+        "validation": make_split(task, "validation", preset.validation_sequences, preset.train_length, seed),
+        "test": make_split(task, "test", preset.test_sequences, preset.test_length, preset.test_seed),
+    }
+
+
+def with_bos(sequences: torch.Tensor) -> torch.Tensor:
+    """``[BOS, x_0 .. x_{L-1}]`` for sequences [N, L]."""
+    return torch.cat([torch.full((sequences.shape[0], 1), BOS, dtype=torch.long), sequences], dim=1)
+
+
+def model_inputs(sequences: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The micro-batch dict ``trainer.forward_step`` reads, for PosGen sequences [N, L].
+
+    tokens = [BOS, x_0 .. x_{L-2}], labels = x_0 .. x_{L-1}: the prediction at position l sees x_<l.
+    loss_mask drops the seed-prefix targets (positions 0..3).
+    """
+    n, length = sequences.shape
+    positions = torch.arange(length)
+    return {
+        "tokens": with_bos(sequences)[:, :-1],
+        "labels": sequences.clone(),
+        "loss_mask": (positions >= PREFIX_LENGTH).float().expand(n, length).contiguous(),
+        "position_ids": positions.expand(n, length).contiguous(),
+    }
+
+
+def sample_order(num_sequences: int, num_samples: int, seed: int) -> torch.Tensor:
+    """Indices of the training sequences in the order they are used: each epoch a fresh seeded permutation,
+    epochs back to back (the last one cut where training ends)."""
+    g = torch.Generator().manual_seed(seed)
+    epochs = -(-num_samples // num_sequences)
+    return torch.cat([torch.randperm(num_sequences, generator=g) for _ in range(epochs)])[:num_samples]
+
+
+def train_micro_batches(
+    sequences: torch.Tensor, order: torch.Tensor, global_batch_size: int, micro_batch_size: int
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Micro-batches for this data-parallel rank: ``order`` cut into global batches; rank r takes slice r
+    of each (Megatron-LM's pretraining sampler)."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    per_rank = global_batch_size // dp_size
+    for start in range(0, len(order) - global_batch_size + 1, global_batch_size):
+        mine = order[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank]
+        for m in range(0, per_rank, micro_batch_size):
+            yield model_inputs(sequences[mine[m : m + micro_batch_size]])
+
+
+# ==========================================================================================================
+# Evaluation
+# ==========================================================================================================
+
+
+@torch.no_grad()
+def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """float64 [L]: teacher-forced accuracy at each position over ``sequences`` [N, L] (NaN on the seed
+    prefix), scored by the evaluation tools' path over the 17 PosGen tokens (BOS is never a target).
+    Sequences are shared out over data-parallel replicas and the counts summed; any TP / PP layout."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_resonance.evaluation.scoring import megatron_token_scores
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    correct = torch.zeros(sequences.shape[1], dtype=torch.float64)
+    mine = sequences[dp_rank::dp_size]
+    for c in chunks:
+        c.eval()
+    for start in range(0, mine.shape[0], batch_size):
+        tokens = with_bos(mine[start : start + batch_size])
+        scores = megatron_token_scores(chunks, tokens, vocab_size=VOCAB_SIZE, micro_batch_size=batch_size)
+        correct += scores.greedy.sum(dim=0).double()
+    for c in chunks:
+        c.train()
+    if dp_size > 1:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        total = correct.to(device)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        correct = total.cpu()
+    accuracy = correct / sequences.shape[0]
+    accuracy[:PREFIX_LENGTH] = float("nan")
+    return accuracy
+
+
+def summarize_positions(accuracy: torch.Tensor, train_length: int) -> Dict[str, float]:
+    """In-distribution (positions 4..train_length-1) and out-of-distribution (train_length..) means."""
+    return {
+        "id_accuracy": float(accuracy[PREFIX_LENGTH:train_length].mean()),
+        "ood_accuracy": float(accuracy[train_length:].mean()) if accuracy.numel() > train_length else math.nan,
+    }
+
+
+# ==========================================================================================================
+# Training
+# ==========================================================================================================
+
+
+@dataclasses.dataclass
+class Training:
+    """One PosGen model with its optimizer, scheduler and the LLM path's training step."""
+
+    cfg: object
+    chunks: list
+    optimizer: object
+    scheduler: object
+    micro_batch_size: int
+    num_microbatches: int
+    forward_backward: object
+
+    def step(self, batches: Iterator[Dict[str, torch.Tensor]]):
+        """One optimizer step over ``num_microbatches`` micro-batches: (loss, grad norm, update applied)."""
+        from megatron_resonance.training import trainer
+
+        return trainer.train_step(self.forward_backward, batches, self.chunks, self.optimizer, self.scheduler,
+                                  self.cfg, self.num_microbatches)
+
+
+def build_training(preset: Preset, kind: str, seed: int) -> Training:
+    """The model trained with ``kind`` at ``seed``: ``trainer.build_model_and_optimizer`` on
+    :func:`run_config`. The same seed gives the rope and the resonance model the same initial weights."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_resonance.training import trainer
+
+    dp = ps.get_data_parallel_world_size()
+    micro = preset.micro_batch_size or preset.global_batch_size // dp
+    if preset.global_batch_size % (micro * dp):
+        raise ValueError(f"global batch {preset.global_batch_size} is not a multiple of micro-batch {micro} x DP {dp}")
+    cfg = run_config(preset, kind, seed, micro)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=preset.bf16)
+    return Training(cfg, chunks, optimizer, scheduler, micro, preset.global_batch_size // (micro * dp),
+                    get_forward_backward_func())
+
+
+def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, torch.Tensor], prefix: str,
+             weights_path: Optional[str] = None) -> dict:
+    """Train with ``kind`` and evaluate as ``EVALUATED_AS[kind]``; returns the cell's JSON record."""
+    import os
+
+    from megatron_resonance.megatron.distributed import print_rank0
+    from megatron_resonance.megatron.rotary import install_rotary, unwrap
+
+    training = build_training(preset, kind, seed)
+    cfg, chunks, optimizer, scheduler = training.cfg, training.chunks, training.optimizer, training.scheduler
+    iters = cfg.training.train_iters
+    steps_per_epoch = preset.train_sequences / preset.global_batch_size
+    order = sample_order(preset.train_sequences, iters * preset.global_batch_size, seed)
+    batches = train_micro_batches(data["train"], order, preset.global_batch_size, training.micro_batch_size)
+
+    # ---------------------------------------------------------------- train
+    start = time.time()
+    # progress + validation after every validation_interval epochs (step counts rounded up) and at the end
+    log_steps = {
+        min(iters, math.ceil(e * steps_per_epoch))
+        for e in range(preset.validation_interval, math.ceil(preset.epochs) + 1, preset.validation_interval)
+    } | {iters}
+    window_loss, window_steps, history, validation_seconds = 0.0, 0, [], 0.0
+    for step in range(1, iters + 1):
+        loss, _, update_ok = training.step(batches)
+        window_loss += loss
+        window_steps += 1
+        if step in log_steps:
+            scored = time.time()
+            validation = position_accuracy(chunks, data["validation"], preset.eval_batch_size)
+            validation_seconds += time.time() - scored
+            record = {
+                "iteration": step,
+                "epoch": step / steps_per_epoch,
+                "loss": window_loss / window_steps,
+                "validation_id_accuracy": summarize_positions(validation, preset.train_length)["id_accuracy"],
+                "seconds": time.time() - start,
+            }
+            history.append(record)
+            eta = record["seconds"] / step * (iters - step)
+            print_rank0(
+                f"{prefix} iter {step:>5}/{iters} | epoch {record['epoch']:6.1f} | loss {record['loss']:.4f} | "
+                f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | validation accuracy "
+                f"{100 * record['validation_id_accuracy']:5.1f}% | {record['seconds']:.0f} s (eta {eta:.0f} s)"
+                + ("" if update_ok else " | skipped step (non-finite grads)")
+            )
+            window_loss, window_steps = 0.0, 0
+    train_seconds = time.time() - start
+
+    if weights_path and dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(weights_path), exist_ok=True)
+        torch.save({"model": unwrap(chunks[0]).state_dict(), "config": cfg.model.to_dict()}, weights_path)
+
+    # ---------------------------------------------------------------- test, as each variant
+    start = time.time()
+    variants = {}
+    for variant in EVALUATED_AS[kind]:
+        install_rotary(chunks, rope_config(preset, variant))
+        accuracy = position_accuracy(chunks, data["test"], preset.eval_batch_size)
+        variants[variant] = {
+            **summarize_positions(accuracy, preset.train_length),
+            "position_accuracy": [None if math.isnan(a) else a for a in accuracy.tolist()],
+        }
+        print_rank0(
+            f"{prefix} test as {variant:<15} in distribution {100 * variants[variant]['id_accuracy']:5.1f}% | "
+            f"out of distribution {100 * variants[variant]['ood_accuracy']:5.1f}%"
+        )
+    return {
+        "task": task,
+        "seed": seed,
+        "trained_as": kind,
+        "variants": variants,
+        "train": {"iterations": iters, "seconds": train_seconds, "validation_seconds": validation_seconds,
+                  "history": history},
+        "test_seconds": time.time() - start,
+        "world_size": dist.get_world_size(),
+        "preset": preset.name,
+    }

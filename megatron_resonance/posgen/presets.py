@@ -1,0 +1,177 @@
+"""PosGen benchmark presets: everything that fixes a run (model shape, data sizes, optimization, evaluation).
+
+A run is every (task, seed, trained kind) cell of its preset. Each seed trains two models, with ``rope``
+and with ``resonance``; each is tested as two variants (the paper's reference code trains with plain or
+rounded RoPE and switches to the YaRN variant only for evaluation):
+
+    variant          trained with   evaluated with
+    rope             rope           rope
+    resonance        resonance      resonance
+    yarn             rope           yarn            (s = scaling_factor, original length = train_length)
+    resonance_yarn   resonance      resonance_yarn  (idem)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Optional
+
+from megatron_resonance.posgen.tasks import PREFIX_LENGTH, TASKS
+
+VARIANTS = ("rope", "resonance", "yarn", "resonance_yarn")
+"""Test variants, in report order."""
+TRAINED_KINDS = ("rope", "resonance")
+"""Rotary kinds models are trained with."""
+EVALUATED_AS = {"rope": ("rope", "yarn"), "resonance": ("resonance", "resonance_yarn")}
+"""Each trained kind and the variants its model is tested as."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Everything that fixes a benchmark run: model shape, data sizes, optimization and evaluation."""
+
+    name: str
+    """Preset name (``paper``, ``small``, ``demo``, ``smoke``)."""
+    tasks: tuple = TASKS
+    """PosGen subtasks to run (``--tasks`` overrides)."""
+    seeds: int = 5
+    """Seeds 0..seeds-1 per task x variant (``--seeds`` overrides); a seed fixes data order and init."""
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 512
+    """Model width d_model."""
+    num_attention_heads: int = 8
+    """Attention heads (multi-head: as many key/value heads); head dim = hidden_size / heads."""
+    ffn_hidden_size: int = 2048
+    """SwiGLU inner width."""
+    rotary_base: float = 10000.0
+    """RoPE base b."""
+    train_length: int = 64
+    """Training sequence length (rotary positions 0..63)."""
+    test_length: int = 256
+    """Test sequence length; positions train_length..test_length-1 are out of distribution."""
+    scaling_factor: float = 4.0
+    """YaRN scale s for the yarn / resonance_yarn variants (original length = train_length)."""
+    train_sequences: int = 10_000
+    """Training sequences (distinct seed prefixes)."""
+    validation_sequences: int = 1_000
+    """Validation sequences at train_length, scored during training (progress only)."""
+    test_sequences: int = 1_000
+    """Test sequences at test_length (the same set for every seed and variant)."""
+    epochs: float = 150
+    """Passes over the training sequences."""
+    global_batch_size: int = 128
+    """Sequences per optimizer step (over all data-parallel ranks)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward per rank; None: global_batch_size / DP (one micro-batch)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (megatron exempts biases and norm weights)."""
+    warmup_fraction: float = 0.1
+    """Linear warm-up as a fraction of all steps, then cosine decay to min_lr (one cycle)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 0.0
+    """Global gradient-norm clip (0: none, as the reference's Lightning default)."""
+    eval_batch_size: int = 100
+    """Sequences per evaluation forward pass."""
+    validation_interval: int = 10
+    """Score the validation split every this many epochs (and after the last)."""
+    bf16: bool = False
+    """Train in bf16 with fp32 main weights (megatron's Float16Module + distributed optimizer) instead of fp32."""
+    test_seed: int = 0
+    """Seed of the test split (fixed, so every seed and variant is scored on the same sequences)."""
+
+    def __post_init__(self):
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks}")
+        if not PREFIX_LENGTH < self.train_length < self.test_length:
+            raise ValueError(f"need {PREFIX_LENGTH} < train_length < test_length, got {self.train_length}, "
+                             f"{self.test_length}")
+        if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
+            raise ValueError("hidden_size / num_attention_heads must be an even integer")
+        for name in ("seeds", "epochs", "global_batch_size", "train_sequences", "validation_sequences",
+                     "test_sequences", "eval_batch_size", "validation_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def fingerprint(self) -> dict:
+        """The fields a stored cell's results depend on (tasks and seeds only choose which cells run)."""
+        d = dataclasses.asdict(self)
+        for key in ("name", "tasks", "seeds", "eval_batch_size", "validation_interval", "micro_batch_size"):
+            d.pop(key)
+        if not d["bf16"]:
+            d.pop("bf16")  # fp32 runs match the records stored before bf16 was a setting
+        return d
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def train_iters(self) -> int:
+        return max(1, math.ceil(self.epochs * self.train_sequences / self.global_batch_size))
+
+    def cells(self) -> list:
+        """Every (task, seed, trained kind) of the run, in run order."""
+        return [(t, s, k) for t in self.tasks for s in range(self.seeds) for k in TRAINED_KINDS]
+
+
+def with_settings(preset: Preset, settings: Dict[str, str]) -> Preset:
+    """``preset`` with fields set from ``name -> text`` (the command line's ``--set name=value``), each text
+    read as its field's type; ValueError with one line naming the field for an unknown name or bad value."""
+    fields = {f.name: f for f in dataclasses.fields(Preset)}
+    values = {}
+    for name, text in settings.items():
+        if name not in fields or name in ("name", "tasks", "seeds", "epochs", "bf16"):
+            settable = sorted(set(fields) - {"name", "tasks", "seeds", "epochs", "bf16"})
+            raise ValueError(f"--set {name}: not a preset setting (settable: {', '.join(settable)}; "
+                             "--tasks, --seeds, --epochs and --bf16 have their own flags)")
+        annotation = str(fields[name].type)
+        kind = float if "float" in annotation else int
+        try:
+            values[name] = None if text.lower() == "none" and "Optional" in annotation else kind(text)
+        except ValueError:
+            raise ValueError(f"--set {name}={text}: expected a{'n integer' if kind is int else ' number'}") from None
+    return dataclasses.replace(preset, **values)
+
+
+_SMALL = Preset(
+    name="small",
+    seeds=5,
+    hidden_size=64,
+    num_attention_heads=2,
+    ffn_hidden_size=256,
+    train_sequences=4_000,
+    validation_sequences=200,
+    test_sequences=1_000,
+    epochs=12,
+    global_batch_size=64,
+    lr=3e-3,
+    validation_interval=4,
+)
+
+PRESETS: Dict[str, Preset] = {
+    # The paper's setup (2 layers in T5-small shape, 10k/1k/1k, 150 epochs, AdamW 2e-4, wd 0.01, batch 128,
+    # one-cycle cosine with 10 % warm-up, 5 seeds). For a GPU.
+    "paper": Preset(name="paper"),
+    # All 30 cells on 2 CPU cores with 2 workers: the paper's shape scaled to d_model 64 (2 heads x 32),
+    # 4,000 sequences x 12 epochs = 750 steps of 64 at a higher learning rate.
+    "small": _SMALL,
+    # `make demo`'s PosGen stage: the small model on the recursive task, which it learns in a few hundred
+    # steps, so the plot shows what happens past the training length.
+    "demo": dataclasses.replace(
+        _SMALL, name="demo", tasks=("recursive",), seeds=1, train_sequences=2_000, validation_sequences=100,
+        test_sequences=200, epochs=15, validation_interval=5,
+    ),
+    # The test suite's end-to-end run: the small model on the recursive task, 375 steps of 32 (far above
+    # chance in distribution, not converged).
+    "smoke": dataclasses.replace(
+        _SMALL, name="smoke", tasks=("recursive",), seeds=1, train_sequences=1_000, validation_sequences=100,
+        test_sequences=100, global_batch_size=32, lr=5e-3,
+    ),
+}

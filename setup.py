@@ -24,7 +24,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "hf": ["transformers>=4.57", "safetensors"],
+        "hf": ["transformers>=4.57", "safetensors", "huggingface_hub>=0.23"],
         "test": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -1,7 +1,8 @@
-"""Conversion throughput: HF -> Megatron -> HF on a LLaMA-shaped model of a few hundred MB, next to ``cp -r``.
+"""Conversion throughput and memory: HF -> Megatron -> HF on a LLaMA-shaped model, next to ``cp -r``.
 
     python benchmarks/convert_speed.py                      # hidden 1024, 12 layers, vocab 32000, bf16 (~412 MB)
-    python benchmarks/convert_speed.py --layers 24 --workdir /scratch/bench --keep
+    python benchmarks/convert_speed.py --hidden 4096 --intermediate 11008 --layers 4 --heads 32 --kv-heads 32 \
+        --repeat 3                                          # LLaMA-2-7B-shaped, 4 layers (2.1 GB), medians of 3
 
 Builds a random LLaMA with transformers and saves it as safetensors shards, then times (wall clock, each
 step a fresh process, files written just before so every reader starts from the page cache):
@@ -10,8 +11,10 @@ step a fresh process, files written just before so every reader starts from the 
   ``sync`` (megatron's checkpoint writer fsyncs every file it writes; ``cp`` leaves data in the page cache);
 * ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to_hf.py`` as a user runs them, with the
   GB/s each tool reports (its own wall time, which includes importing megatron-core and allocating the
-  model: "setup") — and that rate without the setup.
+  model: "setup") — and that rate without the setup — and each tool's peak resident memory (``ru_maxrss`` of
+  the process, from ``wait4``).
 
+``--repeat N`` runs every step N times (in turn: cp, cp && sync, import, export) and reports the medians.
 Prints a markdown table and writes ``WORKDIR/convert_speed.json``. Checks the round trip is bit-exact.
 """
 
@@ -19,22 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"(\d+) tensors, ([\d.]+) GB in ([\d.]+) s \(([\d.]+) GB/s; setup ([\d.]+) s of it\)")
 
 
-def make_model(path: Path, args) -> int:
+def make_model(path: Path, args) -> None:
+    """The random model, saved by transformers. Run in a process of its own (see ``main``)."""
+    import torch
     import transformers
 
     config = transformers.LlamaConfig(
@@ -50,27 +56,46 @@ def make_model(path: Path, args) -> int:
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.save_pretrained(path, max_shard_size=args.shard_size)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def timed(cmd) -> tuple:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout
+    """(wall seconds, stdout, peak RSS in bytes) of ``cmd`` run to completion in a fresh process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err,
+                                env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (Linux: ru_maxrss in KiB)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(map(str, cmd))} failed:\n{err.read()[-3000:]}")
+        return wall, out.read(), usage.ru_maxrss * 1024
 
 
 def tool_run(tool: str, load: Path, save: Path, extra=()) -> dict:
+    shutil.rmtree(save, ignore_errors=True)
     subprocess.run(["sync"])
-    wall, out = timed([sys.executable, REPO / "tools" / tool, "--load", load, "--save", save, "--no-progress",
-                       *extra])
+    wall, out, rss = timed([sys.executable, REPO / "tools" / tool, "--load", load, "--save", save, "--no-progress",
+                            *extra])
     m = SUMMARY.search(out)
     tensors, gb, seconds, rate, setup = int(m[1]), float(m[2]), float(m[3]), float(m[4]), float(m[5])
     return {"process_wall_s": wall, "tool_s": seconds, "setup_s": setup, "gb": gb, "tool_gb_per_s": rate,
-            "gb_per_s_without_setup": gb / (seconds - setup), "process_gb_per_s": gb / wall, "tensors": tensors}
+            "gb_per_s_without_setup": gb / (seconds - setup), "process_gb_per_s": gb / wall, "tensors": tensors,
+            "peak_rss_gb": rss / 1e9}
+
+
+def copy_run(src: Path, copy: Path, then_sync: bool) -> float:
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(["sync"])
+    wall, _, _ = timed(["sh", "-c", f"cp -r '{src}' '{copy}'" + (" && sync" if then_sync else "")])
+    return wall
+
+
+def medians(runs: list) -> dict:
+    """The median of every field over ``runs`` (a list of dicts of numbers), plus the runs themselves."""
+    return {**{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "runs": runs}
 
 
 def main() -> None:
@@ -84,6 +109,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--shard-size", default="100MB")
+    p.add_argument("--repeat", type=int, default=1, help="run each step this many times; report medians")
     p.add_argument("--keep", action="store_true", help="keep the model directories")
     args = p.parse_args()
 
@@ -91,18 +117,30 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     src, copy, megatron, back = work / "hf", work / "hf_copy", work / "megatron", work / "hf_back"
-    nbytes = make_model(src, args)
+    # made in a child process: a forked child's ru_maxrss starts at its parent's resident size (Linux keeps
+    # the pre-exec high-water mark), so this process stays small while it times the tools
+    maker = multiprocessing.get_context("spawn").Process(target=make_model, args=(src, args))
+    maker.start()
+    maker.join()
+    if maker.exitcode != 0:
+        sys.exit("making the model failed")
     files = sorted(f.name for f in src.iterdir() if f.suffix == ".safetensors")
     on_disk = sum((src / f).stat().st_size for f in files)
+    index = src / "model.safetensors.index.json"
+    nbytes = json.loads(index.read_text())["metadata"]["total_size"] if index.exists() else on_disk
 
-    subprocess.run(["sync"])
-    cp_wall, _ = timed(["cp", "-r", src, copy])
-    shutil.rmtree(copy)
-    subprocess.run(["sync"])
-    cp_sync_wall, _ = timed(["sh", "-c", f"cp -r '{src}' '{copy}' && sync"])
-    imp = tool_run("convert_hf_to_megatron.py", src, megatron)
-    exp = tool_run("convert_megatron_to_hf.py", megatron, back, ["--max-shard-size", args.shard_size])
+    runs = {"cp_r": [], "cp_r_sync": [], "hf_to_megatron": [], "megatron_to_hf": []}
+    for _ in range(args.repeat):
+        for key, then_sync in (("cp_r", False), ("cp_r_sync", True)):
+            wall = copy_run(src, copy, then_sync)
+            runs[key].append({"wall_s": wall, "gb_per_s": on_disk / 1e9 / wall})
+        runs["hf_to_megatron"].append(tool_run("convert_hf_to_megatron.py", src, megatron))
+        runs["megatron_to_hf"].append(tool_run("convert_megatron_to_hf.py", megatron, back,
+                                               ["--max-shard-size", args.shard_size]))
+    cp, cp_sync, imp, exp = (medians(runs[k]) for k in runs)
+    cp_wall, cp_sync_wall = cp["wall_s"], cp_sync["wall_s"]
 
+    import torch
     from safetensors.torch import load_file
 
     a, b = {}, {}
@@ -116,8 +154,7 @@ def main() -> None:
         "model": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab",
                                                   "dtype")},
         "weights_gb": nbytes / 1e9, "safetensors_files": len(files), "safetensors_gb_on_disk": on_disk / 1e9,
-        "cp_r": {"wall_s": cp_wall, "gb_per_s": on_disk / 1e9 / cp_wall},
-        "cp_r_sync": {"wall_s": cp_sync_wall, "gb_per_s": on_disk / 1e9 / cp_sync_wall},
+        "repeat": args.repeat, "cp_r": cp, "cp_r_sync": cp_sync,
         "hf_to_megatron": imp, "megatron_to_hf": exp, "roundtrip_bit_exact": exact,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "load_average": os.getloadavg(),
@@ -125,13 +162,16 @@ def main() -> None:
     (work / "convert_speed.json").write_text(json.dumps(result, indent=2))
     print(f"model: {result['model']} -> {nbytes / 1e9:.3f} GB in {len(files)} safetensors shards; "
           f"{result['machine']}; load average {result['load_average'][0]:.1f}")
-    print("| step | wall s (process) | GB/s (process) | tool's own s | tool GB/s | setup s | GB/s w/o setup |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| cp -r | {cp_wall:.2f} | {result['cp_r']['gb_per_s']:.2f} | | | | |")
-    print(f"| cp -r && sync | {cp_sync_wall:.2f} | {result['cp_r_sync']['gb_per_s']:.2f} | | | | |")
+    print(f"medians of {args.repeat} run(s)")
+    print("| step | wall s (process) | GB/s (process) | tool's own s | tool GB/s | setup s | GB/s w/o setup "
+          "| peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| cp -r | {cp_wall:.2f} | {cp['gb_per_s']:.2f} | | | | | |")
+    print(f"| cp -r && sync | {cp_sync_wall:.2f} | {cp_sync['gb_per_s']:.2f} | | | | | |")
     for name, r in (("hf -> megatron", imp), ("megatron -> hf", exp)):
         print(f"| {name} | {r['process_wall_s']:.2f} | {r['process_gb_per_s']:.2f} | {r['tool_s']:.2f} | "
-              f"{r['tool_gb_per_s']:.2f} | {r['setup_s']:.2f} | {r['gb_per_s_without_setup']:.2f} |")
+              f"{r['tool_gb_per_s']:.2f} | {r['setup_s']:.2f} | {r['gb_per_s_without_setup']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} |")
     print(f"round trip bit-exact: {exact}")
     if not args.keep:
         for d in (src, copy, megatron, back):

@@ -18,9 +18,9 @@ from __future__ import annotations
 import sys
 
 from megatron_resonance.cli import ArgumentParser
-from megatron_resonance.conversion import convert_hf_to_megatron
-from megatron_resonance.conversion.hf_config import DTYPES
+from megatron_resonance.conversion.hf_to_megatron import convert_hf_to_megatron
 from megatron_resonance.conversion.runtime import run_tool
+from megatron_resonance.hf.config import DTYPES
 from megatron_resonance.rope import KINDS
 
 PROG = "convert_hf_to_megatron.py"

@@ -18,9 +18,10 @@ from __future__ import annotations
 import sys
 
 from megatron_resonance.cli import ArgumentParser
-from megatron_resonance.conversion import convert_megatron_to_hf
-from megatron_resonance.conversion.hf_config import DTYPES, ROPE_FORMATS
+from megatron_resonance.conversion.megatron_to_hf import convert_megatron_to_hf
 from megatron_resonance.conversion.runtime import run_tool
+from megatron_resonance.hf.config import DTYPES
+from megatron_resonance.hf.rope import ROPE_FORMATS
 
 PROG = "convert_megatron_to_hf.py"
 

@@ -1,14 +1,11 @@
 """Checkpoint conversion between Hugging Face LLaMA and Megatron-Core, carrying the rope plan exactly.
 
-A declarative key map (``key_map.LLAMA_KEY_MAP``) plus named transforms (``transforms``: QKV fuse/split
-per query group, gate/up into ``linear_fc1``, vocabulary pad/unpad), a streaming Hugging Face reader
-(safetensors or ``.bin`` with ``weights_only=True``, sharded or not) and a streaming safetensors writer.
-Entry points: ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to_hf.py``.
+    hf_to_megatron  convert_hf_to_megatron(load, save, ...)   Hugging Face directory -> dist checkpoint
+    megatron_to_hf  convert_megatron_to_hf(load, save, ...)   dist checkpoint (any TP/PP) -> Hugging Face
+    key_map         LLAMA_KEY_MAP, expand(cfg)                which tensors make which parameter
+    transforms      TRANSFORMS                                QKV per query group, gate/up, vocabulary pad
+
+A declarative key map plus named transforms, in the style of Megatron-Bridge; the Hugging Face files are
+read and written by ``megatron_resonance.hf``. Entry points: ``tools/convert_hf_to_megatron.py`` and
+``tools/convert_megatron_to_hf.py``.
 """
-
-from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.conversion.hf_to_megatron import convert_hf_to_megatron
-from megatron_resonance.conversion.megatron_to_hf import convert_megatron_to_hf
-from megatron_resonance.conversion.runtime import ConversionReport
-
-__all__ = ["ConversionError", "ConversionReport", "convert_hf_to_megatron", "convert_megatron_to_hf"]

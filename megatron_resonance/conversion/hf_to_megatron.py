@@ -6,23 +6,40 @@ without initializing it · stream the Hugging Face tensors through the key map i
 ``checkpointing.save_checkpoint`` (iteration 0) into a staging directory · copy tokenizer files and the
 source config into ``<save>/hf/`` · swap the staging directory into place.
 
-Peak memory is one copy of the weights (the model) plus the tensors of one parameter in flight.
+Peak memory is one copy of the weights: parameters that need no change are the source files'
+memory-mapped pages, the others (q/k/v and gate/up fused, a padded vocabulary, another dtype) new tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_resonance.conversion import hf_assets, hf_config, key_map
+from megatron_resonance.conversion import key_map
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.conversion.hf_reader import HFCheckpoint
 from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
 from megatron_resonance.conversion.staging import StagedDirectory
+from megatron_resonance.hf import assets as hf_assets
+from megatron_resonance.hf import config as hf_config
+from megatron_resonance.hf.reader import HFCheckpoint
 from megatron_resonance.megatron.llama import LlamaConfig
+
+
+@contextlib.contextmanager
+def _without_zip_crc32() -> Iterator[None]:
+    """torch.save (each tensor of a dist checkpoint is one) without the zip CRC-32 of every record: a second
+    pass over all the bytes, about half the writer's time on CPU, for checksums that torch.load (and so
+    every megatron load) never reads. ``torch.serialization.set_crc32_options``; restored after."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
 
 def check_tensors(hf: HFCheckpoint, cfg: LlamaConfig) -> None:
@@ -108,14 +125,23 @@ def convert_hf_to_megatron(
                                        disable=not progress) as bar:
                 for p in params:
                     tensors = tuple(hf.get(k) for k in p.hf)
-                    state[p.megatron].copy_(p.transform.to_megatron(tensors, cfg))
+                    param = state[p.megatron]
+                    converted = p.transform.to_megatron(tensors, cfg).to(target).contiguous()
+                    if converted.shape != param.shape:
+                        raise RuntimeError(f"{p.megatron}: converted to {list(converted.shape)}, the model has "
+                                           f"{list(param.shape)}")
+                    # the parameter becomes the converted tensor (its own allocation, never touched, is
+                    # freed): a tensor that needs no change stays the reader's memory-mapped, copy-on-write
+                    # view of the file, which the checkpoint writer then reads without a copy
+                    param.data = converted
                     bar.update(sum(t.numel() * t.element_size() for t in tensors))
-                    del tensors
+                    del tensors, converted
             hf.close()
             from megatron_resonance.megatron import checkpointing
 
             run = {"converted_from": os.path.abspath(load), "dtype": hf_config.dtype_name(target)}
-            checkpointing.save_checkpoint(staged.path, 0, [model], cfg, run_config=run)
+            with _without_zip_crc32():
+                checkpointing.save_checkpoint(staged.path, 0, [model], cfg, run_config=run)
             del model, state
         hf_assets.copy_assets(load, os.path.join(staged.path, hf_assets.ASSETS_DIR), include_config=True)
         staged.commit()

@@ -2,11 +2,14 @@
 
 Phases: check (checkpoint, stored model config, reference config, ``--save``) · build the TP=1 model in the
 checkpoint's dtype and load it (dist_checkpointing merges TP shards and pipeline stages) · stream every
-Hugging Face tensor through the key map straight into safetensors shards (+ index) · write ``config.json``
-with the rope plan encoded for stock transformers (see ``hf_config``) · copy tokenizer files · swap the
-staging directory into place.
+Hugging Face tensor through the key map into safetensors shards (+ index), two shards at a time
+(``megatron_resonance.hf.writer``) · write ``config.json`` with the rope plan encoded for stock transformers
+(``megatron_resonance.hf.rope``) · copy tokenizer files · fsync and swap the staging directory into place.
 
-Peak memory is one copy of the weights (the model) plus the tensor being written.
+Peak memory is about one copy of the weights (the model): each parameter is released once its Hugging Face
+tensors are produced, and its memory goes when they are written, so the shards in flight take the place of
+the parameters they came from. Only copies cost more: q/k/v (not views of ``linear_qkv``), and with a
+wider ``--dtype`` the widening of the shards in flight.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import Callable, Dict, Optional
 import torch
 
 from megatron_resonance.cli import one_line
-from megatron_resonance.conversion import hf_assets, hf_config, key_map
+from megatron_resonance.conversion import key_map
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.conversion.hf_reader import read_json
-from megatron_resonance.conversion.hf_writer import parse_size, write_sharded
 from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
 from megatron_resonance.conversion.staging import StagedDirectory
+from megatron_resonance.hf import assets as hf_assets
+from megatron_resonance.hf import config as hf_config
+from megatron_resonance.hf import rope as hf_rope
+from megatron_resonance.hf.reader import read_json
+from megatron_resonance.hf.writer import parse_size, write_sharded
 
 
 def convert_megatron_to_hf(
@@ -48,9 +54,9 @@ def convert_megatron_to_hf(
     # ---------------------------------------------------------------- check
     from megatron_resonance.megatron import checkpointing
 
-    if rope_format not in hf_config.ROPE_FORMATS:
+    if rope_format not in hf_rope.ROPE_FORMATS:
         raise ConversionError(f"unknown --rope-format {rope_format!r}; expected one of "
-                              f"{', '.join(hf_config.ROPE_FORMATS)}")
+                              f"{', '.join(hf_rope.ROPE_FORMATS)}")
     if dtype is not None and dtype not in hf_config.DTYPES:
         raise ConversionError(f"unknown --dtype {dtype!r}; expected one of {', '.join(hf_config.DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
@@ -99,7 +105,11 @@ def convert_megatron_to_hf(
             def produce(name: str) -> torch.Tensor:
                 if name not in pending:
                     p = owner[name]
-                    pending.update(zip(p.hf, p.transform.to_hf(state[p.megatron].detach(), cfg)))
+                    param = state.pop(p.megatron)
+                    pending.update(zip(p.hf, p.transform.to_hf(param.detach(), cfg)))
+                    # the model lets go of the parameter: its memory goes once the tensors made from it are
+                    # written (views of it) or at once (copies: q/k/v, another dtype)
+                    param.data = param.data.new_empty(0)
                 return pending.pop(name).to(out_dtype)
 
             from tqdm import tqdm
@@ -107,7 +117,7 @@ def convert_megatron_to_hf(
             specs = [(k, shapes[k], out_dtype) for p in params for k in p.hf]
             total = sum(torch.Size(s).numel() * out_dtype.itemsize for _, s, _ in specs)
             with tqdm(total=total, unit="B", unit_scale=True, desc="megatron -> hf", disable=not progress) as bar:
-                write_sharded(staged.path, specs, produce, shard_bytes, on_tensor=bar.update)
+                write_sharded(staged.path, specs, produce, shard_bytes, on_written=bar.update)
         config = hf_config.export_config(cfg, out_dtype, rope_format, reference)
         with open(os.path.join(staged.path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -119,5 +129,5 @@ def convert_megatron_to_hf(
         staged.abort()
         raise
     if rope_format == "custom" and (cfg.rope.resonance or cfg.rope.kind == "ntk"):
-        log(f"rope type {hf_config.CUSTOM_ROPE_TYPE!r}: call megatron_resonance.hf.register() before loading")
+        log(f"rope type {hf_rope.CUSTOM_ROPE_TYPE!r}: call megatron_resonance.hf.register() before loading")
     return ConversionReport(ckpt, save, len(specs), total, time.perf_counter() - start, setup)

@@ -1,7 +1,8 @@
 """Output directories that change only on success: write into a sibling temporary directory, then swap.
 
 A non-empty ``--save`` is refused unless ``overwrite``; with it, the old contents are replaced only once
-the new ones are complete. Any failure leaves ``--save`` exactly as it was.
+the new ones are complete and on disk (every file and directory fsynced before the swap, the parent after
+it). Any failure leaves ``--save`` exactly as it was.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import tempfile
 from typing import Sequence
 
 from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.megatron.checkpointing import fsync
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -43,6 +45,10 @@ class StagedDirectory:
             raise ConversionError(f"--save {destination}: cannot write there ({e.strerror or e})") from None
 
     def commit(self) -> None:
+        for root, _, files in os.walk(self.path):
+            for name in files:
+                fsync(os.path.join(root, name))
+            fsync(root)
         old = None
         if os.path.exists(self.destination):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.destination)}.old-",
@@ -50,6 +56,7 @@ class StagedDirectory:
             os.rmdir(old)
             os.rename(self.destination, old)
         os.rename(self.path, self.destination)
+        fsync(os.path.dirname(self.destination))
         if old:
             shutil.rmtree(old, ignore_errors=True)
 

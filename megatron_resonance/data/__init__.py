@@ -16,13 +16,12 @@ from megatron_resonance.data.corpus import (
     list_stdlib_sources,
     stdlib_root,
 )
-from megatron_resonance.data.datasets import DatasetTokenizer, build_gpt_datasets
+from megatron_resonance.data.datasets import build_gpt_datasets
 from megatron_resonance.data.prepare import DefaultData, prepare_default_data
 from megatron_resonance.data.preprocess import PreprocessStats, preprocess, token_dtype
 from megatron_resonance.data.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
-    "DatasetTokenizer",
     "DefaultData",
     "PreprocessStats",
     "Tokenizer",

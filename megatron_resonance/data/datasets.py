@@ -13,8 +13,9 @@
   them, the others wait at a barrier and load them.
 
 megatron-core needs a tokenizer object only for its ``vocab_size`` (token dtype, mock data), ``eod`` (mock
-data; masks) and ``unique_identifiers`` (part of the cache key). :class:`DatasetTokenizer` is exactly that,
-built from our :class:`~megatron_resonance.data.tokenizer.Tokenizer` or from raw ids.
+data; masks) and ``unique_identifiers`` (part of the cache key): :class:`DatasetTokenizer` is exactly that,
+made from the ids :func:`build_gpt_datasets` is given (a
+:class:`~megatron_resonance.data.tokenizer.Tokenizer`'s ``vocab_size`` and ``eos_id``, or a model's).
 """
 
 from __future__ import annotations
@@ -48,11 +49,6 @@ class DatasetTokenizer:
     @property
     def eos(self) -> int:
         return self.eod
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer) -> "DatasetTokenizer":
-        """From our ``Tokenizer`` (``eos_id``, ``vocab_size``, ``path``)."""
-        return cls(tokenizer.vocab_size, tokenizer.eos_id, os.path.basename(getattr(tokenizer, "path", "")))
 
     def __repr__(self) -> str:
         return f"DatasetTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
@@ -97,9 +93,9 @@ def build_gpt_datasets(
     seed: int,
     train_samples: int,
     valid_samples: Optional[int],
-    tokenizer=None,
-    eod_id: Optional[int] = None,
-    vocab_size: Optional[int] = None,
+    vocab_size: int,
+    eod_id: int,
+    tokenizer_name: str = "",
     train_data_prefix: Optional[Prefixes] = None,
     valid_data_prefix: Optional[Prefixes] = None,
     data_prefix: Optional[Prefixes] = None,
@@ -131,9 +127,9 @@ def build_gpt_datasets(
             documents are repeated over as many epochs as needed.
         valid_samples: samples for validation (``evals * eval_iters * global_batch_size``); None: one
             epoch; 0 or no validation data: no validation dataset.
-        tokenizer: our ``Tokenizer`` (its ``eos_id`` and ``vocab_size``), or a ready
-            :class:`DatasetTokenizer` / Megatron tokenizer (``eod``, ``vocab_size``,
-            ``unique_identifiers``). Alternatively pass ``eod_id`` and ``vocab_size``.
+        vocab_size: number of token ids (the tokenizer's, or the model's); picks the token dtype.
+        eod_id: the end-of-document id the preprocessor appended (the tokenizer's ``eos_id``).
+        tokenizer_name: names the tokenizer in the index cache key (e.g. its file name).
         cache_dir: directory for the cached index ``.npy`` files (created by rank 0), which go into a
             subdirectory named by a hash of the ``.idx`` files, so re-made data never meets stale
             indices. Default: ``index-cache`` next to the first train (or blended) prefix. With
@@ -156,15 +152,7 @@ def build_gpt_datasets(
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    # -- tokenizer --------------------------------------------------------------------------------------
-    if tokenizer is None:
-        if eod_id is None or vocab_size is None:
-            raise ValueError("pass a tokenizer, or both eod_id and vocab_size")
-        dataset_tokenizer = DatasetTokenizer(vocab_size, eod_id)
-    elif hasattr(tokenizer, "eod") and hasattr(tokenizer, "unique_identifiers"):
-        dataset_tokenizer = tokenizer
-    else:
-        dataset_tokenizer = DatasetTokenizer.from_tokenizer(tokenizer)
+    dataset_tokenizer = DatasetTokenizer(vocab_size, eod_id, tokenizer_name)
 
     # -- data source ------------------------------------------------------------------------------------
     if seq_length < 1 or train_samples < 1:

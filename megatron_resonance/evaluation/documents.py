@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_resonance.cli import UsageError, jsonl_records
-from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer  # noqa: F401 - the evaluation's tokenizer
+from megatron_resonance.data.tokenizer import Tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 

@@ -30,7 +30,8 @@ GB = 1024**3
 
 @dataclasses.dataclass
 class ModelShape:
-    """The sizes the estimate needs, from a ``LlamaConfig`` or a Hugging Face ``config.json``."""
+    """The sizes the estimate needs, from a ``LlamaConfig`` or (``hf.config.model_sizes``) a Hugging Face
+    ``config.json``."""
 
     num_layers: int
     hidden_size: int
@@ -51,13 +52,6 @@ class ModelShape:
     def from_llama(cls, cfg) -> "ModelShape":
         return cls(cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
                    cfg.num_query_groups, cfg.vocab_size, cfg.tie_word_embeddings)
-
-    @classmethod
-    def from_hf(cls, config: dict) -> "ModelShape":
-        heads = config["num_attention_heads"]
-        return cls(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"], heads,
-                   config.get("num_key_value_heads") or heads, config["vocab_size"],
-                   bool(config.get("tie_word_embeddings", False)))
 
 
 def forward_bytes(shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,

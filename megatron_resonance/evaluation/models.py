@@ -31,6 +31,7 @@ from megatron_resonance.cli import UsageError, check_output_dir
 from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.evaluation.scoring import TokenScores
+from megatron_resonance.hf import config as hf_config
 from megatron_resonance.megatron import distributed
 
 KINDS = ("megatron", "hf")
@@ -165,14 +166,12 @@ def _resolve_hf(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> Resolve
     try:
         with open(path) as f:
             config = json.load(f)
-        shape = ModelShape.from_hf(config)
+        shape = ModelShape(**hf_config.model_sizes(config))
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"--hf {spec.path}: cannot read the model config {path} ({reason})") from None
     try:
-        from megatron_resonance.megatron.llama import from_hf
-
-        rope_cfg = from_hf(config).rope
+        rope_cfg = hf_config.from_hf(config).rope
         rope, original = rope_cfg.to_dict(), rope_cfg.original_max_position
     except Exception:  # noqa: BLE001 - a rope type we cannot carry still runs in transformers
         params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir, fail
+from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.evaluation import documents as docs_lib
 from megatron_resonance.evaluation import models as models_lib
 from megatron_resonance.evaluation.models import ModelSpec, ResolvedModel, Runtime, Scorer
@@ -212,7 +213,7 @@ def _documents(resolved: Sequence[ResolvedModel], data: Optional[str], add_bos: 
                              if text else f"--add-bos needs a tokenizer: none is stored with {m.name}")
         key = m.tokenizer if (text or add_bos or docs_lib.data_kind(data) == "indexed") else None
         if key not in cache:
-            tok = docs_lib.load_tokenizer(key) if key else None
+            tok = load_tokenizer(key) if key else None
             found = docs_lib.load_documents(data, tok)
             if add_bos:
                 if tok.bos_id is None:

@@ -205,8 +205,10 @@ def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
         if param.numel()
     ]
     bad = None
-    if named:  # the largest magnitude of each (NaN if any is NaN), without a copy, read back at once
-        peaks = torch.stack([torch.linalg.vector_norm(p, float("inf")).float() for _, p in named]).tolist()
+    if named:  # the largest magnitude of each (NaN if any is NaN), read back at once: from its minimum and
+        # maximum, one pass without a copy (an inf-norm is several times slower on CPU in bfloat16)
+        extremes = torch.stack([torch.stack(torch.aminmax(p)).float() for _, p in named])
+        peaks = extremes.abs().amax(dim=1).tolist()
         for (name, _), peak in zip(named, peaks):
             if not math.isfinite(peak) or peak > 1e19:
                 what = "non-finite values" if not math.isfinite(peak) else f"a value of magnitude {peak:.3g}"
@@ -332,7 +334,7 @@ def save_checkpoint(
             if os.path.exists(ckpt):  # the same iteration saved before (a rerun from an earlier checkpoint)
                 shutil.rmtree(ckpt)
             os.rename(partial, ckpt)
-            _fsync_dir(root)
+            fsync(root)
             _write_atomic(os.path.join(root, TRACKER), str(iteration))
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
@@ -377,7 +379,8 @@ def _raise_on_every_rank(problem: Optional[str]) -> None:
         raise CheckpointError(verdict[0])
 
 
-def _fsync_dir(path: str) -> None:
+def fsync(path: str) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,9 +1,10 @@
 """LLaMA-style GPTModel on megatron-core: RMSNorm, SwiGLU, GQA, no biases, rotary from ``megatron_resonance.rope``.
 
-``LlamaConfig`` is the small typed model description stored with every checkpoint; ``from_hf`` reads a
-Hugging Face ``LlamaConfig``. ``build_model`` makes one GPTModel chunk per virtual-pipeline stage on this
-rank (megatron's own modules, the TE layer spec when Transformer Engine and CUDA are present, the local
-spec with SDPA core attention otherwise) and installs the rotary plan on every chunk.
+``LlamaConfig`` is the small typed model description stored with every checkpoint
+(``megatron_resonance.hf.config.from_hf`` reads one from a Hugging Face config). ``build_model`` makes one
+GPTModel chunk per virtual-pipeline stage on this rank (megatron's own modules, the TE layer spec when
+Transformer Engine and CUDA are present, the local spec with SDPA core attention otherwise) and installs
+the rotary plan on every chunk.
 """
 
 from __future__ import annotations
@@ -360,28 +361,3 @@ def for_inference(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
         c.eval()
     return chunks
 
-
-def from_hf(hf_config) -> LlamaConfig:
-    """``LlamaConfig`` from a Hugging Face ``LlamaConfig`` (transformers 4.5x ``rope_scaling`` or 5.x
-    ``rope_parameters``). Raises on a rope type this project cannot carry."""
-    from megatron_resonance.hf_rope import rope_from_hf
-
-    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
-    heads = get("num_attention_heads")
-    hidden = get("hidden_size")
-    head_dim = get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise ValueError(f"head_dim {head_dim} x heads {heads} != hidden_size {hidden}: not supported")
-    return LlamaConfig(
-        num_layers=get("num_hidden_layers"),
-        hidden_size=hidden,
-        ffn_hidden_size=get("intermediate_size"),
-        num_attention_heads=heads,
-        num_query_groups=get("num_key_value_heads") or heads,
-        vocab_size=get("vocab_size"),
-        max_position_embeddings=get("max_position_embeddings"),
-        norm_epsilon=get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        init_method_std=get("initializer_range", 0.02),
-        rope=rope_from_hf(hf_config, head_dim),
-    )

@@ -195,7 +195,8 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
 
     d = cfg.data
     if d.tokenizer_model:
-        tokenizer = dict(tokenizer=load_data_tokenizer(d.tokenizer_model))
+        tok = load_data_tokenizer(d.tokenizer_model)
+        tokenizer = dict(vocab_size=tok.vocab_size, eod_id=tok.eos_id, tokenizer_name=os.path.basename(tok.path))
     else:
         tokenizer = dict(vocab_size=cfg.model.vocab_size, eod_id=cfg.model.vocab_size - 1)
     if d.mock_data:
@@ -661,7 +662,7 @@ def build(cfg: Config) -> Job:
         print_rank0(f"[build] loaded model weights from {info['path']} (finetune: fresh optimizer and count)")
     if cfg.checkpoint.load and save and not own and distributed.is_rank0():
         # the source's Hugging Face files (tokenizer, token ids) go on with the weights trained from them
-        from megatron_resonance.conversion import hf_assets
+        from megatron_resonance.hf import assets as hf_assets
 
         kept = hf_assets.carry_assets(cfg.checkpoint.load, info["path"], save)
         if kept:

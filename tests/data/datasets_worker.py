@@ -34,22 +34,23 @@ if __name__ == "__main__":
     init_process_group()
     rank = dist.get_rank()
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
-    common = dict(seq_length=seq_length, seed=1234, train_samples=40, valid_samples=8)
+    common = dict(seq_length=seq_length, seed=1234, train_samples=40, valid_samples=8, vocab_size=tok.vocab_size,
+                  eod_id=tok.eos_id)
     report = {}
 
     train, valid = build_gpt_datasets(
-        **common, tokenizer=tok, train_data_prefix=os.path.join(data_dir, "train"),
+        **common, tokenizer_name="tokenizer.model", train_data_prefix=os.path.join(data_dir, "train"),
         valid_data_prefix=os.path.join(data_dir, "valid"), cache_dir=os.path.join(out_dir, "cache"),
     )
     report["per_split"] = dict(train=describe(train), valid=describe(valid))
 
     train, valid = build_gpt_datasets(
-        **common, tokenizer=tok, data_prefix=[os.path.join(data_dir, "train")], split="90,10,0",
+        **common, tokenizer_name="tokenizer.model", data_prefix=[os.path.join(data_dir, "train")], split="90,10,0",
         cache_dir=os.path.join(out_dir, "cache"),
     )
     report["blend_split"] = dict(train=describe(train), valid=describe(valid))
 
-    train, valid = build_gpt_datasets(**common, eod_id=tok.eos_id, vocab_size=tok.vocab_size, mock=True)
+    train, valid = build_gpt_datasets(**common, mock=True)
     report["mock"] = dict(train=describe(train), valid=describe(valid), type=type(train).__name__)
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

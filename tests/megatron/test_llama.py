@@ -1,4 +1,5 @@
-"""``megatron_resonance.megatron.llama``: the model description, Hugging Face import and parallel checks.
+"""``megatron_resonance.megatron.llama``: the model description and parallel checks (reading a Hugging Face
+config: ``tests/hf/test_config.py``).
 
 (Building and running the model is covered by ``test_parallel_equivalence.py`` and the ``model_checks``
 worker; the builder's refusal at TP=2 is checked there too.)
@@ -7,71 +8,9 @@ worker; the builder's refusal at TP=2 is checked there too.)
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from megatron_resonance.megatron.llama import LlamaConfig, from_hf
-from megatron_resonance.rope import RopeConfig, compute_frequencies
-
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "rope_theta": 500000.0}
-
-
-def hf_config(rope_parameters=None) -> HFLlamaConfig:
-    kw = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
-    return HFLlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        initializer_range=0.01,
-        tie_word_embeddings=True,
-        **kw,
-    )
-
-
-@pytest.mark.parametrize("rope_parameters", [None, YARN], ids=["default", "yarn"])
-def test_from_hf_reads_every_field(rope_parameters):
-    hf = hf_config(rope_parameters)
-    cfg = from_hf(hf)
-    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (3, 256, 688)
-    assert (cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim) == (8, 2, 32)
-    assert (cfg.vocab_size, cfg.max_position_embeddings) == (1000, 4096)
-    assert (cfg.norm_epsilon, cfg.init_method_std, cfg.tie_word_embeddings) == (1e-5, 0.01, True)
-    if rope_parameters is None:
-        assert cfg.rope == RopeConfig(kind="rope", head_dim=32, base=10000.0, original_max_position=4096)
-    else:
-        assert cfg.rope == RopeConfig(kind="yarn", head_dim=32, base=500000.0, factor=4.0, original_max_position=1024)
-    # the same from the plain dict (config.json) and through our own serialization
-    assert from_hf(hf.to_dict()) == cfg
-    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
-
-
-@pytest.mark.parametrize("rope_parameters", [None, YARN], ids=["default", "yarn"])
-def test_from_hf_frequencies_match_transformers(rope_parameters):
-    hf = hf_config(rope_parameters)
-    ours = compute_frequencies(from_hf(hf).rope)
-    theirs = LlamaRotaryEmbedding(hf)
-    torch.testing.assert_close(ours.inv_freq.float(), theirs.inv_freq.float(), rtol=1e-6, atol=0)
-    assert ours.attention_factor == pytest.approx(theirs.attention_scaling, rel=1e-12)
-
-
-def test_from_hf_reads_transformers_4_rope_scaling():
-    """transformers 4.5x kept rope_theta at the top and the scaling in rope_scaling."""
-    legacy = {k: v for k, v in hf_config(YARN).to_dict().items() if k != "rope_parameters"}
-    legacy["rope_theta"] = 500000.0
-    legacy["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
-    assert from_hf(legacy) == from_hf(hf_config(YARN))
-
-
-def test_from_hf_refuses_rope_types_it_cannot_carry():
-    hf = hf_config({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(ValueError, match="unsupported Hugging Face rope type 'dynamic'"):
-        from_hf(hf)
+from megatron_resonance.megatron.llama import LlamaConfig
+from megatron_resonance.rope import RopeConfig
 
 
 def test_head_dim_follows_the_model():

@@ -99,7 +99,7 @@ def test_softmax_scale_equals_hugging_face_cos_sin_scaling():
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from megatron_resonance.megatron.llama import from_hf
+    from megatron_resonance.hf.config import from_hf
 
     hf_config = HFLlamaConfig(
         hidden_size=4 * HEAD_DIM,

@@ -1,5 +1,7 @@
-"""The exported config.json: stock transformers computes exactly the plan's frequencies and attention factor
-from either config style, and ``rope_from_hf`` reads the plan back."""
+"""``megatron_resonance.hf.config`` and ``hf.rope``: a Hugging Face config read into a ``LlamaConfig`` (every
+field, both transformers styles, refused rope types), and the exported config.json, from which stock
+transformers computes exactly the plan's frequencies and attention factor and ``rope_from_hf`` reads the
+plan back."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import math
 import pytest
 import torch
 import transformers
+from transformers import LlamaConfig as HFLlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from megatron_resonance.conversion import hf_config
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.hf_rope import rope_from_hf
+from megatron_resonance.hf import config as hf_config
+from megatron_resonance.hf.config import from_hf
+from megatron_resonance.hf.rope import ROPE_FORMATS, rope_from_hf
 from megatron_resonance.megatron.llama import LlamaConfig
 from megatron_resonance.rope import RopeConfig, compute_frequencies
 
@@ -67,7 +71,7 @@ def test_stock_transformers_computes_the_plan(name, style):
 @pytest.mark.parametrize("name", list(PLANS))
 def test_rope_from_hf_reads_the_export_back(name):
     rope = PLANS[name]
-    for fmt in hf_config.ROPE_FORMATS:
+    for fmt in ROPE_FORMATS:
         back = rope_from_hf(hf_config.export_config(model_config(rope), torch.float32, fmt), HEAD_DIM)
         a, b = compute_frequencies(back), compute_frequencies(rope)
         assert torch.equal(a.inv_freq, b.inv_freq) and a.attention_factor == b.attention_factor
@@ -177,3 +181,79 @@ def test_reference_yarn_is_reencoded_when_versions_would_differ():
     assert config["rope_parameters"]["rope_type"] == "longrope"
     inv_freq, _ = transformers_rope(_as_transformers4_reads(config))
     torch.testing.assert_close(inv_freq, compute_frequencies(rope).inv_freq, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a Hugging Face config
+# ----------------------------------------------------------------------------------------------------------
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "rope_theta": 500000.0}
+
+
+def hf_llama(rope_parameters=None) -> HFLlamaConfig:
+    kw = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
+    return HFLlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        initializer_range=0.01,
+        tie_word_embeddings=True,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("rope_parameters", [None, YARN], ids=["default", "yarn"])
+def test_from_hf_reads_every_field(rope_parameters):
+    hf = hf_llama(rope_parameters)
+    cfg = from_hf(hf)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (3, 256, 688)
+    assert (cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim) == (8, 2, 32)
+    assert (cfg.vocab_size, cfg.max_position_embeddings) == (1000, 4096)
+    assert (cfg.norm_epsilon, cfg.init_method_std, cfg.tie_word_embeddings) == (1e-5, 0.01, True)
+    if rope_parameters is None:
+        assert cfg.rope == RopeConfig(kind="rope", head_dim=32, base=10000.0, original_max_position=4096)
+    else:
+        assert cfg.rope == RopeConfig(kind="yarn", head_dim=32, base=500000.0, factor=4.0, original_max_position=1024)
+    # the same from the plain dict (config.json) and through our own serialization
+    assert from_hf(hf.to_dict()) == cfg
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("rope_parameters", [None, YARN], ids=["default", "yarn"])
+def test_from_hf_frequencies_match_transformers(rope_parameters):
+    hf = hf_llama(rope_parameters)
+    ours = compute_frequencies(from_hf(hf).rope)
+    theirs = LlamaRotaryEmbedding(hf)
+    torch.testing.assert_close(ours.inv_freq.float(), theirs.inv_freq.float(), rtol=1e-6, atol=0)
+    assert ours.attention_factor == pytest.approx(theirs.attention_scaling, rel=1e-12)
+
+
+def test_from_hf_reads_transformers_4_rope_scaling():
+    """transformers 4.5x kept rope_theta at the top and the scaling in rope_scaling."""
+    legacy = {k: v for k, v in hf_llama(YARN).to_dict().items() if k != "rope_parameters"}
+    legacy["rope_theta"] = 500000.0
+    legacy["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    assert from_hf(legacy) == from_hf(hf_llama(YARN))
+
+
+def test_from_hf_refuses_rope_types_it_cannot_carry():
+    hf = hf_llama({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="unsupported Hugging Face rope type 'dynamic'"):
+        from_hf(hf)
+
+
+def test_model_sizes_are_from_hf_without_its_checks():
+    """The sizes alone (memory estimates): also for a config whose head_dim or rope type the converters refuse."""
+    config = hf_llama(YARN).to_dict()
+    sizes = hf_config.model_sizes(config)
+    cfg = from_hf(config)
+    assert sizes == {name: getattr(cfg, name) for name in sizes}
+    odd = {**config, "head_dim": 48, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}
+    assert hf_config.model_sizes(odd) == sizes
+    with pytest.raises(KeyError, match="vocab_size"):
+        hf_config.model_sizes({k: v for k, v in config.items() if k != "vocab_size"})

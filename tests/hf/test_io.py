@@ -1,4 +1,4 @@
-"""Streaming safetensors writer and Hugging Face reader."""
+"""``megatron_resonance.hf.writer`` (huggingface_hub's shard plan, safetensors files) and ``hf.reader``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.conversion.hf_reader import HFCheckpoint
-from megatron_resonance.conversion.hf_writer import parse_size, plan_shards, write_sharded
+from megatron_resonance.hf.reader import HFCheckpoint
+from megatron_resonance.hf.writer import parse_size, plan_shards, write_sharded
 
 
 def tensors():
@@ -47,8 +47,9 @@ def test_writer_output_is_read_by_safetensors(tmp_path, max_shard):
 
 def test_plan_shards_and_sizes():
     specs = [(str(i), (10,), torch.float32) for i in range(5)]  # 40 bytes each
-    assert [len(s) for s in plan_shards(specs, 100)] == [2, 2, 1]
-    assert [len(s) for s in plan_shards(specs, 10)] == [1] * 5  # oversized tensors get a shard each
+    assert [len(s) for s in plan_shards(specs, 100).filename_to_tensors.values()] == [2, 2, 1]
+    oversized = plan_shards(specs, 10)  # a shard each
+    assert list(oversized.filename_to_tensors) == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1024") == 1024
     with pytest.raises(ConversionError, match="unreadable size"):
         parse_size("lots")

@@ -1,27 +1,30 @@
 """Streaming reader of a Hugging Face checkpoint directory: safetensors or PyTorch ``.bin``, sharded or not.
 
-Nothing is loaded up front but the config and the tensor headers: safetensors files are opened lazily
-(memory-mapped, one tensor read at a time); ``.bin`` files are unpickled with ``weights_only=True`` (no
-arbitrary code) and memory-mapped when they are in the zip format, so a tensor costs memory only while it
-is being converted. Every problem (missing file or shard, unreadable file, refused pickle) is raised as
-a one-line ``ConversionError`` before any conversion work starts.
+Nothing is loaded up front but the config and the tensor headers: safetensors files are opened with
+``safetensors.safe_open`` (memory-mapped; a tensor is read when it is asked for); ``.bin`` files are
+unpickled with ``weights_only=True`` (no arbitrary code) and memory-mapped when they are in the zip
+format, so a tensor costs memory only while it is being converted. Every problem (missing file or shard,
+unreadable file, refused pickle) is raised as a one-line ``ConversionError`` before any conversion work
+starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from huggingface_hub import constants
 
 from megatron_resonance.cli import first_line
 from megatron_resonance.conversion.errors import ConversionError
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
+SAFETENSORS_INDEX = constants.SAFETENSORS_INDEX_FILE
+SAFETENSORS_SINGLE = constants.SAFETENSORS_SINGLE_FILE
+BIN_SINGLE = constants.PYTORCH_WEIGHTS_NAME
+BIN_INDEX = f"{BIN_SINGLE}.index.json"
 
 
 def read_json(path: str, what: str) -> dict:
@@ -142,8 +145,7 @@ class HFCheckpoint:
             handle = self._open(name)
             if self.format == "safetensors":
                 for key in handle.keys():
-                    sl = handle.get_slice(key)
-                    self._add_header(key, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), name), name)
+                    self._add_header(key, *_safetensors_header(handle, key, name), name)
             else:
                 for key, t in handle.items():
                     self._add_header(key, tuple(t.shape), t.dtype, name)
@@ -173,14 +175,12 @@ class HFCheckpoint:
 
     def nbytes(self, key: str) -> int:
         shape, dtype = self._headers[key]
-        n = 1
-        for s in shape:
-            n *= s
-        return n * dtype.itemsize
+        return math.prod(shape) * dtype.itemsize
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor, as a private copy (safetensors) or a memory-mapped view (zip .bin). A file is closed
-        (unmapped) once every tensor in it has been read, so its pages stop counting as this process's."""
+        """The tensor: a copy-on-write, memory-mapped view of its file (safetensors, zip .bin; the mapping
+        lives as long as a tensor from it does), or a tensor of a legacy .bin loaded whole. A file's handle
+        is dropped once every tensor in it has been read."""
         name = self.weight_map[key]
         handle = self._open(name)
         try:
@@ -205,22 +205,13 @@ class HFCheckpoint:
         self._files.clear()
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _safetensors_dtype(name: str, file: str) -> torch.dtype:
+def _safetensors_header(handle, key: str, file: str) -> Tuple[Tuple[int, ...], torch.dtype]:
+    """(shape, torch dtype) of one tensor, as safetensors maps it, without reading its data: an empty slice
+    (a 0-d tensor is read whole: a few bytes)."""
+    sl = handle.get_slice(key)
+    shape = tuple(sl.get_shape())
     try:
-        return _SAFETENSORS_DTYPES[name]
-    except KeyError:
-        raise ConversionError(f"{file}: unsupported tensor dtype {name}") from None
+        probe = sl[:0] if shape else handle.get_tensor(key)
+    except Exception:  # a dtype this torch has no type for
+        raise ConversionError(f"{file}: unsupported tensor dtype {sl.get_dtype()}") from None
+    return shape, probe.dtype

@@ -102,7 +102,8 @@ def _report(line: str, status: int) -> None:
         try:
             with open(error_file, "w") as f:
                 stamp = str(int(time.time()))
-                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": stamp}}}, f)
+                info = {"py_callstack": line, "timestamp": stamp, "exit_status": status}
+                json.dump({"message": {"message": line, "extraInfo": info}}, f)
         except OSError:
             error_file = None
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
@@ -137,21 +138,28 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
         with blocked:
             torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
     except ChildFailedError as e:
-        # a worker killed by a signal (the others then fail talking to it), else the lowest rank that left a
-        # line (rank 0 names the problem; others may only know it exists), else the first to fail
+        # In order: a worker killed by a signal before it said anything (the others then fail talking to it);
+        # the lowest rank that left a line (rank 0 names the problem; others may only know it exists), even
+        # one that torchrun's SIGTERM to the survivors caught on its way out; a worker that SIGTERM caught
+        # earlier; the first to fail.
         failures = e.failures
-        killed = sorted((r for r, f in failures.items() if f.exitcode < 0), key=lambda r: failures[r].timestamp)
         told = sorted(r for r, f in failures.items() if isinstance(f.message, dict))
-        chosen = (killed or told or [None])[0]
+        silent = [r for r, f in failures.items() if f.exitcode < 0 and r not in told]
+        killed = sorted((r for r in silent if failures[r].exitcode != -signal.SIGTERM),
+                        key=lambda r: failures[r].timestamp)
+        stopped = sorted(r for r in silent if failures[r].exitcode == -signal.SIGTERM)
+        chosen = (killed or told or stopped or [None])[0]
         rank, failure = (chosen, failures[chosen]) if chosen is not None else e.get_first_failure()
         message = failure.message
+        status = failure.exitcode if 0 < failure.exitcode < 128 else 1
         if isinstance(message, dict) and isinstance(message.get("message"), str):
             line = message["message"]
+            status = (message.get("extraInfo") or {}).get("exit_status", status)
         elif failure.exitcode < 0:
             line = f"{prog}: error: worker rank {rank} was killed by {signal.Signals(-failure.exitcode).name}"
         else:
             line = f"{prog}: error: worker rank {rank} exited with status {failure.exitcode} (its output is above)"
-        fail(line, failure.exitcode if 0 < failure.exitcode < 128 else 1)
+        fail(line, status)
     finally:
         os.environ.pop(_LAUNCHER_ENV, None)
         if os.environ.get("TORCHELASTIC_ERROR_FILE", "").startswith(error_dir.name):

@@ -36,19 +36,18 @@ import dataclasses
 import json
 import os
 import random
-import sys
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import UsageError
 from megatron_resonance.data.tokenizer import load_tokenizer
-from megatron_resonance.evaluation import models as models_lib
-from megatron_resonance.evaluation.models import ModelSpec, Runtime, Scorer
+from megatron_resonance.evaluation import command_line, loading
+from megatron_resonance.evaluation.loading import Runtime, Scorer
 from megatron_resonance.evaluation.plots import fmt, markdown_table, plot_passkey
+from megatron_resonance.evaluation.resolve import ModelSpec, resolve_all
+from megatron_resonance.megatron import distributed
 
-PROG = "eval_passkey.py"
 REPORT, MARKDOWN, FIGURE = "report.json", "report.md", "passkey.png"
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -164,7 +163,7 @@ def evaluate_passkey(
         plan[L] = [builder.build(L, d, passkey(seed, L, d, t)) for d, t in cells]
     groups = {L: list(range(0, len(p), scorer.batch_size))[scorer.dp_rank::scorer.dp_size] for L, p in plan.items()}
     bar = tqdm(total=sum(len(g) for g in groups.values()), desc=f"{scorer.model.name} passkey", unit="batch",
-               disable=not (progress and models_lib.is_rank0()), dynamic_ncols=True)
+               disable=not (progress and distributed.is_rank0()), dynamic_ncols=True)
     accuracy, by_depth, answer_nll = {}, {}, {}
     for L, prompts in plan.items():
         bar.set_postfix(length=L)
@@ -222,7 +221,7 @@ def run(
 ) -> dict:
     """Passkey retrieval of ``model`` at ``lengths``; (rank 0) writes the report into ``out``; returns it."""
     runtime = runtime or Runtime()
-    say = log if models_lib.is_rank0() and log else (lambda *_: None)
+    say = log if distributed.is_rank0() and log else (lambda *_: None)
 
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
@@ -230,7 +229,7 @@ def run(
         raise UsageError(f"--trials {trials}: must be >= 1")
     if not depths:
         raise UsageError("--depths: need at least one depth")
-    (resolved,) = models_lib.resolve_all([model], tokenizer)
+    (resolved,) = resolve_all([model], tokenizer)
     runtime.check([resolved])
     if resolved.tokenizer is None:
         raise UsageError(f"passkey prompts are text and no tokenizer is stored with {resolved.name}: pass --tokenizer")
@@ -239,19 +238,19 @@ def run(
     if lengths[0] < shortest:
         raise UsageError(f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "
                          f"({shortest} tokens with this tokenizer)")
-    models_lib.check_memory([resolved], runtime, lengths[-1], max_memory_gb)
+    loading.check_memory([resolved], runtime, lengths[-1], max_memory_gb)
     if max(builder.build(shortest + len(builder.filler_unit), 0.5, "12345").tokens) >= resolved.vocab_size:
         raise UsageError(f"the tokenizer {resolved.tokenizer} gives ids beyond {resolved.name}'s vocabulary "
                          f"({resolved.vocab_size})")
     if out:
-        models_lib.prepare_out(out)
+        command_line.prepare_out(out)
 
     # ---------------------------------------------------------------- evaluate
     if resolved.spec.kind == "megatron":
-        models_lib.initialize(runtime)
+        loading.initialize(runtime)
     say(f"[passkey] {resolved.name}: {resolved.spec.kind} {resolved.directory}, {trials} trial(s) x "
         f"{len(depths)} depth(s) per length")
-    with models_lib.open_scorer(resolved, runtime, lengths[-1]) as scorer:
+    with loading.open_scorer(resolved, runtime, lengths[-1]) as scorer:
         result = evaluate_passkey(scorer, builder, lengths, depths, trials, seed=seed, progress=progress)
 
     # ---------------------------------------------------------------- report
@@ -266,7 +265,7 @@ def run(
             dtype=str(runtime.torch_dtype).replace("torch.", ""),
         ),
     }
-    if out and models_lib.is_rank0():
+    if out and distributed.is_rank0():
         write_report(report, resolved.original_length, out)
         say(f"[passkey] wrote {os.path.join(out, REPORT)}, {MARKDOWN}, {FIGURE}")
     say(markdown_table(["length", "accuracy", "answer NLL"],
@@ -297,52 +296,3 @@ def write_report(report: dict, original_length: Optional[int], out: str) -> None
     ]
     with open(os.path.join(out, MARKDOWN), "w") as f:
         f.write("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description="Passkey retrieval accuracy by length and depth.")
-    models_lib.add_model_arguments(p, several=False)
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--lengths", required=True, help="prompt lengths in tokens, comma-separated")
-    g.add_argument("--trials", type=int, required=True, help="trials per length and depth")
-    g.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
-                   help="key depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
-    g.add_argument("--seed", type=int, default=0, help="key draws (default 0)")
-    g.add_argument("--add-bos", action="store_true", help="start every prompt with the tokenizer's BOS")
-    g.add_argument("--out", required=True, help="directory for report.json, report.md, passkey.png")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """The ``tools/eval_passkey.py`` command; bad input is one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")  # torch's notice, raised through megatron
-    try:
-        specs = models_lib.models_from_args(args)
-        if len(specs) != 1:
-            raise UsageError(f"give exactly one model (--load or --hf), got {len(specs)}")
-        run(
-            specs[0],
-            models_lib.parse_lengths(args.lengths),
-            trials=args.trials,
-            depths=parse_depths(args.depths),
-            out=args.out,
-            tokenizer=args.tokenizer,
-            seed=args.seed,
-            add_bos=args.add_bos,
-            runtime=models_lib.runtime_from_args(args),
-            max_memory_gb=args.max_memory_gb,
-            progress=not args.no_progress,
-        )
-    except UsageError as e:
-        if models_lib.is_rank0():
-            fail(f"{PROG}: error: {e}")
-        sys.exit(2)
-    return 0

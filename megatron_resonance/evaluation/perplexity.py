@@ -37,21 +37,20 @@ import dataclasses
 import json
 import math
 import os
-import sys
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir, fail
+from megatron_resonance.cli import UsageError, check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.evaluation import command_line, loading
 from megatron_resonance.evaluation import documents as docs_lib
-from megatron_resonance.evaluation import models as models_lib
-from megatron_resonance.evaluation.models import ModelSpec, ResolvedModel, Runtime, Scorer
+from megatron_resonance.evaluation.loading import Runtime, Scorer
 from megatron_resonance.evaluation.plots import fmt, markdown_table, plot_perplexity
+from megatron_resonance.evaluation.resolve import ModelSpec, ResolvedModel, resolve_all
+from megatron_resonance.megatron import distributed
 
-PROG = "eval_perplexity.py"
 REPORT, MARKDOWN, FIGURE = "report.json", "report.md", "perplexity.png"
 
 
@@ -98,7 +97,7 @@ def perplexity_by_length(
     groups = {L: list(range(0, len(spans), scorer.batch_size))[scorer.dp_rank::scorer.dp_size]
               for L, (_, _, spans) in plan.items()}
     bar = tqdm(total=sum(len(g) for g in groups.values()), desc=scorer.model.name, unit="batch",
-               disable=not (progress and models_lib.is_rank0()), dynamic_ncols=True)
+               disable=not (progress and distributed.is_rank0()), dynamic_ncols=True)
     results = {}
     for L, (used, skipped, spans) in plan.items():
         bar.set_postfix(length=L)
@@ -152,7 +151,7 @@ def run(
     Raises UsageError (one line) for bad input, before any model is loaded. Megatron models need
     ``torch.distributed`` launched as the layout in ``runtime`` asks (single process by default)."""
     runtime = runtime or Runtime()
-    say = log if models_lib.is_rank0() and log else (lambda *_: None)
+    say = log if distributed.is_rank0() and log else (lambda *_: None)
 
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
@@ -162,25 +161,25 @@ def run(
         raise UsageError(f"--stride {stride}: must be between 1 and the shortest length {lengths[0]}")
     if max_documents is not None and max_documents < 1:
         raise UsageError(f"--max-documents {max_documents}: must be >= 1")
-    resolved = models_lib.resolve_all(models, tokenizer)
+    resolved = resolve_all(models, tokenizer)
     runtime.check(resolved)
-    models_lib.check_memory(resolved, runtime, lengths[-1], max_memory_gb)
+    loading.check_memory(resolved, runtime, lengths[-1], max_memory_gb)
     if out:
         check_output_dir(out, "--out")  # created once the documents are read: bad data leaves nothing behind
 
     # ---------------------------------------------------------------- data
     documents = _documents(resolved, data, add_bos)
     if out:
-        models_lib.prepare_out(out)
+        command_line.prepare_out(out)
 
     # ---------------------------------------------------------------- evaluate
     if any(m.spec.kind == "megatron" for m in resolved):
-        models_lib.initialize(runtime)
+        loading.initialize(runtime)
     results = {}
     for m in resolved:
         say(f"[eval] {m.name}: {m.spec.kind} {m.directory} rope={m.rope.get('kind', m.rope.get('rope_type'))} "
             f"original length {m.original_length}")
-        with models_lib.open_scorer(m, runtime, lengths[-1]) as scorer:
+        with loading.open_scorer(m, runtime, lengths[-1]) as scorer:
             results[m.name] = perplexity_by_length(scorer, documents[m.name], lengths, stride=stride,
                                                    max_documents=max_documents, seed=seed, progress=progress)
 
@@ -194,7 +193,7 @@ def run(
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
     report = make_report(resolved, results, settings)
-    if out and models_lib.is_rank0():
+    if out and distributed.is_rank0():
         write_report(report, resolved, out)
         say(f"[eval] wrote {os.path.join(out, REPORT)}, {MARKDOWN}, {FIGURE}")
     say(summary_table(report))
@@ -288,52 +287,3 @@ def write_report(report: dict, resolved: Sequence[ResolvedModel], out: str) -> N
     lines += ["", f"![perplexity by length]({FIGURE})", ""]
     with open(os.path.join(out, MARKDOWN), "w") as f:
         f.write("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description="Perplexity by context length (Megatron checkpoints, HF models).")
-    models_lib.add_model_arguments(p, several=True)
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--lengths", required=True, help="context lengths, comma-separated (e.g. 128,256,512)")
-    g.add_argument("--data", default=None, help="indexed-dataset prefix (PATH of PATH.bin/.idx) or JSONL with "
-                   "{\"text\": ...} or {\"tokens\": [...]} per line (default: held-out standard-library files)")
-    g.add_argument("--stride", type=int, default=None,
-                   help="sliding windows S tokens apart (default: the first L tokens of each document)")
-    g.add_argument("--max-documents", type=int, default=None, help="at most N documents per length")
-    g.add_argument("--seed", type=int, default=0, help="document order (default 0)")
-    g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to every document")
-    g.add_argument("--out", required=True, help="directory for report.json, report.md, perplexity.png")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """The ``tools/eval_perplexity.py`` command; bad input is one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")  # torch's notice, raised through megatron
-    try:
-        run(
-            models_lib.models_from_args(args),
-            models_lib.parse_lengths(args.lengths),
-            out=args.out,
-            data=args.data,
-            tokenizer=args.tokenizer,
-            stride=args.stride,
-            max_documents=args.max_documents,
-            seed=args.seed,
-            add_bos=args.add_bos,
-            runtime=models_lib.runtime_from_args(args),
-            max_memory_gb=args.max_memory_gb,
-            progress=not args.no_progress,
-        )
-    except UsageError as e:
-        if models_lib.is_rank0():
-            fail(f"{PROG}: error: {e}")
-        sys.exit(2)
-    return 0

@@ -74,10 +74,6 @@ def vocab_parallel_scores(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def megatron_logit_scores(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> TokenScores:
     """Scores from a GPTModel's output on this rank (``[B, S, V / TP]``, this TP rank's vocabulary slice)
     over the real vocabulary: what the trainer's validation loss and the evaluation tools both compute."""
@@ -130,7 +126,9 @@ def megatron_token_scores(
 
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [batch, length >= 2], got {tuple(tokens.shape)}")
-    device = _device()
+    from megatron_resonance.megatron.distributed import device as rank_device
+
+    device = rank_device()
     rows, length = tokens.shape
     mbs = max(1, min(micro_batch_size, rows))
     count = -(-rows // mbs)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from megatron_resonance.cli import UsageError
+from megatron_resonance.evaluation.command_line import parse_lengths
 from megatron_resonance.evaluation.documents import load_documents, select, windows
 from megatron_resonance.evaluation.memory import ModelShape, forward_bytes
-from megatron_resonance.evaluation.models import megatron_tokenizer, parse_lengths
+from megatron_resonance.evaluation.resolve import megatron_tokenizer
 from megatron_resonance.evaluation.scoring import vocab_parallel_scores
 
 

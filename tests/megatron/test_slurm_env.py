@@ -98,7 +98,7 @@ def test_training_validates_against_the_srun_world(srun_task):
 
 def test_evaluation_validates_against_the_srun_world(srun_task):
     from megatron_resonance.cli import UsageError
-    from megatron_resonance.evaluation.models import Runtime
+    from megatron_resonance.evaluation.loading import Runtime
 
     srun_task(2)
     Runtime(tensor_model_parallel_size=2).check([])  # a 2-task srun at TP=2 is fine

@@ -84,7 +84,10 @@ def convert(setup: dict) -> None:
 
 
 def main(plan_path: str, results_path: str) -> None:
-    from megatron_resonance.evaluation import passkey, perplexity
+    sys.path.insert(0, str(REPO))
+    from tests.launch import load_tool
+
+    perplexity, passkey = load_tool("eval_perplexity"), load_tool("eval_passkey")
 
     plan = json.loads(Path(plan_path).read_text())
     rank0 = os.environ.get("RANK", "0") == "0"

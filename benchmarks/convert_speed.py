@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -35,6 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_resonance.environment import describe  # noqa: E402
+
 SUMMARY = re.compile(r"(\d+) tensors, ([\d.]+) GB in ([\d.]+) s \(([\d.]+) GB/s; setup ([\d.]+) s of it\)")
 
 
@@ -156,12 +159,12 @@ def main() -> None:
         "weights_gb": nbytes / 1e9, "safetensors_files": len(files), "safetensors_gb_on_disk": on_disk / 1e9,
         "repeat": args.repeat, "cp_r": cp, "cp_r_sync": cp_sync,
         "hf_to_megatron": imp, "megatron_to_hf": exp, "roundtrip_bit_exact": exact,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": describe(),
         "load_average": os.getloadavg(),
     }
     (work / "convert_speed.json").write_text(json.dumps(result, indent=2))
     print(f"model: {result['model']} -> {nbytes / 1e9:.3f} GB in {len(files)} safetensors shards; "
-          f"{result['machine']}; load average {result['load_average'][0]:.1f}")
+          f"{result['machine']['hardware']}; load average {result['load_average'][0]:.1f}")
     print(f"medians of {args.repeat} run(s)")
     print("| step | wall s (process) | GB/s (process) | tool's own s | tool GB/s | setup s | GB/s w/o setup "
           "| peak RSS GB |")

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -470,26 +469,6 @@ def conversion(quick: bool, workdir: Path) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    except OSError:  # no git (a copied tree on a GPU node)
-        commit = subprocess.CompletedProcess([], 1, stdout="")
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "commit": commit.stdout.strip(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
 def main(argv=None) -> int:
     from megatron_resonance.cli import ArgumentParser
 
@@ -506,7 +485,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     workdir = Path(args.workdir or out.parent / "bench_work")
     workdir.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine(), "quick": args.quick}
+    from megatron_resonance.environment import describe
+
+    results = {"machine": {**describe(), "cpu_count": os.cpu_count()}, "quick": args.quick}
     on_gpu = torch.cuda.is_available()  # the CPU path comparison needs a machine without CUDA
     sections = [
         ("precision", lambda: angle_errors()),

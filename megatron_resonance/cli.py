@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from typing import Iterator, Tuple
 
 
@@ -77,3 +79,29 @@ def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
             except json.JSONDecodeError as e:
                 raise UsageError(f"{what}{path}:{number}: not a JSON line ({e.msg})") from None
             yield number, record
+
+
+#: notices megatron-core and torch print on import and load that would drown a tool's progress and error
+#: lines: no Apex / Transformer Engine on this machine, torch deprecations raised through megatron
+_LIBRARY_NOTICES = (".*(Apex|Transformer Engine).* not installed", ".*ShardedTensor.*", ".*non-leaf Tensor",
+                    ".*is deprecated")
+
+
+def _ignore_library_notices() -> None:
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for message in _LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def quiet_library_warnings() -> None:
+    """Hide the library notices for the rest of the process (a tool calls it first)."""
+    _ignore_library_notices()
+
+
+@contextlib.contextmanager
+def library_warnings_quiet():
+    """Hide the library notices inside a block (library code that builds or loads a megatron model)."""
+    with warnings.catch_warnings():
+        _ignore_library_notices()
+        yield

@@ -21,17 +21,14 @@ import argparse
 import dataclasses
 import os
 import sys
-import warnings
 
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, fail, quiet_library_warnings
 from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.tasks import TASKS
 
 PROG = "posgen_benchmark.py"
 
-# Library notices that would drown the progress lines (no Apex/TE on CPU; torch deprecations in megatron).
-for _message in (".*(Apex|Transformer Engine).* not installed", ".*non-leaf Tensor", ".*is deprecated"):
-    warnings.filterwarnings("ignore", message=_message)
+quiet_library_warnings()
 
 
 def build_parser() -> ArgumentParser:
@@ -120,7 +117,7 @@ def main(argv=None) -> int:
             run(preset, args.out, save_weights=args.save_weights, cells=cells,
                 worker=args.worker or ("1/1" if cells else None))
     except ValueError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if distributed.is_rank0():
             fail(f"{PROG}: error: {e}")
         sys.exit(2)
     except RuntimeError as e:

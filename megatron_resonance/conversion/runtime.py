@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from typing import Iterator
 
 import torch
 
+from megatron_resonance.cli import library_warnings_quiet
 from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.megatron.llama import LlamaConfig
 
@@ -23,9 +23,7 @@ def single_process() -> Iterator[None]:
 
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise ConversionError("the converters run as one process; this process belongs to a multi-rank job")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"megatron\..*")  # "Apex is not installed" and friends
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's ShardedTensor deprecation
+    with library_warnings_quiet():
         from megatron_resonance.megatron import distributed
 
         distributed.initialize(1, 1)

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from megatron_resonance import atomic
+
 DEFAULT_VALID_FRACTION = 0.05
 DEFAULT_MAX_TRAIN_BYTES = 4_000_000
 DEFAULT_MAX_VALID_BYTES = 400_000
@@ -180,15 +182,13 @@ def build_stdlib_corpus(
     splits = {}
     for name, files in (("train", train), ("valid", valid)):
         stats = SplitStats(path=str(out / f"{name}.jsonl"))
-        tmp = out / f".{name}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        with atomic.replacing(stats.path, encoding="utf-8", newline="\n") as f:
             for src in files:
                 text = (root / src.relpath).read_bytes().decode("utf-8")
                 f.write(json.dumps({"text": text, "path": src.relpath}, ensure_ascii=False) + "\n")
                 stats.documents += 1
                 stats.num_bytes += src.num_bytes
                 stats.files.append(src.relpath)
-        tmp.replace(stats.path)
         splits[name] = stats
     manifest = CorpusManifest(
         python_version=platform.python_version(),
@@ -200,5 +200,5 @@ def build_stdlib_corpus(
         train=splits["train"],
         valid=splits["valid"],
     )
-    (out / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n", encoding="utf-8")
+    atomic.write_text(str(out / "manifest.json"), json.dumps(asdict(manifest), indent=1) + "\n")
     return manifest

@@ -32,7 +32,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance import atomic
 from megatron_resonance.cli import one_line
+from megatron_resonance.megatron import distributed
 from megatron_resonance.megatron.llama import LlamaConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -215,7 +217,7 @@ def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
                 bad = f"{ckpt}: parameter {name} holds {what} (a corrupted shard)"
                 break
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = distributed.device()
         flag = torch.tensor([1 if bad else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not bad:
@@ -226,15 +228,6 @@ def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
 
 def read_model_config(path: str) -> LlamaConfig:
     return LlamaConfig.from_dict(read_config(path)["model"])
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
@@ -330,12 +323,13 @@ def save_checkpoint(
     dist.barrier()
     if dist.get_rank() == 0:
         try:
-            _write_atomic(os.path.join(partial, CONFIG_FILE), json.dumps({**meta, "iteration": iteration}, indent=2))
+            record = json.dumps({**meta, "iteration": iteration}, indent=2)
+            atomic.write_text(os.path.join(partial, CONFIG_FILE), record)
             if os.path.exists(ckpt):  # the same iteration saved before (a rerun from an earlier checkpoint)
                 shutil.rmtree(ckpt)
             os.rename(partial, ckpt)
             fsync(root)
-            _write_atomic(os.path.join(root, TRACKER), str(iteration))
+            atomic.write_text(os.path.join(root, TRACKER), str(iteration))
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
             problem = f"saving iteration {iteration} in {root} failed: {e}"

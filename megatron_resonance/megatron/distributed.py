@@ -149,6 +149,11 @@ def destroy() -> None:
         ps.destroy_model_parallel()
 
 
+def device() -> torch.device:
+    """Where this rank's tensors for the model and collectives live: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def is_rank0() -> bool:
     """Rank 0 of the process group, or before there is one, of the launch (torchrun's or srun's rank)."""
     if dist.is_initialized():

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megatron_resonance.megatron import distributed
 from megatron_resonance.rope import RopeConfig, compute_frequencies, rotary_angle_table
 
 
@@ -49,7 +50,7 @@ class ResonanceRotaryEmbedding(RotaryEmbedding):
 
     def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
         """Exact [max_seq_len, d/2] fp32 angles for positions offset .. offset+max_seq_len-1."""
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = distributed.device()
         return rotary_angle_table(self.frequencies, max_seq_len, offset, device=device)
 
     def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:

@@ -30,7 +30,7 @@ from megatron_resonance.posgen.report import cell_path, write_report
 CONFIG_FILE = "benchmark.json"
 
 
-def check_output_dir(out: str, preset: Preset) -> None:
+def check_stored_settings(out: str, preset: Preset) -> None:
     """Refuse a directory whose stored cells came from other settings (read-only; any rank)."""
     path = os.path.join(out, CONFIG_FILE)
     if os.path.isfile(path):
@@ -63,7 +63,7 @@ def parse_cell(name: str, preset: Preset) -> tuple:
 def prepare_output(out: str, preset: Preset) -> list:
     """Check ``out`` against the preset, record the settings there, and return the unfinished cells.
     One process calls it (rank 0 of a torchrun job, or the parent of the workers)."""
-    check_output_dir(out, preset)
+    check_stored_settings(out, preset)
     atomic.write_json(os.path.join(out, CONFIG_FILE), {"preset": preset.name, "fingerprint": preset.fingerprint()})
     return [c for c in preset.cells() if not os.path.isfile(cell_path(out, *c))]
 
@@ -88,7 +88,7 @@ def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Se
     from megatron_resonance.megatron import distributed
     from megatron_resonance.megatron.distributed import is_rank0, print_rank0
 
-    check_output_dir(out, preset)
+    check_stored_settings(out, preset)
     distributed.initialize(seed=0)
     if worker is None:
         todo = prepare_output(out, preset) if is_rank0() else None

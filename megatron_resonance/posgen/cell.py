@@ -26,6 +26,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.presets import EVALUATED_AS, Preset
 from megatron_resonance.posgen.splits import make_split
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
@@ -182,7 +183,7 @@ def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int) -> torch
     for c in chunks:
         c.train()
     if dp_size > 1:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = distributed.device()
         total = correct.to(device)
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         correct = total.cpu()

@@ -23,6 +23,7 @@ import time
 from typing import Callable, List, Optional
 
 from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.megatron import distributed
 from megatron_resonance.megatron.checkpointing import CheckpointError
 from megatron_resonance.training import preemption
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
@@ -106,7 +107,7 @@ def _report(line: str, status: int) -> None:
                 json.dump({"message": {"message": line, "extraInfo": info}}, f)
         except OSError:
             error_file = None
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if distributed.is_rank0():
         if not (error_file and os.environ.get(_LAUNCHER_ENV)):
             fail(line, status)
     sys.exit(status)

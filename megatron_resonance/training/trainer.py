@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance import atomic
 from megatron_resonance.megatron import checkpointing, cpu_speed, distributed
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import build_model, for_training, resolve_spec
@@ -389,7 +390,7 @@ def reduce_loss(loss_dicts: List[Dict[str, torch.Tensor]]) -> Optional[float]:
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         for d in loss_dicts:
             total += d["lm loss"].detach().double().cpu()
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = distributed.device()
     total = total.to(device)
     dist.all_reduce(total)  # only last-stage TP-rank-0 replicas contribute
     loss_sum, tokens = total.tolist()
@@ -472,7 +473,7 @@ class SignalFlag:
         return "the launcher is gone" if self.received is not None and preemption.received() is None else "received"
 
     def any_rank(self) -> bool:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = distributed.device()
         flag = torch.tensor([1 if self.received is not None else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -515,10 +516,8 @@ class MetricsLog:
             if record.get("iteration", 0) <= iteration:
                 kept.append(line)
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "wb") as f:
+            with atomic.replacing(self.path, "wb") as f:
                 f.writelines(kept)
-            os.replace(tmp, self.path)
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.path:

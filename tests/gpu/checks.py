@@ -34,6 +34,6 @@ def assert_same_training_state(saved: dict, loaded: dict) -> None:
         for key in a:
             same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
             assert same, f"Adam state {i} '{key}' differs after the load"
-    assert saved["scheduler_steps"] == loaded["scheduler_steps"]
+    assert saved["scheduler_steps"] == loaded["scheduler_steps"], "scheduler steps differ"
     assert abs(saved["next_loss"] - loaded["next_loss"]) <= DEVICE_LOSS_RTOL * abs(saved["next_loss"]), (
         f"next loss {saved['next_loss']} ({saved['device']}) vs {loaded['next_loss']} ({loaded['device']})")

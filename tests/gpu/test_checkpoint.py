@@ -42,7 +42,7 @@ def test_checkpoint_check_fails_on_what_it_guards():
     for broken, message in (
         ({**state, "weights": {"w": torch.tensor([1.0, 1.0, 1.0 + 2**-20])}}, "weight w"),
         ({**state, "adam": [{**state["adam"][0], "step": torch.tensor(0.0)}]}, "'step'"),
-        ({**state, "scheduler_steps": 0}, ""),
+        ({**state, "scheduler_steps": 0}, "scheduler steps"),
         ({**state, "next_loss": 3.1}, "next loss"),
     ):
         with pytest.raises(AssertionError, match=message):

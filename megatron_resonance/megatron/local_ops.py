@@ -19,8 +19,8 @@ swapped in by ``cpu_speed`` (this module installs nothing itself).
   for fp32 CPU input, runs a hand-written backward of 8 ops (``dx = r (g w - x̂ mean(g w x̂))``,
   ``dw = sum(g x̂)``): 1.0 ms forward + backward.
 
-Measured on the 2-core CPU benchmark (benchmarks/README.md) against the autograd composition; results
-match it to float rounding (tests/megatron/test_local_ops.py).
+Measured on the 2-core CPU benchmark (benchmarks/results/2026-11-26_cpu_training.md) against the autograd
+composition; results match it to float rounding (tests/megatron/test_local_ops.py).
 """
 
 from __future__ import annotations

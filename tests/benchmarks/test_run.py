@@ -1,6 +1,6 @@
 """``benchmarks/run.py`` stays runnable; its precision section (no timing) holds the angle-error goal.
 
-Speed numbers are not asserted anywhere (benchmarks/README.md has them)."""
+Speed numbers are not asserted anywhere (benchmarks/results/ has them)."""
 
 from __future__ import annotations
 

@@ -104,8 +104,8 @@ def test_suspended_takes_the_mode_off_and_back(model_checks):
 
 def test_one_rank_collectives_skip_gloo(model_checks):
     """DP=1 (or TP=1, ...) collectives are the identity or a copy: cpu_speed runs them in place, without
-    gloo's worker thread and buffers (benchmarks/README.md: ~1.5x training throughput); with it off, or
-    outside the device mode, they go through gloo."""
+    gloo's worker thread and buffers (benchmarks/results/2026-11-26_cpu_training.md: ~1.5x training
+    throughput); with it off, or outside the device mode, they go through gloo."""
     record = model_checks["check_one_rank_collectives"]
     assert record["gloo_collectives_without_mode"] == 1  # the counter sees gloo collectives
     assert record["gloo_collectives_speed_off"] == 2

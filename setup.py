@@ -17,7 +17,7 @@ setup(
         "numpy",
         "sentencepiece",
         "pyyaml",
-        # dist_checkpointing's writer process needs psutil; without it a save hangs (see DESIGN.md).
+        # dist_checkpointing's writer process needs psutil; without it a save hangs.
         "psutil",
         "tqdm",
         "matplotlib",

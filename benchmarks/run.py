@@ -17,7 +17,9 @@ Fields (see benchmarks/README.md for the latest numbers):
 * ``convert_gb_per_s`` / ``copy_gb_per_s``: HF -> Megatron conversion of a few-hundred-MB model vs ``cp -r``
   (benchmarks/convert_speed.py);
 * on a GPU (only when CUDA is present): tokens/s per GPU, TFLOP/s and MFU of a LLaMA-2-7B-shaped layer
-  stack (Transformer Engine when installed) at 4K and 32K, ``rope`` vs ``resonance_yarn`` (``gpu_*`` keys).
+  stack at 4K and 32K, ``rope`` vs ``resonance_yarn``, for each layer spec there: ``local`` (eager),
+  ``local_compiled`` (its layers under ``torch.compile``) and ``te`` when Transformer Engine is installed
+  (``gpu_by_spec``; the ``gpu_<length>_*`` keys repeat the spec training picks by default).
 
 Timings are medians over interleaved rounds after warm-up (ratios: medians of per-round ratios, with the
 ratios of the separate medians beside them); the CPU comparison runs in fresh processes (5, or 2 with
@@ -135,17 +137,18 @@ def _token_batches(vocab_size: int, seq: int, batch: int):
         yield torch.randint(0, vocab_size, (batch, seq + 1), generator=g)
 
 
-def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False):
+def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False, spec: str = "auto"):
     """One-process megatron-core training step (same code path as pretrain_llama.py); returns the loss."""
     import dataclasses
 
     from megatron_resonance.training import trainer
-    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
+    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig, ParallelConfig
 
     cfg = Config(
         model=dataclasses.replace(model_cfg, rope=rope),
         data=DataConfig(seq_length=seq, micro_batch_size=batch, global_batch_size=batch, mock_data=True),
         optimizer=OptimizerConfig(lr=1e-4, min_lr=1e-4, lr_decay_style="constant", clip_grad=1.0),
+        parallel=ParallelConfig(transformer_impl=spec),
     )
     cfg.training.train_iters = 10**6
     _seed()
@@ -380,14 +383,29 @@ def cpu_training_here(quick: bool, rounds: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: the layer specs the GPU section measures, where they are available
+GPU_SPECS = ("local", "local_compiled", "te")
+GPU_LENGTHS = (4096, 32768)
+
+
+def gpu_specs() -> list:
+    """The layer specs this machine can build: ``te`` only with Transformer Engine."""
+    from megatron_resonance.megatron.llama import te_available
+
+    return [spec for spec in GPU_SPECS if spec != "te" or te_available()]
+
+
 def gpu_throughput(quick: bool) -> dict:
     """tokens/s, TFLOP/s and MFU on one GPU for a LLaMA-2-7B-shaped stack (hidden 4096, FFN 11008, 32
-    heads, 4 layers; 2 with --quick) in bf16 with the trainer's own step (layer spec as training picks it:
-    Transformer Engine when installed, else the local spec with SDPA attention; DDP + distributed
-    optimizer), at 4K and 32K tokens, ``rope`` vs ``resonance_yarn`` interleaved. MFU is against the
-    datasheet peak and against a measured 8192^3 bf16 matmul."""
+    heads, 4 layers; 2 with --quick) in bf16 with the trainer's own step (DDP + distributed optimizer), at
+    4K and 32K tokens, ``rope`` vs ``resonance_yarn`` interleaved, for each layer spec of ``gpu_specs()``
+    (the local spec eager and compiled, TE's when installed), one spec's two models at a time. MFU is
+    against the datasheet peak and against a measured 8192^3 bf16 matmul. The warm-up steps hold
+    ``local_compiled``'s compilation (one per length). A spec that fails is recorded with its error and the
+    next one runs."""
     import dataclasses
     import gc
+    import traceback
 
     from megatron_resonance.megatron.llama import LlamaConfig, resolve_spec
     from megatron_resonance.training import flops
@@ -400,38 +418,62 @@ def gpu_throughput(quick: bool) -> dict:
     )  # fmt: skip
     peak = flops.peak_tflops()
     measured = _matmul_tflops()
+    default = resolve_spec("auto")
     out = {
         "gpu_shape": {"layers": layers, "hidden": 4096, "ffn": 11008, "heads": 32, "dtype": "bf16", "batch": 1},
-        "gpu_spec": resolve_spec("auto"),
+        "gpu_spec": default,
+        "gpu_specs": gpu_specs(),
         "gpu_peak_tflops_datasheet": peak,
         "gpu_matmul_tflops_measured": measured,
+        "gpu_by_spec": {},
     }
-    print(f"[bench] gpu: spec={out['gpu_spec']} matmul {measured:.0f} TFLOP/s (datasheet {peak})", flush=True)
-    for seq in (4096, 32768):
+    print(f"[bench] gpu: specs {out['gpu_specs']} (default {default}); matmul {measured:.0f} TFLOP/s "
+          f"(datasheet {peak})", flush=True)
+    for seq in GPU_LENGTHS:
+        length = f"{seq // 1024}k"
         model_cfg = dataclasses.replace(shape, max_position_embeddings=seq)
-        torch.cuda.reset_peak_memory_stats()
-        steps = {  # the LLaMA-2 4K -> 32K extension: 4096 original positions, factor 8, at both lengths
-            kind: _megatron_trainer(model_cfg, _rope(model_cfg, kind, 4096, 8.0), seq, 1, bf16=True)
-            for kind in ("rope", "resonance_yarn")
-        }
-        times = _interleaved_times(steps, warmup=2, repeats=5 if quick else 10, sync=torch.cuda.synchronize)
-        medians = _medians(times)
         per_token = flops.training_flops_per_token(model_cfg, seq)
-        for kind, seconds in medians.items():
-            tflops = per_token * seq / seconds / 1e12
-            out[f"gpu_{seq // 1024}k_{kind}"] = {
-                "step_s": seconds,
-                "tokens_per_s": seq / seconds,
-                "tflops": tflops,
-                "mfu": tflops / peak if peak else None,
-                "mfu_vs_measured_matmul": tflops / measured,
-            }
-            print(f"[bench] gpu {seq // 1024}K {kind}: {seq / seconds:,.0f} tok/s, {tflops:.0f} TFLOP/s", flush=True)
-        out[f"gpu_{seq // 1024}k_resonance_overhead_ratio"] = _paired_ratio(times["resonance_yarn"], times["rope"])
-        out[f"gpu_{seq // 1024}k_peak_memory_gib_two_models"] = torch.cuda.max_memory_allocated() / 2**30
-        del steps
-        gc.collect()
-        torch.cuda.empty_cache()
+        for spec in out["gpu_specs"]:
+            entry = out["gpu_by_spec"].setdefault(spec, {})
+            steps = None
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            try:
+                steps = {  # the LLaMA-2 4K -> 32K extension: 4096 original positions, factor 8, at both lengths
+                    kind: _megatron_trainer(model_cfg, _rope(model_cfg, kind, 4096, 8.0), seq, 1, bf16=True, spec=spec)
+                    for kind in ("rope", "resonance_yarn")
+                }
+                times = _interleaved_times(steps, warmup=3, repeats=3 if quick else 6, sync=torch.cuda.synchronize)
+            except Exception as e:  # (a compiler missing on this machine, out of memory): the next spec runs
+                traceback.print_exc()
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                entry[length] = {"error": f"{type(e).__name__}: {first_line}"}
+                print(f"[bench] gpu {length} {spec}: failed: {entry[length]['error']}", flush=True)
+            else:
+                result = {}
+                for kind, seconds in _medians(times).items():
+                    tflops = per_token * seq / seconds / 1e12
+                    result[kind] = {
+                        "step_s": seconds,
+                        "tokens_per_s": seq / seconds,
+                        "tflops": tflops,
+                        "mfu": tflops / peak if peak else None,
+                        "mfu_vs_measured_matmul": tflops / measured,
+                    }
+                    print(f"[bench] gpu {length} {spec} {kind}: {seq / seconds:,.0f} tok/s, {tflops:.0f} TFLOP/s"
+                          + (f", MFU {100 * tflops / peak:.1f} %" if peak else ""), flush=True)
+                result["resonance_overhead_ratio"] = _paired_ratio(times["resonance_yarn"], times["rope"])
+                result["peak_memory_gib_two_models"] = torch.cuda.max_memory_allocated() / 2**30
+                result["seconds_with_warmup"] = time.perf_counter() - start
+                entry[length] = result
+                if spec == default:  # the keys of earlier runs: the spec training picks by default
+                    for kind in ("rope", "resonance_yarn"):
+                        out[f"gpu_{length}_{kind}"] = result[kind]
+                    out[f"gpu_{length}_resonance_overhead_ratio"] = result["resonance_overhead_ratio"]
+                    out[f"gpu_{length}_peak_memory_gib_two_models"] = result["peak_memory_gib_two_models"]
+            del steps
+            gc.collect()
+            torch.cuda.empty_cache()
     return out
 
 

@@ -12,7 +12,8 @@ that fails is recorded and the next one runs:
                 machine: GPU, CUDA, Python, torch, megatron-core, transformers, Transformer Engine, layer spec;
 2. tests        ``pytest -m gpu``: passed / failed / skipped per test, and which layer spec the tier ran;
 3. benchmark    ``benchmarks/run.py``'s gpu section: 4K and 32K, rope vs resonance_yarn (tokens/s, TFLOP/s,
-                MFU, peak memory);
+                MFU, peak memory) for each layer spec: local, local_compiled (torch.compile), te where
+                Transformer Engine is installed;
 4. demo         ``make demo``'s pipeline (``tools/run_demo.py --nproc 1``);
 5. posgen       a timed slice of the PosGen ``paper`` preset (one task, one seed, 3 epochs, bf16): steps/s
                 and the full preset's projected time; the full run does not fit in the budget.
@@ -182,7 +183,9 @@ def junit_results(path: Path) -> dict:
 
 
 def benchmark_results(raw: dict) -> dict:
-    """``benchmarks/run.py``'s gpu keys, by length and variant."""
+    """``benchmarks/run.py``'s gpu keys: the default spec's by length and variant (``by_length``), and every
+    measured spec's (``by_spec``: spec -> length -> the same, or ``{"error": ...}`` for a spec that failed;
+    a run before ``gpu_by_spec`` existed gives its one spec)."""
     out = {"spec": raw.get("gpu_spec"), "shape": raw.get("gpu_shape"),
            "peak_tflops_datasheet": raw.get("gpu_peak_tflops_datasheet"),
            "matmul_tflops_measured": raw.get("gpu_matmul_tflops_measured"), "by_length": {}}
@@ -195,6 +198,7 @@ def benchmark_results(raw: dict) -> dict:
         entry["peak_memory_gib_two_models"] = raw.get(f"gpu_{length}_peak_memory_gib_two_models")
     if not out["by_length"]:
         raise ValueError("the benchmark wrote no gpu_* results")
+    out["by_spec"] = raw.get("gpu_by_spec") or {out["spec"]: out["by_length"]}
     return out
 
 
@@ -259,7 +263,7 @@ class Check:
                                     *tier_modules()],
                  180, collect=lambda: junit_results(w / "gpu_tests.xml")),
             Step("benchmark", "benchmark", [py, "benchmarks/run.py", "--skip", "precision,convert", "--out",
-                                            str(w / "benchmark.json"), "--workdir", str(w / "bench_work")], 150,
+                                            str(w / "benchmark.json"), "--workdir", str(w / "bench_work")], 240,
                  "benchmarks/run.py", min_s=60, collect=self.collect_benchmark),
             Step("demo", "demo", [py, "tools/run_demo.py", "--out", str(w / "demo"), "--nproc", "1"], 210,
                  "tools/run_demo.py", min_s=120, collect=self.collect_demo),
@@ -525,9 +529,9 @@ def _summary(name: str, s: dict) -> str:
         return (f"{s['passed']} passed, {s['failed']} failed, {s['error']} errors, {s['skipped']} skipped; "
                 f"layer spec {s['layer_spec']}")
     if name == "benchmark":
-        return "; ".join(f"{length}: rope {v['rope']['tokens_per_s']:,.0f} tok/s, MFU "
-                         f"{100 * (v['rope']['mfu'] or 0):.1f} %" for length, v in s["by_length"].items()
-                         if "rope" in v)
+        return "; ".join(f"{spec} {length}: " + (f"rope {v['rope']['tokens_per_s']:,.0f} tok/s, MFU "
+                                                 f"{100 * (v['rope']['mfu'] or 0):.1f} %" if "rope" in v else "failed")
+                         for spec, lengths in s["by_spec"].items() for length, v in lengths.items())
     if name == "demo":
         return "perplexity at 512: " + ", ".join(f"{k} {v['512']:.1f}" for k, v in (s["perplexity"] or {}).items())
     if name == "posgen":
@@ -563,15 +567,18 @@ def markdown(r: dict) -> str:
         lines += ["", "## Benchmark", "",
                   f"Layer spec {b['spec']}; shape {b['shape']}; measured bf16 matmul "
                   f"{b['matmul_tflops_measured']:.0f} TFLOP/s (datasheet {b['peak_tflops_datasheet']}).", "",
-                  "| length | variant | tokens/s | TFLOP/s | MFU | overhead ratio | peak memory, both models (GiB) |",
-                  "|---|---|---|---|---|---|---|"]
-        for length, v in b["by_length"].items():
-            for kind in ("rope", "resonance_yarn"):
-                if kind in v:
-                    mfu = v[kind]["mfu"]
-                    lines.append(f"| {length} | {kind} | {v[kind]['tokens_per_s']:,.0f} | {v[kind]['tflops']:.0f} | "
-                                 f"{'–' if mfu is None else f'{100 * mfu:.1f} %'} | "
-                                 f"{v['resonance_overhead_ratio']:.3f} | {v['peak_memory_gib_two_models']:.1f} |")
+                  "| spec | length | variant | tokens/s | TFLOP/s | MFU | overhead ratio | peak memory, both models "
+                  "(GiB) |", "|---|---|---|---|---|---|---|---|"]
+        for spec, lengths in b["by_spec"].items():
+            for length, v in lengths.items():
+                if "error" in v:
+                    lines.append(f"| {spec} | {length} | failed: {v['error'].replace('|', '/')} | | | | | |")
+                for kind in ("rope", "resonance_yarn"):
+                    if kind in v:
+                        mfu = v[kind]["mfu"]
+                        lines.append(f"| {spec} | {length} | {kind} | {v[kind]['tokens_per_s']:,.0f} | "
+                                     f"{v[kind]['tflops']:.0f} | {'–' if mfu is None else f'{100 * mfu:.1f} %'} | "
+                                     f"{v['resonance_overhead_ratio']:.3f} | {v['peak_memory_gib_two_models']:.1f} |")
     if s["demo"]["status"] == "ok":
         d = s["demo"]
         lengths = [str(n) for n in d["lengths"]]

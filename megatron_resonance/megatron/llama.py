@@ -4,7 +4,9 @@
 (``megatron_resonance.hf.config.from_hf`` reads one from a Hugging Face config). ``build_model`` makes one
 GPTModel chunk per virtual-pipeline stage on this rank (megatron's own modules, the TE layer spec when
 Transformer Engine and CUDA are present, the local spec with SDPA core attention otherwise) and installs
-the rotary plan on every chunk.
+the rotary plan on every chunk. ``local_compiled`` is the local spec with each transformer layer under
+``torch.compile``: what TE fuses (RMSNorm, SwiGLU, the rotary application, the residual adds) fused by
+Inductor around SDPA attention, for GPUs without Transformer Engine.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from megatron_resonance.megatron import cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
 
-SPECS = ("auto", "te", "local")
+SPECS = ("auto", "te", "local", "local_compiled")
 
 
 #: the LlamaConfig sizes that must be >= 1
@@ -173,7 +175,8 @@ def transformer_config(
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=not interleaved,
     )
-    kwargs.update(cpu_speed.transformer_settings())  # nothing unless its measures are on (CPU)
+    if resolve_spec(spec) != "local_compiled":  # Inductor fuses megatron's own eager ops, not local_ops'
+        kwargs.update(cpu_speed.transformer_settings())  # nothing unless its measures are on (CPU)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -189,7 +192,8 @@ def te_available() -> bool:
 
 
 def resolve_spec(spec: str) -> str:
-    """'auto' -> 'te' when Transformer Engine and CUDA are present, else 'local'."""
+    """'auto' -> 'te' when Transformer Engine and CUDA are present, else 'local'; 'local_compiled' is only
+    ever asked for."""
     if spec not in SPECS:
         raise ValueError(f"unknown layer spec {spec!r}; expected one of {', '.join(SPECS)}")
     if spec == "auto":
@@ -201,21 +205,24 @@ def resolve_spec(spec: str) -> str:
 
 def layer_spec(spec: str = "auto"):
     """megatron's GPT layer spec: TE's, or the local one with SDPA core attention and ``LocalNorm``; with
-    ``cpu_speed`` on, ``local_ops``' SwiGLU as the MLP activation module and RMSNorm in the norms."""
+    ``cpu_speed`` on (and not ``local_compiled``), ``local_ops``' SwiGLU as the MLP activation module and
+    RMSNorm in the norms."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if resolve_spec(spec) == "te":
+    resolved = resolve_spec(spec)
+    if resolved == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron_resonance.megatron.sdpa_attention import SDPAAttention
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = SDPAAttention
+    lean = cpu_speed.is_enabled() and resolved == "local"
     for name in ("input_layernorm", "pre_mlp_layernorm"):
-        setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name)))
-    if cpu_speed.is_enabled():  # the module cpu_speed.transformer_settings' use_te_activation_func runs
+        setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name), lean))
+    if lean:  # the module cpu_speed.transformer_settings' use_te_activation_func runs
         layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU
     return layer
 
@@ -247,14 +254,15 @@ class LocalNorm:
         return module
 
 
-def _local_norm(norm):
-    """torch's norm wrapper (megatron's choice without Apex) as ``LocalNorm``; Apex's as is."""
+def _local_norm(norm, lean: bool):
+    """torch's norm wrapper (megatron's choice without Apex) as ``LocalNorm`` (with ``local_ops.RMSNorm``
+    when ``lean``); Apex's as is."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if norm is not WrappedTorchNorm:
         return norm
-    rms_norm = local_ops.RMSNorm if cpu_speed.is_enabled() else torch.nn.RMSNorm
+    rms_norm = local_ops.RMSNorm if lean else torch.nn.RMSNorm
     return ModuleSpec(module=LocalNorm, params={"rms_norm": rms_norm})
 
 
@@ -321,7 +329,31 @@ def build_model(
         )
         chunks.append(model if on_cpu else model.cuda(torch.cuda.current_device()))
     install_rotary(chunks, cfg.rope)
+    if resolve_spec(spec) == "local_compiled":
+        for chunk in chunks:
+            compile_layers(chunk)
     return chunks
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """Each transformer layer of a GPTModel chunk under ``torch.compile`` (``nn.Module.compile``: the module
+    compiles its own call in place, so parameter names, ``state_dict`` and ``sharded_state_dict`` stay
+    those of the uncompiled model). One graph per layer: RMSNorm, the rotary application to q and k, SwiGLU
+    and the residual adds fuse into Inductor kernels around the GEMMs and SDPA (which Inductor calls as is:
+    flash or cuDNN attention on a GPU, bf16 and causal without a mask). The layers share their code, so the
+    first layer's compilation serves them all; the rotary angles are computed outside, by the model.
+    ``dynamic=False``: one static graph per sequence length (a training run has one), not a dynamic-shape
+    graph after the second length.
+
+    megatron's row-parallel linear calls ``warnings.warn`` in every layer (a deprecation of its own
+    ``tp_group=None`` call), which would break each layer's graph around both such linears: dynamo is told
+    to skip ``warnings.warn`` while tracing (process-wide; a compiled graph never runs Python warnings
+    again anyway)."""
+    import warnings
+
+    torch._dynamo.config.ignore_logging_functions.add(warnings.warn)
+    for layer in model.decoder.layers:
+        layer.compile(dynamic=False)
 
 
 def _half_precision(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:

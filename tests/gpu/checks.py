@@ -37,3 +37,34 @@ def assert_same_training_state(saved: dict, loaded: dict) -> None:
     assert saved["scheduler_steps"] == loaded["scheduler_steps"], "scheduler steps differ"
     assert abs(saved["next_loss"] - loaded["next_loss"]) <= DEVICE_LOSS_RTOL * abs(saved["next_loss"]), (
         f"next loss {saved['next_loss']} ({saved['device']}) vs {loaded['next_loss']} ({loaded['device']})")
+
+
+#: (loss rtol, tensor tolerance) of ``local_compiled`` against ``local`` from the same weights and batch. fp32:
+#: Inductor reorders float sums (measured on CPU: logits and gradients within 5e-7 of each tensor's largest
+#: value, the loss bit-identical). bf16: eager rounds every element-wise result to bf16, Inductor computes a
+#: fused chain in fp32 and rounds once (a few bf16 ulps, 2^-8 relative each). A wrong rotation, norm or gate
+#: is off by O(1).
+COMPILED_TOLERANCE = {"fp32": (1e-5, 1e-5), "bf16": (5e-3, 3e-2)}
+
+
+def assert_compiled_matches_eager(results: dict, tensors: dict) -> None:
+    """``workers/local_compiled.py``'s two runs: same loss, logits and gradients within the dtype's tolerance
+    (fp32: per element, against the tensor's largest value; bf16: the relative L2 error of each tensor), the
+    same checkpoint keys, every layer compiled into graphs without a break, one compilation for all layers."""
+    loss_rtol, tol = COMPILED_TOLERANCE[results["dtype"]]
+    eager, compiled = results["local"], results["local_compiled"]
+    for key in ("state_dict_keys", "sharded_state_dict_keys"):
+        assert compiled[key] == eager[key], f"{key} differ: {sorted(set(compiled[key]) ^ set(eager[key]))}"
+    assert not any(eager["compiled_layers"]) and all(compiled["compiled_layers"])
+    assert compiled["dynamo"]["graph_breaks"] == 0, f"the compiled layers break into pieces: {compiled['dynamo']}"
+    assert compiled["dynamo"]["unique_graphs"] <= 2, f"one graph (no-grad and training) serves every layer: {compiled}"
+    assert abs(compiled["loss"] - eager["loss"]) <= loss_rtol * abs(eager["loss"]), (
+        f"loss {compiled['loss']} compiled vs {eager['loss']} eager")
+    a, b = tensors["local"], tensors["local_compiled"]
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if results["dtype"] == "fp32":
+            worst = float((a[name] - b[name]).abs().max() / a[name].abs().max())
+        else:
+            worst = float((a[name] - b[name]).norm() / a[name].norm())
+        assert worst <= tol, f"{name}: compiled vs eager off by {worst:.3g} (relative), more than {tol}"

@@ -294,3 +294,50 @@ def test_a_gpu_run_on_a_cpu_machine_stops_after_the_environment(tmp_path):
     assert machine["megatron_core"] == gpu_check.MEGATRON_CORE and machine["commit"]
     for name in gpu_check.SECTIONS[1:]:
         assert results["sections"][name] == {"status": "not run", "reason": "environment failed"}
+
+
+def test_benchmark_of_every_layer_spec_renders(tmp_path, monkeypatch):
+    """``benchmarks/run.py``'s gpu section run with its GPU calls and training steps faked: every spec at both
+    lengths (one that fails is recorded with its error line and the others still run), the default spec also
+    under the earlier keys; gpu-check reads and renders what it wrote."""
+    import torch
+
+    from megatron_resonance.training import flops
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    built = []
+
+    def trainer(model_cfg, rope, seq, batch, bf16=False, spec="auto"):
+        built.append((spec, seq, rope.kind, bf16))
+        if spec == "local_compiled" and seq == 32768:
+            raise RuntimeError("Failed to find C compiler.\nPlease specify via CC environment variable.")
+        return lambda: None
+
+    monkeypatch.setattr(bench, "_megatron_trainer", trainer)
+    monkeypatch.setattr(bench, "_initialize", lambda: None)
+    monkeypatch.setattr(bench, "_matmul_tflops", lambda: 700.0)
+    monkeypatch.setattr(bench, "gpu_specs", lambda: ["local", "local_compiled", "te"])
+    monkeypatch.setattr(flops, "peak_tflops", lambda: 989.0)
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    raw = bench.gpu_throughput(quick=True)
+    assert {(s, n) for s, n, _, _ in built} == {(s, n) for s in ("local", "local_compiled", "te")
+                                                for n in (4096, 32768)}
+    assert all(bf16 for *_, bf16 in built) and {k for _, _, k, _ in built} == {"rope", "resonance_yarn"}
+    assert raw["gpu_spec"] == "local" and raw["gpu_specs"] == ["local", "local_compiled", "te"]
+    assert raw["gpu_by_spec"]["local_compiled"]["32k"] == {
+        "error": "RuntimeError: Failed to find C compiler."}
+    assert raw["gpu_4k_rope"] == raw["gpu_by_spec"]["local"]["4k"]["rope"]  # the default spec, as before
+    b = gpu_check.benchmark_results(raw)
+    assert set(b["by_spec"]) == {"local", "local_compiled", "te"} and set(b["by_length"]) == {"4k", "32k"}
+    assert b["by_spec"]["te"]["32k"]["resonance_yarn"]["mfu"] > 0
+    check = gpu_check.Check(tmp_path, tmp_path / "work", sys.executable, 480, False, gpu_wheels.load_manifest())
+    check.sections["benchmark"] = {"status": "ok", "seconds": 200.0, **b}
+    check.write()
+    markdown = (tmp_path / "results.md").read_text()
+    for text in ("| local_compiled | 4k | rope |", "| te | 32k | resonance_yarn |", "local_compiled 32k: failed",
+                 "| local_compiled | 32k | failed: RuntimeError: Failed to find C compiler. |"):
+        assert text in markdown, text

@@ -90,3 +90,15 @@ def test_validation_loss_is_over_the_real_vocabulary(model_checks):
     assert r["after"]["validation"] == pytest.approx(r["before"]["validation"], rel=1e-6)
     # megatron's cross entropy (the training loss) normalizes over the padding rows too
     assert r["after"]["ce"] > r["before"]["ce"] + 0.1
+
+
+def test_local_compiled_is_asked_for_never_chosen():
+    """``local_compiled`` is opt-in: ``auto`` never picks it; a misspelt spec is one error naming them all."""
+    from megatron_resonance.megatron.llama import SPECS, resolve_spec
+
+    assert resolve_spec("local_compiled") == "local_compiled"
+    assert resolve_spec("auto") in ("te", "local")
+    with pytest.raises(ValueError) as info:
+        resolve_spec("local_compile")
+    assert str(info.value) == f"unknown layer spec 'local_compile'; expected one of {', '.join(SPECS)}"
+    assert "local_compiled" in SPECS and "\n" not in str(info.value)

@@ -227,7 +227,10 @@ PRETRAIN_CASES = {
     "zero layers": (["--num-layers", "0"], "num_layers must be >= 1, got 0"),
     "unknown optimizer": (["--optimizer", "lamb"], "unknown --optimizer 'lamb'; expected one of adam, sgd"),
     "unknown decay style": (["--lr-decay-style", "wsd"], "unknown --lr-decay-style 'wsd'; expected one of constant"),
-    "unknown layer spec": (["--transformer-impl", "fast"], "unknown layer spec 'fast'; expected one of auto, te"),
+    "unknown layer spec": (
+        ["--transformer-impl", "fast"],
+        "unknown layer spec 'fast'; expected one of auto, te, local, local_compiled",
+    ),
 }
 
 #: name: (a --config file's text, the message; "{file}" is that file)

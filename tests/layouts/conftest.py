@@ -19,6 +19,8 @@ once per module and only when a test asks for it:
    token documents;
 5. ``megatron(layout)``: the reference's command at one of ``MEGATRON_LAYOUTS``, uninterrupted, with
    ``cpu_speed`` off (``MEGATRON_RESONANCE_CPU_SPEED=0``): megatron-core's own code on CPU.
+6. ``compiled``: the reference's command with ``--transformer-impl local_compiled`` (every transformer
+   layer under ``torch.compile``), uninterrupted.
 
 A run that fails fails the tests that need it, with its output, and only those.
 """
@@ -117,6 +119,14 @@ class Runs:
             return {"save": save, "stdout": proc.stdout, "layout": layout}
 
         return self.once(("megatron", layout), make)
+
+    def compiled(self) -> dict:
+        def make():
+            save = self.root / "compiled"
+            proc = run(PRETRAIN, *RUN, *LAYOUTS[REFERENCE], "--transformer-impl", "local_compiled", "--save", save)
+            return {"save": save, "stdout": proc.stdout, "layout": REFERENCE}
+
+        return self.once(("compiled",), make)
 
     def extended(self, layout: str) -> dict:
         def make():

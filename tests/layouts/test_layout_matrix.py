@@ -42,12 +42,13 @@ CLAIMS = {
 }
 
 
-def _assert_layout(result: dict, cpu_speed: str = "on") -> None:
+def _assert_layout(result: dict, cpu_speed: str = "on", spec: str = "local") -> None:
     line = next(line for line in result["stdout"].splitlines() if line.startswith("[build] world="))
     build = dict(item.split("=") for item in line.split()[1:])
     sizes, sequence_parallel = CLAIMS[result["layout"]]
     assert (build["TP"], build["PP"], build["VPP"], build["DP"]) == sizes
     assert build["cpu_speed"] == cpu_speed
+    assert build["spec"] == spec
     run_config = read_config(str(result["save"]))["run"]
     assert run_config["parallel"]["sequence_parallel"] is sequence_parallel
     assert run_config["optimizer"]["use_distributed_optimizer"] is True
@@ -95,6 +96,15 @@ def test_megatron_s_own_code_gives_the_same_run(runs, layout):
     _assert_layout(megatron, cpu_speed="off")
     _assert_close(train_losses(megatron["save"]), train_losses(ref["save"]))
     _assert_close(eval_losses(megatron["save"]), eval_losses(ref["save"]))
+
+
+def test_compiled_layers_give_the_same_run(runs):
+    """``--transformer-impl local_compiled`` (each layer under torch.compile) logs the reference's losses
+    and validation loss at TP=2."""
+    ref, compiled = runs.reference(), runs.compiled()
+    _assert_layout(compiled, spec="local_compiled")
+    _assert_close(train_losses(compiled["save"]), train_losses(ref["save"]))
+    _assert_close(eval_losses(compiled["save"]), eval_losses(ref["save"]))
 
 
 @pytest.mark.parametrize("layout", EXTEND_FROM)

@@ -30,7 +30,9 @@ def child_env(**overrides) -> dict:
                 **overrides)
 
 
-def _run(cmd, timeout: int, env) -> subprocess.CompletedProcess:
+def run_command(cmd, timeout: int, env=None) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root with :func:`child_env` (plus ``env``); raises AssertionError with the
+    output on failure."""
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
@@ -53,12 +55,12 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 600, env=None) -> sub
         str(script),
         *map(str, args),
     ]
-    return _run(cmd, timeout, env)
+    return run_command(cmd, timeout, env)
 
 
 def python(script, *args, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """``python script args`` (one process); raises AssertionError with the output on failure."""
-    return _run([sys.executable, str(script), *map(str, args)], timeout, env)
+    return run_command([sys.executable, str(script), *map(str, args)], timeout, env)
 
 
 def load_tool(name: str):

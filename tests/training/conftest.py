@@ -30,6 +30,7 @@ from typing import Dict, List
 import pytest
 
 from megatron_resonance.training.preemption import child_pids
+from tests.launch import child_env, run_command
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "pretrain" / "pretrain_llama.py"
@@ -52,7 +53,7 @@ ITERS = 20
 
 
 def env(**extra: str) -> Dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **extra)
+    return child_env(**extra)
 
 
 def command(script: Path, *args, nproc: int = 2) -> List[str]:
@@ -62,15 +63,7 @@ def command(script: Path, *args, nproc: int = 2) -> List[str]:
 
 def run(script: Path, *args, nproc: int = 2, timeout: int = 300, extra_env=None) -> subprocess.CompletedProcess:
     """Run an entry point to completion; AssertionError with its output if it fails."""
-    cmd = command(script, *args, nproc=nproc)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
-            f"--- stderr\n{proc.stderr[-6000:]}"
-        )
-    return proc
+    return run_command(command(script, *args, nproc=nproc), timeout, extra_env)
 
 
 def records(save: Path) -> List[dict]:

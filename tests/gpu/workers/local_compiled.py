@@ -6,7 +6,7 @@ the trainer from one seed, on this process's device (CUDA when there is one, in 
 Writes, for each spec: the logits of one forward and every parameter's gradient in one training step (DDP's
 ``main_grad``) as float32 CPU tensors (``OUT.pt``), that step's loss, the ``state_dict`` and
 ``sharded_state_dict`` keys; and dynamo's counters for the compiled model (graphs, graph breaks, frames).
-The model is a tiny LLaMA (2 layers, width 64, GQA 4:2) with Resonance YaRN (s = 4 over 16 positions).
+The model, its run configuration and the batch are ``trainer_steps.py``'s (a tiny LLaMA with Resonance YaRN).
 """
 
 from __future__ import annotations
@@ -17,44 +17,16 @@ import sys
 from pathlib import Path
 
 import torch
+import trainer_steps  # the sibling worker (this script's directory is on sys.path)
 
-SEQ, BATCH, VOCAB = 64, 2, 256
 SPECS = ("local", "local_compiled")
 
 
 def config(spec: str):
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.rope import RopeConfig
-    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig, ParallelConfig
-
-    model = LlamaConfig(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=176,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=SEQ,
-        rope=RopeConfig(kind="resonance_yarn", head_dim=16, original_max_position=16, factor=4.0),
-    )
-    cfg = Config(
-        model=model,
-        data=DataConfig(seq_length=SEQ, micro_batch_size=BATCH, global_batch_size=BATCH, mock_data=True),
-        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3, lr_decay_style="constant", clip_grad=1.0),
-        parallel=ParallelConfig(transformer_impl=spec),
-    )
-    cfg.training.train_iters = 1000
+    """``trainer_steps``' tiny model and run, built with the layer spec ``spec``."""
+    cfg = trainer_steps.config()
+    cfg.parallel.transformer_impl = spec
     return cfg
-
-
-def batch() -> dict:
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    return {
-        "tokens": tokens[:, :-1],
-        "labels": tokens[:, 1:],
-        "loss_mask": torch.ones(BATCH, SEQ),
-        "position_ids": torch.arange(SEQ).expand(BATCH, SEQ),
-    }
 
 
 def run(spec: str, bf16: bool) -> tuple:
@@ -70,7 +42,7 @@ def run(spec: str, bf16: bool) -> tuple:
     model_parallel_cuda_manual_seed(0)
     chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=bf16)
     gpt = unwrap(chunks[0])
-    b = batch()
+    b = next(trainer_steps.batches())
     dev = distributed.device()
     with torch.no_grad(), cpu_speed.suspended():  # (the trainer runs its forward outside the device mode too)
         logits = chunks[0](b["tokens"].to(dev), b["position_ids"].to(dev), None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, UsageError, quiet_library_warnings
 from megatron_resonance.evaluation import command_line
 from megatron_resonance.evaluation.passkey import DEFAULT_DEPTHS, parse_depths, run
 from megatron_resonance.megatron import distributed
@@ -41,7 +41,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
-    try:
+    with distributed.exit_on_error(PROG):
         specs = command_line.models_from_args(args)
         if len(specs) != 1:
             raise UsageError(f"give exactly one model (--load or --hf), got {len(specs)}")
@@ -58,10 +58,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_memory_gb=args.max_memory_gb,
             progress=not args.no_progress,
         )
-    except UsageError as e:
-        if distributed.is_rank0():
-            fail(f"{PROG}: error: {e}")
-        sys.exit(2)
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, quiet_library_warnings
 from megatron_resonance.evaluation import command_line
 from megatron_resonance.evaluation.perplexity import run
 from megatron_resonance.megatron import distributed
@@ -48,7 +48,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
-    try:
+    with distributed.exit_on_error(PROG):
         run(
             command_line.models_from_args(args),
             command_line.parse_lengths(args.lengths),
@@ -63,10 +63,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_memory_gb=args.max_memory_gb,
             progress=not args.no_progress,
         )
-    except UsageError as e:
-        if distributed.is_rank0():
-            fail(f"{PROG}: error: {e}")
-        sys.exit(2)
     return 0
 
 

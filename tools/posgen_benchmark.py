@@ -109,17 +109,14 @@ def main(argv=None) -> int:
         fail(f"{PROG}: error: global batch {preset.global_batch_size} is not divisible by {world} ranks")
     os.makedirs(args.out, exist_ok=True)
     try:
-        cells = [parse_cell(c, preset) for c in args.cells] if args.cells else None
-        if args.workers > 1:
-            run_workers(preset, args.out, args.workers,
-                        lambda k, share: worker_argv(sys.argv[1:] if argv is None else argv, k, share))
-        else:
-            run(preset, args.out, save_weights=args.save_weights, cells=cells,
-                worker=args.worker or ("1/1" if cells else None))
-    except ValueError as e:
-        if distributed.is_rank0():
-            fail(f"{PROG}: error: {e}")
-        sys.exit(2)
+        with distributed.exit_on_error(PROG, ValueError):
+            cells = [parse_cell(c, preset) for c in args.cells] if args.cells else None
+            if args.workers > 1:
+                run_workers(preset, args.out, args.workers,
+                            lambda k, share: worker_argv(sys.argv[1:] if argv is None else argv, k, share))
+            else:
+                run(preset, args.out, save_weights=args.save_weights, cells=cells,
+                    worker=args.worker or ("1/1" if cells else None))
     except RuntimeError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

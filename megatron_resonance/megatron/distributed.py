@@ -7,14 +7,17 @@ can re-initialize with another layout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
+import sys
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.cli import UsageError, fail
 from megatron_resonance.megatron import cpu_compat, cpu_speed
 
 
@@ -159,6 +162,18 @@ def is_rank0() -> bool:
     if dist.is_initialized():
         return dist.get_rank() == 0
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+@contextlib.contextmanager
+def exit_on_error(prog: str, *errors: type):
+    """An exception of ``errors`` (default: UsageError) inside the block ends the tool as bad input:
+    ``<prog>: error: <message>`` from rank 0 only, exit status 2 on every rank."""
+    try:
+        yield
+    except errors or (UsageError,) as e:
+        if is_rank0():
+            fail(f"{prog}: error: {e}")
+        sys.exit(2)
 
 
 def print_rank0(*args, **kwargs) -> None:

@@ -166,33 +166,57 @@ def verify_checkpoint(ckpt_dir: str) -> None:
         raise CheckpointError(f"{common}: unreadable ({_first_line(e)})") from None
 
 
+def iterations_in(root: str) -> List[int]:
+    """The iterations of the ``iter_*`` directories in ``root``, newest first (complete or not)."""
+    found = []
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+        if entry.startswith("iter_") and entry[5:].isdigit() and os.path.isdir(os.path.join(root, entry)):
+            found.append(int(entry[5:]))
+    return sorted(found, reverse=True)
+
+
 def newest_usable_checkpoint(root: str) -> tuple:
     """For a run resuming from its own ``--save`` root: ``(checkpoint, warning)``, the checkpoint the tracker
     names when it passes :func:`verify_checkpoint`, else the newest earlier ``iter_*`` that does, with a
-    one-line warning naming what was skipped. CheckpointError when none is usable."""
+    one-line warning naming what was skipped. A root with ``iter_*`` directories but no tracker (a partial
+    copy, a cleanup script) resumes from its newest complete one, with a warning. ``(None, None)`` for a
+    root that holds no ``iter_*`` at all; CheckpointError when it holds some but none is usable, or when the
+    tracker is not a file: a run never starts over on top of checkpoints."""
+    tracker = os.path.join(root, TRACKER)
+    if os.path.lexists(tracker) and not os.path.isfile(tracker):
+        raise CheckpointError(
+            f"{tracker} is not a file (Megatron's tracker of the latest iteration): remove or rename it, "
+            f"and the run resumes from the newest complete iter_* in {root}"
+        )
     latest = read_latest_iteration(root)
+    found = iterations_in(root)
     if latest is None:
-        raise CheckpointError(f"no checkpoint at {root}: no {TRACKER}")
-    named = iteration_dir(root, latest)
-    try:
-        verify_checkpoint(named)
-        return named, None
-    except CheckpointError as e:
-        reason = str(e)
-        if reason.startswith(named + os.sep):
-            reason = reason[len(named) + 1 :]
-    earlier = []
-    for entry in os.listdir(root):
-        if entry.startswith("iter_") and entry[5:].isdigit() and int(entry[5:]) < latest:
-            earlier.append(int(entry[5:]))
-    for iteration in sorted(earlier, reverse=True):
+        if not found:
+            return None, None
+        named, reason, candidates = None, f"no {TRACKER}", found
+    else:
+        named = iteration_dir(root, latest)
+        try:
+            verify_checkpoint(named)
+            return named, None
+        except CheckpointError as e:
+            reason = str(e)
+            if reason.startswith(named + os.sep):
+                reason = reason[len(named) + 1 :]
+        candidates = [i for i in found if i < latest]
+    for iteration in candidates:
         try:
             verify_checkpoint(iteration_dir(root, iteration))
         except CheckpointError:
             continue
+        skipped = f"{named} is unusable ({reason})" if named else f"{root} has {reason}"
         return iteration_dir(root, iteration), (
-            f"[resume] {named} is unusable ({reason}); resuming from iter_{iteration:07d}, the newest complete "
-            "checkpoint"
+            f"[resume] {skipped}; resuming from iter_{iteration:07d}, the newest complete checkpoint"
+        )
+    if named is None:
+        raise CheckpointError(
+            f"{root} holds iter_* directories but no {TRACKER} and none of them is a complete checkpoint: "
+            "give another --save, or move them away to start over"
         )
     raise CheckpointError(f"{named} is unusable ({reason}) and no earlier checkpoint in {root} is complete")
 

@@ -84,8 +84,9 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group(timeout_minutes: int = 30) -> None:
-    """Initialize torch.distributed (single process if no launcher variables are set)."""
+def init_process_group(timeout_minutes: float = 30) -> None:
+    """Initialize torch.distributed (single process if no launcher variables are set); a collective that
+    waits longer than ``timeout_minutes`` for another rank raises."""
     if dist.is_initialized():
         return
     _env_from_slurm()
@@ -118,13 +119,14 @@ def initialize(
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     context_parallel_size: int = 1,
     seed: int = 1234,
+    timeout_minutes: float = 30,
 ) -> None:
-    """Process group, megatron model-parallel groups and seeds (same seed on every rank, as Megatron-LM;
-    the TP-region RNG tracker offsets by TP rank)."""
+    """Process group (collectives time out after ``timeout_minutes``), megatron model-parallel groups and
+    seeds (same seed on every rank, as Megatron-LM; the TP-region RNG tracker offsets by TP rank)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    init_process_group()
+    init_process_group(timeout_minutes)
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if world % model_parallel:
@@ -139,6 +141,7 @@ def initialize(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

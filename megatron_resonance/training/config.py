@@ -31,6 +31,9 @@ class ParallelConfig:
     context_parallel_size: int = _f(1, "context-parallel ranks (needs Transformer Engine; seq_length % 2*CP == 0)")
     sequence_parallel: bool = _f(False, "shard layer-norm/dropout activations over TP ranks")
     transformer_impl: str = _f("auto", f"layer spec: {', '.join(SPECS)} (auto = TE when present, else local)")
+    distributed_timeout_minutes: float = _f(
+        10.0, "minutes a collective waits for the other ranks before the run stops with one line (a hung or "
+        "dead rank); raise it where rank 0 alone builds a large dataset index")
 
 
 @dataclasses.dataclass
@@ -81,6 +84,9 @@ class CheckpointConfig:
     save_interval: int = _f(0, "save every N steps (0: only at the end and on a signal)")
     finetune: bool = _f(False, "load model weights only: fresh optimizer, scheduler and iteration count")
     exit_on_signal: bool = _f(True, "SIGTERM/SIGUSR1: finish the step, save, exit 0 (Slurm preemption)")
+    signal_save_timeout: float = _f(
+        180.0, "seconds from SIGTERM/SIGUSR1 in which the step and the save must finish; past it (a hung "
+        "rank) the job gives up, exits 1 and the last complete checkpoint stays latest")
 
 
 @dataclasses.dataclass
@@ -215,6 +221,10 @@ def _check_ranges(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), field)
         if value is not None and value < least:
             raise ConfigError(f"--{field.replace('_', '-')} must be >= {least}, got {value}")
+    for flag, value in (("--distributed-timeout-minutes", cfg.parallel.distributed_timeout_minutes),
+                        ("--signal-save-timeout", cfg.checkpoint.signal_save_timeout)):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be > 0, got {value}")
     o = cfg.optimizer
     for flag, value, allowed in (("--optimizer", o.optimizer, ("adam", "sgd")),
                                  ("--lr-decay-style", o.lr_decay_style, ("constant", "linear", "cosine"))):

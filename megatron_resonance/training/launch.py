@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from megatron_resonance.cli import ArgumentParser, fail
 from megatron_resonance.megatron import distributed
@@ -86,13 +86,47 @@ def main(
                 print("[signal] received before the workers started: nothing to save, exiting", flush=True)
                 return 0
             os.environ.setdefault("OMP_NUM_THREADS", "1")
-            return run_torchrun([f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)], prog)
+            c = cfg.checkpoint
+            return run_torchrun(
+                [f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)], prog,
+                signal_deadline=c.signal_save_timeout if c.exit_on_signal else None,
+                latest_note=lambda: trainer.latest_note(c.save),
+            )  # fmt: skip
+        finished = []
+        if cfg.checkpoint.exit_on_signal:
+            preemption.arm_deadline(
+                cfg.checkpoint.signal_save_timeout, lambda signum: _give_up(prog, signum, cfg, finished)
+            )
         trainer.run(cfg)
+        finished.append(True)
     except (ConfigError, CheckpointError) as e:
         _report(f"{prog}: error: {e}", 2)
     except trainer.TrainingError as e:
         _report(f"{prog}: error: {e}", 1)
     return 0
+
+
+def gave_up_line(prog: str, signum: int, seconds: float, who: str, note: str) -> str:
+    return (
+        f"{prog}: error: the save at {signal.Signals(signum).name} did not finish within {seconds:g} s "
+        f"(--signal-save-timeout): {who}; gave up without saving, {note}"
+    )
+
+
+def _give_up(prog: str, signum: int, cfg: Config, finished: list) -> int:
+    """A worker's deadline after a signal (:func:`preemption.arm_deadline`): report and return exit status 1,
+    or 0 when the run had already ended (its save is done; only the shutdown is slow)."""
+    if finished:
+        return 0
+    from megatron_resonance.training import trainer
+
+    c = cfg.checkpoint
+    who = "another rank did not answer (hung, stopped or gone)"
+    try:
+        _report(gave_up_line(prog, signum, c.signal_save_timeout, who, trainer.latest_note(c.save)), 1)
+    except SystemExit:
+        pass
+    return 1
 
 
 def _report(line: str, status: int) -> None:
@@ -113,7 +147,12 @@ def _report(line: str, status: int) -> None:
     sys.exit(status)
 
 
-def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
+def run_torchrun(
+    torchrun_args: List[str],
+    prog: str = "torchrun",
+    signal_deadline: Optional[float] = None,
+    latest_note: Callable[[], str] = lambda: "",
+) -> int:
     """``torchrun --standalone ARGS`` in this process, passing SIGTERM and SIGUSR1 on to the workers; returns
     torchrun's exit status (0), or prints the failing worker's error line and exits 1 (or its status).
 
@@ -121,15 +160,20 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
     SIGTERM makes it signal the workers, SIGKILL any still saving after 30 s, and exit 1. Here torchrun
     keeps SIGINT/SIGHUP/SIGQUIT (Ctrl-C still stops everything at once); SIGTERM and SIGUSR1 go to each
     worker (:func:`preemption.forward_to_children`: also one that is still starting), which finishes its
-    step, saves and exits 0, and torchrun then exits 0 like after any successful run."""
+    step, saves and exits 0, and torchrun then exits 0 like after any successful run.
+
+    ``signal_deadline`` (the workers' ``--signal-save-timeout``): workers still alive that long (and
+    ``preemption.KILL_GRACE``) after a signal are killed (a hung or stopped rank), and the line names them
+    with ``latest_note()``, the checkpoint that stays ``latest``; exit 1."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default, where workers cannot be found (no /proc)
     blocked = contextlib.nullcontext()
+    killed: Dict[int, str] = {}
     if os.path.isdir("/proc"):
         preemption.install()
-        preemption.forward_to_children()
+        preemption.forward_to_children(deadline=signal_deadline, killed=killed)
         handled, blocked = "SIGINT,SIGHUP,SIGQUIT", preemption.block_for_children()
     os.environ[_LAUNCHER_ENV] = "1"
     # torchrun copies the failed worker's error file to its own (and complains in the log without one)
@@ -139,14 +183,21 @@ def run_torchrun(torchrun_args: List[str], prog: str = "torchrun") -> int:
         with blocked:
             torchrun.main(["--standalone", f"--signals-to-handle={handled}", *torchrun_args])
     except ChildFailedError as e:
-        # In order: a worker killed by a signal before it said anything (the others then fail talking to it);
+        # In order: a worker killed by a signal before it or another said anything (the others then fail
+        # talking to it; one killed later is torchrun's shutdown of a worker that did not stop);
         # the lowest rank that left a line (rank 0 names the problem; others may only know it exists), even
         # one that torchrun's SIGTERM to the survivors caught on its way out; a worker that SIGTERM caught
         # earlier; the first to fail.
+        if killed:
+            were = "were" if len(killed) > 1 else "was"
+            who = f"{', '.join(sorted(killed.values()))} did not answer and {were} killed"
+            fail(gave_up_line(prog, preemption.received(), signal_deadline, who, latest_note()), 1)
         failures = e.failures
         told = sorted(r for r, f in failures.items() if isinstance(f.message, dict))
         silent = [r for r, f in failures.items() if f.exitcode < 0 and r not in told]
-        killed = sorted((r for r in silent if failures[r].exitcode != -signal.SIGTERM),
+        first_told = min((failures[r].timestamp for r in told), default=None)
+        killed = sorted((r for r in silent if failures[r].exitcode != -signal.SIGTERM  # not torchrun's kill
+                         and (first_told is None or failures[r].timestamp <= first_told)),  # after a failure
                         key=lambda r: failures[r].timestamp)
         stopped = sorted(r for r in silent if failures[r].exitcode == -signal.SIGTERM)
         chosen = (killed or told or stopped or [None])[0]

@@ -11,6 +11,13 @@ once the kernel shows it catching the signal (``SigCgt`` in ``/proc/PID/status``
 the signals blocked (:func:`block_for_children`), so one sent to them directly while they start waits for
 their handler instead of killing them.
 
+A save at a signal is collective: one hung rank (a stuck collective, a dying node, a stopped process) would
+hold every other rank until the job's time runs out. :func:`arm_deadline` bounds it: a worker still alive
+``--signal-save-timeout`` seconds after the signal gives up (its caller's line, exit 1), and the launcher
+kills the workers that outlive that by :data:`KILL_GRACE` (:func:`forward_to_children`). A save cut short is
+a ``.iter_N.partial`` directory, never ``latest``. While the datasets are built (pure Python for long
+stretches) a signal interrupts the work at once (:func:`interrupting`): there is nothing new to save.
+
 Imports only the standard library.
 """
 
@@ -19,25 +26,67 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 #: the signals answered by finishing the step, saving and exiting 0
 SAVE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: seconds the launcher waits, past the workers' own deadline, before it kills the workers still alive
+KILL_GRACE = 5.0
 
 _received: List[int] = []
+_first: List[tuple] = []  # (time.monotonic(), signum) of the first save signal, as the kernel delivered it
+_got_one = threading.Event()
+_interrupting: List[bool] = []
+_wakeup: List[int] = []  # the read end of the wakeup pipe, once installed
+
+
+class Interrupted(BaseException):
+    """A save signal inside :func:`interrupting` (a BaseException: library code's ``except Exception``
+    must not swallow it)."""
+
+
+def _arrived(signum: int) -> None:
+    if not _first:
+        _first.append((time.monotonic(), signum))
+    _got_one.set()
 
 
 def _record(signum, frame) -> None:
     _received.append(signum)
+    _arrived(signum)
+    if _interrupting:
+        raise Interrupted(signum)
+
+
+def _watch_wakeup(fd: int) -> None:
+    """Python runs a handler only when the main thread is back in the interpreter, never while it is blocked
+    in a collective; the C-level handler writes each signal's number to the wakeup fd at once."""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        for signum in data:
+            if signum in SAVE_SIGNALS:
+                _arrived(signum)
 
 
 def install() -> None:
     """Record SIGTERM/SIGUSR1 in this process from now on (replaces their default: terminate), and take any
-    that arrived while they were blocked (a worker of :func:`block_for_children` starts with them blocked)."""
+    that arrived while they were blocked (a worker of :func:`block_for_children` starts with them blocked).
+    Their arrival is also noted at once by a thread reading ``signal.set_wakeup_fd``'s pipe
+    (:func:`arm_deadline` counts from it)."""
     for sig in SAVE_SIGNALS:
         signal.signal(sig, _record)
+    if not _wakeup and threading.current_thread() is threading.main_thread():
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        _wakeup.append(read_end)
+        threading.Thread(target=_watch_wakeup, args=(read_end,), name="signal-wakeup", daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SAVE_SIGNALS)
 
 
@@ -63,6 +112,46 @@ def received() -> Optional[int]:
 def count() -> int:
     """How many save signals this process has received."""
     return len(_received)
+
+
+@contextlib.contextmanager
+def interrupting() -> Iterator[None]:
+    """Inside the block a save signal raises :class:`Interrupted` in the main thread at once (also one
+    received before the block), for work that saves nothing and may run long (building the datasets)."""
+    if _received:
+        raise Interrupted(_received[-1])
+    _interrupting.append(True)
+    try:
+        yield
+    finally:
+        _interrupting.pop()
+
+
+def seconds_since_signal() -> Optional[float]:
+    """Seconds since the first save signal, or None before one."""
+    return time.monotonic() - _first[0][0] if _first else None
+
+
+def arm_deadline(seconds: float, give_up: Callable[[int], int]) -> threading.Thread:
+    """Start a daemon thread that, once a save signal has come and this process is still alive ``seconds``
+    after it, calls ``give_up(signum)`` (it reports) and ends the process with the status it returns (1 if
+    it raises): a rank blocked in a collective with a hung peer never returns to check a flag."""
+
+    def watch():
+        _got_one.wait()
+        time.sleep(max(0.0, seconds - seconds_since_signal()))
+        status = 1
+        try:
+            status = give_up(_first[0][1])
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(status)
+
+    thread = threading.Thread(target=watch, name="signal-deadline", daemon=True)
+    thread.start()
+    return thread
 
 
 def child_pids(parent: Optional[int] = None) -> List[int]:
@@ -94,9 +183,34 @@ def catches(pid: int, signum: int) -> bool:
     return False
 
 
-def forward_to_children(interval: float = 0.05) -> threading.Thread:
+_STATES = {"R": "running", "S": "waiting", "D": "waiting in the kernel", "T": "stopped", "t": "stopped"}
+
+
+def describe_worker(pid: int) -> Optional[str]:
+    """``rank N (stopped)``: a live child's torchrun rank and its state from ``/proc``; None when it is gone
+    or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except (OSError, IndexError):
+        return None
+    if state in ("Z", "X"):
+        return None
+    rank = env.get(b"RANK", b"?").decode(errors="replace")
+    return f"rank {rank} ({_STATES.get(state, 'state ' + state)})"
+
+
+def forward_to_children(
+    interval: float = 0.05, deadline: Optional[float] = None, killed: Optional[Dict[int, str]] = None
+) -> threading.Thread:
     """Start a daemon thread that passes every signal this process records on to each child process, once per
-    signal and child, as soon as the child catches it (see the module docstring). Needs ``/proc``."""
+    signal and child, as soon as the child catches it (see the module docstring). Needs ``/proc``.
+
+    With ``deadline`` (the workers' ``--signal-save-timeout``), children still alive ``deadline +
+    KILL_GRACE`` seconds after the first signal are killed (SIGKILL: a stopped process takes nothing else),
+    and ``killed`` records each one by pid (:func:`describe_worker`)."""
     delivered: Dict[int, int] = {}
 
     def loop():
@@ -104,6 +218,15 @@ def forward_to_children(interval: float = 0.05) -> threading.Thread:
             time.sleep(interval)
             signals = list(_received)
             if not signals:
+                continue
+            if deadline is not None and seconds_since_signal() > deadline + KILL_GRACE:
+                for pid in child_pids():
+                    what = describe_worker(pid)
+                    if what:
+                        if killed is not None:
+                            killed[pid] = what
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 continue
             for pid in child_pids():
                 done = delivered.get(pid, 0)

@@ -65,6 +65,8 @@ def validate(cfg: Config, world_size: int) -> None:
                 check_output_dir(path, flag)
             except UsageError as e:
                 raise ConfigError(str(e)) from None
+    if cfg.checkpoint.save:
+        _check_save_contents(cfg)
     if cfg.checkpoint.load and not _has_checkpoint(cfg.checkpoint.load):
         raise ConfigError(f"--load {cfg.checkpoint.load}: no checkpoint there")
     # A checkpoint whose tensors do not fit would fail deep inside dist_checkpointing, one traceback per rank.
@@ -73,6 +75,27 @@ def validate(cfg: Config, world_size: int) -> None:
         _check_same_model(f"--save {cfg.checkpoint.save} holds a checkpoint of", resume, cfg, None)
     elif cfg.checkpoint.load:
         _check_same_model(f"--load {cfg.checkpoint.load} is", _load_source(cfg), cfg, _SHAPE_FIELDS)
+
+
+def _check_save_contents(cfg: Config) -> None:
+    """ConfigError naming the first entry of ``--save`` that the run writes into or replaces (the tracker, the
+    lock, the metrics, the default TensorBoard directory) but cannot: another user's files in a shared
+    directory, a read-only mount inside it. The directory itself is ``check_output_dir``'s."""
+    save = cfg.checkpoint.save
+    written = [checkpointing.TRACKER, checkpointing.LOCK_FILE, METRICS_FILE]
+    if not cfg.logging.tensorboard_dir:
+        written.append("tensorboard")
+    for name in written:
+        path = os.path.join(save, name)
+        if not os.path.lexists(path):
+            continue
+        mode = os.W_OK | os.X_OK if os.path.isdir(path) else os.W_OK
+        if not os.access(path, mode):
+            owner = os.stat(path).st_uid
+            raise ConfigError(
+                f"--save {save}: {path} is not writable by this run (owner uid {owner}, this run uid "
+                f"{os.getuid()}; or a read-only mount): fix its permissions, or give another --save"
+            )
 
 
 def _check_dataset(prefix: str) -> None:
@@ -115,11 +138,12 @@ def _has_checkpoint(path: str) -> bool:
 
 def resume_checkpoint(cfg: Config) -> tuple:
     """``(checkpoint, warning)``: the ``iter_*`` directory a run continues from when its own ``--save`` holds
-    a tracker (a requeued job), or ``(None, None)``. The checkpoint the tracker names when it is complete
-    (:func:`checkpointing.verify_checkpoint`), else the newest earlier complete one, with a one-line
-    warning; CheckpointError when none is. Validation and :func:`run` both take the checkpoint from here."""
+    checkpoints (a requeued job), or ``(None, None)``. The checkpoint the tracker names when it is complete
+    (:func:`checkpointing.verify_checkpoint`), else the newest complete one, with a one-line warning;
+    CheckpointError when none is (:func:`checkpointing.newest_usable_checkpoint`): a run never starts over
+    on top of checkpoints. Validation and :func:`run` both take the checkpoint from here."""
     save = cfg.checkpoint.save
-    if not save or checkpointing.read_latest_iteration(save) is None:
+    if not save or not os.path.isdir(save):
         return None, None
     return checkpointing.newest_usable_checkpoint(save)
 
@@ -568,17 +592,32 @@ def run(cfg: Config) -> TrainState:
         p.virtual_pipeline_model_parallel_size,
         p.context_parallel_size,
         seed=cfg.training.seed,
+        timeout_minutes=p.distributed_timeout_minutes,
     )
     signals = SignalFlag(cfg.checkpoint.exit_on_signal)
-    with checkpointing.hold_save_dir(cfg.checkpoint.save):
-        if signals.any_rank():  # nothing trained yet: nothing to save
-            print_rank0("[signal] received before training started: nothing new to save, exiting")
-            return TrainState()
-        job = build(cfg)
-        if signals.any_rank():  # during the build: the checkpoint loaded is still the latest
-            print_rank0(f"[signal] received before iteration {job.state.iteration + 1}: nothing new to save, exiting")
-            return job.state
-        return loop(cfg, job, signals)
+    try:
+        with checkpointing.hold_save_dir(cfg.checkpoint.save):
+            if signals.any_rank():  # nothing trained yet: nothing to save
+                print_rank0("[signal] received before training started: nothing new to save, exiting")
+                return TrainState()
+            try:
+                job = build(cfg)
+            except preemption.Interrupted:
+                print_rank0("[signal] received while building the datasets: nothing new to save, exiting")
+                return TrainState()
+            if signals.any_rank():  # during the build: the checkpoint loaded is still the latest
+                print_rank0(
+                    f"[signal] received before iteration {job.state.iteration + 1}: nothing new to save, exiting"
+                )
+                return job.state
+            return loop(cfg, job, signals)
+    except RuntimeError as e:
+        if "Timed out" not in str(e) and "timed out" not in str(e):  # gloo's and NCCL's collective timeouts
+            raise
+        raise TrainingError(
+            f"a collective waited longer than --distributed-timeout-minutes {p.distributed_timeout_minutes:g} for "
+            f"another rank (hung, stopped or gone): stopped without saving; {latest_note(cfg.checkpoint.save)}"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -614,7 +653,7 @@ class Job:
                 train_state=dataclasses.asdict(self.state),
             )
         except checkpointing.CheckpointError as e:
-            raise TrainingError(f"{e}; {_latest_note(save)}") from None
+            raise TrainingError(f"{e}; {latest_note(save)}") from None
         self.last_saved = iteration = self.state.iteration
         print_rank0(f"[save] iteration {iteration} -> {checkpointing.iteration_dir(save, iteration)}")
 
@@ -671,7 +710,8 @@ def build(cfg: Config) -> Job:
     iters = cfg.training.train_iters
     gbs = cfg.data.global_batch_size
     valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
-    train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
+    with preemption.interrupting():  # megatron's index building: long stretches of Python, nothing to save
+        train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
     train_iterator = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)
@@ -699,7 +739,7 @@ def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:
         if poison:
             raise TrainingError(
                 f"{poison} at iteration {state.iteration + 1}: stopped without saving"
-                + (f"; {_latest_note(cfg.checkpoint.save)}" if cfg.checkpoint.save else "")
+                + (f"; {latest_note(cfg.checkpoint.save)}" if cfg.checkpoint.save else "")
             )
         state.iteration += 1
         state.consumed_train_samples += gbs
@@ -771,7 +811,10 @@ def _non_finite(loss: Optional[float], grad_norm) -> Optional[str]:
     return None
 
 
-def _latest_note(save: str) -> str:
+def latest_note(save: Optional[str]) -> str:
+    """What stays of a run that stops without saving: the latest checkpoint in ``save``."""
+    if not save:
+        return "nothing to keep (no --save)"
     iteration = checkpointing.read_latest_iteration(save)
     if iteration is None:
         return f"{save} holds no checkpoint yet"

@@ -131,10 +131,11 @@ class DtypeChanges:
                           for d, n in sorted(self.converted.items(), key=lambda item: _name(item[0]))])
         change = (f"largest absolute change {self.change:.2g} (in {self.where})" if self.change
                   else "no value changed")
-        lossless = self.change and self.dtypes <= set(hf_config.DTYPES.values())  # all exact in float32
+        # float16, bfloat16 and float32 all hold exactly in float32 (float64 would not)
+        hint = self.change > 0 and self.dtypes <= set(hf_config.DTYPES.values())
         return (f"{self.source}: the weights mix dtypes ({_and(sorted(map(_name, self.dtypes)))}); all "
                 f"are stored as {_name(self.target)} ({'--dtype' if self.chosen else 'most of the bytes'}): "
-                f"{converted} converted, {change}" + ("; --dtype float32 keeps every value" if lossless else ""))
+                f"{converted} converted, {change}" + ("; --dtype float32 keeps every value" if hint else ""))
 
 
 def convert_hf_to_megatron(
@@ -209,8 +210,9 @@ def convert_hf_to_megatron(
                     bar.update(sum(t.numel() * t.element_size() for t in tensors))
                     del tensors, converted
             hf.close()
-            if changes.line():
-                log(changes.line())
+            line = changes.line()
+            if line:
+                log(line)
             run = {"converted_from": os.path.abspath(load), "dtype": hf_config.dtype_name(target)}
             with _without_zip_crc32():
                 checkpointing.save_checkpoint(staged.path, 0, [model], cfg, run_config=run)

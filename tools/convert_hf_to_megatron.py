@@ -9,8 +9,9 @@ Megatron-Core dist checkpoint that loads at any TP/PP, with the rope plan stored
 
 Writes ``SAVE/latest_checkpointed_iteration.txt``, ``SAVE/iter_0000000/`` (the checkpoint and
 ``megatron_resonance.json``) and ``SAVE/hf/`` (the source config.json and tokenizer files, used by the
-exporter). Single process, CPU is enough; peak memory is about one copy of the weights. Bad input is one
-error line and exit status 2, with SAVE left untouched; a non-empty SAVE is refused without --overwrite.
+exporter). Single process, CPU is enough; peak memory is about one copy of the weights. Bad input (weights
+with NaN/Inf included) is one error line and exit status 2, with SAVE left untouched; a non-empty SAVE is
+refused without --overwrite.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def build_parser() -> ArgumentParser:
         "--dtype",
         choices=tuple(DTYPES),
         default=None,
-        help="parameter dtype of the checkpoint (default: the source weights' dtype)",
+        help="parameter dtype of the checkpoint (default: the source weights' dtype; if they mix dtypes, "
+        "that of most bytes, and a line says what changed: float32 keeps every value)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

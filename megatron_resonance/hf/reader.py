@@ -173,6 +173,10 @@ class HFCheckpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._headers[key][1]
 
+    def file(self, key: str) -> str:
+        """The path of the file that holds ``key``."""
+        return os.path.join(self.path, self.weight_map[key])
+
     def nbytes(self, key: str) -> int:
         shape, dtype = self._headers[key]
         return math.prod(shape) * dtype.itemsize
@@ -186,7 +190,7 @@ class HFCheckpoint:
         try:
             tensor = handle.get_tensor(key) if self.format == "safetensors" else handle[key]
         except Exception as e:
-            raise ConversionError(f"{os.path.join(self.path, name)}: cannot read {key} ({first_line(e)})") from None
+            raise ConversionError(f"{self.file(key)}: cannot read {key} ({first_line(e)})") from None
         unread = self._unread.setdefault(name, {k for k, f in self.weight_map.items() if f == name})
         unread.discard(key)
         if not unread:

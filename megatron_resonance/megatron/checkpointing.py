@@ -221,9 +221,23 @@ def newest_usable_checkpoint(root: str) -> tuple:
     raise CheckpointError(f"{named} is unusable ({reason}) and no earlier checkpoint in {root} is complete")
 
 
+#: a weight of larger magnitude is no trained value (an exponent bit flipped in a file): loads refuse it
+MAX_WEIGHT = 1e19
+
+
+def peak_magnitudes(tensors: List[torch.Tensor]) -> List[float]:
+    """The largest magnitude of each non-empty tensor (NaN if it holds a NaN, inf if an Inf), read back at
+    once: from its minimum and maximum, one pass without a copy (an inf-norm is several times slower on CPU
+    in bfloat16)."""
+    if not tensors:
+        return []
+    extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for t in tensors])
+    return extremes.abs().amax(dim=1).tolist()
+
+
 def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
     """CheckpointError naming the first parameter with non-finite values, or values beyond any trained weight
-    (``> 1e19``: an exponent bit flipped in a shard), after a load. Every rank learns of a bad rank."""
+    (``MAX_WEIGHT``: an exponent bit flipped in a shard), after a load. Every rank learns of a bad rank."""
     named = [
         (name if len(model_chunks) == 1 else f"{name} (model chunk {i})", param.detach())
         for i, chunk in enumerate(model_chunks)
@@ -231,12 +245,10 @@ def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
         if param.numel()
     ]
     bad = None
-    if named:  # the largest magnitude of each (NaN if any is NaN), read back at once: from its minimum and
-        # maximum, one pass without a copy (an inf-norm is several times slower on CPU in bfloat16)
-        extremes = torch.stack([torch.stack(torch.aminmax(p)).float() for _, p in named])
-        peaks = extremes.abs().amax(dim=1).tolist()
+    if named:
+        peaks = peak_magnitudes([p for _, p in named])
         for (name, _), peak in zip(named, peaks):
-            if not math.isfinite(peak) or peak > 1e19:
+            if not math.isfinite(peak) or peak > MAX_WEIGHT:
                 what = "non-finite values" if not math.isfinite(peak) else f"a value of magnitude {peak:.3g}"
                 bad = f"{ckpt}: parameter {name} holds {what} (a corrupted shard)"
                 break

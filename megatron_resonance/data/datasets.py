@@ -114,7 +114,8 @@ def build_gpt_datasets(
       as ``tools/preprocess_data.py`` writes them for the embedded corpus (Megatron-LM's
       ``--train-data-path`` / ``--valid-data-path``);
     * ``data_prefix`` + ``split``: one blend divided into train/valid/test by document ranges
-      (Megatron-LM's ``--data-path`` / ``--split``; the test part is not built);
+      (Megatron-LM's ``--data-path`` / ``--split``; the test part is not built, nor the validation part
+      when ``valid_samples`` is 0);
     * ``mock=True``: megatron-core's synthetic documents (ids ``1, 2, ... , len-1, eod``), no files.
 
     A prefix is ``path/name`` of ``path/name.bin`` + ``path/name.idx``; a list is a blend, either
@@ -151,6 +152,8 @@ def build_gpt_datasets(
         warnings.simplefilter("ignore")
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    from megatron_resonance.data.checks import split_matrix
 
     dataset_tokenizer = DatasetTokenizer(vocab_size, eod_id, tokenizer_name)
 
@@ -190,6 +193,8 @@ def build_gpt_datasets(
         create_attention_mask=False,
         mmap_bin_files=True,
     )
+    if blend is not None:  # megatron builds every part its split names: only those we read
+        config.split_matrix = split_matrix(split, (True, want_valid, False))
     sizes = [train_samples, valid_samples if want_valid else 0, 0]
     cls = MockGPTDataset if mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config)

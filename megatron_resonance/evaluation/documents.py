@@ -134,9 +134,11 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
 
 def check_token_range(docs: Sequence[np.ndarray], vocab_size: int, where: str) -> None:
     """UsageError when a document holds an id outside ``[0, vocab_size)``."""
+    from megatron_resonance.data.checks import id_outside_vocab
+
     for i, doc in enumerate(docs):
-        if len(doc) and (doc.min() < 0 or doc.max() >= vocab_size):
-            bad = int(doc.max() if doc.max() >= vocab_size else doc.min())
+        bad = id_outside_vocab(doc.min(), doc.max(), vocab_size) if len(doc) else None
+        if bad is not None:
             raise UsageError(f"{where}: document {i} holds token id {bad} outside the model's vocabulary "
                              f"(size {vocab_size})")
 

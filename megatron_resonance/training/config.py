@@ -39,7 +39,11 @@ class ParallelConfig:
 @dataclasses.dataclass
 class DataConfig:
     data_path: Optional[str] = _f(None, "indexed-dataset prefix (…/name without .bin/.idx) for training")
-    valid_data_path: Optional[str] = _f(None, "indexed-dataset prefix for evaluation (default: data_path)")
+    valid_data_path: Optional[str] = _f(
+        None, "indexed-dataset prefix for evaluation (default: the validation part of data_path, see split)")
+    split: str = _f(
+        "98,2,0", "train,validation,test weights dividing data_path's documents when there is no valid_data_path "
+        "(Megatron-LM's --split; the test part is not used)")
     mock_data: bool = _f(False, "synthetic tokens instead of a dataset (megatron MockGPTDataset)")
     tokenizer_model: Optional[str] = _f(
         None, "SentencePiece .model, Hugging Face tokenizer.json or a directory with either; sets the vocabulary "
@@ -241,6 +245,22 @@ def _check_ranges(cfg: Config) -> None:
     for flag, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
         if not 0 <= beta < 1:
             raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
+    _check_split(cfg.data.split)
+
+
+def _check_split(split: str) -> None:
+    """Megatron-LM's ``--split``: 1 to 3 comma-separated non-negative weights (train, validation, test), the
+    train weight above 0 (megatron's own parser takes any numbers it finds in the string, and divides by
+    their sum)."""
+    try:
+        weights = [float(part) for part in split.split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(0 <= w < float("inf") for w in weights):
+        raise ConfigError(f"--split {split!r}: expected 1 to 3 comma-separated weights (train, validation, "
+                          "test), e.g. 98,2,0")
+    if not weights[0] > 0:
+        raise ConfigError(f"--split {split}: the train weight must be above 0")
 
 
 def warmup_iters(cfg: Config) -> int:

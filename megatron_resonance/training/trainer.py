@@ -53,8 +53,7 @@ def validate(cfg: Config, world_size: int) -> None:
     check(cfg, world_size)
     d = cfg.data
     if not d.mock_data:
-        for prefix in filter(None, (d.data_path, d.valid_data_path)):
-            _check_dataset(prefix)
+        _check_dataset(cfg)
     from megatron_resonance.cli import UsageError, check_output_dir
 
     # where the run writes: checked here, before a worker starts or the model is built
@@ -98,12 +97,20 @@ def _check_save_contents(cfg: Config) -> None:
             )
 
 
-def _check_dataset(prefix: str) -> None:
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(prefix + ext):
-            raise ConfigError(f"dataset {prefix}: {prefix + ext} not found")
-    if os.path.getsize(prefix + ".bin") == 0:
-        raise ConfigError(f"dataset {prefix}: {prefix}.bin is empty")
+def _check_dataset(cfg: Config) -> None:
+    """The data as megatron will read it (every prefix of a blend): ``.bin``/``.idx`` whole and consistent, no
+    split part it builds without tokens (its epoch count would never end), ids within the model's vocabulary
+    (``data/checks.py``)."""
+    from megatron_resonance.data.checks import DataError, check_training_data
+
+    d = cfg.data
+    try:
+        check_training_data(
+            d.data_path, d.valid_data_path, split=d.split, with_validation=cfg.training.eval_iters > 0,
+            seq_length=d.seq_length, vocab_size=cfg.model.vocab_size, cache_dir=d.data_cache_path, log=print_rank0,
+        )  # fmt: skip
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 #: model fields that fix the shapes of the stored tensors
@@ -214,8 +221,9 @@ def load_data_tokenizer(path: str):
 def build_data(cfg: Config, train_samples: int, valid_samples: int):
     """megatron GPTDataset train/validation sets (MockGPTDataset with --mock-data).
 
-    ``--data-path`` alone is split into train/validation by documents (Megatron-LM's ``--split 98,2,0``);
-    with ``--valid-data-path`` the two prefixes are used as they are."""
+    ``--data-path`` alone (one prefix or a blend) is split into train/validation by documents (``--split``,
+    Megatron-LM's default 98,2,0); with ``--valid-data-path`` the two are used as they are."""
+    from megatron_resonance.data.checks import path_items
     from megatron_resonance.data.datasets import build_gpt_datasets
 
     d = cfg.data
@@ -227,9 +235,9 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
     if d.mock_data:
         source = dict(mock=True)
     elif d.valid_data_path:
-        source = dict(train_data_prefix=d.data_path, valid_data_prefix=d.valid_data_path)
+        source = dict(train_data_prefix=path_items(d.data_path), valid_data_prefix=path_items(d.valid_data_path))
     else:
-        source = dict(data_prefix=d.data_path)
+        source = dict(data_prefix=path_items(d.data_path), split=d.split)
     return build_gpt_datasets(
         seq_length=d.seq_length,
         seed=cfg.training.seed,

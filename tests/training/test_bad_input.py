@@ -27,6 +27,7 @@ from megatron_resonance.training import launch
 from megatron_resonance.training.config import config_from_args
 from megatron_resonance.training.trainer import resolve_spec
 from tests.fake_checkpoint import add_dist_files
+from tests.fake_data import documents, write_dataset
 from tests.training.conftest import EXTEND, PRETRAIN, REPO, TINY_RUN, command, env
 
 ITERS = ["--train-iters", "20"]
@@ -56,8 +57,7 @@ def files(tmp_path_factory) -> Dict[str, Path]:
     tmp = tmp_path_factory.mktemp("bad_input")
     (tmp / "empty.bin").touch()
     (tmp / "empty.idx").touch()
-    (tmp / "data.bin").write_bytes(b"\1" * 64)  # validation checks presence and size only
-    (tmp / "data.idx").write_bytes(b"\1" * 64)
+    write_dataset(tmp / "data", documents(200, 40))
     (tmp / "only.bin").write_bytes(b"\1" * 64)
     (tmp / "empty_dir").mkdir()
     (tmp / "unknown_top.yaml").write_text("model:\n  num_layers: 2\nbogus_section:\n  x: 1\n")

@@ -94,7 +94,7 @@ def load_extend():
 def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.CompletedProcess:
     """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch."""
     launched = []
-    monkeypatch.setattr(launch, "run_torchrun", lambda args, prog: launched.append(args) or 0)
+    monkeypatch.setattr(launch, "run_torchrun", lambda args, prog, **_: launched.append(args) or 0)
     for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -121,7 +121,7 @@ def _give_up(prog: str, signum: int, cfg: Config, finished: list) -> int:
     from megatron_resonance.training import trainer
 
     c = cfg.checkpoint
-    who = "another rank did not answer (hung, stopped or gone)"
+    who = "another rank did not answer (hung, stopped or gone), or the work in flight took longer"
     try:
         _report(gave_up_line(prog, signum, c.signal_save_timeout, who, trainer.latest_note(c.save)), 1)
     except SystemExit:

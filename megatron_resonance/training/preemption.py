@@ -15,8 +15,8 @@ A save at a signal is collective: one hung rank (a stuck collective, a dying nod
 hold every other rank until the job's time runs out. :func:`arm_deadline` bounds it: a worker still alive
 ``--signal-save-timeout`` seconds after the signal gives up (its caller's line, exit 1), and the launcher
 kills the workers that outlive that by :data:`KILL_GRACE` (:func:`forward_to_children`). A save cut short is
-a ``.iter_N.partial`` directory, never ``latest``. While the datasets are built (pure Python for long
-stretches) a signal interrupts the work at once (:func:`interrupting`): there is nothing new to save.
+a ``.iter_N.partial`` directory, never ``latest``. The same bound holds for any other work in flight at
+the signal (a long dataset index build, a checkpoint load).
 
 Imports only the standard library.
 """
@@ -39,13 +39,7 @@ KILL_GRACE = 5.0
 _received: List[int] = []
 _first: List[tuple] = []  # (time.monotonic(), signum) of the first save signal, as the kernel delivered it
 _got_one = threading.Event()
-_interrupting: List[bool] = []
 _wakeup: List[int] = []  # the read end of the wakeup pipe, once installed
-
-
-class Interrupted(BaseException):
-    """A save signal inside :func:`interrupting` (a BaseException: library code's ``except Exception``
-    must not swallow it)."""
 
 
 def _arrived(signum: int) -> None:
@@ -57,8 +51,6 @@ def _arrived(signum: int) -> None:
 def _record(signum, frame) -> None:
     _received.append(signum)
     _arrived(signum)
-    if _interrupting:
-        raise Interrupted(signum)
 
 
 def _watch_wakeup(fd: int) -> None:
@@ -112,19 +104,6 @@ def received() -> Optional[int]:
 def count() -> int:
     """How many save signals this process has received."""
     return len(_received)
-
-
-@contextlib.contextmanager
-def interrupting() -> Iterator[None]:
-    """Inside the block a save signal raises :class:`Interrupted` in the main thread at once (also one
-    received before the block), for work that saves nothing and may run long (building the datasets)."""
-    if _received:
-        raise Interrupted(_received[-1])
-    _interrupting.append(True)
-    try:
-        yield
-    finally:
-        _interrupting.pop()
 
 
 def seconds_since_signal() -> Optional[float]:

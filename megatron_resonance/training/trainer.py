@@ -608,11 +608,7 @@ def run(cfg: Config) -> TrainState:
             if signals.any_rank():  # nothing trained yet: nothing to save
                 print_rank0("[signal] received before training started: nothing new to save, exiting")
                 return TrainState()
-            try:
-                job = build(cfg)
-            except preemption.Interrupted:
-                print_rank0("[signal] received while building the datasets: nothing new to save, exiting")
-                return TrainState()
+            job = build(cfg)
             if signals.any_rank():  # during the build: the checkpoint loaded is still the latest
                 print_rank0(
                     f"[signal] received before iteration {job.state.iteration + 1}: nothing new to save, exiting"
@@ -718,8 +714,7 @@ def build(cfg: Config) -> Job:
     iters = cfg.training.train_iters
     gbs = cfg.data.global_batch_size
     valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
-    with preemption.interrupting():  # megatron's index building: long stretches of Python, nothing to save
-        train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
+    train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
     train_iterator = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)

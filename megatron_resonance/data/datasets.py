@@ -10,7 +10,10 @@
   crosses document boundaries and positions do not restart at EOS (Megatron-LM's defaults:
   ``reset_position_ids = reset_attention_mask = eod_mask_loss = False``);
 * the document / sample / shuffle indices are cached as ``.npy`` files under ``cache_dir``; rank 0 builds
-  them, the others wait at a barrier and load them.
+  them, the others wait at a barrier and load them. Beside read-only data the cache goes to a writable
+  place instead (:func:`index_cache_dir`), and rank 0 builds under an exclusive lock on the cache
+  directory, so jobs that start together never read each other's half-written files
+  (:func:`_index_cache_lock`).
 
 megatron-core needs a tokenizer object only for its ``vocab_size`` (token dtype, mock data), ``eod`` (mock
 data; masks) and ``unique_identifiers`` (part of the cache key): :class:`DatasetTokenizer` is exactly that,
@@ -20,13 +23,20 @@ made from the ids :func:`build_gpt_datasets` is given (a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import warnings
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from megatron_resonance.cli import UsageError, check_output_dir
 
 Prefixes = Union[str, Sequence[str]]
+
+#: in each index cache directory: rank 0 of a job holds an exclusive ``flock`` on it while it builds
+INDEX_CACHE_LOCK = ".lock"
 
 
 class DatasetTokenizer:
@@ -87,6 +97,89 @@ def _index_fingerprint(prefixes: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _say(line: str) -> None:
+    from megatron_resonance.megatron.distributed import print_rank0
+
+    print_rank0(line)
+
+
+def _user_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "megatron_resonance", "index-cache")
+
+
+def _writable(path: str) -> bool:
+    try:
+        check_output_dir(path, "")
+        return True
+    except UsageError:
+        return False
+
+
+def index_cache_dir(first_prefix: str, fallback: Optional[str] = None) -> str:
+    """Where the index cache goes when no ``cache_dir`` is given: ``index-cache`` beside the data, or, when
+    the data is on a read-only place (a shared dataset mount), ``fallback`` (the trainer's ``<save>/index-cache``:
+    shared storage that every rank of a multi-node job sees), else the user's cache directory
+    (``$XDG_CACHE_HOME`` or ``~/.cache``, ``megatron_resonance/index-cache``). Every rank decides alike
+    (``os.access`` on the same paths); rank 0 prints one line when it falls back. UsageError with one line
+    when no place can be written."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(first_prefix)), "index-cache")
+    if _writable(beside):
+        return beside
+    for place in filter(None, (fallback, _user_cache_dir())):
+        if _writable(place):
+            _say(f"[data] {os.path.dirname(beside)} is not writable: the dataset index cache goes to {place} "
+                 "(--data-cache-path sets it)")
+            return place
+    raise UsageError(f"{os.path.dirname(beside)} is not writable and neither is "
+                     f"{fallback or _user_cache_dir()}: give --data-cache-path a writable directory")
+
+
+def _drop_unreadable(cache_dir: str) -> None:
+    """Remove cached ``.npy`` files that do not load (a job stopped while writing one leaves it truncated:
+    megatron counts it as a cache hit and fails to map it), with every file of the same hash prefix (the
+    same dataset's description and other indices), so megatron builds them again."""
+    import numpy
+
+    for name in sorted(os.listdir(cache_dir)):
+        if not name.endswith(".npy") or not os.path.exists(os.path.join(cache_dir, name)):
+            continue
+        try:
+            numpy.load(os.path.join(cache_dir, name), mmap_mode="r", allow_pickle=True)
+        except (ValueError, EOFError, OSError) as e:
+            key = name.split("-", 1)[0] + "-"
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            _say(f"[data] {os.path.join(cache_dir, name)} is damaged ({reason}): building its indices again")
+            for other in os.listdir(cache_dir):
+                if other.startswith(key):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(cache_dir, other))
+
+
+@contextlib.contextmanager
+def _index_cache_lock(cache_dir: Optional[str]) -> Iterator[None]:
+    """Held around megatron's build on rank 0 (or a process without torch.distributed): an exclusive ``flock``
+    on ``cache_dir/INDEX_CACHE_LOCK``. megatron decides "cache hit" by the files' existence and writes them
+    in place, so two jobs building one cache at once would read each other's half-written files; under the
+    lock only one job at a time looks for a miss and writes, and damaged files are removed first. The other
+    ranks of a job load only after their rank 0 passed megatron's barrier, inside its locked build, so they
+    read complete files; a file already complete is never written again."""
+    import torch.distributed as dist
+
+    if not cache_dir or (dist.is_initialized() and dist.get_rank() != 0):
+        yield
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(os.path.join(cache_dir, INDEX_CACHE_LOCK), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _say(f"[data] waiting for another job building the dataset index cache in {cache_dir}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _drop_unreadable(cache_dir)
+        yield  # closing the file releases the lock
+
+
 def build_gpt_datasets(
     *,
     seq_length: int,
@@ -102,6 +195,7 @@ def build_gpt_datasets(
     split: str = "98,2,0",
     mock: bool = False,
     cache_dir: Optional[str] = None,
+    fallback_cache_dir: Optional[str] = None,
     is_built_on_rank: Optional[Callable[[], bool]] = None,
 ) -> Tuple[Optional[object], Optional[object]]:
     """Build the train and validation ``GPTDataset`` (``MockGPTDataset`` when ``mock``).
@@ -133,8 +227,12 @@ def build_gpt_datasets(
         tokenizer_name: names the tokenizer in the index cache key (e.g. its file name).
         cache_dir: directory for the cached index ``.npy`` files (created by rank 0), which go into a
             subdirectory named by a hash of the ``.idx`` files, so re-made data never meets stale
-            indices. Default: ``index-cache`` next to the first train (or blended) prefix. With
-            ``mock``, indices are cached only if ``cache_dir`` is given.
+            indices. Default: ``index-cache`` next to the first train (or blended) prefix, or where that
+            is not writable ``fallback_cache_dir`` or the user's cache directory (:func:`index_cache_dir`).
+            With ``mock``, indices are cached only if ``cache_dir`` is given. Rank 0 builds under an
+            exclusive lock on the directory (:func:`_index_cache_lock`): any number of jobs may share it.
+        fallback_cache_dir: the index cache's place when ``cache_dir`` is None and the data's directory is
+            not writable; should be storage every rank sees (the trainer gives ``<save>/index-cache``).
         is_built_on_rank: whether this rank builds datasets (others get None). Default: every rank,
             which is cheap (the ``.bin`` is memory-mapped) and lets each rank read its own batches.
             Megatron-LM builds only on TP rank 0 of the first and last pipeline stages and
@@ -147,6 +245,7 @@ def build_gpt_datasets(
 
     Raises:
         ValueError: inconsistent arguments. FileNotFoundError: a prefix without ``.bin``/``.idx``.
+        UsageError: no writable place for the index cache.
     """
     with warnings.catch_warnings():  # megatron.core's import warns about missing TE/Apex
         warnings.simplefilter("ignore")
@@ -174,8 +273,7 @@ def build_gpt_datasets(
         blend_per_split = [_blend(train_data_prefix), valid_blend, None]
     if not mock:
         if cache_dir is None:
-            first = (blend or blend_per_split[0])[0][0]
-            cache_dir = os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
+            cache_dir = index_cache_dir((blend or blend_per_split[0])[0][0], fallback_cache_dir)
         used = [p for b in ([blend] if blend else blend_per_split) if b for p in b[0]]
         cache_dir = os.path.join(cache_dir, _index_fingerprint(used))
 
@@ -198,5 +296,6 @@ def build_gpt_datasets(
     sizes = [train_samples, valid_samples if want_valid else 0, 0]
     cls = MockGPTDataset if mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config)
-    train, valid, _ = builder.build()
+    with _index_cache_lock(cache_dir):
+        train, valid, _ = builder.build()
     return train, (valid if want_valid else None)

@@ -93,7 +93,8 @@ def check_inputs(inputs: Sequence) -> List[Path]:
 
 
 def iter_documents(paths: Sequence[Path], json_key: str = "text") -> Iterator[str]:
-    """Documents in order; raises :class:`UsageError` on undecodable text, bad JSON or a missing key."""
+    """Documents in order; raises :class:`UsageError` on undecodable text, bad JSON, a missing key or a text
+    with a lone surrogate."""
     for path in paths:
         if path.suffix not in JSONL_SUFFIXES:
             try:
@@ -107,6 +108,11 @@ def iter_documents(paths: Sequence[Path], json_key: str = "text") -> Iterator[st
             text = record[json_key]
             if not isinstance(text, str):
                 raise UsageError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
+            try:  # JSON's "\ud800" (half a UTF-16 pair) decodes to a str that no tokenizer can encode
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise UsageError(f"{path}:{lineno}: {json_key!r} is not Unicode text (a lone surrogate "
+                                 f"{text[err.start]!r} at character {err.start})") from None
             yield text
 
 

@@ -113,9 +113,17 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    for ext in (".bin", ".idx"):  # megatron cannot map an empty file
+        if os.path.getsize(prefix + ext) == 0:
+            raise UsageError(f"--data {prefix}: {prefix}{ext} is empty (no documents)")
+    # made in two steps to keep hold of it: megatron's __del__ of a dataset (or bin reader) whose __init__
+    # failed raises AttributeError, a dozen lines of "Exception ignored in" after the error line at exit
+    dataset = IndexedDataset.__new__(IndexedDataset)
     try:
-        dataset = IndexedDataset(prefix, mmap=True)
+        dataset.__init__(prefix, mmap=True)
     except Exception as e:  # noqa: BLE001 - a corrupt index is one error line
+        for name in ("bin_reader", "index"):
+            dataset.__dict__.setdefault(name, None)
         raise UsageError(f"--data {prefix}: unreadable indexed dataset ({str(e).splitlines()[0]})") from None
     docs = []
     for i in range(len(dataset)):

@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, UsageError, fail
 from megatron_resonance.megatron import distributed
 from megatron_resonance.megatron.checkpointing import CheckpointError
 from megatron_resonance.training import preemption
@@ -99,7 +99,7 @@ def main(
             )
         trainer.run(cfg)
         finished.append(True)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, UsageError) as e:  # UsageError: e.g. no writable index cache
         _report(f"{prog}: error: {e}", 2)
     except trainer.TrainingError as e:
         _report(f"{prog}: error: {e}", 1)

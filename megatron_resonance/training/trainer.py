@@ -244,6 +244,7 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
         train_samples=train_samples,
         valid_samples=valid_samples,
         cache_dir=d.data_cache_path,
+        fallback_cache_dir=cfg.checkpoint.save and os.path.join(cfg.checkpoint.save, "index-cache"),
         **tokenizer,
         **source,
     )

@@ -177,6 +177,8 @@ def _assert_one_error_line(proc, message, name=""):
         ('{"text": "ok"}\n{"body": "x"}\n', "text", "bad.jsonl:2: no key 'text'"),
         ('{"text": "ok"}\n', "body", "docs.jsonl:1: no key 'body'"),
         ('{"text": 3}\n', "text", "'text' is int, not a string"),
+        ('{"text": "ok"}\n{"text": "a\\ud800b"}\n', "text",
+         r"bad.jsonl:2: 'text' is not Unicode text \(a lone surrogate '\\ud800' at character 1\)"),
     ],
 )
 def test_bad_content_found_while_reading_replaces_nothing(inputs, tiny_tokenizer, tmp_path, content, key,
@@ -207,6 +209,15 @@ def test_cli_bad_content_is_one_line(inputs, tiny_tokenizer, tmp_path):
     bad.write_text('{"text": ""}\n{not json\n')
     proc = _main("--input", bad, "--output-prefix", tmp_path / "ds", "--tokenizer-model", tiny_tokenizer.path)
     _assert_one_error_line(proc, "bad.jsonl:2: not a JSON line")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_cli_lone_surrogate_is_one_line(inputs, tiny_tokenizer, tmp_path):
+    """JSON's escape ``\\ud800`` (half of a UTF-16 pair) decodes to a string no tokenizer can encode."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "\\ud800"}\n')
+    proc = _main("--input", bad, "--output-prefix", tmp_path / "ds", "--tokenizer-model", tiny_tokenizer.path)
+    _assert_one_error_line(proc, f"{bad}:2: 'text' is not Unicode text (a lone surrogate '\\ud800' at character 0)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.fake_checkpoint import add_dist_files
-from tests.launch import REPO, load_tool
+from tests.launch import REPO, child_env, load_tool
 
 perplexity = load_tool("eval_perplexity")
 passkey = load_tool("eval_passkey")
@@ -137,4 +137,24 @@ def test_data_that_is_not_utf8(checkpoint, tokenizer_model, tmp_path, capsys):
                                    "--data", str(bad), "--out", str(tmp_path / "out")], capsys)
     assert err.strip() == (f"eval_perplexity.py: error: --data {bad}:2: not UTF-8 text (invalid continuation byte at "
                            f"byte 28 of the file)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["empty .bin and .idx", "empty .bin", "corrupt .idx"])
+def test_unreadable_indexed_data_is_exactly_one_line(checkpoint, tokenizer_model, tmp_path, case):
+    """The script in a process of its own: megatron's half-built IndexedDataset would add its ``__del__``
+    errors (12 lines of "Exception ignored in") after the error line when the process ends."""
+    prefix = tmp_path / "data"
+    (tmp_path / "data.bin").write_bytes(b"" if "empty" in case else b"\0" * 64)
+    (tmp_path / "data.idx").write_bytes(b"" if case == "empty .bin and .idx" else
+                                        b"MMIDIDX\0\0" + bytes([1, 0, 0, 0, 0, 0, 0, 0, 8]) + bytes(16)
+                                        if case == "empty .bin" else b"not an index" * 8)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "eval_perplexity.py"), "--load", str(checkpoint),
+                           "--tokenizer", str(tokenizer_model), "--lengths", "16", "--data", str(prefix),
+                           "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, env=child_env())
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    problem = {"corrupt .idx": "unreadable indexed dataset ("}.get(case, f"{prefix}.bin is empty (no documents)")
+    assert lines[0].startswith(f"eval_perplexity.py: error: --data {prefix}: {problem}"), lines[0]
     assert not (tmp_path / "out").exists()

@@ -29,6 +29,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_resonance.data.datasets import writable
+
 #: megatron-core's ``_INDEX_HEADER`` and the fixed part of an ``.idx``: magic (9), version (8), dtype code (1),
 #: sequence count (8), document-index count (8)
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -284,6 +286,7 @@ def check_training_data(
     seq_length: int,
     vocab_size: int,
     cache_dir: Optional[str] = None,
+    fallback_cache_dir: Optional[str] = None,
     log: Callable[[str], None] = print,
 ) -> None:
     """DataError with one line for data the trainer cannot train on (see the module docstring).
@@ -291,7 +294,7 @@ def check_training_data(
     ``data_path`` alone is divided by ``split``; with ``valid_data_path`` each is used whole. Cheap checks
     come first for every prefix, the token scans last. ``cache_dir``: where the token-range cache goes
     (``--data-cache-path``; default ``index-cache`` beside each ``.bin``, where the trainer's index cache
-    goes)."""
+    goes, or ``fallback_cache_dir`` where that cannot be written, as for the index cache)."""
     sources = [("--data-path", data_path)] + ([("--valid-data-path", valid_data_path)] if valid_data_path else [])
     blends = [(flag, blend_of(value)) for flag, value in sources]
     indexes = {p: read_index(p) for _, (prefixes, _) in blends for p in prefixes}
@@ -308,7 +311,8 @@ def check_training_data(
                             "weight (e.g. 98,2,0), --valid-data-path PREFIX, or --eval-iters 0")
         check_splits([indexes[p] for p in prefixes], weights is not None, matrix, f"--split {split}", seq_length)
     for prefix, index in indexes.items():
-        directory = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+        beside = os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+        directory = cache_dir or next((d for d in (beside, fallback_cache_dir) if d and writable(d)), None)
         low, high = token_range(index, directory, log)
         bad = id_outside_vocab(low, high, vocab_size)
         if bad is not None:

@@ -108,7 +108,8 @@ def _user_cache_dir() -> str:
     return os.path.join(base, "megatron_resonance", "index-cache")
 
 
-def _writable(path: str) -> bool:
+def writable(path: str) -> bool:
+    """A directory this process can write in, or could create (``cli.check_output_dir``)."""
     try:
         check_output_dir(path, "")
         return True
@@ -124,10 +125,10 @@ def index_cache_dir(first_prefix: str, fallback: Optional[str] = None) -> str:
     (``os.access`` on the same paths); rank 0 prints one line when it falls back. UsageError with one line
     when no place can be written."""
     beside = os.path.join(os.path.dirname(os.path.abspath(first_prefix)), "index-cache")
-    if _writable(beside):
+    if writable(beside):
         return beside
     for place in filter(None, (fallback, _user_cache_dir())):
-        if _writable(place):
+        if writable(place):
             _say(f"[data] {os.path.dirname(beside)} is not writable: the dataset index cache goes to {place} "
                  "(--data-cache-path sets it)")
             return place

@@ -107,7 +107,8 @@ def _check_dataset(cfg: Config) -> None:
     try:
         check_training_data(
             d.data_path, d.valid_data_path, split=d.split, with_validation=cfg.training.eval_iters > 0,
-            seq_length=d.seq_length, vocab_size=cfg.model.vocab_size, cache_dir=d.data_cache_path, log=print_rank0,
+            seq_length=d.seq_length, vocab_size=cfg.model.vocab_size, cache_dir=d.data_cache_path,
+            fallback_cache_dir=_fallback_cache_dir(cfg), log=print_rank0,
         )  # fmt: skip
     except DataError as e:
         raise ConfigError(str(e)) from None
@@ -218,6 +219,11 @@ def load_data_tokenizer(path: str):
     return tokenizer
 
 
+def _fallback_cache_dir(cfg: Config) -> Optional[str]:
+    """Where the dataset caches go when the data's directory cannot be written: ``<save>/index-cache``."""
+    return cfg.checkpoint.save and os.path.join(cfg.checkpoint.save, "index-cache")
+
+
 def build_data(cfg: Config, train_samples: int, valid_samples: int):
     """megatron GPTDataset train/validation sets (MockGPTDataset with --mock-data).
 
@@ -244,7 +250,7 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
         train_samples=train_samples,
         valid_samples=valid_samples,
         cache_dir=d.data_cache_path,
-        fallback_cache_dir=cfg.checkpoint.save and os.path.join(cfg.checkpoint.save, "index-cache"),
+        fallback_cache_dir=_fallback_cache_dir(cfg),
         **tokenizer,
         **source,
     )

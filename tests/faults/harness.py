@@ -121,6 +121,14 @@ class Job:
             for line in self.processes():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(line.split()[0]), sig)
+            # Slurm kills a step's cgroup at once; a process listed one by one can fork in between (megatron's
+            # checkpoint writer forks during a save), so SIGKILL goes round until none is left
+            deadline = time.monotonic() + 10
+            while sig == signal.SIGKILL and self.processes() and time.monotonic() < deadline:
+                for line in self.processes():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(line.split()[0]), sig)
+                time.sleep(0.05)
         else:
             raise ValueError(target)
 

@@ -99,7 +99,7 @@ def run_option(args) -> dict:
             return kernel(q, k, v, block_mask=block, enable_gqa=gqa)
 
     def step():
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        q, k, v = (t.clone().requires_grad_(not args.forward_only) for t in (q0, k0, v0))
         out = attend(q, k, v)
         if not args.forward_only:
             out.sum().backward()

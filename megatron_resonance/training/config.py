@@ -270,20 +270,16 @@ def _check_split(split: str) -> None:
 
 
 def _check_documents(cfg: Config) -> None:
-    """Document masking needs the real end-of-document id, and attention that takes per-token positions and
-    per-document masks: the local spec's (Transformer Engine's THD path is not wired yet). Mock data is
-    fine: megatron's MockGPTDataset ends every synthetic document with the EOD id it is given."""
+    """Document masking needs attention that takes per-token positions and per-document masks: the local
+    spec's (Transformer Engine's packed THD path is not wired to it yet). ``--eod-mask-loss`` alone only
+    changes the loss mask, and mock data is fine: megatron's MockGPTDataset ends every synthetic document
+    with the EOD id (as the preprocessor ends every real one)."""
     d = cfg.data
-    flags = [f"--{name.replace('_', '-')}" for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
-             if getattr(d, name)]
-    if not flags:
-        return
-    if not d.mock_data and not d.tokenizer_model:
-        raise ConfigError(f"{' '.join(flags)} need --tokenizer-model: the documents end at its EOS id")
-    positional = [f for f in flags if f != "--eod-mask-loss"]
+    positional = [flag for flag, on in (("--reset-position-ids", d.reset_position_ids),
+                                        ("--reset-attention-mask", d.reset_attention_mask)) if on]
     if positional and resolve_spec(cfg.parallel.transformer_impl) == "te":
-        raise ConfigError(f"{' '.join(positional)} need the local attention (--transformer-impl local): "
-                          "Transformer Engine's packed (THD) path is not wired to them yet")
+        raise ConfigError(f"{' '.join(positional)}: document masking needs the local attention (--transformer-impl "
+                          "local); Transformer Engine's packed (THD) path is not wired to it yet")
 
 
 def warmup_iters(cfg: Config) -> int:

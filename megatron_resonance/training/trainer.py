@@ -756,11 +756,33 @@ def build(cfg: Config) -> Job:
     gbs = cfg.data.global_batch_size
     valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
     train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
+    _log_documents(cfg, train_ds, state.consumed_train_samples)
     train_iterator = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)
     return Job(chunks, optimizer, scheduler, state, state.iteration if resume_from else None, train_iterator,
                valid_ds, get_forward_backward_func(), num_microbatches)
+
+
+def _log_documents(cfg: Config, dataset, sample: int) -> None:
+    """With document flags, one line on rank 0 about the first sample this run trains on: its documents'
+    lengths, where positions restart, the EOD tokens out of the loss."""
+    d = cfg.data
+    flags = [f"--{n.replace('_', '-')}" for n in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+             if getattr(d, n)]
+    if not flags or not distributed.is_rank0():
+        return
+    item = dataset[sample % len(dataset)]
+    eod = dataset.config.tokenizer.eod
+    tokens, positions = torch.as_tensor(item["tokens"]), torch.as_tensor(item["position_ids"])
+    ends = (torch.nonzero(tokens == eod).flatten() + 1).tolist()
+    lengths = [b - a for a, b in zip([0, *ends], [*ends, len(tokens)]) if b > a]
+    restarts = torch.nonzero(positions[1:] == 0).flatten().add(1).tolist()
+    print_rank0(
+        f"[data] documents ({' '.join(flags)}; EOD id {eod}): sample {sample} holds {len(lengths)} "
+        f"(lengths {lengths}), positions restart at {restarts}, "
+        f"{int((torch.as_tensor(item['loss_mask']) == 0).sum())} tokens out of the loss"
+    )
 
 
 def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:

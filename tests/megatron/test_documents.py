@@ -22,10 +22,29 @@ from tests.megatron.conftest import WORKERS, CheckResults
 
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory) -> CheckResults:
-    out = tmp_path_factory.mktemp("documents")
-    torchrun(WORKERS / "documents.py", out, nproc=1, timeout=300)
-    return CheckResults(json.loads((out / "results.json").read_text()))
+def worker_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("documents")
+
+
+@pytest.fixture(scope="module")
+def checks(worker_dir) -> CheckResults:
+    torchrun(WORKERS / "documents.py", worker_dir, nproc=1, timeout=300)
+    return CheckResults(json.loads((worker_dir / "results.json").read_text()))
+
+
+def _context_parallel_attention() -> bool:
+    """Whether SDPAAttention runs context parallelism itself (the CP-without-TE work)."""
+    from megatron_resonance.megatron.sdpa_attention import SDPAAttention
+
+    return hasattr(SDPAAttention, "_context_parallel")
+
+
+@pytest.fixture(scope="module")
+def checks_cp2(checks, worker_dir) -> CheckResults:
+    if not _context_parallel_attention():
+        pytest.skip("SDPAAttention has no context parallelism in this tree (CP without TE not merged)")
+    torchrun(WORKERS / "documents.py", worker_dir, "cp2", nproc=2, timeout=300)
+    return CheckResults(json.loads((worker_dir / "results_cp2.json").read_text()))
 
 
 @pytest.mark.parametrize("speed", ["on", "off"])
@@ -38,6 +57,14 @@ def test_each_document_has_its_logits_alone(checks, kind, speed):
     first = {0, 3}
     assert all(d < 1e-5 for i, d in enumerate(record["flags_off_diff"]) if i in first), record
     assert all(d > 1e-2 for i, d in enumerate(record["flags_off_diff"]) if i not in first), record
+
+
+@pytest.mark.parametrize("speed", ["on", "off"])
+@pytest.mark.parametrize("kind", ["rope", "resonance_yarn"])
+def test_each_document_has_its_logits_alone_at_cp2(checks_cp2, kind, speed):
+    """CP = 2: documents cross the load-balanced chunks (boundaries at 20 and 50 of 64, chunks of 16)."""
+    record = checks_cp2["check_parity_cp2"][f"{kind}/cpu_speed={speed}"]
+    assert record["max_diff"] <= 1e-5, record
 
 
 def test_gradient_of_the_pack_is_the_sum_over_documents(checks):

@@ -1,6 +1,11 @@
-"""Worker: document masking through the trainer's ``forward_step`` on a tiny LLaMA (CP = 1).
+"""Worker: document masking through the trainer's ``forward_step`` on a tiny LLaMA.
 
-    torchrun --nproc-per-node 1 tests/megatron/workers/documents.py OUT_DIR
+    torchrun --nproc-per-node 1 tests/megatron/workers/documents.py OUT_DIR        # CP = 1 checks
+    torchrun --nproc-per-node 2 tests/megatron/workers/documents.py OUT_DIR cp2    # CP = 2 parity (after them)
+
+The CP = 1 run also saves each model's weights and every document's logits alone (``OUT_DIR/*.pt``); the
+CP = 2 run loads those weights, runs the pack with megatron's load-balanced CP layout and compares the
+gathered logits of each document with them (``OUT_DIR/results_cp2.json``).
 
 Batches are built as the trainer builds them: megatron's own ``_get_ltor_masks_and_position_ids`` (what its
 GPTDataset runs with ``reset_position_ids``) for the positions, ``documents.document_ids_from_tokens`` for
@@ -94,15 +99,18 @@ def check_parity():
             batch, docs = packed_batch()
             packed = logits_of(model, batch, reset_position_ids=True)
             unmasked = logits_of(model, {k: v for k, v in batch.items() if k != "document_ids"}, False)
-            diffs, crossing = [], []
+            diffs, crossing, refs = [], [], []
             for b, row in enumerate(docs):
                 start = 0
                 for doc in row:
                     ref = alone(model, doc)
+                    refs.append(ref)
                     diffs.append((packed[b, start:start + len(doc)] - ref).abs().max().item())
                     crossing.append((unmasked[b, start:start + len(doc)] - ref).abs().max().item())
                     start += len(doc)
-            out[f"{kind}/cpu_speed={'on' if speed else 'off'}"] = {
+            tag = f"{kind}/cpu_speed={'on' if speed else 'off'}"
+            torch.save({"weights": model.state_dict(), "alone": refs}, _saved(tag))
+            out[tag] = {
                 "max_diff": max(diffs), "per_document": diffs, "flags_off_diff": crossing,
                 "logit_scale": packed.abs().max().item(),
             }
@@ -198,23 +206,70 @@ def check_positions_only():
     return {"reset_vs_plain": (reset - plain).abs().max().item(), "arange_vs_plain": (same - plain).abs().max().item()}
 
 
+def check_parity_cp2():
+    """At CP = 2 (2 ranks, megatron's load-balanced chunks, documents crossing chunk boundaries), from the
+    CP = 1 run's weights: max |logits(document in the pack, gathered) - logits(document alone at CP = 1)|."""
+    import torch.distributed as dist
+
+    from megatron_resonance.megatron import cpu_speed, llama
+    from megatron_resonance.megatron.documents import cp_query_index
+    from megatron_resonance.training import trainer
+
+    out = {}
+    for speed in (True, False):
+        cpu_speed.set_enabled(speed)
+        for kind in ("rope", "resonance_yarn"):
+            tag = f"{kind}/cpu_speed={'on' if speed else 'off'}"
+            saved = torch.load(_saved(tag))
+            model = llama.for_inference(llama.build_model(tiny_config(kind), seq_length=SEQ))[0]
+            model.load_state_dict(saved["weights"])
+            batch, docs = packed_batch()
+            with torch.no_grad():
+                local, _ = trainer.forward_step(iter([dict(batch)]), model, cp_size=2, score_vocab=256,
+                                                reset_position_ids=True)
+            parts = [torch.empty_like(local) for _ in range(2)]
+            dist.all_gather(parts, local.contiguous())
+            packed = torch.empty(local.shape[0], SEQ, local.shape[2])
+            for rank, part in enumerate(parts):
+                packed[:, cp_query_index(SEQ, 2, rank)] = part.float()
+            diffs, refs = [], iter(saved["alone"])
+            for b, row in enumerate(docs):
+                start = 0
+                for doc in row:
+                    diffs.append((packed[b, start:start + len(doc)] - next(refs)).abs().max().item())
+                    start += len(doc)
+            out[tag] = {"max_diff": max(diffs), "per_document": diffs}
+    cpu_speed.set_enabled(True)
+    return out
+
+
 CHECKS = [check_parity, check_gradients, check_rotary_positions, check_positions_only]
+OUT_DIR = "."
 
 
-def main(out_dir: str) -> None:
+def _saved(tag: str) -> str:
+    return os.path.join(OUT_DIR, tag.replace("/", "_") + ".pt")
+
+
+def main(out_dir: str, mode: str = "cp1") -> None:
+    global OUT_DIR
     from megatron_resonance.megatron import distributed
 
-    distributed.initialize(1, 1)
+    OUT_DIR = out_dir
+    cp = 2 if mode == "cp2" else 1
+    distributed.initialize(1, 1, None, cp)
     results = {}
-    for check in CHECKS:
+    for check in [check_parity_cp2] if cp == 2 else CHECKS:
         try:
             results[check.__name__] = check()
         except Exception:
             results[check.__name__] = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    name = "results_cp2.json" if cp == 2 else "results.json"
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(results, f, indent=1, default=float)
     distributed.destroy()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

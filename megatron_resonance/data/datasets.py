@@ -8,7 +8,10 @@
   no ``attention_mask`` (the attention kernels build the causal mask);
 * documents are concatenated with their EOS and cut into ``seq_length + 1``-token windows, so a sample
   crosses document boundaries and positions do not restart at EOS (Megatron-LM's defaults:
-  ``reset_position_ids = reset_attention_mask = eod_mask_loss = False``);
+  ``reset_position_ids = reset_attention_mask = eod_mask_loss = False``). With ``reset_position_ids``
+  positions restart after each EOS, with ``eod_mask_loss`` the EOS tokens are out of the loss, and
+  ``reset_attention_mask`` is recorded in the dataset's config for the trainer, which masks attention by
+  document (``megatron/documents.py``) instead of megatron's dense [s, s] mask;
 * the document / sample / shuffle indices are cached as ``.npy`` files under ``cache_dir``; rank 0 builds
   them, the others wait at a barrier and load them. Beside read-only data the cache goes to a writable
   place instead (:func:`index_cache_dir`), and rank 0 builds under an exclusive lock on the cache
@@ -198,6 +201,9 @@ def build_gpt_datasets(
     cache_dir: Optional[str] = None,
     fallback_cache_dir: Optional[str] = None,
     is_built_on_rank: Optional[Callable[[], bool]] = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
 ) -> Tuple[Optional[object], Optional[object]]:
     """Build the train and validation ``GPTDataset`` (``MockGPTDataset`` when ``mock``).
 
@@ -238,6 +244,10 @@ def build_gpt_datasets(
             which is cheap (the ``.bin`` is memory-mapped) and lets each rank read its own batches.
             Megatron-LM builds only on TP rank 0 of the first and last pipeline stages and
             broadcasts batches over TP; pass such a predicate to do the same. Rank 0 must build.
+        reset_position_ids, reset_attention_mask, eod_mask_loss: Megatron-LM's document-masking flags, as
+            megatron's dataset reads them: ``position_ids`` restart after every EOD; (only recorded in the
+            dataset's config: no dense mask is built, the trainer derives each token's document from the
+            EODs); ``loss_mask`` is 0 on EOD tokens.
 
     Returns:
         ``(train, valid)``: megatron ``GPTDataset`` objects (``len()`` >= the requested samples;
@@ -286,10 +296,10 @@ def build_gpt_datasets(
         split=split if blend is not None else None,
         path_to_cache=cache_dir,
         tokenizer=dataset_tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,  # no dense [s, s] mask: the attention takes documents from the EODs
         mmap_bin_files=True,
     )
     if blend is not None:  # megatron builds every part its split names: only those we read

@@ -43,6 +43,7 @@ class ResonanceRotaryEmbedding(RotaryEmbedding):
         self.frequencies = compute_frequencies(rope)
         # fp32 copy for anyone who reads inv_freq (logging, megatron utilities); angles use float64.
         self.inv_freq = self.frequencies.inv_freq.float()
+        self._angle_table: Optional[torch.Tensor] = None  # angles_at's [n, d] rows, the longest asked for
 
     @property
     def attention_factor(self) -> float:
@@ -63,6 +64,33 @@ class ResonanceRotaryEmbedding(RotaryEmbedding):
             emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
         return emb[:, None, None, :]
 
+    def angles_at(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """[s, b, 1, d] angles for per-token positions ``position_ids`` [b, s] (document masking: positions
+        restart at each document): rows of the same exact table, in megatron's layout for q/k [s, b, h, d]
+        (the unfused and ``local_ops`` rotary apply broadcast over the batch dimension)."""
+        length = int(position_ids.max()) + 1
+        table = self._angle_table
+        if table is None or table.shape[0] < length or table.device != position_ids.device:
+            table = self._angle_table = self.get_emb(length)[:, 0, 0, :].to(position_ids.device)
+        return table[position_ids.t()].unsqueeze(2)
+
+
+def _document_positions(gpt: torch.nn.Module):
+    """Forward pre-hook of a GPTModel's decoder: with a ``documents.DocumentLayout`` carrying position ids
+    as ``packed_seq_params``, the decoder's rotary angles are taken at those positions (megatron-core's
+    rotary ignores ``position_ids``)."""
+    from megatron_resonance.megatron.documents import DocumentLayout
+
+    def hook(module, args, kwargs):
+        layout = kwargs.get("packed_seq_params")
+        if not isinstance(layout, DocumentLayout) or layout.position_ids is None:
+            return None
+        if kwargs.get("rotary_pos_emb") is None:
+            return None
+        return args, {**kwargs, "rotary_pos_emb": gpt.rotary_pos_emb.angles_at(layout.position_ids)}
+
+    return hook
+
 
 def softmax_scale_for(rope: RopeConfig) -> Optional[float]:
     """``config.softmax_scale`` carrying the attention factor; None (megatron's default) when m == 1."""
@@ -73,7 +101,8 @@ def softmax_scale_for(rope: RopeConfig) -> Optional[float]:
 
 
 def install_rotary(model_chunks: Iterable[torch.nn.Module], rope: RopeConfig) -> None:
-    """Replace ``rotary_pos_emb`` on every GPTModel chunk (each PP / virtual-PP chunk has its own)."""
+    """Replace ``rotary_pos_emb`` on every GPTModel chunk (each PP / virtual-PP chunk has its own), and hook
+    each decoder so per-document positions (``documents.DocumentLayout.position_ids``) reach the rotary."""
     for chunk in model_chunks:
         gpt = unwrap(chunk)
         if getattr(gpt, "position_embedding_type", None) != "rope":
@@ -84,6 +113,9 @@ def install_rotary(model_chunks: Iterable[torch.nn.Module], rope: RopeConfig) ->
         )
         scale = softmax_scale_for(rope)
         set_softmax_scale(gpt, scale)
+        if not getattr(gpt.decoder, "_document_positions_hook", False):
+            gpt.decoder.register_forward_pre_hook(_document_positions(gpt), with_kwargs=True)
+            gpt.decoder._document_positions_hook = True
 
 
 def set_softmax_scale(gpt: torch.nn.Module, scale: Optional[float]) -> None:

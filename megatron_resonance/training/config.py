@@ -52,6 +52,11 @@ class DataConfig:
     micro_batch_size: int = _f(1, "samples per micro-batch per data-parallel rank")
     global_batch_size: int = _f(8, "samples per optimizer step (a multiple of micro_batch_size x DP)")
     data_cache_path: Optional[str] = _f(None, "where megatron's GPTDataset caches its sample index")
+    reset_position_ids: bool = _f(
+        False, "rotary positions restart at 0 after every EOD of a packed sample (exact angles of any rope kind)")
+    reset_attention_mask: bool = _f(
+        False, "attention never crosses an EOD: each packed document attends only to itself (no dense mask)")
+    eod_mask_loss: bool = _f(False, "leave the EOD tokens out of the loss")
 
 
 @dataclasses.dataclass
@@ -199,6 +204,7 @@ def check(cfg: Config, world_size: int) -> None:
         )
     if not d.mock_data and not d.data_path:
         raise ConfigError("no training data: give --data-path PREFIX or --mock-data")
+    _check_documents(cfg)
     if cfg.training.train_iters < 1:
         raise ConfigError(f"--train-iters must be >= 1, got {cfg.training.train_iters}")
     warmup, decay = warmup_iters(cfg), cfg.optimizer.lr_decay_iters or cfg.training.train_iters
@@ -261,6 +267,19 @@ def _check_split(split: str) -> None:
                           "test), e.g. 98,2,0")
     if not weights[0] > 0:
         raise ConfigError(f"--split {split}: the train weight must be above 0")
+
+
+def _check_documents(cfg: Config) -> None:
+    """Document masking needs attention that takes per-token positions and per-document masks: the local
+    spec's (Transformer Engine's packed THD path is not wired to it yet). ``--eod-mask-loss`` alone only
+    changes the loss mask, and mock data is fine: megatron's MockGPTDataset ends every synthetic document
+    with the EOD id (as the preprocessor ends every real one)."""
+    d = cfg.data
+    positional = [flag for flag, on in (("--reset-position-ids", d.reset_position_ids),
+                                        ("--reset-attention-mask", d.reset_attention_mask)) if on]
+    if positional and resolve_spec(cfg.parallel.transformer_impl) == "te":
+        raise ConfigError(f"{' '.join(positional)}: document masking needs the local attention (--transformer-impl "
+                          "local); Transformer Engine's packed (THD) path is not wired to it yet")
 
 
 def warmup_iters(cfg: Config) -> int:

@@ -251,6 +251,9 @@ def build_data(cfg: Config, train_samples: int, valid_samples: int):
         valid_samples=valid_samples,
         cache_dir=d.data_cache_path,
         fallback_cache_dir=_fallback_cache_dir(cfg),
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        eod_mask_loss=d.eod_mask_loss,
         **tokenizer,
         **source,
     )
@@ -266,16 +269,26 @@ def data_iterators(dataset, start_sample: int, micro_batch_size: int, num_chunks
 
 def micro_batches(dataset, start_sample: int, micro_batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
     """Megatron-LM's pretraining sampler: global sample order, each DP rank takes its slice of every
-    micro-batch round. Starting at ``start_sample`` makes resume continue exactly where it stopped."""
+    micro-batch round. Starting at ``start_sample`` makes resume continue exactly where it stopped.
+
+    With ``--reset-attention-mask`` each batch also holds ``document_ids`` [b, s], every token's document
+    (EODs before it), from which ``forward_step`` masks attention."""
     from megatron.core import parallel_state as ps
+
+    from megatron_resonance.megatron.documents import document_ids_from_tokens
 
     dp_rank = ps.get_data_parallel_rank()
     dp_size = ps.get_data_parallel_world_size()
+    config = getattr(dataset, "config", None)
+    eod = config.tokenizer.eod if getattr(config, "reset_attention_mask", False) else None
     sample = start_sample
     while True:
         first = sample + dp_rank * micro_batch_size
         items = [dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)]
-        yield {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0] if k != "attention_mask"}
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0] if k != "attention_mask"}
+        if eod is not None:
+            batch["document_ids"] = document_ids_from_tokens(batch["tokens"], eod)
+        yield batch
         sample += micro_batch_size * dp_size
 
 
@@ -369,30 +382,56 @@ def load_weights_only(path: str, chunks, optimizer) -> dict:
 
 
 def forward_step(
-    data_iterator, model, cp_size: int = 1, sequence_parallel: bool = False, score_vocab: Optional[int] = None
+    data_iterator, model, cp_size: int = 1, sequence_parallel: bool = False, score_vocab: Optional[int] = None,
+    reset_position_ids: bool = False,
 ):
     """One micro-batch: returns the per-token losses and the function megatron reduces them with.
 
     Training takes megatron's fused vocab-parallel cross entropy (over the padded vocabulary, as
     Megatron-LM). Evaluation (``score_vocab``: the real vocabulary size) scores the logits over the real
-    vocabulary only, the evaluation tools' definition, so a checkpoint has one validation perplexity."""
+    vocabulary only, the evaluation tools' definition, so a checkpoint has one validation perplexity.
+
+    Document masking goes to the model as ``packed_seq_params`` (:func:`document_layout`): the batch's
+    ``document_ids`` (``--reset-attention-mask``) and, with ``reset_position_ids``, its position ids."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    document_ids = batch.pop("document_ids", None)  # whole sequence: keys of every CP rank
     if cp_size > 1:
         batch = get_batch_on_this_cp_rank(batch)
+    layout = document_layout(batch, document_ids, reset_position_ids, cp_size)
     # With cpu_speed on, the model runs without cpu_compat's device mode (a Python hook on every torch
     # call): megatron's forward allocates on the device only for context parallelism (rotary slicing) and
     # sequence parallelism (gather buffers), which keep it.
     device_free = cp_size == 1 and not sequence_parallel
     labels = None if score_vocab else batch["labels"]
     with cpu_speed.suspended() if device_free else contextlib.nullcontext():
-        output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=labels, packed_seq_params=layout)
     if score_vocab:
         return output, functools.partial(_real_vocab_loss, batch["labels"], batch["loss_mask"], score_vocab)
     return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def document_layout(batch: Dict[str, torch.Tensor], document_ids: Optional[torch.Tensor], reset_position_ids: bool,
+                    cp_size: int = 1):
+    """The ``DocumentLayout`` of a micro-batch (this CP rank's part of it), or None without document masking:
+    ``document_ids`` [b, S] of the whole sequence, this rank's ``position_ids`` when they restart per
+    document, and under context parallelism the global index of this rank's tokens."""
+    if document_ids is None and not reset_position_ids:
+        return None
+    from megatron.core import parallel_state as ps
+
+    from megatron_resonance.megatron.documents import DocumentLayout, cp_query_index
+
+    query_index = None
+    if cp_size > 1 and document_ids is not None:
+        query_index = cp_query_index(document_ids.shape[1], cp_size, ps.get_context_parallel_rank(),
+                                     device=document_ids.device)
+    length = batch["tokens"].shape[1] * cp_size
+    return DocumentLayout(document_ids=document_ids, query_index=query_index, max_seqlen_q=length,
+                          position_ids=batch["position_ids"] if reset_position_ids else None)
 
 
 def _forward_step_func(cfg: Config, evaluation: bool = False):
@@ -401,6 +440,7 @@ def _forward_step_func(cfg: Config, evaluation: bool = False):
         cp_size=cfg.parallel.context_parallel_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
         score_vocab=cfg.model.vocab_size if evaluation else None,
+        reset_position_ids=cfg.data.reset_position_ids,
     )
 
 
@@ -722,11 +762,33 @@ def build(cfg: Config) -> Job:
     gbs = cfg.data.global_batch_size
     valid_samples = gbs * cfg.training.eval_iters * (iters // max(cfg.training.eval_interval, 1) + 1)
     train_ds, valid_ds = build_data(cfg, train_samples=iters * gbs, valid_samples=valid_samples)
+    _log_documents(cfg, train_ds, state.consumed_train_samples)
     train_iterator = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)
     return Job(chunks, optimizer, scheduler, state, state.iteration if resume_from else None, train_iterator,
                valid_ds, get_forward_backward_func(), num_microbatches)
+
+
+def _log_documents(cfg: Config, dataset, sample: int) -> None:
+    """With document flags, one line on rank 0 about the first sample this run trains on: its documents'
+    lengths, where positions restart, the EOD tokens out of the loss."""
+    d = cfg.data
+    flags = [f"--{n.replace('_', '-')}" for n in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+             if getattr(d, n)]
+    if not flags or not distributed.is_rank0():
+        return
+    item = dataset[sample % len(dataset)]
+    eod = dataset.config.tokenizer.eod
+    tokens, positions = torch.as_tensor(item["tokens"]), torch.as_tensor(item["position_ids"])
+    ends = (torch.nonzero(tokens == eod).flatten() + 1).tolist()
+    lengths = [b - a for a, b in zip([0, *ends], [*ends, len(tokens)]) if b > a]
+    restarts = torch.nonzero(positions[1:] == 0).flatten().add(1).tolist()
+    print_rank0(
+        f"[data] documents ({' '.join(flags)}; EOD id {eod}): sample {sample} holds {len(lengths)} "
+        f"(lengths {lengths}), positions restart at {restarts}, "
+        f"{int((torch.as_tensor(item['loss_mask']) == 0).sum())} tokens out of the loss"
+    )
 
 
 def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:

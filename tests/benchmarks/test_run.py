@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.launch import REPO
+from tests.launch import REPO, child_env
 
 
 def test_precision_section_meets_the_angle_goal(tmp_path):
@@ -91,3 +91,16 @@ def test_model_only_step_trains_the_trainers_model():
     assert model_only[0] == pytest.approx(trainer[0], rel=1e-6)
     assert model_only[1:] == pytest.approx(trainer[1:], rel=1e-5)
     assert trainer[2] < trainer[0]  # a training step, not a forward pass
+
+
+def test_document_masking_benchmark_runs(tmp_path):
+    """``benchmarks/document_masking.py`` stays runnable, and its options compute the same attention."""
+    out = tmp_path / "documents.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "document_masking.py"), "--tokens", "128", "--documents", "4",
+         "--repeat", "1", "--options", "segments,dense", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["option"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["dense"]["max_abs_diff_vs_segments"] < 1e-5, rows

@@ -314,6 +314,27 @@ def test_context_parallel_without_transformer_engine(monkeypatch, files):
     assert_one_error_line(proc, "pretrain_llama.py", "--context-parallel-size > 1 needs Transformer Engine")
 
 
+@pytest.mark.parametrize("flags", [["--reset-attention-mask"], ["--reset-position-ids", "--eod-mask-loss"]])
+def test_document_flags_with_transformer_engine(monkeypatch, files, flags):
+    """Document masking runs in the local spec's attention; with TE (here pretended) it is one line."""
+    from megatron_resonance.training import config
+
+    monkeypatch.setattr(config, "resolve_spec", lambda spec: "te")
+    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, *flags])
+    positional = " ".join(f for f in flags if f != "--eod-mask-loss")
+    assert_one_error_line(proc, "pretrain_llama.py",
+                          f"{positional}: document masking needs the local attention (--transformer-impl local)")
+    assert proc.launched == []
+
+
+def test_document_flags_with_mock_data_reach_the_launch(monkeypatch, files):
+    """Mock data with the document flags is a run, not an error: megatron's mock documents end with the EOD."""
+    flags = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, *flags, "--transformer-impl", "local"])
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert len(proc.launched) == 1 and all(f in proc.launched[0] for f in flags)
+
+
 def test_good_input_reaches_the_launch(monkeypatch, files):
     """The counter-check: the same harness with valid input launches torchrun with the user's flags."""
     argv = [*TINY_RUN, *ITERS, "--save", str(files["save"])]

@@ -94,10 +94,13 @@ def model_shape(args) -> tuple:
 def make_plan(args) -> tuple:
     shape, source = model_shape(args)
     data = _config_data(args.config).get("data") or {}
-    seq = args.seq_length or data.get("seq_length")
-    mbs = args.micro_batch_size or data.get("micro_batch_size") or 1
-    gbs = args.global_batch_size or data.get("global_batch_size")
-    if not seq:
+    def pick(flag, key, default=None):
+        return flag if flag is not None else data.get(key, default)
+
+    seq = pick(args.seq_length, "seq_length")
+    mbs = pick(args.micro_batch_size, "micro_batch_size", 1)
+    gbs = pick(args.global_batch_size, "global_batch_size")
+    if seq is None:
         raise UsageError("no target length: give --seq-length")
     for flag, value in (("--seq-length", seq), ("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
                         ("--micro-batch-size", mbs), ("--global-batch-size", gbs)):

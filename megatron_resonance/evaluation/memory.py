@@ -75,6 +75,9 @@ class DoesNotFit(UsageError):
             if a in LAYOUT_FLAGS:
                 skip = True
                 continue
+            if self.hf and args and args[-1] == "--hf":  # the conversion's checkpoint in its place
+                args[-1:] = ["--load", "CKPT"]
+                continue
             if a.split("=")[0] in LAYOUT_FLAGS:
                 continue
             args.append(a)
@@ -85,8 +88,8 @@ class DoesNotFit(UsageError):
         command = (f"torchrun --nproc-per-node {lay.model_parallel} tools/{prog} {shlex.join(args)} "
                    f"{' '.join(layout)}")
         if self.hf:
-            return (f"{self.message}; a Megatron conversion (tools/convert_hf_to_megatron.py) fits at {where}: "
-                    f"{command.replace('--hf ', '--load ')}")
+            return (f"{self.message}; its Megatron conversion (tools/convert_hf_to_megatron.py --save CKPT) fits "
+                    f"at {where}: {command}")
         return f"{self.message}; fits at {where}: {command}"
 
 

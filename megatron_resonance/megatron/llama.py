@@ -299,7 +299,8 @@ def build_model(
     fills them); ``per_token_loss``: megatron's per-token loss normalization (training). The chunks are on
     the current CUDA device when there is one, unless ``device="cpu"`` (the converters, which only move
     weights). ``recompute``: megatron's recomputation fields (``recompute_granularity``, ``recompute_method``,
-    ``recompute_num_layers``) for the ``TransformerConfig``. Wrap them with :func:`for_training` or :func:`for_inference`.
+    ``recompute_num_layers``) for the ``TransformerConfig``. Wrap them with :func:`for_training` or
+    :func:`for_inference`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel

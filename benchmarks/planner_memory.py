@@ -5,7 +5,8 @@ real training entry point on CPU, per rank.
 
 Each setting runs ``pretrain/pretrain_llama.py --nproc-per-node N`` (fp32, the local spec, mock data, 2
 steps) under a small Python parent that reports ``ru_maxrss`` of its largest descendant: the peak RSS of
-the rank that needed most. A process's fixed cost (torch, megatron and gloo, the dataset, allocator arenas:
+the rank that needed most. glibc's mmap threshold is fixed (``MMAP_THRESHOLD``; ``--default-malloc`` for
+glibc's dynamic one) so that the RSS follows the tensors alive. A process's fixed cost (torch, megatron and gloo, the dataset, allocator arenas:
 nothing the estimate counts) is measured per TP as the same run at length 256 less the estimate there,
 and subtracted. The comparison is then (measured - fixed) against the estimate; ``tests/planning/
 test_measured.py`` asserts ±20 % on a few of these settings.
@@ -86,7 +87,7 @@ def estimate(length: int, tp: int, recompute: str = "none") -> float:
 #: glibc malloc serves allocations from this size up with mmap, returned to the system when freed. By
 #: default the threshold rises to the size of each mmapped block freed (up to 32 MiB), after which a
 #: training step's MiB-sized tensors come from the heap, whose high-water mark then holds freed holes between
-#: saved activations: the RSS measures glibc's heap, up to 60 % above the tensors alive (full recomputation
+#: saved activations: the RSS measures glibc's heap, up to 56 % above the tensors alive (full recomputation
 #: at 8K; benchmarks/results/2026-12-06_planner_memory.md). A fixed threshold keeps RSS on the tensors alive.
 MMAP_THRESHOLD = 262144
 

@@ -6,10 +6,10 @@ real training entry point on CPU, per rank.
 Each setting runs ``pretrain/pretrain_llama.py --nproc-per-node N`` (fp32, the local spec, mock data, 2
 steps) under a small Python parent that reports ``ru_maxrss`` of its largest descendant: the peak RSS of
 the rank that needed most. glibc's mmap threshold is fixed (``MMAP_THRESHOLD``; ``--default-malloc`` for
-glibc's dynamic one) so that the RSS follows the tensors alive. A process's fixed cost (torch, megatron and gloo, the dataset, allocator arenas:
-nothing the estimate counts) is measured per TP as the same run at length 256 less the estimate there,
-and subtracted. The comparison is then (measured - fixed) against the estimate; ``tests/planning/
-test_measured.py`` asserts ±20 % on a few of these settings.
+glibc's dynamic one) so that the RSS follows the tensors alive. A process's fixed cost (torch, megatron
+and gloo, the dataset, allocator arenas: nothing the estimate counts) is measured per TP as the same run
+at length 256 less the estimate there, and subtracted. The comparison is then (measured - fixed) against
+the estimate; ``tests/planning/test_measured.py`` asserts ±20 % on a few of these settings.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import sys
 from typing import List, Optional
 
 from megatron_resonance.cli import ArgumentParser, quiet_library_warnings
-from megatron_resonance.evaluation import command_line
+from megatron_resonance.evaluation import command_line, memory
 from megatron_resonance.evaluation.perplexity import run
 from megatron_resonance.megatron import distributed
 
@@ -48,7 +48,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
-    with distributed.exit_on_error(PROG):
+    with distributed.exit_on_error(PROG), memory.proposing(PROG, argv):
         run(
             command_line.models_from_args(args),
             command_line.parse_lengths(args.lengths),

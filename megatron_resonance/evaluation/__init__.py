@@ -8,7 +8,7 @@
     loading       Runtime, open_scorer                      how it is loaded and run
     command_line  add_model_arguments, parse_lengths, ...   the tools' shared flags
     documents     load_documents, select, windows           indexed / JSONL / default data, windows
-    memory        forward_bytes, check_fits                 refuse lengths that cannot fit
+    memory        forward_bytes, check_fits, proposing      refuse lengths that cannot fit, name where they would
     plots         plot_perplexity, plot_passkey
 
 megatron-core and transformers are imported only when a model of that kind is loaded.

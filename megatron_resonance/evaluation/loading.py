@@ -208,4 +208,4 @@ def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
         check_fits(m.name, m.shape, length, micro_batch_size=runtime.micro_batch_size,
                    tp=runtime.tensor_model_parallel_size if megatron else 1,
                    pp=runtime.pipeline_model_parallel_size if megatron else 1,
-                   dtype_bytes=runtime.dtype_bytes, max_memory_gb=max_memory_gb)
+                   dtype_bytes=runtime.dtype_bytes, max_memory_gb=max_memory_gb, hf=not megatron)

@@ -288,6 +288,7 @@ def build_model(
     initialize: bool = True,
     per_token_loss: bool = False,
     device: Optional[str] = None,
+    recompute: Optional[dict] = None,
 ) -> List[torch.nn.Module]:
     """The model provider: GPTModel chunks of ``cfg`` for this rank under the current ``parallel_state``
     (one, or one per virtual-pipeline stage), our rotary installed on each, their ``TransformerConfig`` as
@@ -297,7 +298,9 @@ def build_model(
     ``initialize=False`` allocates the weights without initializing them (a checkpoint load or a conversion
     fills them); ``per_token_loss``: megatron's per-token loss normalization (training). The chunks are on
     the current CUDA device when there is one, unless ``device="cpu"`` (the converters, which only move
-    weights). Wrap them with :func:`for_training` or :func:`for_inference`.
+    weights). ``recompute``: megatron's recomputation fields (``recompute_granularity``, ``recompute_method``,
+    ``recompute_num_layers``) for the ``TransformerConfig``. Wrap them with :func:`for_training` or
+    :func:`for_inference`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -309,6 +312,7 @@ def build_model(
     tf_config = transformer_config(
         cfg, params_dtype=dtype, sequence_parallel=sequence_parallel, spec=spec, perform_initialization=initialize,
         calculate_per_token_loss=per_token_loss, **({"use_cpu_initialization": True} if on_cpu else {}),
+        **(recompute or {}),
     )
     spec_module = layer_spec(spec)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()

@@ -31,6 +31,13 @@ class ParallelConfig:
     context_parallel_size: int = _f(1, "context-parallel ranks (needs Transformer Engine; seq_length % 2*CP == 0)")
     sequence_parallel: bool = _f(False, "shard layer-norm/dropout activations over TP ranks")
     transformer_impl: str = _f("auto", f"layer spec: {', '.join(SPECS)} (auto = TE when present, else local)")
+    recompute_granularity: Optional[str] = _f(
+        None, "activation recomputation: full (whole layers) or selective (core attention); default none "
+        "(tools/plan_layout.py says when it is needed)")
+    recompute_method: Optional[str] = _f(
+        None, "full recomputation: uniform (a checkpoint every recompute_num_layers layers) or block (the first "
+        "recompute_num_layers layers of each pipeline stage)")
+    recompute_num_layers: Optional[int] = _f(None, "layers per recomputed unit (uniform) or per stage (block)")
     distributed_timeout_minutes: float = _f(
         10.0, "minutes a collective waits for the other ranks before the run stops with one line (a hung or "
         "dead rank); raise it where rank 0 alone builds a large dataset index")
@@ -187,6 +194,7 @@ def check(cfg: Config, world_size: int) -> None:
     if cp > 1 and resolve_spec(p.transformer_impl) != "te":
         raise ConfigError("--context-parallel-size > 1 needs Transformer Engine attention (a GPU with TE)")
     vpp = p.virtual_pipeline_model_parallel_size or 1
+    _check_recompute(p, m.num_layers // pp)
     if m.num_layers % (pp * vpp):
         raise ConfigError(f"num_layers {m.num_layers} is not divisible by PP x VPP = {pp} x {vpp}")
     if p.virtual_pipeline_model_parallel_size and pp < 2:
@@ -252,6 +260,34 @@ def _check_ranges(cfg: Config) -> None:
         if not 0 <= beta < 1:
             raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
     _check_split(cfg.data.split)
+
+
+def _check_recompute(p: ParallelConfig, layers_per_stage: int) -> None:
+    """Megatron-LM's recomputation flags, checked as its TransformerConfig does, in one line each."""
+    g, method, n = p.recompute_granularity, p.recompute_method, p.recompute_num_layers
+    if g is None:
+        if method is not None or n is not None:
+            raise ConfigError("--recompute-method/--recompute-num-layers need --recompute-granularity full")
+        return
+    if g not in ("full", "selective"):
+        raise ConfigError(f"unknown --recompute-granularity {g!r}; expected full or selective")
+    if g == "selective":
+        if method is not None or n is not None:
+            raise ConfigError("--recompute-granularity selective takes no --recompute-method or --recompute-num-layers")
+        return
+    if method not in ("uniform", "block"):
+        raise ConfigError(f"--recompute-granularity full needs --recompute-method uniform or block, got {method}")
+    if n is None or not 1 <= n <= layers_per_stage:
+        raise ConfigError(f"--recompute-num-layers must be between 1 and the {layers_per_stage} layers of a "
+                          f"pipeline stage, got {n}")
+
+
+def recompute_settings(p: ParallelConfig) -> Dict[str, Any]:
+    """The TransformerConfig fields of the recomputation flags (empty: none)."""
+    if p.recompute_granularity is None:
+        return {}
+    return dict(recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
+                recompute_num_layers=p.recompute_num_layers)
 
 
 def _check_split(split: str) -> None:

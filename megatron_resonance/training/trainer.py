@@ -33,7 +33,7 @@ from megatron_resonance.megatron import checkpointing, cpu_speed, distributed
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import build_model, for_training, resolve_spec
 from megatron_resonance.training import flops, preemption
-from megatron_resonance.training.config import Config, ConfigError, check, warmup_iters
+from megatron_resonance.training.config import Config, ConfigError, check, recompute_settings, warmup_iters
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -307,6 +307,7 @@ def build_model_and_optimizer(cfg: Config, bf16: bool):
         seq_length=cfg.data.seq_length,
         sequence_parallel=cfg.parallel.sequence_parallel,
         per_token_loss=True,
+        recompute=recompute_settings(cfg.parallel),
     )
     tf_config = chunks[0].config
     o = cfg.optimizer

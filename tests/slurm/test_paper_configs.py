@@ -1,6 +1,6 @@
 """The paper presets (configs/llama2_*_resonance_yarn.yaml) that slurm/extend_context.sbatch runs: they load,
 finetune/extend_context.py accepts them against a LLaMA-2 checkpoint, their layouts are valid on 8-GPU
-nodes, and the memory arithmetic written in their comments stays under 80 GB per GPU. No Slurm, no GPU:
+nodes, and the layout planner's memory estimate for them stays under 80 GB per GPU. No Slurm, no GPU:
 the checkpoint is a stand-in holding only the stored model description."""
 
 from __future__ import annotations
@@ -52,19 +52,16 @@ def fake_checkpoint(root: Path, model: str) -> Path:
 
 
 def memory_per_gpu_gb(cfg, world: int) -> float:
-    """The estimate in the presets' comments: bf16 weights + fp32 gradients (6 B/parameter) + 12 B/parameter
-    of optimizer state over DP x CP, plus (16h + 6f) bytes per token and layer of activations over TP x CP,
-    logits (~10 B per token and vocabulary column) and 6 GB of workspace."""
-    m, p = cfg.model, cfg.parallel
-    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
-    dp_cp = world // (tp * p.pipeline_model_parallel_size)
-    h, f, layers, vocab = m.hidden_size, m.ffn_hidden_size, m.num_layers, 32000
-    params = layers * (4 * h * h + 3 * h * f) + 2 * vocab * h
-    states = params / tp * (6 + 12 / dp_cp)
-    tokens = cfg.data.seq_length * cfg.data.micro_batch_size / cp
-    activations = tokens * (16 * h + 6 * f) / tp * layers
-    logits = tokens * vocab / tp * 10
-    return (states + activations + logits) / GB + 6
+    """The layout planner's estimate (megatron_resonance/planning.py) for the preset's layout at ``world`` GPUs."""
+    from megatron_resonance.planning import Layout, ModelShape, training_estimate
+
+    p, d = cfg.parallel, cfg.data
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    dp = world // (tp * pp * cp)
+    micro = d.global_batch_size // (d.micro_batch_size * dp)
+    layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=p.sequence_parallel,
+                    micro_batch_size=d.micro_batch_size, num_microbatches=micro)
+    return training_estimate(ModelShape.from_llama(cfg.model), d.seq_length, layout).total / GB
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

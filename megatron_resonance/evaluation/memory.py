@@ -3,10 +3,11 @@
 Forward-only (no autograd), so activations live one layer at a time. Per process::
 
     weights      params * bytes / (TP * PP)
-    hidden       b * L * (6 * hidden + 3 * ffn / TP) * bytes        residual, norm, QKV, context, SwiGLU
-    scores       b * heads / TP * L^2 * 4 * 2                       CPU only (torch may pick the math SDPA
+    hidden       b * L/CP * (6 * hidden + 3 * ffn / TP) * bytes     residual, norm, QKV, context, SwiGLU
+    scores       b * heads / TP * L^2 / CP * 4 * 2                  CPU only (torch may pick the math SDPA
                                                                     kernel); GPU kernels (TE, flash) tile it
-    logits       b * L * vocab / TP * 4 * 3                         fp32 logits, exp, and the model's copy
+    logits       b * L/CP * vocab / TP * 4 * 3                      fp32 logits, exp, and the model's copy
+    gathered K/V b * L * 2 * kv_hidden / TP * bytes                 context parallelism only (CP > 1)
 
 Available memory is the free GPU memory (``torch.cuda.mem_get_info``), or on CPU the available RAM
 (``psutil``) divided by the processes on this node (``LOCAL_WORLD_SIZE``); ``--max-memory-gb`` overrides
@@ -55,14 +56,16 @@ class ModelShape:
 
 
 def forward_bytes(shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
-                  dtype_bytes: int = 4, on_gpu: bool = False) -> int:
+                  dtype_bytes: int = 4, on_gpu: bool = False, cp: int = 1) -> int:
     """Estimated peak bytes of one process running a forward pass at ``length`` (see the module docstring)."""
     b, L = micro_batch_size, length
     weights = shape.parameters * dtype_bytes / (tp * pp)
-    hidden = b * L * (6 * shape.hidden_size + 3 * shape.ffn_hidden_size / tp) * dtype_bytes
-    scores = 0 if on_gpu else b * shape.num_attention_heads / tp * L * L * 4 * 2
-    logits = b * L * shape.vocab_size / tp * 4 * 3
-    return int(weights + hidden + scores + logits)
+    hidden = b * L / cp * (6 * shape.hidden_size + 3 * shape.ffn_hidden_size / tp) * dtype_bytes
+    scores = 0 if on_gpu else b * shape.num_attention_heads / tp * L * L / cp * 4 * 2
+    logits = b * L / cp * shape.vocab_size / tp * 4 * 3
+    kv_hidden = shape.hidden_size // shape.num_attention_heads * shape.num_query_groups
+    gathered = b * L * 2 * kv_hidden / tp * dtype_bytes if cp > 1 else 0
+    return int(weights + hidden + scores + logits + gathered)
 
 
 def available_bytes(max_memory_gb: Optional[float] = None) -> int:
@@ -77,16 +80,16 @@ def available_bytes(max_memory_gb: Optional[float] = None) -> int:
 
 
 def check_fits(name: str, shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1,
-               pp: int = 1, dtype_bytes: int = 4, max_memory_gb: Optional[float] = None) -> None:
+               pp: int = 1, dtype_bytes: int = 4, max_memory_gb: Optional[float] = None, cp: int = 1) -> None:
     """UsageError (one line) when the estimate at ``length`` exceeds 90 % of the available memory."""
     on_gpu = torch.cuda.is_available()
     need = forward_bytes(shape, length, micro_batch_size=micro_batch_size, tp=tp, pp=pp,
-                         dtype_bytes=dtype_bytes, on_gpu=on_gpu)
+                         dtype_bytes=dtype_bytes, on_gpu=on_gpu, cp=cp)
     have = available_bytes(max_memory_gb)
     if need > HEADROOM * have:
         where = "GPU memory" if on_gpu and max_memory_gb is None else "memory"
         raise UsageError(
             f"length {length} does not fit for {name}: a forward pass needs about {need / GB:.1f} GiB per process "
-            f"(micro-batch {micro_batch_size}, TP {tp}, PP {pp}), {where} available {have / GB:.1f} GiB; "
-            "use shorter --lengths, more tensor/pipeline parallelism, or --max-memory-gb"
+            f"(micro-batch {micro_batch_size}, TP {tp}, PP {pp}{f', CP {cp}' if cp > 1 else ''}), {where} available {have / GB:.1f} GiB; "
+            "use shorter --lengths, more tensor/pipeline/context parallelism, or --max-memory-gb"
         )

@@ -90,6 +90,7 @@ def check_fits(name: str, shape: ModelShape, length: int, *, micro_batch_size: i
         where = "GPU memory" if on_gpu and max_memory_gb is None else "memory"
         raise UsageError(
             f"length {length} does not fit for {name}: a forward pass needs about {need / GB:.1f} GiB per process "
-            f"(micro-batch {micro_batch_size}, TP {tp}, PP {pp}{f', CP {cp}' if cp > 1 else ''}), {where} available {have / GB:.1f} GiB; "
+            f"(micro-batch {micro_batch_size}, TP {tp}, PP {pp}{f', CP {cp}' if cp > 1 else ''}), "
+            f"{where} available {have / GB:.1f} GiB; "
             "use shorter --lengths, more tensor/pipeline/context parallelism, or --max-memory-gb"
         )

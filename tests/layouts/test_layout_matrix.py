@@ -1,6 +1,7 @@
 """Train, save, resume at another layout, extend, export and evaluate, at TP=2, PP=2, PP=2 x VPP=2, DP=2
-(distributed optimizer), TP=2 with sequence parallelism and CP=2 (SDPA attention, no Transformer Engine) (``conftest.py`` runs the entry points); DP=2 and
-TP=2 with sequence parallelism also through megatron-core's own code (``cpu_speed`` off).
+(distributed optimizer), TP=2 with sequence parallelism and CP=2 (SDPA attention, no Transformer Engine)
+(``conftest.py`` runs the entry points); DP=2 and TP=2 with sequence parallelism also through megatron-core's
+own code (``cpu_speed`` off).
 
 Every layout reads the same global sample order and reduces the loss per token, so a run resumed at
 another layout logs the losses of the uninterrupted run up to float rounding (the layouts sum in

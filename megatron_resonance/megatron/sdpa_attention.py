@@ -28,6 +28,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_resonance.megatron import _private_torch
+
 #: the context-parallel communication scheme SDPAAttention implements (TE's name for it)
 CP_COMM_TYPE = "all_gather"
 
@@ -119,12 +121,20 @@ class SDPAAttention(DotProductAttention):
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         outputs = []
         dropout = self.attention_dropout.p if self.training else 0.0
+        merged = q.device.type == "cpu" and not dropout
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else _null():
             for half, c in enumerate((rank, 2 * cp - 1 - rank)):
+                q_c = q[:, :, half * chunk:(half + 1) * chunk]
+                if merged:  # own chunk causal + earlier chunks unmasked, merged by log-sum-exp: no mask at all
+                    own = slice(c * chunk, (c + 1) * chunk)
+                    outputs.append(_ChunkAttention.apply(
+                        q_c, k[:, :, own], v[:, :, own], k[:, :, :c * chunk] if c else None,
+                        v[:, :, :c * chunk] if c else None, self.softmax_scale))
+                    continue
                 visible = (c + 1) * chunk
                 mask = None if c == 0 else causal_chunk_mask(chunk, c, q.device)
                 outputs.append(F.scaled_dot_product_attention(
-                    q[:, :, half * chunk:(half + 1) * chunk], k[:, :, :visible], v[:, :, :visible],
+                    q_c, k[:, :, :visible], v[:, :, :visible],
                     attn_mask=mask, dropout_p=dropout, is_causal=c == 0, scale=self.softmax_scale,
                     enable_gqa=k.shape[1] != q.shape[1],
                 ))
@@ -152,6 +162,38 @@ def all_gather_sequence(local: torch.Tensor, cp_group) -> torch.Tensor:
     chunks = gathered.view(2 * cp, gathered.shape[0] // (2 * cp), *gathered.shape[1:])
     ordered = chunks.index_select(0, load_balanced_order(cp, device=gathered.device))
     return ordered.view(gathered.shape)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """CPU: a query chunk [b, np, L, hn] against its own keys/values (causal) and, when given, the earlier
+    ones (fully visible), [b, ng, *, hn] (GQA native): two flash-kernel calls merged by their log-sum-exp;
+    the backward of each part runs from the merged output and log-sum-exp (ring attention's backward), so
+    it adds up to the gradient of the one softmax over all the keys. No mask is built or saved."""
+
+    @staticmethod
+    def forward(ctx, q, k_own, v_own, k_prev, v_prev, scale):
+        out, lse = _private_torch.flash_attention_cpu(q, k_own, v_own, True, scale)
+        if k_prev is not None:
+            out_prev, lse_prev = _private_torch.flash_attention_cpu(q, k_prev, v_prev, False, scale)
+            total = torch.logaddexp(lse, lse_prev)
+            out = out * torch.exp(lse - total).unsqueeze(-1) + out_prev * torch.exp(lse_prev - total).unsqueeze(-1)
+            lse = total
+        ctx.save_for_backward(q, k_own, v_own, k_prev, v_prev, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k_own, v_own, k_prev, v_prev, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk_own, dv_own = _private_torch.flash_attention_cpu_backward(grad, q, k_own, v_own, out, lse, True,
+                                                                         ctx.scale)
+        dk_prev = dv_prev = None
+        if k_prev is not None:
+            dq_prev, dk_prev, dv_prev = _private_torch.flash_attention_cpu_backward(
+                grad, q, k_prev, v_prev, out, lse, False, ctx.scale)
+            dq = dq + dq_prev
+        return dq, dk_own, dv_own, dk_prev, dv_prev, None
 
 
 def causal_chunk_mask(chunk: int, c: int, device=None) -> torch.Tensor:

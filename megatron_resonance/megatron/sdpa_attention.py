@@ -12,9 +12,10 @@ L = s / (2·CP) tokens, rank r holding chunks r and 2·CP−1−r, its rotary an
 ``get_pos_emb_on_this_cp_rank``). K and V (unexpanded GQA heads, after the rotary) are all-gathered over
 the CP group in one collective whose backward reduce-scatters their gradients (megatron's
 ``gather_from_sequence_parallel_region`` on the CP group), put back into sequence order, and each local
-query chunk c attends to keys 0 .. (c+1)·L−1 in one SDPA call: keys before c·L fully visible, the chunk's
-own keys causally, an L × (c+1)·L boolean mask (never s × s; chunk 0 takes SDPA's causal path). Queries
-and outputs never leave the rank.
+query chunk c attends to keys 0 .. (c+1)·L−1: the keys before c·L fully, its own chunk causally. On CPU
+that is two flash-kernel calls merged by log-sum-exp (``_ChunkAttention``), with no mask at all;
+elsewhere (a GPU without TE, or attention dropout) one SDPA call with an L × (c+1)·L boolean mask (never
+s × s; chunk 0 takes SDPA's causal path). Queries and outputs never leave the rank.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Every private torch API this package uses, each wrapped once with the reason it is needed.
 
 Private names can change in any torch release: a break shows up here, and in the tests of the one feature
-that uses it (all CPU speed measures, ``cpu_speed``/``local_ops``; with them off nothing here runs).
+that uses it (the CPU speed measures, ``cpu_speed``/``local_ops``, of which nothing here runs with them
+off; and context parallelism's attention on CPU, ``sdpa_attention``, which runs either way).
 """
 
 from __future__ import annotations

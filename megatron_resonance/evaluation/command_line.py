@@ -54,6 +54,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool) -> No
     p = parser.add_argument_group("parallelism and precision (Megatron checkpoints)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP ranks (under torchrun)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP stages (under torchrun)")
+    p.add_argument("--context-parallel-size", type=int, default=1,
+                   help="CP ranks sharing each sequence (under torchrun; every length divisible by 2 x CP)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward (default 1)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="compute dtype: auto = bfloat16 on GPU, float32 on CPU")
@@ -77,6 +79,7 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
     return Runtime(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         micro_batch_size=args.micro_batch_size,
         dtype=args.dtype,
         transformer_impl=args.transformer_impl,

@@ -30,6 +30,8 @@ class Runtime:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     micro_batch_size: int = 1
+    context_parallel_size: int = 1
+    """CP ranks sharing each sequence (megatron's load-balanced chunks); lengths must divide by 2 x CP."""
     dtype: str = "auto"
     """``auto`` (bfloat16 on GPU, float32 on CPU), ``float32`` or ``bfloat16``."""
     transformer_impl: str = "auto"
@@ -45,12 +47,13 @@ class Runtime:
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return DTYPES[self.dtype]
 
-    def check(self, models: Sequence[ResolvedModel]) -> None:
-        """One line for a layout that cannot run (before any process group exists)."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if tp < 1 or pp < 1 or self.micro_batch_size < 1:
-            raise UsageError("--tensor-model-parallel-size, --pipeline-model-parallel-size and --micro-batch-size "
-                             "must be >= 1")
+    def check(self, models: Sequence[ResolvedModel], lengths: Sequence[int] = ()) -> None:
+        """One line for a layout that cannot run (before any process group exists) or, with context
+        parallelism, a length it cannot split."""
+        tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
+        if tp < 1 or pp < 1 or cp < 1 or self.micro_batch_size < 1:
+            raise UsageError("--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size "
+                             "and --micro-batch-size must be >= 1")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
         if any(m.spec.kind == "megatron" for m in models):
@@ -63,8 +66,11 @@ class Runtime:
         world = distributed.world_size_from_env()
         if any(m.spec.kind == "hf" for m in models) and world > 1:
             raise UsageError("--hf models run in one process (no torchrun); use --load for a Megatron checkpoint")
-        if world % (tp * pp):
-            raise UsageError(f"world size {world} is not divisible by TP x PP = {tp} x {pp}")
+        if world % (tp * pp * cp):
+            raise UsageError(f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
+        for length in lengths if cp > 1 else ():
+            if length % (2 * cp):
+                raise UsageError(f"--lengths: {length} is not divisible by 2 x context-parallel-size = {2 * cp}")
         for m in models:
             if m.spec.kind != "megatron":
                 continue
@@ -81,7 +87,7 @@ def initialize(runtime: Runtime) -> None:
     """torch.distributed + megatron's parallel state for the Megatron models (gloo on CPU)."""
     with library_warnings_quiet():
         distributed.initialize(runtime.tensor_model_parallel_size, runtime.pipeline_model_parallel_size,
-                               seed=runtime.seed)
+                               context_parallel_size=runtime.context_parallel_size, seed=runtime.seed)
 
 
 class Scorer:
@@ -208,4 +214,5 @@ def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
         check_fits(m.name, m.shape, length, micro_batch_size=runtime.micro_batch_size,
                    tp=runtime.tensor_model_parallel_size if megatron else 1,
                    pp=runtime.pipeline_model_parallel_size if megatron else 1,
+                   cp=runtime.context_parallel_size if megatron else 1,
                    dtype_bytes=runtime.dtype_bytes, max_memory_gb=max_memory_gb, hf=not megatron)

@@ -230,7 +230,7 @@ def run(
     if not depths:
         raise UsageError("--depths: need at least one depth")
     (resolved,) = resolve_all([model], tokenizer)
-    runtime.check([resolved])
+    runtime.check([resolved], lengths)
     if resolved.tokenizer is None:
         raise UsageError(f"passkey prompts are text and no tokenizer is stored with {resolved.name}: pass --tokenizer")
     builder = PromptBuilder(load_tokenizer(resolved.tokenizer), add_bos=add_bos)
@@ -262,6 +262,7 @@ def run(
             scoring="teacher-forced greedy match of every answer token",
             tensor_model_parallel_size=runtime.tensor_model_parallel_size,
             pipeline_model_parallel_size=runtime.pipeline_model_parallel_size,
+            context_parallel_size=runtime.context_parallel_size,
             dtype=str(runtime.torch_dtype).replace("torch.", ""),
         ),
     }

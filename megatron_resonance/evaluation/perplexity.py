@@ -162,7 +162,7 @@ def run(
     if max_documents is not None and max_documents < 1:
         raise UsageError(f"--max-documents {max_documents}: must be >= 1")
     resolved = resolve_all(models, tokenizer)
-    runtime.check(resolved)
+    runtime.check(resolved, lengths)
     loading.check_memory(resolved, runtime, lengths[-1], max_memory_gb)
     if out:
         check_output_dir(out, "--out")  # created once the documents are read: bad data leaves nothing behind
@@ -189,6 +189,7 @@ def run(
         max_documents=max_documents, seed=seed, add_bos=add_bos,
         tensor_model_parallel_size=runtime.tensor_model_parallel_size,
         pipeline_model_parallel_size=runtime.pipeline_model_parallel_size,
+        context_parallel_size=runtime.context_parallel_size,
         micro_batch_size=runtime.micro_batch_size, dtype=str(runtime.torch_dtype).replace("torch.", ""),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )

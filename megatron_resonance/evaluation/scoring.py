@@ -89,16 +89,41 @@ def megatron_logit_scores(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
     )
 
 
-def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, non_loss_data: bool = False):
-    """The schedule's loss function on the last stage: keep the scores instead of a loss."""
-    scores = megatron_logit_scores(logits[:, :-1], targets, vocab_size)
+def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, non_loss_data: bool = False,
+                 every_position: bool = False):
+    """The schedule's loss function on the last stage: keep the scores instead of a loss (of every
+    position but the last, or with ``every_position`` of all: context parallelism's part of the sequence)."""
+    scores = megatron_logit_scores(logits if every_position else logits[:, :-1], targets, vocab_size)
     return torch.stack([scores.nll, scores.greedy.float()])
 
 
 def _forward_step(data_iterator, model, vocab_size: int):
     batch = next(data_iterator)
+    if "targets" in batch:  # context parallelism: this rank's chunks of the sequence and of its targets
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch))
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, functools.partial(_scores_func, batch["targets"], vocab_size, every_position=True)
     output = model(batch["tokens"], batch["position_ids"], None)
     return output, functools.partial(_scores_func, batch["tokens"][:, 1:], vocab_size)
+
+
+def _gather_context_parallel(local: torch.Tensor, length: int) -> torch.Tensor:
+    """[..., L / CP] scores of this rank's load-balanced chunks -> [..., L - 1] in sequence order (the last
+    position, which predicts nothing, dropped), on every CP rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_resonance.megatron.sdpa_attention import load_balanced_order
+
+    cp = ps.get_context_parallel_world_size()
+    moved = local.movedim(-1, 0).contiguous()  # [L / CP, ...]
+    gathered = torch.empty((cp * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+    dist.all_gather_into_tensor(gathered, moved, group=ps.get_context_parallel_group())
+    chunks = gathered.view(2 * cp, length // (2 * cp), *moved.shape[1:])
+    ordered = chunks.index_select(0, load_balanced_order(cp, device=chunks.device)).reshape(gathered.shape)
+    return ordered.movedim(0, -1)[..., : length - 1]
 
 
 @torch.no_grad()
@@ -112,7 +137,9 @@ def megatron_token_scores(
     """Per-token scores of ``tokens`` ([B, L] ids) under Megatron GPTModel chunks built for this rank.
 
     Collective over the model-parallel group (every TP and PP rank of a replica calls it with the same
-    tokens); each rank gets the full result (the last pipeline stage broadcasts it). Data-parallel
+    tokens); each rank gets the full result (the last pipeline stage broadcasts it; with context
+    parallelism, ``length`` divisible by 2 x CP, each CP rank scores its load-balanced part of the sequence
+    and the parts are gathered back into order). Data-parallel
     replicas are independent: give each its own rows. Needs megatron's ``parallel_state`` initialized
     (``megatron_resonance.megatron.distributed.initialize``) and the chunks in eval mode.
 
@@ -136,6 +163,14 @@ def megatron_token_scores(
     padded = padded.to(device=device, dtype=torch.long)
     positions = torch.arange(length, device=device).unsqueeze(0).expand(mbs, length)
     batches = [{"tokens": padded[i * mbs:(i + 1) * mbs], "position_ids": positions} for i in range(count)]
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        if length % (2 * cp):
+            raise ValueError(f"length {length} is not divisible by 2 x context-parallel-size = {2 * cp}")
+        # every position's target (the last one's is a placeholder, dropped after the gather)
+        targets = torch.cat([padded[:, 1:], padded[:, -1:]], dim=1)
+        for i, batch in enumerate(batches):
+            batch["targets"] = targets[i * mbs:(i + 1) * mbs]
     collected = get_forward_backward_func()(
         forward_step_func=functools.partial(_forward_step, vocab_size=vocab_size),
         # one iterator per virtual-pipeline chunk: each chunk reads every micro-batch
@@ -147,12 +182,15 @@ def megatron_token_scores(
         forward_only=True,
         collect_non_loss_data=True,
     )
-    result = torch.empty(2, count * mbs, length - 1, dtype=torch.float32, device=device)
+    scored = length if cp > 1 else length - 1  # positions scored on this rank: its part, or all but the last
+    result = torch.empty(2, count * mbs, scored // cp, dtype=torch.float32, device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         result.copy_(torch.cat(list(collected), dim=1))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
+    if cp > 1:
+        result = _gather_context_parallel(result, length)
     result = result[:, :rows].cpu()
     return TokenScores(nll=result[0], greedy=result[1] > 0.5)
 

@@ -1,7 +1,8 @@
 """Every private torch API this package uses, each wrapped once with the reason it is needed.
 
 Private names can change in any torch release: a break shows up here, and in the tests of the one feature
-that uses it (all CPU speed measures, ``cpu_speed``/``local_ops``; with them off nothing here runs).
+that uses it (the CPU speed measures, ``cpu_speed``/``local_ops``, of which nothing here runs with them
+off; and context parallelism's attention on CPU, ``sdpa_attention``, which runs either way).
 """
 
 from __future__ import annotations
@@ -56,3 +57,18 @@ def silu_backward_into(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -
 # table and must recompute them after the table changed in place (same tensor, new values).
 def version(tensor: torch.Tensor) -> int:
     return tensor._version
+
+
+# torch.ops.aten._scaled_dot_product_flash_attention_for_cpu and its _backward: the CPU flash kernel behind
+# SDPA, which also returns the log-sum-exp of each query row and takes it back in backward.
+# ``SDPAAttention``'s context parallelism attends a query chunk to its own keys (causal) and to the earlier
+# keys (unmasked) in two calls merged by log-sum-exp, the backward of each from the merged output and
+# log-sum-exp (as ring attention does): SDPA's public function returns no log-sum-exp, and with one call and
+# a boolean mask the kernel saves an L x (c+1)L float copy of the mask per layer.
+def flash_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+
+
+def flash_attention_cpu_backward(grad, q, k, v, out, logsumexp, is_causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, logsumexp, 0.0, is_causal, scale=scale)

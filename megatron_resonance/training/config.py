@@ -28,7 +28,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks (must divide heads and query groups)")
     pipeline_model_parallel_size: int = _f(1, "pipeline stages (must divide num_layers)")
     virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "model chunks per pipeline stage (interleaved 1F1B)")
-    context_parallel_size: int = _f(1, "context-parallel ranks (needs Transformer Engine; seq_length % 2*CP == 0)")
+    context_parallel_size: int = _f(
+        1, "context-parallel ranks: each holds 2 of the sequence's 2*CP chunks (seq_length % 2*CP == 0); TE's CP "
+        "with Transformer Engine, else SDPA attention over all-gathered keys and values")
     sequence_parallel: bool = _f(False, "shard layer-norm/dropout activations over TP ranks")
     transformer_impl: str = _f("auto", f"layer spec: {', '.join(SPECS)} (auto = TE when present, else local)")
     recompute_granularity: Optional[str] = _f(
@@ -191,8 +193,8 @@ def check(cfg: Config, world_size: int) -> None:
     if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
     dp = world_size // (tp * pp * cp)
-    if cp > 1 and resolve_spec(p.transformer_impl) != "te":
-        raise ConfigError("--context-parallel-size > 1 needs Transformer Engine attention (a GPU with TE)")
+    if cp > 1 and resolve_spec(p.transformer_impl) == "local_compiled":
+        raise ConfigError("--context-parallel-size > 1 runs with --transformer-impl local or te, not local_compiled")
     vpp = p.virtual_pipeline_model_parallel_size or 1
     _check_recompute(p, m.num_layers // pp)
     if m.num_layers % (pp * vpp):

@@ -6,7 +6,7 @@
    vocabulary 400 padded to 512), its direct-forward reference perplexity, its Hugging Face export through
    ``tools/convert_megatron_to_hf.py``, an indexed dataset of ``text.jsonl``; then the tools' ``main`` for
    every single-process run below.
-3. ``workers/run_tools.py`` under torchrun (2 processes): the same evaluations at TP=2, PP=2 and DP=2.
+3. ``workers/run_tools.py`` under torchrun (2 processes): the same evaluations at TP=2, PP=2, DP=2 and CP=2.
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
         "pp2": ("perplexity", ["--load", s.ckpt, *common, "--pipeline-model-parallel-size", "2",
                                "--micro-batch-size", "2"]),
         "dp2": ("perplexity", ["--load", s.ckpt, *common]),
+        "cp2": ("perplexity", ["--load", s.ckpt, *common, "--context-parallel-size", "2"]),
         "passkey_pp2": ("passkey", ["--load", s.ckpt, *passkey, "--pipeline-model-parallel-size", "2"]),
+        "passkey_cp2": ("passkey", ["--load", s.ckpt, *passkey, "--context-parallel-size", "2"]),
     }
     setup = {
         "root": str(s.ckpt), "hf": str(s.hf), "tokenizer": str(s.tokenizer), "vocab_size": VOCAB,

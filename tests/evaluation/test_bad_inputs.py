@@ -59,6 +59,8 @@ def checkpoint(tmp_path_factory):
                                                                         "a Hugging Face tokenizer.json)"),
         (["LOAD", "--lengths", "16", "--tokenizer", "/"], "--tokenizer: no tokenizer in /: expected tokenizer.json"),
         (["LOAD", "--lengths", "16", "--tensor-model-parallel-size", "3"], "world size 1 is not divisible"),
+        (["LOAD", "--lengths", "16", "--context-parallel-size", "2"],
+         "world size 1 is not divisible by TP x PP x CP = 1 x 1 x 2"),
         (["LOAD", "LOAD", "--lengths", "16"], "two models are named 'ckpt'"),
         (["--lengths", "16"], "no model"),
         (["LOAD", "--lengths", "16", "--name", "a", "--name", "b"], "2 --name for 1 model"),
@@ -110,6 +112,19 @@ def test_passkey_bad_input(checkpoint, tokenizer_model, tmp_path, capsys, argv, 
     err = _fails(passkey.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), *argv,
                                 "--out", str(tmp_path / "out")], capsys)
     assert err.startswith("eval_passkey.py: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("tool", ["perplexity", "passkey"])
+def test_context_parallel_length_not_divisible(checkpoint, tokenizer_model, tmp_path, capsys, monkeypatch, tool):
+    """Under a 2-process launch (WORLD_SIZE=2), CP=2 needs every length divisible by 2 x CP; refused before
+    any process group exists and before --out is created."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main = perplexity.main if tool == "perplexity" else passkey.main
+    extra = ["--trials", "1"] if tool == "passkey" else []
+    err = _fails(main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), "--lengths", "256,302",
+                        "--context-parallel-size", "2", *extra, "--out", str(tmp_path / "out")], capsys)
+    assert err == f"eval_{tool}.py: error: --lengths: 302 is not divisible by 2 x context-parallel-size = 4\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_passkey_needs_one_model_and_a_tokenizer(checkpoint, tmp_path, capsys):

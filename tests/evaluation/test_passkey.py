@@ -57,7 +57,9 @@ def test_keys_are_deterministic_five_digit_numbers():
 @pytest.mark.slow
 def test_passkey_reports_agree_across_backends_and_layouts(session):
     megatron, hf, pp2 = session.result("passkey"), session.result("passkey_hf"), session.result("passkey_pp2")
-    for report in (megatron, hf, pp2):
+    cp2 = session.result("passkey_cp2")
+    assert cp2["settings"]["context_parallel_size"] == 2
+    for report in (megatron, hf, pp2, cp2):
         assert set(report["accuracy"]) == {"200", "256"}
         assert all(set(v) == {"0", "0.5", "1"} for v in report["by_depth"].values())
         for L, acc in report["accuracy"].items():
@@ -66,7 +68,8 @@ def test_passkey_reports_agree_across_backends_and_layouts(session):
     for L in ("200", "256"):
         assert megatron["answer_nll"][L] == pytest.approx(hf["answer_nll"][L], rel=1e-5)
         assert pp2["answer_nll"][L] == pytest.approx(megatron["answer_nll"][L], rel=1e-5)
-        assert megatron["by_depth"][L] == hf["by_depth"][L] == pp2["by_depth"][L]
+        assert cp2["answer_nll"][L] == pytest.approx(megatron["answer_nll"][L], rel=1e-5)
+        assert megatron["by_depth"][L] == hf["by_depth"][L] == pp2["by_depth"][L] == cp2["by_depth"][L]
     assert megatron["model"]["tokenizer"] == str(session.tokenizer)  # found through the training run's record
     for key in ("passkey", "passkey_hf", "passkey_pp2"):
         assert (session.out[key] / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

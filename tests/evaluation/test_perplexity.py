@@ -59,7 +59,7 @@ def test_megatron_checkpoint_and_hf_export_agree(session):
         assert stride["meg"][L] == pytest.approx(stride["hf"][L], rel=REL)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "cp2"])
 def test_parallel_layouts_agree(session, layout):
     one = session.result("both")["perplexity"]["ckpt"]
     other = session.result(layout)

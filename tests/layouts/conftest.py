@@ -1,4 +1,4 @@
-"""The layout matrix: the real entry points at five 2-process layouts (gloo), as one chain of runs.
+"""The layout matrix: the real entry points at six 2-process layouts (gloo), as one chain of runs.
 
 Every run starts with ``python <entry point> --nproc-per-node 2`` (``tests.training.conftest.run``), each
 once per module and only when a test asks for it:
@@ -48,14 +48,15 @@ LAYOUTS = {
     "pp2_vpp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
     "dp2": ["--use-distributed-optimizer"],
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "cp2": ["--context-parallel-size", "2"],
 }
 REFERENCE = "tp2"
 #: the layouts also run with cpu_speed off: the distributed optimizer over DP=2, and sequence parallelism
 MEGATRON_LAYOUTS = ("dp2", "tp2_sp")
 #: the layouts the resumed runs take, in order; each resumes the run before it (the first: the reference)
-HOPS = ["pp2_vpp2", "dp2", "tp2_sp", "pp2", "tp2"]
+HOPS = ["pp2_vpp2", "dp2", "cp2", "tp2_sp", "pp2", "tp2"]
 #: extended at layout <- from the checkpoint of the hop at layout
-EXTEND_FROM = {"pp2_vpp2": "tp2_sp", "tp2_sp": "pp2_vpp2"}
+EXTEND_FROM = {"pp2_vpp2": "tp2_sp", "tp2_sp": "pp2_vpp2", "cp2": "pp2"}
 SAVE_INTERVAL = 2
 ITERS = SAVE_INTERVAL * (len(HOPS) + 1)
 #: the training tests' tiny run with 4 layers (PP x VPP = 4 stages) and one validation batch at the end

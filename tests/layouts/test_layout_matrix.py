@@ -1,6 +1,7 @@
 """Train, save, resume at another layout, extend, export and evaluate, at TP=2, PP=2, PP=2 x VPP=2, DP=2
-(distributed optimizer) and TP=2 with sequence parallelism (``conftest.py`` runs the entry points); DP=2 and
-TP=2 with sequence parallelism also through megatron-core's own code (``cpu_speed`` off).
+(distributed optimizer), TP=2 with sequence parallelism and CP=2 (SDPA attention, no Transformer Engine)
+(``conftest.py`` runs the entry points); DP=2 and TP=2 with sequence parallelism also through megatron-core's
+own code (``cpu_speed`` off).
 
 Every layout reads the same global sample order and reduces the loss per token, so a run resumed at
 another layout logs the losses of the uninterrupted run up to float rounding (the layouts sum in
@@ -32,13 +33,14 @@ pytestmark = pytest.mark.slow
 #: bit); TP ranks whose norm weights are not kept in sync under sequence parallelism are off by ~7e-6
 LOSS_RTOL = 1e-6
 PERPLEXITY_RTOL = 1e-4
-#: what each layout's build line must report: TP, PP, VPP, DP; and whether it runs sequence parallel
+#: what each layout's build line must report: TP, PP, VPP, CP, DP; and whether it runs sequence parallel
 CLAIMS = {
-    "tp2": (("2", "1", "1", "1"), False),
-    "pp2": (("1", "2", "1", "1"), False),
-    "pp2_vpp2": (("1", "2", "2", "1"), False),
-    "dp2": (("1", "1", "1", "2"), False),
-    "tp2_sp": (("2", "1", "1", "1"), True),
+    "tp2": (("2", "1", "1", "1", "1"), False),
+    "pp2": (("1", "2", "1", "1", "1"), False),
+    "pp2_vpp2": (("1", "2", "2", "1", "1"), False),
+    "dp2": (("1", "1", "1", "1", "2"), False),
+    "tp2_sp": (("2", "1", "1", "1", "1"), True),
+    "cp2": (("1", "1", "1", "2", "1"), False),
 }
 
 
@@ -46,7 +48,7 @@ def _assert_layout(result: dict, cpu_speed: str = "on", spec: str = "local") -> 
     line = next(line for line in result["stdout"].splitlines() if line.startswith("[build] world="))
     build = dict(item.split("=") for item in line.split()[1:])
     sizes, sequence_parallel = CLAIMS[result["layout"]]
-    assert (build["TP"], build["PP"], build["VPP"], build["DP"]) == sizes
+    assert (build["TP"], build["PP"], build["VPP"], build["CP"], build["DP"]) == sizes
     assert build["cpu_speed"] == cpu_speed
     assert build["spec"] == spec
     run_config = read_config(str(result["save"]))["run"]

@@ -25,7 +25,6 @@ import pytest
 
 from megatron_resonance.training import launch
 from megatron_resonance.training.config import config_from_args
-from megatron_resonance.training.trainer import resolve_spec
 from tests.fake_checkpoint import add_dist_files
 from tests.fake_data import documents, write_dataset
 from tests.training.conftest import EXTEND, PRETRAIN, REPO, TINY_RUN, command, env
@@ -141,6 +140,14 @@ PRETRAIN_CASES = {
     "TP vs heads": (
         ["--tensor-model-parallel-size", "3"],
         "tensor-model-parallel-size 3 does not divide num_attention_heads 4",
+    ),
+    "CP vs world size": (
+        ["--context-parallel-size", "4"],
+        "world size 2 is not divisible by TP*PP*CP = 1*1*4",
+    ),
+    "CP with compiled layers": (
+        ["--context-parallel-size", "2", "--transformer-impl", "local_compiled"],
+        "--context-parallel-size > 1 runs with --transformer-impl local or te, not local_compiled",
     ),
     "TP vs query groups": (
         ["--tensor-model-parallel-size", "4"],
@@ -307,11 +314,12 @@ def test_intervals_of_zero_are_off_not_errors(monkeypatch, files):
     assert not (files["save"].parent / "fresh").exists()  # validation creates nothing
 
 
-def test_context_parallel_without_transformer_engine(monkeypatch, files):
-    if resolve_spec("auto") == "te":
-        pytest.skip("Transformer Engine is present: CP=2 is a valid layout here")
-    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, "--context-parallel-size", "2"])
-    assert_one_error_line(proc, "pretrain_llama.py", "--context-parallel-size > 1 needs Transformer Engine")
+def test_context_parallel_without_transformer_engine_reaches_the_launch(monkeypatch, files):
+    """CP=2 is a valid layout on the local spec (SDPA attention over all-gathered K/V)."""
+    argv = [*TINY_RUN, *ITERS, "--context-parallel-size", "2", "--save", str(files["save"])]
+    proc = launch_in_process(monkeypatch, PRETRAIN, argv)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.launched == [["--nproc-per-node=2", str(PRETRAIN), *argv]]
 
 
 @pytest.mark.parametrize("flags", [["--reset-attention-mask"], ["--reset-position-ids", "--eod-mask-loss"]])

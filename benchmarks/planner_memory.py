@@ -32,12 +32,13 @@ MiB = 2**20
 SHAPE = ModelShape(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8, num_query_groups=4,
                    vocab_size=2048)
 BASELINE_LENGTH = 256
-#: (length, TP, recomputation, extra flags)
+#: (length, TP, recomputation, CP)
 SETTINGS = [
-    (2048, 1, "none"), (4096, 1, "none"), (8192, 1, "none"), (4096, 1, "full"), (8192, 1, "full"),
-    (4096, 1, "selective"), (2048, 2, "none"), (4096, 2, "none"), (8192, 2, "none"), (4096, 2, "selective"),
+    (2048, 1, "none", 1), (4096, 1, "none", 1), (8192, 1, "none", 1), (4096, 1, "full", 1), (8192, 1, "full", 1),
+    (4096, 1, "selective", 1), (2048, 2, "none", 1), (4096, 2, "none", 1), (8192, 2, "none", 1),
+    (4096, 2, "selective", 1), (4096, 1, "none", 2), (8192, 1, "none", 2), (8192, 1, "full", 2),
 ]  # fmt: skip
-QUICK = [(4096, 1, "none"), (4096, 1, "full"), (4096, 2, "selective")]
+QUICK = [(4096, 1, "none", 1), (4096, 1, "full", 1), (4096, 2, "selective", 1), (8192, 1, "none", 2)]
 _PARENT = ("import resource, subprocess, sys\n"
            "rc = subprocess.run(sys.argv[1:]).returncode\n"
            "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
@@ -69,18 +70,19 @@ def peak_rss(cmd: List[str], env: Optional[Dict[str, str]] = None, timeout: int 
     return float(lines[-1].split()[1]) * 1024
 
 
-def train_command(length: int, tp: int, recompute: str = "none") -> List[str]:
-    return [sys.executable, str(REPO / "pretrain" / "pretrain_llama.py"), "--nproc-per-node", str(tp),
+def train_command(length: int, tp: int, recompute: str = "none", cp: int = 1) -> List[str]:
+    return [sys.executable, str(REPO / "pretrain" / "pretrain_llama.py"), "--nproc-per-node", str(tp * cp),
+            "--context-parallel-size", str(cp),
             *model_flags(), "--max-position-embeddings", str(max(length, 8192)), "--mock-data",
             "--seq-length", str(length), "--micro-batch-size", "1", "--global-batch-size", "1",
             "--tensor-model-parallel-size", str(tp), "--train-iters", "2", "--eval-iters", "0",
             "--log-interval", "1", "--lr", "1e-4", "--min-lr", "1e-5", *recompute_flags(recompute)]
 
 
-def estimate(length: int, tp: int, recompute: str = "none") -> float:
+def estimate(length: int, tp: int, recompute: str = "none", cp: int = 1) -> float:
     """The planner's estimate for the CPU run: fp32, the local spec with the CPU speed measures, no
     sequence parallelism, one micro-batch, DP=1."""
-    layout = Layout(tp=tp, recompute=recompute, sequence_parallel=False)
+    layout = Layout(tp=tp, cp=cp, recompute=recompute, sequence_parallel=False)
     return training_estimate(SHAPE, length, layout, bf16=False, spec="local", cpu=True).total
 
 
@@ -110,30 +112,31 @@ def measure(settings, env=None, log=print) -> List[dict]:
     env = env or child_env()
     fixed = {}
     rows = []
-    for tp in sorted({s[1] for s in settings}):
-        base = peak_rss(train_command(BASELINE_LENGTH, tp), env=env)
-        fixed[tp] = base - estimate(BASELINE_LENGTH, tp)
-        log(f"TP={tp}: length {BASELINE_LENGTH} peak {base / MiB:.0f} MiB, fixed {fixed[tp] / MiB:.0f} MiB")
-    for length, tp, recompute in settings:
-        peak = peak_rss(train_command(length, tp, recompute), env=env)
-        est = estimate(length, tp, recompute)
-        measured = peak - fixed[tp]
-        row = dict(length=length, tp=tp, recompute=recompute, peak_mib=peak / MiB, fixed_mib=fixed[tp] / MiB,
-                   measured_mib=measured / MiB, estimate_mib=est / MiB, error=(est - measured) / measured)
+    for tp, cp in sorted({(s[1], s[3]) for s in settings}):
+        base = peak_rss(train_command(BASELINE_LENGTH, tp, cp=cp), env=env)
+        fixed[tp, cp] = base - estimate(BASELINE_LENGTH, tp, cp=cp)
+        log(f"TP={tp} CP={cp}: length {BASELINE_LENGTH} peak {base / MiB:.0f} MiB, fixed {fixed[tp, cp] / MiB:.0f} MiB")
+    for length, tp, recompute, cp in settings:
+        peak = peak_rss(train_command(length, tp, recompute, cp), env=env)
+        est = estimate(length, tp, recompute, cp)
+        measured = peak - fixed[tp, cp]
+        row = dict(length=length, tp=tp, cp=cp, recompute=recompute, peak_mib=peak / MiB,
+                   fixed_mib=fixed[tp, cp] / MiB, measured_mib=measured / MiB, estimate_mib=est / MiB,
+                   error=(est - measured) / measured)
         rows.append(row)
-        log(f"L={length} TP={tp} {recompute}: peak {row['peak_mib']:.0f} MiB, measured {row['measured_mib']:.0f}, "
-            f"estimate {row['estimate_mib']:.0f} ({row['error']:+.1%})")
+        log(f"L={length} TP={tp} CP={cp} {recompute}: peak {row['peak_mib']:.0f} MiB, measured "
+            f"{row['measured_mib']:.0f}, estimate {row['estimate_mib']:.0f} ({row['error']:+.1%})")
     return rows
 
 
 def markdown(rows: List[dict], imported: float) -> str:
     lines = [
-        "| length | TP | recomputation | peak RSS (MiB) | fixed (MiB) | measured − fixed | estimate | error |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| length | TP | CP | recomputation | peak RSS (MiB) | fixed (MiB) | measured − fixed | estimate | error |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['length']} | {r['tp']} | {r['recompute']} | {r['peak_mib']:.0f} | {r['fixed_mib']:.0f} | "
-                     f"{r['measured_mib']:.0f} | {r['estimate_mib']:.0f} | {r['error']:+.1%} |")
+        lines.append(f"| {r['length']} | {r['tp']} | {r['cp']} | {r['recompute']} | {r['peak_mib']:.0f} | "
+                     f"{r['fixed_mib']:.0f} | {r['measured_mib']:.0f} | {r['estimate_mib']:.0f} | {r['error']:+.1%} |")
     lines.append("")
     lines.append(f"Import alone (torch, megatron-core, the trainer): {imported / MiB:.0f} MiB peak RSS.")
     return "\n".join(lines)
@@ -141,7 +144,7 @@ def markdown(rows: List[dict], imported: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the test's three settings only")
+    p.add_argument("--quick", action="store_true", help="the test's settings only")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--default-malloc", action="store_true",
                    help="glibc's default (dynamic) mmap threshold instead of MMAP_THRESHOLD")

@@ -1,6 +1,6 @@
 """The planner's training estimate against the peak resident memory per rank of the real training entry
 point on CPU (``pretrain/pretrain_llama.py``; benchmarks/planner_memory.py has the method and a wider sweep):
-three settings, each within ±20 % once the process's fixed cost is taken off. The runs also show that the
+four settings (one at CP=2), each within ±20 % once the process's fixed cost is taken off. The runs also show that the
 recomputation flags train (full, and selective under TP=2)."""
 
 from __future__ import annotations

@@ -185,7 +185,8 @@ def training_estimate(shape: ModelShape, seq_length: int, layout: Layout, *, bf1
     sp = layout.sequence_parallel and layout.tp > 1
     layer = tokens * a * (replicated / (layout.tp if sp else 1) + split / layout.tp)
     layer += tokens * shape.num_attention_heads / layout.tp * 4  # the attention's fp32 log-sum-exp
-    if layout.cp > 1:  # keys and values all-gathered over CP: the other ranks' part is saved as well
+    if layout.cp > 1 and spec != "te":  # SDPAAttention saves the keys and values it all-gathers over CP
+        # (the other ranks' part too); TE's CP gathers them again in its backward
         layer += layout.micro_batch_size * seq_length * (1 - 1 / layout.cp) * 2 * shape.kv_size / layout.tp * a
     stage_layers = shape.num_layers / layout.pp
     held = min(layout.pp, layout.num_microbatches)

@@ -103,5 +103,5 @@ def test_evaluation_validates_against_the_srun_world(srun_task):
     srun_task(2)
     Runtime(tensor_model_parallel_size=2).check([])  # a 2-task srun at TP=2 is fine
     srun_task(3)
-    with pytest.raises(UsageError, match=r"world size 3 is not divisible by TP x PP = 2 x 1"):
+    with pytest.raises(UsageError, match=r"world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1"):
         Runtime(tensor_model_parallel_size=2).check([])

@@ -155,6 +155,15 @@ def destroy() -> None:
         ps.destroy_model_parallel()
 
 
+def shutdown() -> None:
+    """Tear the process group down at the end of a run: left to the interpreter's exit, gloo's worker
+    threads were destroyed while still joinable now and then (``terminate called without an active
+    exception``, SIGABRT after a run had finished and saved)."""
+    destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     """Where this rank's tensors for the model and collectives live: the current CUDA device, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -99,6 +99,7 @@ def main(
             )
         trainer.run(cfg)
         finished.append(True)
+        distributed.shutdown()
     except (ConfigError, CheckpointError, UsageError) as e:  # UsageError: e.g. no writable index cache
         _report(f"{prog}: error: {e}", 2)
     except trainer.TrainingError as e:

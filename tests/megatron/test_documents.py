@@ -32,17 +32,8 @@ def checks(worker_dir) -> CheckResults:
     return CheckResults(json.loads((worker_dir / "results.json").read_text()))
 
 
-def _context_parallel_attention() -> bool:
-    """Whether SDPAAttention runs context parallelism itself (the CP-without-TE work)."""
-    from megatron_resonance.megatron.sdpa_attention import SDPAAttention
-
-    return hasattr(SDPAAttention, "_context_parallel")
-
-
 @pytest.fixture(scope="module")
 def checks_cp2(checks, worker_dir) -> CheckResults:
-    if not _context_parallel_attention():
-        pytest.skip("SDPAAttention has no context parallelism in this tree (CP without TE not merged)")
     torchrun(WORKERS / "documents.py", worker_dir, "cp2", nproc=2, timeout=300)
     return CheckResults(json.loads((worker_dir / "results_cp2.json").read_text()))
 

@@ -22,6 +22,9 @@ setup(
         "tqdm",
         "matplotlib",
         "tensorboard",
+        # the RULER tasks' word lists (needle keys, common words extraction), read as RULER reads them
+        # (wonderwords.random_word._get_words_from_text_file), checked with 3.0
+        "wonderwords>=3.0,<4",
     ],
     extras_require={
         "hf": ["transformers>=4.57", "safetensors", "huggingface_hub>=0.23"],

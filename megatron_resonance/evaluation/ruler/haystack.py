@@ -2,9 +2,9 @@
 
 * :class:`Haystack`: the running text of RULER's "essay" haystack (RULER: Paul Graham's essays). The
   default is prose taken from this interpreter's standard library: the docstrings (module, class,
-  function) of the files of :mod:`megatron_resonance.data.corpus`'s selection, visited in path order,
-  without their indented blocks and doctest lines (code examples), whitespace collapsed as RULER does with
-  its essays. Nothing is downloaded, and the same Python build gives the same text. Files are parsed
+  function) of its ``*.py`` files in path order (without the folders and modules that
+  :mod:`megatron_resonance.data.corpus` leaves out), without their indented blocks and doctest lines (code
+  examples), whitespace collapsed as RULER does with its essays. Nothing is downloaded, and the same Python build gives the same text. Files are parsed
   lazily, only as far as a requested length needs. A user's file (JSONL with a ``"text"`` key, or plain
   text) replaces it.
 * ``NOISE``: RULER's "noise" haystack sentence (the passkey filler).

@@ -4,9 +4,9 @@
   default is prose taken from this interpreter's standard library: the docstrings (module, class,
   function) of its ``*.py`` files in path order (without the folders and modules that
   :mod:`megatron_resonance.data.corpus` leaves out), without their indented blocks and doctest lines (code
-  examples), whitespace collapsed as RULER does with its essays. Nothing is downloaded, and the same Python build gives the same text. Files are parsed
-  lazily, only as far as a requested length needs. A user's file (JSONL with a ``"text"`` key, or plain
-  text) replaces it.
+  examples), whitespace collapsed as RULER does with its essays. Nothing is downloaded, and the same
+  Python build gives the same text. Files are parsed lazily, only as far as a requested length needs. A
+  user's file (JSONL with a ``"text"`` key, or plain text) replaces it.
 * ``NOISE``: RULER's "noise" haystack sentence (the passkey filler).
 * :func:`key_words`, :func:`common_words`: the ``wonderwords`` lists RULER draws needle keys (adjective-noun)
   and common-words-extraction words from.

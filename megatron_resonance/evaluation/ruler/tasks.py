@@ -93,8 +93,6 @@ class Generator:
     """One sample of a task, rendered for ``n`` haystack units (``min_units`` <= n <= ``max_units``)."""
 
     min_units = 1
-    max_units: Optional[int] = None  # None: no bound but the length
-    joiner = "\n"
 
     def render(self, n: int) -> Parts:
         raise NotImplementedError
@@ -300,8 +298,6 @@ class FrequentWords(Generator):
     """Frequent words extraction (RULER ``freq_words_extraction.py``): ``length // 50`` coded words of six
     letters; word ``k`` appears ``int(n * k**-alpha / zeta(alpha))`` times among ``n`` draws; the first
     ranked is the noise word ``...``, the answer the next three."""
-
-    joiner = " "
 
     def __init__(self, cfg: TaskConfig, rng: random.Random, length: int):
         self.alpha = cfg.args["alpha"]

@@ -257,34 +257,40 @@ class CommonWords(Generator):
         self.min_units = self.num_cw + 1
         short = length < 4096
         self.repeats = (6, 1) if short else (a["freq_cw"], a["freq_ucw"])
-        example_words, example_common = self._list(rng, 20 if short else 40, (3, 1) if short else (10, 3))
+        chosen = rng.sample(common_words(), 20 if short else 40)
+        example = self._words(chosen, (3, 1) if short else (10, 3), rng)
         head, self.tail = CWE_TEMPLATE.split("{context}")
-        self.head = f"{head}{_numbered(example_words)}{self.tail}{CWE_ANSWER} {_numbered(example_common)}\n{head}"
+        self.head = f"{head}{_numbered(example)}{self.tail}{CWE_ANSWER} {_numbered(chosen[:self.num_cw])}\n{head}"
+        # the sample's distinct words in a fixed order: n of them are its first n, so a larger n adds words
+        self.order = rng.sample(common_words(), len(common_words()))
         self.seed = rng.getrandbits(64)
 
-    def _list(self, rng: random.Random, num_words: int, repeats) -> tuple:
-        pool = common_words()
-        if num_words <= len(pool):
-            chosen = rng.sample(pool, num_words)
-        else:  # more distinct words than wonderwords has: adjective-noun compounds (RULER: another word list)
-            adjectives, nouns = key_words()
-            chosen = [f"{adjectives[i // len(nouns)]}-{nouns[i % len(nouns)]}"
-                      for i in rng.sample(range(len(adjectives) * len(nouns)), num_words)]
-        common, uncommon = chosen[:self.num_cw], chosen[self.num_cw:]
-        words = common * repeats[0] + uncommon * repeats[1]
+    def _words(self, chosen: List[str], repeats, rng: random.Random) -> List[str]:
+        """The shuffled list: the first ``num_cw`` of ``chosen`` ``repeats[0]`` times, the others
+        ``repeats[1]`` times."""
+        words = chosen[:self.num_cw] * repeats[0] + chosen[self.num_cw:] * repeats[1]
         rng.shuffle(words)
-        return words, common
+        return words
+
+    def _chosen(self, n: int) -> List[str]:
+        if n <= len(self.order):
+            return self.order[:n]
+        # more distinct words than wonderwords has: adjective-noun pairs (RULER: a word list it ships)
+        adjectives, nouns = key_words()
+        pairs = random.Random(self.seed).sample(range(len(adjectives) * len(nouns)), n - len(self.order))
+        return self.order + [f"{adjectives[i // len(nouns)]}-{nouns[i % len(nouns)]}" for i in pairs]
 
     def render(self, n: int) -> Parts:
-        words, common = self._list(random.Random(self.seed + n), n, self.repeats)
-        return Parts(self.head, _numbered(words), self.tail, CWE_ANSWER, common)
+        chosen = self._chosen(n)
+        words = self._words(chosen, self.repeats, random.Random(self.seed + n))
+        return Parts(self.head, _numbered(words), self.tail, CWE_ANSWER, chosen[:self.num_cw])
 
     def continuation(self, n: int, count: int) -> str:
-        """More entries repeating uncommon words (one extra occurrence each at most, so the common words
-        stay the most common)."""
-        words, common = self._list(random.Random(self.seed + n), n, self.repeats)
-        uncommon = [w for w in dict.fromkeys(words) if w not in common]
-        return " " + _numbered([uncommon[i % len(uncommon)] for i in range(count)], len(words) + 1)
+        """More entries with the uncommon words, cycling through them (the fill uses a few entries: one
+        more occurrence of a few uncommon words, so the common words stay the most common)."""
+        uncommon = self._chosen(n)[self.num_cw:]
+        entries = self.num_cw * self.repeats[0] + len(uncommon) * self.repeats[1]
+        return " " + _numbered([uncommon[i % len(uncommon)] for i in range(count)], entries + 1)
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,6 +23,8 @@ needle (distractors, further values, further queried keys) at RULER's random dep
 **Determinism.** Everything random in a sample comes from ``random.Random(f"ruler/{task}/{length}/{seed}/
 {index}")``: the same task, length, index and seed give the same sample (with the same tokenizer, haystack
 and depths) whatever else is built.
+
+Follows NVIDIA/RULER (https://github.com/NVIDIA/RULER, Apache-2.0; Hsieh et al. 2024).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def run(
         check_output_dir(out, "--out")  # created once the documents are read: bad data leaves nothing behind
 
     # ---------------------------------------------------------------- data
-    documents = _documents(resolved, data, add_bos)
+    documents = model_documents(resolved, data, add_bos)
     if out:
         command_line.prepare_out(out)
 
@@ -201,8 +201,10 @@ def run(
     return report
 
 
-def _documents(resolved: Sequence[ResolvedModel], data: Optional[str], add_bos: bool) -> Dict[str, List[np.ndarray]]:
-    """Each model's documents; models sharing a tokenizer (or token data) share the arrays."""
+def model_documents(resolved: Sequence[ResolvedModel], data: Optional[str],
+                    add_bos: bool) -> Dict[str, List[np.ndarray]]:
+    """Each model's documents (``--data``, tokenized with its tokenizer where the data is text); models
+    sharing a tokenizer (or token data) share the arrays. UsageError for data no model can read."""
     text = docs_lib.needs_tokenizer(data)
     what = f"--data {data}" if data else "the default data (held-out standard-library files)"
     cache: Dict[Optional[str], List[np.ndarray]] = {}

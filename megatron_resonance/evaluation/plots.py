@@ -1,4 +1,4 @@
-"""The evaluation figures: perplexity against length (one line per model), passkey accuracy heatmap."""
+"""The evaluation figures: perplexity against length (one line per model), retrieval heatmaps by length and depth."""
 
 from __future__ import annotations
 
@@ -73,24 +73,46 @@ def plot_passkey(
     original_length: Optional[int] = None,
 ) -> None:
     """Heatmap of accuracy: one column per length, one row per depth (0 = key at the start), annotated."""
-    plt = _pyplot()
-    lengths = sorted(by_depth)
-    grid = [[by_depth[L][d] for L in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.9 * len(lengths)), 1.4 + 0.5 * len(depths)))
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-    ax.set_yticks(range(len(depths)), list(depths))
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("key depth")
-    for r, row in enumerate(grid):
-        for c, value in enumerate(row):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
     if original_length:
         title += f" (trained at {original_length})"
-    ax.set_title(title, fontsize="medium")
-    fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_depth_heatmaps({"": by_depth}, depths, path, title=title)
+
+
+def plot_depth_heatmaps(
+    panels: Mapping[str, Mapping[int, Mapping[str, float]]],
+    depths: Sequence[str],
+    path: str,
+    title: str,
+    original_lengths: Optional[Mapping[str, Optional[int]]] = None,
+) -> None:
+    """Retrieval heatmaps side by side, one panel per model (``{name: {length: {depth: score}}}``): one column
+    per length, one row per depth (0 = needle at the start), annotated; a cell without samples is blank."""
+    plt = _pyplot()
+    original_lengths = original_lengths or {}
+    width = max(len(by) for by in panels.values())
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
+                             figsize=(len(panels) * max(4.5, 1.6 + 0.9 * width), 1.4 + 0.5 * len(depths)))
+    for ax, (name, by_depth) in zip(axes[0], panels.items()):
+        lengths = sorted(by_depth)
+        grid = [[by_depth[L].get(d, math.nan) for L in lengths] for d in depths]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), list(depths))
+        ax.set_xlabel("context length (tokens)")
+        for r, row in enumerate(grid):
+            for c, value in enumerate(row):
+                if math.isfinite(value):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        if name:
+            original = original_lengths.get(name)
+            ax.set_title(name + (f" (trained at {original})" if original else ""), fontsize="medium")
+    axes[0][0].set_ylabel("needle depth")
+    if len(panels) == 1 and not next(iter(panels)):
+        axes[0][0].set_title(title, fontsize="medium")
+    else:
+        fig.suptitle(title, fontsize="medium")
+    fig.colorbar(image, ax=list(axes[0]), label="score")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

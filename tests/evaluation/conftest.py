@@ -28,6 +28,7 @@ VOCAB = 400
 LENGTHS = [16, 32, 64, 96]
 DOC_LENGTHS = [10, 20, 40, 70, 100, 130]
 PASSKEY_LENGTHS = "200,256"
+RULER_LENGTHS = "1800,2600"
 STDLIB_FILES = ["textwrap.py", "bisect.py", "colorsys.py", "string.py", "fnmatch.py"]
 
 
@@ -95,6 +96,8 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
 
     common = ["--data", s.tokens, "--lengths", ",".join(map(str, LENGTHS))]
     passkey = ["--lengths", PASSKEY_LENGTHS, "--trials", "2", "--depths", "0,0.5,1"]
+    ruler = ["--tokenizer", s.tokenizer, "--lengths", RULER_LENGTHS, "--samples", "2", "--depths", "0,1",
+             "--max-new-tokens", "8", "--perplexity-documents", "2"]
     single = {
         "both": ("perplexity", ["--load", s.ckpt, "--hf", s.hf, *common]),
         "stride": ("perplexity", ["--load", s.ckpt, "--hf", s.hf, "--name", "meg", "--name", "hf", "--data", s.tokens,
@@ -104,6 +107,7 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
         "default": ("perplexity", ["--load", s.ckpt, "--lengths", "32", "--max-documents", "2", "--seed", "3"]),
         "passkey_hf": ("passkey", ["--hf", s.hf, "--tokenizer", s.tokenizer, *passkey]),
         "passkey": ("passkey", ["--load", s.ckpt, *passkey]),
+        "ruler": ("ruler", ["--load", s.ckpt, "--hf", s.hf, "--name", "meg", "--name", "hf", *ruler]),
     }
     parallel = {
         "tp2": ("perplexity", ["--load", s.ckpt, *common, "--tensor-model-parallel-size", "2"]),
@@ -113,6 +117,8 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
         "cp2": ("perplexity", ["--load", s.ckpt, *common, "--context-parallel-size", "2"]),
         "passkey_pp2": ("passkey", ["--load", s.ckpt, *passkey, "--pipeline-model-parallel-size", "2"]),
         "passkey_cp2": ("passkey", ["--load", s.ckpt, *passkey, "--context-parallel-size", "2"]),
+        "ruler_pp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, "--pipeline-model-parallel-size", "2"]),
+        "ruler_dp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, "--micro-batch-size", "2"]),
     }
     setup = {
         "root": str(s.ckpt), "hf": str(s.hf), "tokenizer": str(s.tokenizer), "vocab_size": VOCAB,

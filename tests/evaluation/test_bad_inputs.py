@@ -14,6 +14,7 @@ from tests.launch import REPO, child_env, load_tool
 
 perplexity = load_tool("eval_perplexity")
 passkey = load_tool("eval_passkey")
+ruler = load_tool("eval_ruler")
 
 
 def _fails(main, argv, capsys) -> str:
@@ -112,6 +113,46 @@ def test_passkey_bad_input(checkpoint, tokenizer_model, tmp_path, capsys, argv, 
     err = _fails(passkey.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), *argv,
                                 "--out", str(tmp_path / "out")], capsys)
     assert err.startswith("eval_passkey.py: error: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lengths", "512", "--samples", "1", "--tasks", "niah_single_1,needle"],
+         "--tasks: unknown task needle; the tasks are niah_single_1, "),
+        (["--lengths", "512", "--samples", "0"], "--samples 0: must be >= 1"),
+        (["--lengths", "512", "--samples", "1", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+        (["--lengths", "512", "--samples", "1", "--haystack", "SHORT"], "SHORT"),
+        (["--lengths", "100000000", "--samples", "1", "--tasks", "niah_single_1"], "does not fit for ckpt"),
+        (["--lengths", "512", "--samples", "1", "--tasks", "vt", "--max-memory-gb", "0.00001"], "does not fit"),
+        (["--lengths", "512", "--samples", "1", "--chat-template"], "chat template"),
+    ],
+)
+def test_ruler_bad_input(checkpoint, tokenizer_model, tmp_path, capsys, argv, message):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of haystack.\n")
+    argv = [str(short) if a == "SHORT" else a for a in argv]
+    message = message.replace("SHORT", str(short))
+    err = _fails(ruler.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), *argv,
+                              "--out", str(tmp_path / "out")], capsys)
+    assert err.startswith("eval_ruler.py: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ruler_tokenizer_of_another_model(checkpoint, tokenizer_model, tmp_path, capsys):
+    """A tokenizer with more tokens than the model's vocabulary is not its tokenizer."""
+    from megatron_resonance.megatron.llama import LlamaConfig
+
+    small = tmp_path / "small"
+    shutil.copytree(checkpoint, small)
+    config = small / "iter_0000005" / "megatron_resonance.json"
+    stored = json.loads(config.read_text())
+    stored["model"] = {**stored["model"], "vocab_size": 300}
+    LlamaConfig.from_dict(dict(stored["model"]))  # still a valid config
+    config.write_text(json.dumps(stored))
+    err = _fails(ruler.main, ["--load", str(small), "--tokenizer", str(tokenizer_model), "--lengths", "512",
+                              "--samples", "1", "--out", str(tmp_path / "out")], capsys)
+    assert "has 400 tokens, more than small's vocabulary (300): it is not this model's tokenizer" in err, err
 
 
 @pytest.mark.parametrize("tool", ["perplexity", "passkey"])

@@ -103,11 +103,11 @@ def _chat_wrapping(tokenizer) -> tuple:
     """The tokenizer's chat template around one user message, split at the message: (before, after)."""
     hf = getattr(tokenizer, "hf", None)
     if hf is None or not getattr(hf, "chat_template", None):
-        raise UsageError(f"chat_template: the tokenizer {tokenizer.path} has no chat template")
+        raise UsageError(f"--chat-template: the tokenizer {tokenizer.path} has no chat template")
     rendered = hf.apply_chat_template([{"role": "user", "content": _CHAT_SLOT}], tokenize=False,
                                       add_generation_prompt=True)
     if rendered.count(_CHAT_SLOT) != 1:
-        raise UsageError(f"chat_template: the chat template of {tokenizer.path} does not show the user message as is")
+        raise UsageError(f"--chat-template: the chat template of {tokenizer.path} does not show the user message as is")
     before, after = rendered.split(_CHAT_SLOT)
     return before, after
 
@@ -183,10 +183,10 @@ def _check(task: str, length: int, samples: int, depths: Sequence[float]) -> Non
     if samples < 1:
         raise UsageError(f"samples {samples}: must be >= 1")
     if not depths:
-        raise UsageError("depths: need at least one depth")
+        raise UsageError("--depths: need at least one depth")
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad:
-        raise UsageError(f"depths: {bad[0]:g} is outside [0, 1]")
+        raise UsageError(f"--depths: {bad[0]:g} is outside [0, 1]")
 
 
 def build_samples(task: str, tokenizer, length: int, *, samples: int = 1, seed: int = 0,

@@ -83,10 +83,10 @@ def _file_documents(path: Path) -> Iterator[str]:
                 record = json.loads(line)
                 text = record["text"]
             except (ValueError, KeyError, TypeError):
-                raise UsageError(f"haystack {path}: line {number} is not a JSON object with a \"text\" string"
+                raise UsageError(f"--haystack {path}: line {number} is not a JSON object with a \"text\" string"
                                  ) from None
             if not isinstance(text, str):
-                raise UsageError(f"haystack {path}: line {number}: \"text\" is not a string")
+                raise UsageError(f"--haystack {path}: line {number}: \"text\" is not a string")
             yield text
 
 
@@ -112,7 +112,7 @@ class Haystack:
     def too_short(self, task: str, length: int, prompt_tokens: int) -> UsageError:
         """The one-line error of a text that cannot fill ``length`` tokens: the prompt of ``task`` with all
         of it is ``prompt_tokens`` long."""
-        return UsageError(f"haystack {self.name} holds {len(self.words)} words: the {task} prompt with all of them "
+        return UsageError(f"--haystack {self.name} holds {len(self.words)} words: the {task} prompt with all of them "
                           f"is {prompt_tokens} tokens, short of the length {length}")
 
     def __repr__(self) -> str:
@@ -126,7 +126,7 @@ def load_haystack(path: Optional[str] = None) -> Haystack:
         return Haystack(f"<standard-library docstrings of {stdlib_root()}>", _stdlib_documents())
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"haystack {path}: no such file")
+        raise UsageError(f"--haystack {path}: no such file")
     return Haystack(str(path), _file_documents(file))
 
 

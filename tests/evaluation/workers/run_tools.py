@@ -5,7 +5,7 @@
 
 PLAN.json::
 
-    {"setup": {...} | null, "commands": [["perplexity" | "passkey", [argv...]], ...]}
+    {"setup": {...} | null, "commands": [["perplexity" | "passkey" | "ruler", [argv...]], ...]}
 
 ``setup`` (single process) builds a tiny random LLaMA with ``llama.build_model`` and saves it with
 ``checkpointing.save_checkpoint`` (recording the tokenizer as a training run would), computes the
@@ -87,7 +87,7 @@ def main(plan_path: str, results_path: str) -> None:
     sys.path.insert(0, str(REPO))
     from tests.launch import load_tool
 
-    perplexity, passkey = load_tool("eval_perplexity"), load_tool("eval_passkey")
+    perplexity, passkey, ruler = load_tool("eval_perplexity"), load_tool("eval_passkey"), load_tool("eval_ruler")
 
     plan = json.loads(Path(plan_path).read_text())
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -99,7 +99,7 @@ def main(plan_path: str, results_path: str) -> None:
         from megatron_resonance.data.preprocess import preprocess
 
         preprocess([setup["text"]], setup["indexed"], setup["tokenizer"], progress=False, log=None)
-    tools = {"perplexity": perplexity.main, "passkey": passkey.main}
+    tools = {"perplexity": perplexity.main, "passkey": passkey.main, "ruler": ruler.main}
     for tool, argv in plan["commands"]:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -3,7 +3,8 @@
 :func:`open_scorer` loads a :class:`~megatron_resonance.evaluation.resolve.ResolvedModel` (a Megatron
 checkpoint through the model provider at this process's TP/PP, or a Hugging Face model with transformers)
 and returns a :class:`Scorer`: ``scores(tokens)`` for a batch of equal-length windows over the one scoring
-path (``evaluation.scoring``), plus the data-parallel layout so callers can split windows over replicas.
+path (``evaluation.scoring``), ``generate(prompts, max_new_tokens)`` for greedy continuations with a KV
+cache (``evaluation.generation``), plus the data-parallel layout so callers can split windows over replicas.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def initialize(runtime: Runtime) -> None:
 
 
 class Scorer:
-    """A loaded model: ``scores(tokens)`` on ``[B, L]`` batches of at most ``batch_size`` rows.
+    """A loaded model: ``scores(tokens)`` on ``[B, L]`` batches of at most ``batch_size`` rows, and
+    ``generate(prompts, max_new_tokens, stop_ids)``: greedy new tokens per prompt (``evaluation.generation``).
 
     ``dp_rank``/``dp_size``: this process's data-parallel replica; callers give each replica its own
     batches and add their results with ``all_reduce``."""
@@ -104,6 +106,12 @@ class Scorer:
         self.model = model
 
     def scores(self, tokens: torch.Tensor) -> TokenScores:
+        raise NotImplementedError
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int] = ()) -> List[List[int]]:
+        """Per prompt (token ids, any lengths), its greedy continuation: at most ``max_new_tokens`` new tokens,
+        ending with the first of ``stop_ids`` generated (kept). Collective like ``scores``."""
         raise NotImplementedError
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -131,6 +139,13 @@ class MegatronScorer(Scorer):
         return megatron_token_scores(self.chunks, tokens, vocab_size=self.model.vocab_size,
                                      micro_batch_size=self.micro_batch_size)
 
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int] = ()) -> List[List[int]]:
+        from megatron_resonance.evaluation.generation import megatron_greedy
+
+        return megatron_greedy(self.chunks, prompts, max_new_tokens=max_new_tokens,
+                               vocab_size=self.model.vocab_size, stop_ids=stop_ids)
+
     def close(self) -> None:
         self.chunks = None
 
@@ -156,6 +171,13 @@ class HFScorer(Scorer):
         from megatron_resonance.evaluation.scoring import hf_token_scores
 
         return hf_token_scores(self.hf_model, tokens, vocab_size=self.model.vocab_size)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int] = ()) -> List[List[int]]:
+        from megatron_resonance.evaluation.generation import hf_greedy
+
+        return hf_greedy(self.hf_model, prompts, max_new_tokens=max_new_tokens, vocab_size=self.model.vocab_size,
+                         stop_ids=stop_ids)
 
     def close(self) -> None:
         self.hf_model = None

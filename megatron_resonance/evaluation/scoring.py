@@ -30,6 +30,16 @@ class TokenScores:
     """[B, L-1] bool: the target is the arg-max of the prediction (what greedy decoding would emit)."""
 
 
+def real_vocabulary(logits: torch.Tensor, vocab_size: Optional[int], *, vocab_start: int = 0) -> torch.Tensor:
+    """``logits`` ``[..., V_shard]`` (ids ``vocab_start ..``) with the ids at or above ``vocab_size`` (TP
+    padding rows of the embedding table) at -inf, so no softmax or arg-max chooses them."""
+    shard = logits.shape[-1]
+    if vocab_size is None or vocab_start + shard <= vocab_size:
+        return logits
+    padding = torch.arange(vocab_start, vocab_start + shard, device=logits.device) >= vocab_size
+    return logits.masked_fill(padding, float("-inf"))
+
+
 def vocab_parallel_scores(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -48,11 +58,8 @@ def vocab_parallel_scores(
     """
     import torch.distributed as dist
 
-    logits = logits.float()
+    logits = real_vocabulary(logits.float(), vocab_size, vocab_start=vocab_start)
     shard = logits.shape[-1]
-    if vocab_size is not None and vocab_start + shard > vocab_size:
-        padding = torch.arange(vocab_start, vocab_start + shard, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padding, float("-inf"))
     parallel = group is not None and dist.get_world_size(group) > 1
     top = logits.max(dim=-1).values
     if parallel:

@@ -95,16 +95,20 @@ _TABLE: tuple = (None, None, None, None, None)
 def _cos_signed_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
     """cos and [-sin, sin] (rotate-half's sign folded in) of ``freqs`` in ``dtype``. Kept for the last
     ``freqs`` object (held, so it cannot be freed and another take its place) at its version (an in-place
-    change is a new table); tables sliced per call (context parallelism) are recomputed each time."""
+    change is a new table); tables sliced per call (context parallelism, megatron's inference: each decode
+    step's positions) are recomputed each time. Inference-mode tensors have no version: never kept."""
     global _TABLE
+    inference = freqs.is_inference()
     last, last_version, last_dtype, cos, signed_sin = _TABLE
-    if last is freqs and last_version == version(freqs) and last_dtype == dtype and not freqs.requires_grad:
+    if (not inference and last is freqs and last_version == version(freqs) and last_dtype == dtype
+            and not freqs.requires_grad):
         return cos, signed_sin
     half = freqs.shape[-1] // 2
     cos = torch.cos(freqs).to(dtype)
     sin = torch.sin(freqs).to(dtype)
     signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    _TABLE = (freqs, version(freqs), dtype, cos, signed_sin)
+    if not inference:
+        _TABLE = (freqs, version(freqs), dtype, cos, signed_sin)
     return cos, signed_sin
 
 

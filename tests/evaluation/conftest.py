@@ -7,6 +7,10 @@
    ``tools/convert_megatron_to_hf.py``, an indexed dataset of ``text.jsonl``; then the tools' ``main`` for
    every single-process run below.
 3. ``workers/run_tools.py`` under torchrun (2 processes): the same evaluations at TP=2, PP=2, DP=2 and CP=2.
+
+Both worker runs also generate greedily from ``GENERATION_PROMPTS`` through ``scorer.generate``: the
+checkpoint and its export in the one process, TP=2, PP=2 and CP=2 (refused) under torchrun
+(``Session.generation``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ DOC_LENGTHS = [10, 20, 40, 70, 100, 130]
 PASSKEY_LENGTHS = "200,256"
 RULER_LENGTHS = "1800,2600"
 STDLIB_FILES = ["textwrap.py", "bisect.py", "colorsys.py", "string.py", "fnmatch.py"]
+#: greedy generation: two prompts of one length (decoded as one batch) and a shorter one, continued past
+#: the rope's original 32 positions up to the model's 64
+GENERATION_PROMPT_LENGTHS = [40, 23, 40]
+GENERATION_NEW_TOKENS = 20
 
 
 def stdlib_text(name: str) -> str:
@@ -60,6 +68,9 @@ class Session:
         self.out = {}
         self.commands = {}
         self.reference = {}
+        self.generation = {}
+        """run key -> ``run_tools.generate_run``'s record (tokens, full_forward, stop, stopped, ranks_agree;
+        or error / exception)."""
 
     def result(self, key: str) -> dict:
         """The report of run ``key``; fails with the run's stderr when it did not exit 0."""
@@ -120,6 +131,13 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
         "ruler_pp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, "--pipeline-model-parallel-size", "2"]),
         "ruler_dp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, "--micro-batch-size", "2"]),
     }
+    generation_prompts = [rng.integers(0, VOCAB, n).tolist() for n in GENERATION_PROMPT_LENGTHS]
+    generation = {
+        "single": {"megatron": {"kind": "megatron", "path": str(s.ckpt)}, "hf": {"kind": "hf", "path": str(s.hf)}},
+        "parallel": {"tp2": {"kind": "megatron", "path": str(s.ckpt), "tp": 2},
+                     "pp2": {"kind": "megatron", "path": str(s.ckpt), "pp": 2},
+                     "cp2": {"kind": "megatron", "path": str(s.ckpt), "cp": 2}},
+    }
     setup = {
         "root": str(s.ckpt), "hf": str(s.hf), "tokenizer": str(s.tokenizer), "vocab_size": VOCAB,
         "rope": {"kind": "yarn", "factor": 2.0, "original_max_position": 32},
@@ -127,7 +145,8 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
     }
     for name, runs, extra in (("single", single, {"setup": setup}), ("parallel", parallel, {})):
         plan, results = s.root / f"plan_{name}.json", s.root / f"results_{name}.json"
-        plan.write_text(json.dumps({**extra, "commands": _plan_commands(s, runs)}))
+        plan.write_text(json.dumps({**extra, "commands": _plan_commands(s, runs), "generation": {
+            "prompts": generation_prompts, "max_new_tokens": GENERATION_NEW_TOKENS, "runs": generation[name]}}))
         if name == "single":
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
             proc = subprocess.run([sys.executable, WORKER, plan, results], cwd=REPO, env=env, capture_output=True,
@@ -138,5 +157,6 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
             torchrun(WORKER, plan, results, nproc=2, timeout=600)
         record = json.loads(results.read_text())
         s.reference.update(record.get("reference", {}))
+        s.generation.update(record.get("generation", {}))
         s.commands.update({key: r for key, r in zip(runs, record["commands"])})
     return s

@@ -5,15 +5,18 @@
 
 PLAN.json::
 
-    {"setup": {...} | null, "commands": [["perplexity" | "passkey" | "ruler", [argv...]], ...]}
+    {"setup": {...} | null, "commands": [["perplexity" | "passkey" | "ruler", [argv...]], ...],
+     "generation": {"prompts": [[ids...], ...], "max_new_tokens": n, "runs": {key: {"kind": "megatron" | "hf",
+                    "path": DIR, "tp": 1, "pp": 1, "cp": 1}, ...}} | null}
 
 ``setup`` (single process) builds a tiny random LLaMA with ``llama.build_model`` and saves it with
 ``checkpointing.save_checkpoint`` (recording the tokenizer as a training run would), computes the
 reference perplexity of the first-L-token windows with a direct forward of that same model (logits cut to
 the real vocabulary, ``F.cross_entropy``), exports it with ``tools/convert_megatron_to_hf.py`` and writes
 an indexed dataset of the text documents with ``data.preprocess``. One process for everything saves the
-megatron import per command; megatron's parallel state stays out of pytest. RESULTS.json (rank 0): exit
-status and stderr of each command, and the reference.
+megatron import per command; megatron's parallel state stays out of pytest. ``generation`` runs
+``scorer.generate`` of ``loading.open_scorer`` at each run's layout (``generate_run``). RESULTS.json (rank
+0): exit status and stderr of each command, the reference, and each generation run's record.
 """
 
 from __future__ import annotations
@@ -83,6 +86,39 @@ def convert(setup: dict) -> None:
         sys.argv = argv
 
 
+def generate_run(run: dict, prompts: list, max_new_tokens: int) -> dict:
+    """Greedy tokens of ``prompts`` through ``scorer.generate`` at the run's layout, with what checks them:
+    ``full_forward``, per prompt, whether each new token is the arg-max of a forward without a cache over
+    everything before it (``scorer.scores``' greedy match); ``stopped``, the same generation with a stop id
+    (the middle token of the first prompt's continuation); ``ranks_agree``, every rank got the same tokens.
+    A ``UsageError`` is recorded as ``error``."""
+    import torch.distributed as dist
+
+    from megatron_resonance.cli import UsageError
+    from megatron_resonance.evaluation import loading, resolve
+
+    model = resolve.resolve(resolve.ModelSpec(run["kind"], run["path"]))
+    runtime = loading.Runtime(tensor_model_parallel_size=run.get("tp", 1),
+                              pipeline_model_parallel_size=run.get("pp", 1), context_parallel_size=run.get("cp", 1))
+    if run["kind"] == "megatron":
+        loading.initialize(runtime)
+    longest = max(map(len, prompts)) + max_new_tokens
+    with loading.open_scorer(model, runtime, longest) as scorer:
+        try:
+            tokens = scorer.generate(prompts, max_new_tokens)
+        except UsageError as e:
+            return {"error": str(e)}
+        full = [scorer.scores(torch.tensor([p + t])).greedy[0, len(p) - 1:].tolist() for p, t in zip(prompts, tokens)]
+        stop = tokens[0][len(tokens[0]) // 2]
+        stopped = scorer.generate(prompts, max_new_tokens, stop_ids=[stop])
+    gathered = [tokens]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, tokens)
+    return {"tokens": tokens, "full_forward": full, "stop": stop, "stopped": stopped,
+            "ranks_agree": all(g == tokens for g in gathered)}
+
+
 def main(plan_path: str, results_path: str) -> None:
     sys.path.insert(0, str(REPO))
     from tests.launch import load_tool
@@ -114,6 +150,16 @@ def main(plan_path: str, results_path: str) -> None:
                                     "stderr": err.getvalue()[-6000:]})
         if rank0:
             print(tool, " ".join(argv), "->", status, flush=True)
+    generation = plan.get("generation") or {}
+    results["generation"] = {}
+    for key, run in generation.get("runs", {}).items():
+        try:
+            record = generate_run(run, generation["prompts"], generation["max_new_tokens"])
+        except Exception:
+            record = {"exception": traceback.format_exc()[-6000:]}
+        results["generation"][key] = record
+        if rank0:
+            print("generate", key, "->", "ok" if "tokens" in record else record, flush=True)
     if rank0:
         Path(results_path).write_text(json.dumps(results, indent=1))
 

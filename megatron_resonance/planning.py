@@ -218,10 +218,11 @@ def training_estimate(shape: ModelShape, seq_length: int, layout: Layout, *, bf1
 
 
 def forward_estimate(shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
-                     cp: int = 1, dtype_bytes: int = 4, padded: bool = True) -> Estimate:
+                     cp: int = 1, dtype_bytes: int = 4, padded: bool = True, generate: bool = False) -> Estimate:
     """Peak bytes of one rank running a forward pass at ``length`` (evaluation; see the module docstring).
     ``padded``: the logits have padding columns (a Megatron checkpoint whose vocabulary is not a multiple
-    of the padding)."""
+    of the padding). ``generate``: decoding up to ``length`` tokens also holds every layer's key/value
+    cache (2 x layers / PP x length x kv / TP per sequence)."""
     a = dtype_bytes
     h, kv, f = shape.hidden_size, shape.kv_size, shape.ffn_hidden_size
     tokens = micro_batch_size * length / cp
@@ -230,11 +231,14 @@ def forward_estimate(shape: ModelShape, length: int, *, micro_batch_size: int = 
     vocab = shape.padded_vocab_size if padded else shape.vocab_size
     pad = padded and shape.padded_vocab_size != shape.vocab_size
     logit_bytes = a + 8 + (4 if a < 4 else 0) + (4 if pad else 0)
-    return Estimate({
+    parts = {
         "weights": params * a,
         "layer": tokens * a * (3 * h + max(4 * h + 3 * kv, 3 * f) / tp),
         "logits": tokens * vocab / tp * logit_bytes,
-    })
+    }
+    if generate:
+        parts["kv_cache"] = 2 * shape.num_layers / pp * tokens * kv / tp * a
+    return Estimate(parts)
 
 
 # ==========================================================================================================
@@ -441,22 +445,22 @@ def no_fit_message(plan: Plan) -> str:
 
 def propose_forward(shape: ModelShape, length: int, available: Callable[[int], float], *,
                     micro_batch_size: int = 1, dtype_bytes: int = 4, max_processes: int = 64,
-                    padded: bool = True) -> Optional[Layout]:
+                    padded: bool = True, generate: bool = False) -> Optional[Layout]:
     """The smallest TP x CP x PP (fewest processes; then TP before CP before PP) whose forward estimate fits
     90 % of ``available(processes)`` bytes per process: what the evaluation tools propose when a length does
-    not fit."""
+    not fit. ``generate``: with the key/value cache, and no CP (generation runs without it)."""
     options = []
     for tp in _powers_of_two(8):
         if shape.num_attention_heads % tp or shape.num_query_groups % tp:
             continue
-        for cp in _powers_of_two(max_processes // tp):
+        for cp in _powers_of_two(1 if generate else max_processes // tp):
             if cp > 1 and length % (2 * cp):
                 continue
             for pp in _powers_of_two(max_processes // (tp * cp)):
                 if shape.num_layers % pp:
                     continue
                 est = forward_estimate(shape, length, micro_batch_size=micro_batch_size, tp=tp, pp=pp, cp=cp,
-                                       dtype_bytes=dtype_bytes, padded=padded)
+                                       dtype_bytes=dtype_bytes, padded=padded, generate=generate)
                 if est.total <= HEADROOM * available(tp * pp * cp):
                     options.append(Layout(tp=tp, pp=pp, cp=cp))
     return min(options, key=lambda lay: (lay.model_parallel, lay.pp, lay.cp), default=None)

@@ -227,8 +227,9 @@ def open_scorer(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Iter
 
 
 def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
-                 max_memory_gb: Optional[float] = None) -> None:
-    """UsageError when a forward pass at ``length`` would not fit for one of ``models`` (see ``memory``)."""
+                 max_memory_gb: Optional[float] = None, generate: bool = False) -> None:
+    """UsageError when a forward pass at ``length`` (``generate``: decoding up to ``length``) would not fit
+    for one of ``models`` (see ``memory``)."""
     from megatron_resonance.evaluation.memory import check_fits
 
     for m in models:
@@ -237,4 +238,5 @@ def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
                    tp=runtime.tensor_model_parallel_size if megatron else 1,
                    pp=runtime.pipeline_model_parallel_size if megatron else 1,
                    cp=runtime.context_parallel_size if megatron else 1,
-                   dtype_bytes=runtime.dtype_bytes, max_memory_gb=max_memory_gb, hf=not megatron)
+                   dtype_bytes=runtime.dtype_bytes, max_memory_gb=max_memory_gb, hf=not megatron,
+                   generate=generate)

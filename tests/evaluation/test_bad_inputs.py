@@ -139,6 +139,13 @@ def test_ruler_bad_input(checkpoint, tokenizer_model, tmp_path, capsys, argv, me
     assert not (tmp_path / "out").exists()
 
 
+def test_ruler_refuses_context_parallelism(checkpoint, tokenizer_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _fails(ruler.main, ["--load", str(checkpoint), "--tokenizer", str(tokenizer_model), "--lengths", "2048",
+                              "--samples", "1", "--context-parallel-size", "2", "--out", str(tmp_path / "out")], capsys)
+    assert "--context-parallel-size: RULER answers by greedy decoding, which runs without context parallelism" in err
+
+
 def test_ruler_tokenizer_of_another_model(checkpoint, tokenizer_model, tmp_path, capsys):
     """A tokenizer with more tokens than the model's vocabulary is not its tokenizer."""
     from megatron_resonance.megatron.llama import LlamaConfig

@@ -36,6 +36,14 @@ def test_training_estimate_arithmetic():
     assert 40 * GiB < est.total < 50 * GiB
 
 
+def test_generation_adds_the_key_value_cache():
+    """Decoding holds every layer's keys and values: LLaMA-3 8B (8 KV heads of 128) in bf16 at 32K, TP=2 x PP=2."""
+    plain = planning.forward_estimate(LLAMA3_8B, 32768, tp=2, pp=2, dtype_bytes=2)
+    decoding = planning.forward_estimate(LLAMA3_8B, 32768, tp=2, pp=2, dtype_bytes=2, generate=True)
+    assert decoding.parts["kv_cache"] == 2 * 16 * 32768 * 1024 / 2 * 2 == 1 * GiB
+    assert decoding.total == pytest.approx(plain.total + GiB)
+
+
 def test_recomputation_pipeline_and_sharding_lower_what_they_should():
     base = Layout(tp=2, cp=2, dp=2, num_microbatches=4)
     full = training_estimate(LLAMA2_7B, 32768, Layout(**{**base.__dict__, "recompute": "full"}))
@@ -188,6 +196,14 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
            "--nproc-per-node 8 tools/eval_perplexity.py --load CKPT --lengths 65536 --max-memory-gb 30 --out p " \
            "--tensor-model-parallel-size 8" in err, err
     assert "memory" in passkey.main.__code__.co_names
+    # RULER decodes: the key/value cache counts, and no CP layout is proposed (generation runs without CP)
+    with pytest.raises(SystemExit):
+        load_tool("eval_ruler").main(["--load", str(ckpt), "--lengths", "65536", "--samples", "1",
+                                      "--max-memory-gb", "30", "--out", "r"])
+    err = capsys.readouterr().err
+    assert f"generation up to 65664 tokens does not fit for {ckpt.name}: it needs about 123.8 GiB" in err, err
+    assert "fits at TP=8 x CP=1: torchrun --nproc-per-node 8 tools/eval_ruler.py" in err, err
+    assert "--context-parallel-size" not in err
     # nothing fits: said so
     with pytest.raises(SystemExit):
         perplexity.main(["--load", str(ckpt), "--lengths", "16384", "--max-memory-gb", "0.5", "--out", "o"])

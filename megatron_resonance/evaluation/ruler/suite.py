@@ -171,11 +171,15 @@ def run(
         raise UsageError("--depths: need at least one depth")
     resolved = resolve_all(models, tokenizer)
     runtime.check(resolved, lengths)
+    if runtime.context_parallel_size > 1:
+        raise UsageError("--context-parallel-size: RULER answers by greedy decoding, which runs without context "
+                         "parallelism (megatron's static inference); use --tensor-model-parallel-size or "
+                         "--pipeline-model-parallel-size for long prompts")
+    longest = lengths[-1] + max(budget(task, max_new_tokens) for task in tasks)
+    loading.check_memory(resolved, runtime, longest, max_memory_gb, generate=True)
     for m in resolved:
         if m.tokenizer is None:
             raise UsageError(f"RULER prompts are text and no tokenizer is stored with {m.name}: pass --tokenizer")
-    longest = lengths[-1] + max(budget(task, max_new_tokens) for task in tasks)
-    loading.check_memory(resolved, runtime, longest, max_memory_gb)
     if out:
         check_output_dir(out, "--out")
     haystack_text = load_haystack(haystack)

@@ -50,13 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             command_line.parse_lengths(args.lengths),
             trials=args.trials,
             depths=parse_depths(args.depths),
-            out=args.out,
-            tokenizer=args.tokenizer,
             seed=args.seed,
             add_bos=args.add_bos,
-            runtime=command_line.runtime_from_args(args),
-            max_memory_gb=args.max_memory_gb,
-            progress=not args.no_progress,
+            **command_line.run_options(args),
         )
     return 0
 

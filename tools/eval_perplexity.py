@@ -52,16 +52,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         run(
             command_line.models_from_args(args),
             command_line.parse_lengths(args.lengths),
-            out=args.out,
             data=args.data,
-            tokenizer=args.tokenizer,
             stride=args.stride,
             max_documents=args.max_documents,
             seed=args.seed,
             add_bos=args.add_bos,
-            runtime=command_line.runtime_from_args(args),
-            max_memory_gb=args.max_memory_gb,
-            progress=not args.no_progress,
+            **command_line.run_options(args),
         )
     return 0
 

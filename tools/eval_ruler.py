@@ -77,11 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_new_tokens=args.max_new_tokens,
             perplexity_data=args.perplexity_data,
             perplexity_documents=args.perplexity_documents,
-            out=args.out,
-            tokenizer=args.tokenizer,
-            runtime=command_line.runtime_from_args(args),
-            max_memory_gb=args.max_memory_gb,
-            progress=not args.no_progress,
+            **command_line.run_options(args),
         )
     return 0
 

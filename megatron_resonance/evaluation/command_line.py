@@ -87,6 +87,13 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
     )
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments every evaluation ``run`` takes from the shared flags: output, tokenizer, layout,
+    memory, progress."""
+    return dict(out=args.out, tokenizer=args.tokenizer, runtime=runtime_from_args(args),
+                max_memory_gb=args.max_memory_gb, progress=not args.no_progress)
+
+
 def prepare_out(out: str) -> None:
     """Create the output directory (rank 0); UsageError when it cannot be."""
     check_output_dir(out, "--out")

@@ -6,7 +6,8 @@
    vocabulary 400 padded to 512), its direct-forward reference perplexity, its Hugging Face export through
    ``tools/convert_megatron_to_hf.py``, an indexed dataset of ``text.jsonl``; then the tools' ``main`` for
    every single-process run below.
-3. ``workers/run_tools.py`` under torchrun (2 processes): the same evaluations at TP=2, PP=2, DP=2 and CP=2.
+3. ``workers/run_tools.py`` under torchrun (2 processes): the same evaluations at TP=2, PP=2, DP=2 and CP=2
+   (RULER at PP=2 and DP=2: greedy decoding runs without CP).
 
 Both worker runs also generate greedily from ``GENERATION_PROMPTS`` through ``scorer.generate``: the
 checkpoint and its export in the one process, TP=2, PP=2 and CP=2 (refused) under torchrun

@@ -24,6 +24,7 @@ prompts, or every replica decodes all of them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Sequence
 
 import torch
@@ -115,6 +116,7 @@ def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_token
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
+    from megatron_resonance.megatron import cpu_speed
     from megatron_resonance.megatron.distributed import device as rank_device
     from megatron_resonance.megatron.rotary import unwrap
 
@@ -141,8 +143,12 @@ def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_token
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     start, end = 0, length
     while end < total:
-        # the prompt, then each generated token: the cache holds every earlier position's keys and values
-        logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(inputs, start, end))
+        # the prompt, then each generated token: the cache holds every earlier position's keys and values.
+        # A decode step without pipeline stages makes no device call (the prompt's step allocates the cache,
+        # a pipeline step its receive buffer): it runs outside cpu_compat's per-call device hook.
+        lean = context.is_decode_only() and not pipeline
+        with cpu_speed.suspended() if lean else contextlib.nullcontext():
+            logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(inputs, start, end))
         context.enable_decode_mode()
         chosen = torch.empty(rows, dtype=torch.long, device=device)
         if ps.is_pipeline_last_stage(ignore_virtual=True):  # logits [B, 1, V] of the last position, all TP ranks

@@ -92,23 +92,46 @@ class _RotaryFunction(torch.autograd.Function):
 _TABLE: tuple = (None, None, None, None, None)
 
 
+#: megatron's inference (inference-mode tables, which have no version counter) slices one angle table per
+#: step: the query's rows, then the keys' rows 0 .. end, in every layer. The last two slices' (slice, where
+#: it lies in its storage, cos, signed sin), newest last.
+_INFERENCE_SLICES: list = []
+
+
 def _cos_signed_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
     """cos and [-sin, sin] (rotate-half's sign folded in) of ``freqs`` in ``dtype``. Kept for the last
     ``freqs`` object (held, so it cannot be freed and another take its place) at its version (an in-place
-    change is a new table); tables sliced per call (context parallelism, megatron's inference: each decode
-    step's positions) are recomputed each time. Inference-mode tensors have no version: never kept."""
+    change is a new table); tables sliced per call (context parallelism) are recomputed each time. Under
+    inference mode, by the slice's place in its storage (``_inference_rows``)."""
     global _TABLE
-    inference = freqs.is_inference()
+    if freqs.is_inference():
+        return _inference_rows(freqs, dtype)
     last, last_version, last_dtype, cos, signed_sin = _TABLE
-    if (not inference and last is freqs and last_version == version(freqs) and last_dtype == dtype
-            and not freqs.requires_grad):
+    if last is freqs and last_version == version(freqs) and last_dtype == dtype and not freqs.requires_grad:
         return cos, signed_sin
+    cos, signed_sin = _compute_cos_signed_sin(freqs, dtype)
+    _TABLE = (freqs, version(freqs), dtype, cos, signed_sin)
+    return cos, signed_sin
+
+
+def _compute_cos_signed_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
     half = freqs.shape[-1] // 2
     cos = torch.cos(freqs).to(dtype)
     sin = torch.sin(freqs).to(dtype)
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    if not inference:
-        _TABLE = (freqs, version(freqs), dtype, cos, signed_sin)
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _inference_rows(freqs: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """cos and signed sin of an inference-mode angle table, computed once for the same rows of the same
+    storage in a row (the query's and the keys' slices of one decode step, repeated by every layer). A
+    kept slice holds its storage, so no other table can take its address; megatron never writes to it."""
+    global _INFERENCE_SLICES
+    where = (freqs.untyped_storage().data_ptr(), freqs.storage_offset(), freqs.shape, freqs.stride(), dtype)
+    for kept, kept_where, cos, signed_sin in _INFERENCE_SLICES:
+        if kept_where == where:
+            return cos, signed_sin
+    cos, signed_sin = _compute_cos_signed_sin(freqs, dtype)
+    _INFERENCE_SLICES = [*_INFERENCE_SLICES[-1:], (freqs, where, cos, signed_sin)]
     return cos, signed_sin
 
 

@@ -28,12 +28,16 @@ demo: install
 	$(PY) tools/run_demo.py --out $(OUT)
 
 # PosGen presets: run (or resume) in runs/posgen_<preset>, then copy the report to benchmarks/results/.
-# WORKERS concurrent processes: the CPU cores shared out, or cells sharing one GPU.
+# WORKERS concurrent processes: the CPU cores shared out, or cells sharing one GPU. PROTOCOL=reference follows
+# the paper's reference code (docs/posgen.md) and writes to runs/ and benchmarks/results/posgen_<preset>_reference.
 WORKERS ?= 2
+PROTOCOL ?= clean
+POSGEN_SUFFIX = $(if $(filter clean,$(PROTOCOL)),,_$(PROTOCOL))
 posgen-small posgen-paper: posgen-%: install
-	$(PY) tools/posgen_benchmark.py --preset $* --workers $(WORKERS) --out runs/posgen_$*
-	mkdir -p benchmarks/results/posgen_$*
-	cp runs/posgen_$*/report.md runs/posgen_$*/report.json runs/posgen_$*/position_*.png benchmarks/results/posgen_$*/
+	$(PY) tools/posgen_benchmark.py --preset $* --protocol $(PROTOCOL) --workers $(WORKERS) --out runs/posgen_$*$(POSGEN_SUFFIX)
+	mkdir -p benchmarks/results/posgen_$*$(POSGEN_SUFFIX)
+	cp runs/posgen_$*$(POSGEN_SUFFIX)/report.md runs/posgen_$*$(POSGEN_SUFFIX)/report.json \
+		runs/posgen_$*$(POSGEN_SUFFIX)/position_*.png benchmarks/results/posgen_$*$(POSGEN_SUFFIX)/
 
 # The GPU checks in one command (tools/gpu_check.py; README "On a GPU"): on a CUDA machine with the Python that
 # has torch (GPU_PYTHON), no .venv. OUT=dir is required; DRY_RUN=1 checks the bundle and the plan anywhere;

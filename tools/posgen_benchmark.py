@@ -1,12 +1,15 @@
 """PosGen benchmark: train the Megatron LLaMA at length 64 with rope / resonance, test at 256 (4 variants).
 
     python tools/posgen_benchmark.py --preset small --workers 2 --out runs/posgen_small
+    python tools/posgen_benchmark.py --preset small --protocol reference --workers 2 --out runs/posgen_small_reference
     python tools/posgen_benchmark.py --preset paper --workers 12 --out runs/posgen_paper      # one GPU
     torchrun --nproc-per-node 8 tools/posgen_benchmark.py --preset paper --out runs/posgen_paper
     python tools/posgen_benchmark.py --preset smoke --out /tmp/posgen_smoke --tasks recursive --seeds 1
     python tools/posgen_benchmark.py --preset paper --tasks recursive --seeds 1 --epochs 0.1 \
         --set test_sequences=20 validation_sequences=20 --out /tmp/posgen_plumbing   # any preset field
 
+``--protocol reference`` follows the paper's reference code where it differs from the clean default (its
+data rows, its test-time YaRN, its metric; ``megatron_resonance/posgen/presets.py``'s ``PROTOCOLS``).
 ``--workers N`` runs the cells as N concurrent single-rank processes (sharing the CPU cores, or the one
 GPU); torchrun instead runs one cell at a time data-parallel over its ranks.
 
@@ -32,12 +35,15 @@ quiet_library_warnings()
 
 
 def build_parser() -> ArgumentParser:
-    from megatron_resonance.posgen.presets import PRESETS
+    from megatron_resonance.posgen.presets import PRESETS, PROTOCOLS
 
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--preset", required=True, choices=tuple(PRESETS),
                    help="paper (GPU), small (CPU hour), demo (make demo), smoke (tests)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; reruns resume)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="clean",
+                   help="clean (disjoint prefixes, Hugging Face YaRN; default) or reference (the paper's reference "
+                        "code's data rows, test-time YaRN and metric)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK",
                    help=f"subtasks to run (default: the preset's; choices: {', '.join(TASKS)})")
     p.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 (default: the preset's)")
@@ -86,6 +92,10 @@ def main(argv=None) -> int:
         preset = with_settings(preset, settings)
     except ValueError as e:
         fail(f"{PROG}: error: {e}")
+    try:
+        preset = dataclasses.replace(preset, protocol=args.protocol)
+    except ValueError as e:
+        fail(f"{PROG}: error: --protocol {args.protocol}: {e}")
     if args.tasks:
         preset = dataclasses.replace(preset, tasks=tuple(dict.fromkeys(args.tasks)))
     if args.seeds is not None:

@@ -170,9 +170,11 @@ def rope_parameters(
     base, L = rope.base, rope.original_max_position
     freqs = compute_frequencies(rope)
     # resonance rounding (on any kind) and static NTK have no native transformers type; nor has a YaRN
-    # whose length is not original x factor (versions disagree on its factor): per-feature encodings
+    # whose length is not original x factor (versions disagree on its factor) or whose correction range is
+    # taken at another length (transformers has no key for it): per-feature encodings
     kind = "per_feature" if rope.resonance else rope.kind
-    if kind == "yarn" and yarn_reads_differ(rope.factor, L, max_position):
+    if kind == "yarn" and (yarn_reads_differ(rope.factor, L, max_position)
+                           or rope.correction_length not in (None, L)):
         kind = "per_feature"
     if kind == "rope":
         return {"rope_type": "default", "rope_theta": base}

@@ -1,7 +1,8 @@
 """PosGen: the paper's synthetic train-short-test-long benchmark for position generalization.
 
 Data half: the three subtasks' token rules (:mod:`~megatron_resonance.posgen.tasks`) and train /
-validation / test splits that never share a seed prefix (:mod:`~megatron_resonance.posgen.splits`).
+validation / test splits that never share a seed prefix, and the reference code's rows
+(:mod:`~megatron_resonance.posgen.splits`).
 Pure torch + numpy; no Megatron import.
 
 Benchmark half, run by ``tools/posgen_benchmark.py`` and not imported here: the presets
@@ -12,13 +13,16 @@ the run over all cells (:mod:`~megatron_resonance.posgen.benchmark`) and its rep
 
 from megatron_resonance.posgen.splits import (
     NUM_PREFIXES,
+    NUM_REFERENCE_PREFIXES,
     PAPER_SIZES,
     POOL_SIZES,
     SPLITS,
+    make_reference_split,
     make_split,
     prefix_ids,
     prefix_pool,
     prefix_tokens,
+    reference_prefixes,
     sample_prefix_ids,
     sample_prefixes,
 )
@@ -38,6 +42,7 @@ from megatron_resonance.posgen.tasks import (
 __all__ = [
     "MIN_LENGTH",
     "NUM_PREFIXES",
+    "NUM_REFERENCE_PREFIXES",
     "PAPER_SIZES",
     "POOL_SIZES",
     "PREFIX_LENGTH",
@@ -49,10 +54,12 @@ __all__ = [
     "dependency_table",
     "expected_tokens",
     "generate",
+    "make_reference_split",
     "make_split",
     "prefix_ids",
     "prefix_pool",
     "prefix_tokens",
+    "reference_prefixes",
     "rule_satisfied",
     "sample_prefix_ids",
     "sample_prefixes",

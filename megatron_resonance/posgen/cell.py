@@ -14,6 +14,8 @@ prefix targets x_0..x_3, which are random and cannot be predicted (the reference
 Metric: teacher-forced next-token accuracy, the greedy choice among the 17 PosGen tokens (the evaluation
 tools' scoring path, ``evaluation.scoring.megatron_token_scores``), per position, on a test split whose
 seed prefixes never occur in training (``posgen.splits``). Every test variant sees the same sequences.
+The reference protocol (``presets.PROTOCOLS``) swaps in the reference code's rows, its test-time YaRN and
+its argmax over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.distributed as dist
 
 from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.presets import EVALUATED_AS, Preset
-from megatron_resonance.posgen.splits import make_split
+from megatron_resonance.posgen.splits import make_reference_split, make_split
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
 
 BOS = VOCAB_SIZE
@@ -42,17 +44,23 @@ MODEL_VOCAB_SIZE = VOCAB_SIZE + 1
 
 
 def rope_config(preset: Preset, variant: str):
-    """The rotary plan a variant trains or tests with (YaRN kinds: s = scaling_factor, L = train_length)."""
+    """The rotary plan a variant trains or tests with.
+
+    YaRN kinds, clean protocol: YaRN as Hugging Face defines it, s = scaling_factor, original length =
+    train_length. Reference protocol: the test-time YaRN of the paper's reference code, which counts the
+    framing token in both lengths: s = (test_length + 1) / (train_length + 1), beta_fast = 2,
+    beta_slow = 1, the correction range taken at test_length + 1; attention factor 0.1 ln s + 1 either way.
+    """
     from megatron_resonance.rope import RopeConfig
 
-    scaled = variant in ("yarn", "resonance_yarn")
-    return RopeConfig(
-        kind=variant,
-        head_dim=preset.head_dim,
-        base=preset.rotary_base,
-        original_max_position=preset.train_length,
-        factor=preset.scaling_factor if scaled else 1.0,
-    )
+    common = dict(kind=variant, head_dim=preset.head_dim, base=preset.rotary_base)
+    if variant not in ("yarn", "resonance_yarn"):
+        return RopeConfig(**common, original_max_position=preset.train_length)
+    if preset.protocol == "reference":
+        return RopeConfig(**common, original_max_position=preset.train_length + 1,
+                          factor=(preset.test_length + 1) / (preset.train_length + 1), beta_fast=2.0,
+                          beta_slow=1.0, correction_length=preset.test_length + 1)
+    return RopeConfig(**common, original_max_position=preset.train_length, factor=preset.scaling_factor)
 
 
 def run_config(preset: Preset, kind: str, seed: int, micro_batch_size: int):
@@ -105,7 +113,16 @@ def run_config(preset: Preset, kind: str, seed: int, micro_batch_size: int):
 
 
 def load_splits(preset: Preset, task: str, seed: int) -> Dict[str, torch.Tensor]:
-    """Train / validation at train_length (seeded), test at test_length (fixed seed): disjoint prefixes."""
+    """Train / validation at train_length, test at test_length. Clean protocol: disjoint prefixes, train and
+    validation drawn by ``seed``, test by the fixed test_seed. Reference protocol: the reference code's
+    rows, the same for every seed (validation and test rows are training rows)."""
+    if preset.protocol == "reference":
+        sizes = (preset.train_sequences, preset.validation_sequences, preset.test_sequences)
+        return {
+            "train": make_reference_split(task, "train", preset.train_length, *sizes),
+            "validation": make_reference_split(task, "validation", preset.train_length, *sizes),
+            "test": make_reference_split(task, "test", preset.test_length, *sizes),
+        }
     return {
         "train": make_split(task, "train", preset.train_sequences, preset.train_length, seed),
         "validation": make_split(task, "validation", preset.validation_sequences, preset.train_length, seed),
@@ -162,11 +179,18 @@ def train_micro_batches(
 # ==========================================================================================================
 
 
+def scored_vocab_size(preset: Preset) -> int:
+    """Tokens the greedy choice is made among: the 17 PosGen tokens (clean), or the whole model vocabulary,
+    BOS included, as the reference code's argmax over all logits (reference)."""
+    return MODEL_VOCAB_SIZE if preset.protocol == "reference" else VOCAB_SIZE
+
+
 @torch.no_grad()
-def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int) -> torch.Tensor:
+def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int, vocab_size: int = VOCAB_SIZE) -> torch.Tensor:
     """float64 [L]: teacher-forced accuracy at each position over ``sequences`` [N, L] (NaN on the seed
-    prefix), scored by the evaluation tools' path over the 17 PosGen tokens (BOS is never a target).
-    Sequences are shared out over data-parallel replicas and the counts summed; any TP / PP layout."""
+    prefix), scored by the evaluation tools' path with the greedy choice among the first ``vocab_size``
+    tokens (BOS is never a target). Sequences are shared out over data-parallel replicas and the counts
+    summed; any TP / PP layout."""
     from megatron.core import parallel_state as ps
 
     from megatron_resonance.evaluation.scoring import megatron_token_scores
@@ -178,7 +202,7 @@ def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int) -> torch
         c.eval()
     for start in range(0, mine.shape[0], batch_size):
         tokens = with_bos(mine[start : start + batch_size])
-        scores = megatron_token_scores(chunks, tokens, vocab_size=VOCAB_SIZE, micro_batch_size=batch_size)
+        scores = megatron_token_scores(chunks, tokens, vocab_size=vocab_size, micro_batch_size=batch_size)
         correct += scores.greedy.sum(dim=0).double()
     for c in chunks:
         c.train()
@@ -246,14 +270,43 @@ def build_training(preset: Preset, kind: str, seed: int) -> Training:
                     get_forward_backward_func())
 
 
+REFERENCE_VALIDATION_EPOCHS = 2
+"""Reference protocol: validate every 2 epochs (the reference sweep's ``check_val_every_n_epoch``)."""
+
+
+def _validate(chunks, preset: Preset, data: Dict[str, torch.Tensor], kind: str, select: bool) -> Dict[str, float]:
+    """In-distribution validation accuracy of the model trained with ``kind``: as ``kind`` only, or (``select``)
+    as each of its test variants, the rotary put back to ``kind`` afterwards."""
+    from megatron_resonance.megatron.rotary import install_rotary
+
+    result = {}
+    for variant in EVALUATED_AS[kind] if select else (kind,):
+        if select:
+            install_rotary(chunks, rope_config(preset, variant))
+        accuracy = position_accuracy(chunks, data["validation"], preset.eval_batch_size, scored_vocab_size(preset))
+        result[variant] = summarize_positions(accuracy, preset.train_length)["id_accuracy"]
+    if select:
+        install_rotary(chunks, rope_config(preset, kind))
+    return result
+
+
 def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, torch.Tensor], prefix: str,
              weights_path: Optional[str] = None) -> dict:
-    """Train with ``kind`` and evaluate as ``EVALUATED_AS[kind]``; returns the cell's JSON record."""
+    """Train with ``kind`` and evaluate as ``EVALUATED_AS[kind]``; returns the cell's JSON record.
+
+    Clean protocol: every variant tests the final model. Reference protocol (as the reference code's
+    Lightning checkpoint on ``val/acc_id``): validation every :data:`REFERENCE_VALIDATION_EPOCHS` epochs as
+    each test variant, and each variant tests the first checkpoint with its best in-distribution validation
+    accuracy (validation rows are training rows; positions 4..train_length-1 do not depend on the length
+    they are scored at, so validating at train_length scores what the reference scores at test length).
+    """
+    import copy
     import os
 
     from megatron_resonance.megatron.distributed import print_rank0
     from megatron_resonance.megatron.rotary import install_rotary, unwrap
 
+    select = preset.protocol == "reference"
     training = build_training(preset, kind, seed)
     cfg, chunks, optimizer, scheduler = training.cfg, training.chunks, training.optimizer, training.scheduler
     iters = cfg.training.train_iters
@@ -263,27 +316,35 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
 
     # ---------------------------------------------------------------- train
     start = time.time()
-    # progress + validation after every validation_interval epochs (step counts rounded up) and at the end
+    # progress + validation after every `interval` epochs (step counts rounded up) and at the end
+    interval = REFERENCE_VALIDATION_EPOCHS if select else preset.validation_interval
     log_steps = {
-        min(iters, math.ceil(e * steps_per_epoch))
-        for e in range(preset.validation_interval, math.ceil(preset.epochs) + 1, preset.validation_interval)
+        min(iters, math.ceil(e * steps_per_epoch)) for e in range(interval, math.ceil(preset.epochs) + 1, interval)
     } | {iters}
     window_loss, window_steps, history, validation_seconds = 0.0, 0, [], 0.0
+    best = {}  # reference protocol: variant -> the checkpoint it is tested with
     for step in range(1, iters + 1):
         loss, _, update_ok = training.step(batches)
         window_loss += loss
         window_steps += 1
         if step in log_steps:
             scored = time.time()
-            validation = position_accuracy(chunks, data["validation"], preset.eval_batch_size)
+            validation = _validate(chunks, preset, data, kind, select)
             validation_seconds += time.time() - scored
             record = {
                 "iteration": step,
                 "epoch": step / steps_per_epoch,
                 "loss": window_loss / window_steps,
-                "validation_id_accuracy": summarize_positions(validation, preset.train_length)["id_accuracy"],
+                "validation_id_accuracy": validation[kind],
                 "seconds": time.time() - start,
             }
+            if select:
+                record["validation_id_accuracy_by_variant"] = validation
+                for variant, accuracy in validation.items():
+                    if variant not in best or accuracy > best[variant]["validation_id_accuracy"]:
+                        best[variant] = {"iteration": step, "epoch": record["epoch"],
+                                         "validation_id_accuracy": accuracy,
+                                         "state": [copy.deepcopy(unwrap(c).state_dict()) for c in chunks]}
             history.append(record)
             eta = record["seconds"] / step * (iters - step)
             print_rank0(
@@ -303,15 +364,20 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
     start = time.time()
     variants = {}
     for variant in EVALUATED_AS[kind]:
+        if select:
+            for chunk, state in zip(chunks, best[variant].pop("state")):
+                unwrap(chunk).load_state_dict(state)
         install_rotary(chunks, rope_config(preset, variant))
-        accuracy = position_accuracy(chunks, data["test"], preset.eval_batch_size)
+        accuracy = position_accuracy(chunks, data["test"], preset.eval_batch_size, scored_vocab_size(preset))
         variants[variant] = {
             **summarize_positions(accuracy, preset.train_length),
             "position_accuracy": [None if math.isnan(a) else a for a in accuracy.tolist()],
+            **({"checkpoint": best[variant]} if select else {}),
         }
         print_rank0(
             f"{prefix} test as {variant:<15} in distribution {100 * variants[variant]['id_accuracy']:5.1f}% | "
             f"out of distribution {100 * variants[variant]['ood_accuracy']:5.1f}%"
+            + (f" | checkpoint of epoch {best[variant]['epoch']:.1f}" if select else "")
         )
     return {
         "task": task,
@@ -323,4 +389,5 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
         "test_seconds": time.time() - start,
         "world_size": dist.get_world_size(),
         "preset": preset.name,
+        "protocol": preset.protocol,
     }

@@ -19,6 +19,17 @@ from typing import Dict, Optional
 
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, TASKS
 
+PROTOCOLS = {
+    "clean": "train / validation / test from disjoint seed prefixes (posgen.splits); test-time YaRN as Hugging "
+             "Face defines it (s = scaling_factor, original length = train length, beta 32 / 1)",
+    "reference": "as the paper's reference code: the 2,380 sorted 4-token combinations cycled into the training "
+                 "rows, validation and test rows taken from those rows; its test-time YaRN (s = (test length + 1) "
+                 "/ (train length + 1), beta 2 / 1, correction range at test length + 1); accuracy is the argmax "
+                 "over the whole model vocabulary",
+}
+"""How a run builds its data, its test-time YaRN and its metric, by name (``--protocol``); docs/posgen.md
+lists every difference between the reference code and the clean protocol."""
+
 VARIANTS = ("rope", "resonance", "yarn", "resonance_yarn")
 """Test variants, in report order."""
 TRAINED_KINDS = ("rope", "resonance")
@@ -85,6 +96,8 @@ class Preset:
     """Train in bf16 with fp32 main weights (megatron's Float16Module + distributed optimizer) instead of fp32."""
     test_seed: int = 0
     """Seed of the test split (fixed, so every seed and variant is scored on the same sequences)."""
+    protocol: str = "clean"
+    """One of :data:`PROTOCOLS` (``--protocol``)."""
 
     def __post_init__(self):
         unknown = set(self.tasks) - set(TASKS)
@@ -93,6 +106,14 @@ class Preset:
         if not PREFIX_LENGTH < self.train_length < self.test_length:
             raise ValueError(f"need {PREFIX_LENGTH} < train_length < test_length, got {self.train_length}, "
                              f"{self.test_length}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.protocol == "reference" and self.validation_sequences + self.test_sequences > self.train_sequences:
+            raise ValueError(
+                f"the reference protocol takes validation and test rows from the training rows: need "
+                f"validation_sequences + test_sequences <= train_sequences, got {self.validation_sequences} + "
+                f"{self.test_sequences} > {self.train_sequences}"
+            )
         if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
             raise ValueError("hidden_size / num_attention_heads must be an even integer")
         for name in ("seeds", "epochs", "global_batch_size", "train_sequences", "validation_sequences",
@@ -107,6 +128,8 @@ class Preset:
             d.pop(key)
         if not d["bf16"]:
             d.pop("bf16")  # fp32 runs match the records stored before bf16 was a setting
+        if d["protocol"] == "clean":
+            d.pop("protocol")  # clean runs match the records stored before the protocol was a setting
         return d
 
     @property
@@ -121,16 +144,20 @@ class Preset:
         return [(t, s, k) for t in self.tasks for s in range(self.seeds) for k in TRAINED_KINDS]
 
 
+_OWN_FLAGS = ("name", "tasks", "seeds", "epochs", "bf16", "protocol")
+"""Preset fields ``--set`` does not take (the name, or a field with its own command-line flag)."""
+
+
 def with_settings(preset: Preset, settings: Dict[str, str]) -> Preset:
     """``preset`` with fields set from ``name -> text`` (the command line's ``--set name=value``), each text
     read as its field's type; ValueError with one line naming the field for an unknown name or bad value."""
     fields = {f.name: f for f in dataclasses.fields(Preset)}
     values = {}
     for name, text in settings.items():
-        if name not in fields or name in ("name", "tasks", "seeds", "epochs", "bf16"):
-            settable = sorted(set(fields) - {"name", "tasks", "seeds", "epochs", "bf16"})
+        if name not in fields or name in _OWN_FLAGS:
+            settable = sorted(set(fields) - set(_OWN_FLAGS))
             raise ValueError(f"--set {name}: not a preset setting (settable: {', '.join(settable)}; "
-                             "--tasks, --seeds, --epochs and --bf16 have their own flags)")
+                             "--tasks, --seeds, --epochs, --bf16 and --protocol have their own flags)")
         annotation = str(fields[name].type)
         kind = float if "float" in annotation else int
         try:

@@ -15,7 +15,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 from megatron_resonance.posgen import stats
-from megatron_resonance.posgen.presets import TRAINED_KINDS, VARIANTS, Preset
+from megatron_resonance.posgen.presets import PROTOCOLS, TRAINED_KINDS, VARIANTS, Preset
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
 
 CELLS_DIR = "cells"
@@ -47,6 +47,7 @@ def build_report(out: str, preset: Preset) -> dict:
 
     report = {
         "preset": preset.name,
+        "protocol": preset.protocol,
         "settings": dataclasses.asdict(preset),
         "tasks": list(preset.tasks),
         "variants": list(VARIANTS),
@@ -106,6 +107,12 @@ def build_report(out: str, preset: Preset) -> dict:
     return report
 
 
+def _yarn_scale(preset: Preset) -> float:
+    from megatron_resonance.posgen.cell import rope_config
+
+    return rope_config(preset, "yarn").factor
+
+
 def _cell_text(summary: dict) -> str:
     if summary["mean"] is None:
         return "–"
@@ -145,15 +152,16 @@ def write_report(out: str, preset: Preset, run_info: Optional[dict] = None) -> d
     env, p = report["environment"], preset
     train_total = sum(c["train_seconds"] + c["test_seconds"] for c in report["cells"])
     lines = [
-        f"# PosGen benchmark — preset `{preset.name}`",
+        f"# PosGen benchmark — preset `{preset.name}`, protocol `{p.protocol}`",
         "",
+        f"- protocol `{p.protocol}`: {PROTOCOLS[p.protocol]}",
         f"- date {env['date']}, commit `{env['commit']}`, torch {env['torch']}, megatron-core {env['megatron_core']}",
         f"- hardware: {env['hardware']}; data-parallel ranks per cell: "
         + ", ".join(sorted({str(c["world_size"]) for c in report["cells"]}) or ["–"]),
         f"- model: {p.num_layers} layers, d_model {p.hidden_size}, {p.num_attention_heads} heads x {p.head_dim}, "
         f"SwiGLU {p.ffn_hidden_size}, rotary base {p.rotary_base:g}; vocab 17 + BOS",
         f"- data: {p.train_sequences:,} / {p.validation_sequences:,} / {p.test_sequences:,} sequences, train "
-        f"length {p.train_length}, test length {p.test_length}; YaRN s = {p.scaling_factor:g}",
+        f"length {p.train_length}, test length {p.test_length}; YaRN s = {_yarn_scale(p):g}",
         f"- training: {p.epochs:g} epochs = {p.train_iters():,} steps of {p.global_batch_size}, AdamW lr {p.lr:g} "
         f"wd {p.weight_decay:g}, {100 * p.warmup_fraction:g} % warm-up then cosine, {'bf16' if p.bf16 else 'fp32'}",
         f"- seeds: {p.seeds}; cells finished: {len(report['cells'])} of {len(p.cells())}; compute time "
@@ -163,7 +171,7 @@ def write_report(out: str, preset: Preset, run_info: Optional[dict] = None) -> d
            "thread(s))"),
         "",
         "Teacher-forced next-token accuracy (%), mean ± sample std over seeds. `yarn` / `resonance_yarn` are "
-        f"the `rope` / `resonance` models evaluated with YaRN (s = {p.scaling_factor:g}) applied at test time. "
+        f"the `rope` / `resonance` models evaluated with YaRN (s = {_yarn_scale(p):g}) applied at test time. "
         "Differences are paired by seed (same initial weights and data order), in points, with a two-sided "
         f"{100 * stats.CONFIDENCE:g} % Student-t interval over seeds.",
         "",
@@ -250,7 +258,7 @@ def plot_positions(out: str, report: dict) -> Dict[str, str]:
         ax.set(
             xlabel="position l (prediction of x_l from x_<l)",
             ylabel=f"teacher-forced accuracy (bins of {PLOT_BIN})",
-            title=f"PosGen {task} — preset {report['preset']}",
+            title=f"PosGen {task} — preset {report['preset']}, protocol {report['protocol']}",
             ylim=(0, 1.02),
         )
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)

@@ -19,10 +19,18 @@ random-number stream and stay the same across torch / numpy versions and machine
    prefixes for every task, so the three subtasks are compared on the same starting points.
 
 Asking a split for more sequences than its pool holds is an error (there would be repeated sequences).
+
+The reference protocol's rows (:func:`make_reference_split`) follow the paper's reference code instead,
+so its numbers can be compared like for like: the C(17, 4) = 2,380 sets of 4 distinct tokens, each in
+ascending order and the sets in lexicographic order, cycled to fill the rows; training takes the first
+``train`` rows, validation the first ``validation`` of those and test the next ``test`` ones. Every
+validation and test sequence is a training sequence, and the rows are the same for every seed.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -38,6 +46,9 @@ POOL_SIZES = {"train": NUM_PREFIXES - 2 * _HELD_OUT, "validation": _HELD_OUT, "t
 """How many distinct seed prefixes each split can draw from (66,817 / 8,352 / 8,352)."""
 PAPER_SIZES = {"train": 10_000, "validation": 1_000, "test": 1_000}
 """Sequences per split in the paper's PosGen setup."""
+
+NUM_REFERENCE_PREFIXES = math.comb(VOCAB_SIZE, PREFIX_LENGTH)
+"""C(17, 4) = 2,380 distinct seed prefixes in the reference protocol."""
 
 PARTITION_SALT = 0x5D1A_2F6B_0E3C_9A47
 SAMPLE_SALT = 0x243F_6A88_85A3_08D3
@@ -119,3 +130,29 @@ def make_split(task: str, split: str, num_sequences: int, length: int, seed: int
     Sequences of different splits never share a seed prefix, whatever the seeds and lengths.
     """
     return generate(sample_prefixes(split, num_sequences, seed), task, length)
+
+
+@lru_cache(maxsize=None)
+def _reference_cycle() -> torch.Tensor:
+    return torch.tensor(list(itertools.combinations(range(VOCAB_SIZE), PREFIX_LENGTH)), dtype=torch.long)
+
+
+def reference_prefixes(split: str, train: int, validation: int, test: int) -> torch.Tensor:
+    """LongTensor [N, 4]: the reference protocol's seed prefixes of ``split`` for a run of ``train`` /
+    ``validation`` / ``test`` rows (training: rows 0..train-1; validation: rows 0..validation-1; test: rows
+    validation..validation+test-1 of the cycled combinations)."""
+    _check_split(split)
+    for name, count in (("train", train), ("validation", validation), ("test", test)):
+        if count <= 0:
+            raise ValueError(f"number of {name} sequences must be positive, got {count}")
+    if validation + test > train:
+        raise ValueError(f"validation and test rows are taken from the training rows: need validation + test "
+                         f"<= train, got {validation} + {test} > {train}")
+    start, count = {"train": (0, train), "validation": (0, validation), "test": (validation, test)}[split]
+    rows = torch.arange(start, start + count) % NUM_REFERENCE_PREFIXES
+    return _reference_cycle()[rows]
+
+
+def make_reference_split(task: str, split: str, length: int, train: int, validation: int, test: int) -> torch.Tensor:
+    """LongTensor [N, length]: the reference protocol's sequences of ``split`` (see :func:`reference_prefixes`)."""
+    return generate(reference_prefixes(split, train, validation, test), task, length)

@@ -47,6 +47,9 @@ class RopeConfig:
     """llama3: wavelengths below L/high_freq_factor are kept."""
     attention_factor: Optional[float] = None
     """Override of YaRN's 0.1*ln(s)+1 multiplier on cos and sin; None uses the kind's default."""
+    correction_length: Optional[int] = None
+    """YaRN: the length whose beta_fast / beta_slow turns bound the ramp; None: original_max_position, as
+    YaRN and Hugging Face define it (PosGen's reference protocol uses the test length + 1)."""
     resonance: bool = False
     """Round every wavelength to the nearest integer after the kind's scaling (Resonance RoPE)."""
 
@@ -61,6 +64,8 @@ class RopeConfig:
             raise ValueError(f"factor must be a finite number >= 1, got {self.factor}")
         if self.original_max_position <= 0:
             raise ValueError(f"original_max_position must be positive, got {self.original_max_position}")
+        if self.correction_length is not None and self.correction_length <= 0:
+            raise ValueError(f"correction_length must be positive, got {self.correction_length}")
         if self.kind in _RESONANCE_ALIASES and not self.resonance:
             object.__setattr__(self, "resonance", True)
 
@@ -127,8 +132,9 @@ def yarn(cfg: RopeConfig) -> Tuple[torch.Tensor, float]:
     """YaRN (Peng et al., 2023) "NTK-by-parts" frequencies, as in the paper and Hugging Face."""
     d = cfg.head_dim
     theta = _rope_inv_freq(d, cfg.base)
-    low = math.floor(yarn_correction_dim(cfg.beta_fast, d, cfg.base, cfg.original_max_position))
-    high = math.ceil(yarn_correction_dim(cfg.beta_slow, d, cfg.base, cfg.original_max_position))
+    length = cfg.original_max_position if cfg.correction_length is None else cfg.correction_length
+    low = math.floor(yarn_correction_dim(cfg.beta_fast, d, cfg.base, length))
+    high = math.ceil(yarn_correction_dim(cfg.beta_slow, d, cfg.base, length))
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001

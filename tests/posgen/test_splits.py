@@ -123,3 +123,43 @@ def test_bad_requests():
         make_split("cot", "train", 10, 64, seed=-1)
     # The largest request each pool can serve works.
     assert make_split("recursive", "validation", POOL_SIZES["validation"], 5, seed=0).shape == (8352, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference protocol's rows (the paper's reference code)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_reference_rows_are_the_cycled_combinations():
+    """All C(17, 4) = 2,380 sets of 4 distinct tokens, ascending within a prefix and lexicographic across
+    them, cycled: row 2,380 is row 0 again."""
+    from itertools import combinations
+
+    from megatron_resonance.posgen import NUM_REFERENCE_PREFIXES, reference_prefixes
+
+    assert NUM_REFERENCE_PREFIXES == 2380
+    train = reference_prefixes("train", 10_000, 1_000, 1_000)
+    assert train.shape == (10_000, 4)
+    assert [tuple(r) for r in train[:2380].tolist()] == list(combinations(range(17), 4))
+    assert train[:3].tolist() == [[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 2, 5]]
+    assert train[2379].tolist() == [13, 14, 15, 16]
+    assert torch.equal(train[2380:4760], train[:2380]) and torch.equal(train[9520:], train[:480])
+    assert len(prefix_set(train)) == 2380
+
+
+def test_reference_validation_and_test_rows_are_training_rows():
+    """Validation: training rows 0..V-1; test: training rows V..V+T-1; the same rows for every seed and task."""
+    from megatron_resonance.posgen import make_reference_split, reference_prefixes
+
+    sizes = (4_000, 200, 1_000)
+    train = reference_prefixes("train", *sizes)
+    assert torch.equal(reference_prefixes("validation", *sizes), train[:200])
+    assert torch.equal(reference_prefixes("test", *sizes), train[200:1200])
+    for task in TASKS:
+        test = make_reference_split(task, "test", 80, 500, 20, 100)
+        assert test.shape == (100, 80) and torch.equal(test[:, :4], train[20:120])
+        assert torch.equal(make_reference_split(task, "train", 80, 500, 20, 100)[20:120], test)
+    with pytest.raises(ValueError, match=r"need validation \+ test <= train, got 200 \+ 3900 > 4000"):
+        reference_prefixes("test", 4_000, 200, 3_900)
+    with pytest.raises(ValueError, match="number of test sequences must be positive"):
+        reference_prefixes("train", 4_000, 200, 0)

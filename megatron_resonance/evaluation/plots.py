@@ -74,7 +74,7 @@ def plot_passkey(
 ) -> None:
     """Heatmap of accuracy: one column per length, one row per depth (0 = key at the start), annotated."""
     if original_length:
-        title += f" (trained at {original_length})"
+        title += f" (original length {original_length})"
     plot_depth_heatmaps({"": by_depth}, depths, path, title=title)
 
 
@@ -105,7 +105,7 @@ def plot_depth_heatmaps(
                     ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
         if name:
             original = original_lengths.get(name)
-            ax.set_title(name + (f" (trained at {original})" if original else ""), fontsize="medium")
+            ax.set_title(name + (f" (original length {original})" if original else ""), fontsize="medium")
     axes[0][0].set_ylabel("needle depth")
     if len(panels) == 1 and not next(iter(panels)):
         axes[0][0].set_title(title, fontsize="medium")

@@ -70,11 +70,22 @@ def budget(task: str, max_new_tokens: Optional[int]) -> int:
 
 
 def build_all(tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, samples: int, seed: int,
-              depths: Sequence[float], haystack, add_bos: bool, chat_template: bool) -> List[Sample]:
-    """Every sample of the run, in task, length, index order."""
-    return [s for task in tasks for L in lengths
-            for s in build_samples(task, tokenizer, L, samples=samples, seed=seed, depths=depths,
-                                               haystack=haystack, add_bos=add_bos, chat_template=chat_template)]
+              depths: Sequence[float], haystack, add_bos: bool, chat_template: bool,
+              progress: bool = False) -> List[Sample]:
+    """Every sample of the run, in task, length, index order (a progress bar over task x length: a long
+    prompt takes up to a second to fit to its length)."""
+    from tqdm import tqdm
+
+    out: List[Sample] = []
+    with tqdm(total=len(tasks) * len(lengths), desc="ruler prompts", unit="task x length", dynamic_ncols=True,
+              disable=not (progress and distributed.is_rank0())) as bar:
+        for task in tasks:
+            for L in lengths:
+                bar.set_postfix(task=task, length=L)
+                out += build_samples(task, tokenizer, L, samples=samples, seed=seed, depths=depths,
+                                     haystack=haystack, add_bos=add_bos, chat_template=chat_template)
+                bar.update()
+    return out
 
 
 def answer(scorer: Scorer, samples: Sequence[Sample], tokenizer, *, max_new_tokens: Optional[int] = None,
@@ -191,7 +202,8 @@ def run(
         check_tokenizer(m, tok)
         if m.tokenizer not in plans:
             plans[m.tokenizer] = build_all(tok, tasks, lengths, samples=samples, seed=seed, depths=depths,
-                                           haystack=haystack_text, add_bos=add_bos, chat_template=chat_template)
+                                           haystack=haystack_text, add_bos=add_bos, chat_template=chat_template,
+                                           progress=progress)
         check_tokenizer(m, tok, plans[m.tokenizer])
     documents = model_documents(resolved, perplexity_data, add_bos) if perplexity_documents else {}
     if out:

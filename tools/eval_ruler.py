@@ -1,8 +1,9 @@
 """RULER (NVIDIA's long-context suite) on Megatron checkpoints (any TP/PP, under torchrun) and Hugging Face models.
 
-    # a checkpoint and its Hugging Face export side by side (single process)
+    # the demo's checkpoint and its Hugging Face export side by side (single process)
+    python tools/convert_megatron_to_hf.py --load outputs/demo/ckpt/resonance_yarn --save outputs/demo/hf/resonance_yarn
     python tools/eval_ruler.py --load outputs/demo/ckpt/resonance_yarn --hf outputs/demo/hf/resonance_yarn \
-        --lengths 256,512 --samples 4 --out outputs/demo/eval/ruler
+        --tokenizer outputs/demo/data/tokenizer.model --lengths 1024,2048 --samples 4 --out outputs/demo/eval/ruler
 
     # tensor parallel, a few tasks, the haystack from your own text
     torchrun --nproc-per-node 2 tools/eval_ruler.py --load CKPT --tensor-model-parallel-size 2 \

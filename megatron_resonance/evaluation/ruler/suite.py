@@ -1,6 +1,6 @@
 """The RULER run: samples for every task and length, greedy answers from each model, scores, the report.
 
-    python tools/eval_ruler.py --load ckpt/resonance_yarn --hf hf/resonance_yarn --lengths 256,512 \
+    python tools/eval_ruler.py --load ckpt/resonance_yarn --hf hf/resonance_yarn --lengths 1024,2048 \
         --samples 4 --out eval/ruler
     torchrun --nproc-per-node 2 tools/eval_ruler.py --load CKPT --tensor-model-parallel-size 2 \
         --lengths 4096,8192,16384 --samples 20 --out eval/ruler

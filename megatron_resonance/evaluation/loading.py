@@ -162,6 +162,9 @@ class MegatronScorer(Scorer):
 
 
 class HFScorer(Scorer):
+    """Runs outside ``cpu_compat``'s device mode, which a Megatron model loaded earlier in the process leaves
+    on (it made transformers decode 2.6x slower on CPU); transformers makes no CUDA call on CPU."""
+
     def __init__(self, model: ResolvedModel, hf_model: torch.nn.Module, runtime: Runtime):
         super().__init__(model)
         self.hf_model = hf_model
@@ -169,15 +172,19 @@ class HFScorer(Scorer):
 
     def scores(self, tokens: torch.Tensor) -> TokenScores:
         from megatron_resonance.evaluation.scoring import hf_token_scores
+        from megatron_resonance.megatron import cpu_speed
 
-        return hf_token_scores(self.hf_model, tokens, vocab_size=self.model.vocab_size)
+        with cpu_speed.suspended():
+            return hf_token_scores(self.hf_model, tokens, vocab_size=self.model.vocab_size)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> List[List[int]]:
         from megatron_resonance.evaluation.generation import hf_greedy
+        from megatron_resonance.megatron import cpu_speed
 
-        return hf_greedy(self.hf_model, prompts, max_new_tokens=max_new_tokens, vocab_size=self.model.vocab_size,
-                         stop_ids=stop_ids)
+        with cpu_speed.suspended():
+            return hf_greedy(self.hf_model, prompts, max_new_tokens=max_new_tokens,
+                             vocab_size=self.model.vocab_size, stop_ids=stop_ids)
 
     def close(self) -> None:
         self.hf_model = None
@@ -212,25 +219,18 @@ def load_hf(model: ResolvedModel, runtime: Runtime) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def open_scorer(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Iterator[Scorer]:
-    """Load ``model`` (for sequences up to ``seq_length``) and free it again afterwards.
-
-    A Hugging Face model runs outside ``cpu_compat``'s device mode, which a Megatron model loaded earlier in
-    the process leaves on (it slowed transformers' decoding 2.6x on CPU)."""
-    from megatron_resonance.megatron import cpu_speed
-
-    with contextlib.ExitStack() as outside:
-        if model.spec.kind == "megatron":
-            scorer: Scorer = MegatronScorer(model, load_megatron(model, runtime, seq_length), runtime)
-        else:
-            outside.enter_context(cpu_speed.suspended())
-            scorer = HFScorer(model, load_hf(model, runtime), runtime)
-        try:
-            yield scorer
-        finally:
-            scorer.close()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    """Load ``model`` (for sequences up to ``seq_length``) and free it again afterwards."""
+    if model.spec.kind == "megatron":
+        scorer: Scorer = MegatronScorer(model, load_megatron(model, runtime, seq_length), runtime)
+    else:
+        scorer = HFScorer(model, load_hf(model, runtime), runtime)
+    try:
+        yield scorer
+    finally:
+        scorer.close()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,

@@ -204,7 +204,8 @@ def resolve_spec(spec: str) -> str:
 
 
 def layer_spec(spec: str = "auto"):
-    """megatron's GPT layer spec: TE's, or the local one with SDPA core attention and ``LocalNorm``; with
+    """megatron's GPT layer spec: TE's, or the local one with SDPA core attention and ``LocalNorm``; self
+    attention whose inference cache holds rotated keys (``rotary.cached_key_self_attention``); with
     ``cpu_speed`` on (and not ``local_compiled``), ``local_ops``' SwiGLU as the MLP activation module and
     RMSNorm in the norms."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -212,12 +213,17 @@ def layer_spec(spec: str = "auto"):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from megatron_resonance.megatron.rotary import cached_key_self_attention
+
     resolved = resolve_spec(spec)
     if resolved == "te":
-        return get_gpt_layer_with_transformer_engine_spec()
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        layer.submodules.self_attention.module = cached_key_self_attention()
+        return layer
     from megatron_resonance.megatron.sdpa_attention import SDPAAttention
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.module = cached_key_self_attention()
     layer.submodules.self_attention.submodules.core_attention = SDPAAttention
     lean = cpu_speed.is_enabled() and resolved == "local"
     for name in ("input_layernorm", "pre_mlp_layernorm"):

@@ -11,6 +11,7 @@ so ``install_rotary`` folds it into ``config.softmax_scale = m^2 / sqrt(head_dim
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Optional
 
@@ -133,3 +134,37 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module"):
         module = module.module
     return module
+
+
+@functools.lru_cache(maxsize=None)
+def cached_key_self_attention():
+    """megatron's ``SelfAttention`` whose static inference cache holds rotated keys.
+
+    megatron-core 0.16.1's static KV cache stores keys before the rotary and rotates every cached key again
+    at every decode step (O(context) work per layer per token; its ``flash_decode`` path, which caches rotated
+    keys, needs flash-attn's kernel and drops our softmax scale). This subclass rotates each new key once, at
+    its own positions, before megatron stores it, and tells megatron's forward that the keys are rotated.
+    The arithmetic is megatron's own ``apply_rotary_pos_emb`` with the arguments its forward passes, so the
+    keys are the same numbers; training and dynamic batching take megatron's path unchanged.
+    """
+    from megatron.core.transformer import attention
+
+    class CachedKeySelfAttention(attention.SelfAttention):
+        def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                            *args, **kwargs):
+            if (inference_context is None or not inference_context.is_static_batching()
+                    or rotary_pos_emb is None or self.config.flash_decode):
+                return super()._adjust_key_value_for_inference(inference_context, query, key, value,
+                                                               rotary_pos_emb, *args, **kwargs)
+            q_pos_emb, k_pos_emb = rotary_pos_emb
+            start = inference_context.sequence_len_offset
+            key = attention.apply_rotary_pos_emb(
+                key, k_pos_emb[start:start + key.shape[0]], config=self.config, cu_seqlens=None,
+                mscale=attention._yarn_get_concentration_factor_from_config(self.config),
+                cp_group=self.pg_collection.cp,
+            )
+            query, key, value, rotary_pos_emb, mask_type, block_table = super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+            return query, key, value, (rotary_pos_emb[0], None), mask_type, block_table
+
+    return CachedKeySelfAttention

@@ -72,16 +72,17 @@ def budget(task: str, max_new_tokens: Optional[int]) -> int:
 def build_all(tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, samples: int, seed: int,
               depths: Sequence[float], haystack, add_bos: bool, chat_template: bool,
               progress: bool = False) -> List[Sample]:
-    """Every sample of the run, in task, length, index order (a progress bar over task x length: a long
-    prompt takes up to a second to fit to its length)."""
+    """Every sample of the run, in task, length, index order (a progress bar over task x length when it
+    takes more than a few seconds: a long prompt takes up to a second to fit to its length; a bad input
+    found at the first prompt stays one line)."""
     from tqdm import tqdm
 
     out: List[Sample] = []
     with tqdm(total=len(tasks) * len(lengths), desc="ruler prompts", unit="task x length", dynamic_ncols=True,
-              disable=not (progress and distributed.is_rank0())) as bar:
+              delay=3, disable=not (progress and distributed.is_rank0())) as bar:
         for task in tasks:
             for L in lengths:
-                bar.set_postfix(task=task, length=L)
+                bar.set_postfix(task=task, length=L, refresh=False)
                 out += build_samples(task, tokenizer, L, samples=samples, seed=seed, depths=depths,
                                      haystack=haystack, add_bos=add_bos, chat_template=chat_template)
                 bar.update()

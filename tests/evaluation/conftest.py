@@ -34,6 +34,7 @@ LENGTHS = [16, 32, 64, 96]
 DOC_LENGTHS = [10, 20, 40, 70, 100, 130]
 PASSKEY_LENGTHS = "200,256"
 RULER_LENGTHS = "1800,2600"
+RULER_PARALLEL_TASKS = "niah_single_1,niah_multikey_2,vt,cwe,fwe"
 STDLIB_FILES = ["textwrap.py", "bisect.py", "colorsys.py", "string.py", "fnmatch.py"]
 #: greedy generation: two prompts of one length (decoded as one batch) and a shorter one, continued past
 #: the rope's original 32 positions up to the model's 64
@@ -110,6 +111,7 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
     passkey = ["--lengths", PASSKEY_LENGTHS, "--trials", "2", "--depths", "0,0.5,1"]
     ruler = ["--tokenizer", s.tokenizer, "--lengths", RULER_LENGTHS, "--samples", "2", "--depths", "0,1",
              "--max-new-tokens", "8", "--perplexity-documents", "2"]
+    ruler_subset = ["--tasks", RULER_PARALLEL_TASKS]  # the parallel layouts answer a few tasks of each family
     single = {
         "both": ("perplexity", ["--load", s.ckpt, "--hf", s.hf, *common]),
         "stride": ("perplexity", ["--load", s.ckpt, "--hf", s.hf, "--name", "meg", "--name", "hf", "--data", s.tokens,
@@ -129,8 +131,9 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
         "cp2": ("perplexity", ["--load", s.ckpt, *common, "--context-parallel-size", "2"]),
         "passkey_pp2": ("passkey", ["--load", s.ckpt, *passkey, "--pipeline-model-parallel-size", "2"]),
         "passkey_cp2": ("passkey", ["--load", s.ckpt, *passkey, "--context-parallel-size", "2"]),
-        "ruler_pp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, "--pipeline-model-parallel-size", "2"]),
-        "ruler_dp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, "--micro-batch-size", "2"]),
+        "ruler_pp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, *ruler_subset,
+                                "--pipeline-model-parallel-size", "2"]),
+        "ruler_dp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, *ruler_subset, "--micro-batch-size", "2"]),
     }
     generation_prompts = [rng.integers(0, VOCAB, n).tolist() for n in GENERATION_PROMPT_LENGTHS]
     generation = {

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from megatron_resonance.evaluation.ruler import SINGLE_NEEDLE_TASKS, TASKS, string_match_all
+from tests.evaluation.conftest import RULER_PARALLEL_TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +63,11 @@ def test_report_follows_from_the_predictions(session):
 
 
 def test_parallel_layouts_answer_as_one_process(session):
-    single = {k[1:]: r["answer_tokens"] for k, r in predictions(session, "ruler").items() if k[0] == "meg"}
+    tasks = RULER_PARALLEL_TASKS.split(",")
+    single = {k[1:]: r["answer_tokens"] for k, r in predictions(session, "ruler").items()
+              if k[0] == "meg" and k[1] in tasks}
     for key in ("ruler_pp2", "ruler_dp2"):
         other = {k[1:]: r["answer_tokens"] for k, r in predictions(session, key).items()}
-        assert other == single, key
-    assert session.result("ruler_dp2")["scores"] == {"meg": session.result("ruler")["scores"]["meg"]}
+        assert other == single and len(other) == len(tasks) * 2 * 2, key
+    scores = session.result("ruler")["scores"]["meg"]
+    assert session.result("ruler_dp2")["scores"] == {"meg": {t: scores[t] for t in tasks}}

@@ -1,7 +1,7 @@
 """The planner's training estimate against the peak resident memory per rank of the real training entry
 point on CPU (``pretrain/pretrain_llama.py``; benchmarks/planner_memory.py has the method and a wider sweep):
-four settings (one at CP=2), each within ±20 % once the process's fixed cost is taken off. The runs also show that the
-recomputation flags train (full, and selective under TP=2)."""
+three settings (full recomputation, selective under TP=2, CP=2), each within ±20 % once the process's fixed
+cost is taken off. The runs also show that the recomputation flags train."""
 
 from __future__ import annotations
 

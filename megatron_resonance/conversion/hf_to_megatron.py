@@ -138,26 +138,10 @@ class DtypeChanges:
                 f"{converted} converted, {change}" + ("; --dtype float32 keeps every value" if hint else ""))
 
 
-def convert_hf_to_megatron(
-    load: str,
-    save: str,
-    *,
-    rope_kind: Optional[str] = None,
-    rope_factor: Optional[float] = None,
-    dtype: Optional[str] = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> ConversionReport:
-    """Convert the Hugging Face LLaMA in ``load`` into a Megatron checkpoint root ``save``.
-
-    ``rope_kind``/``rope_factor`` record a context-extension plan: original length = the source's
-    ``original_max_position_embeddings`` (else ``max_position_embeddings``), target = original x factor,
-    which becomes the stored ``max_position_embeddings``. ``dtype`` (float32, bfloat16, float16) defaults
-    to the checkpoint's own (that of most of its bytes, if it mixes dtypes: ``log`` says what changed).
-    Weights with NaN/Inf, or values the dtype cannot hold, are refused."""
-    start = time.perf_counter()
-    # ---------------------------------------------------------------- check (no weights read, nothing written)
+def check_source(load: str, *, rope_kind: Optional[str] = None, rope_factor: Optional[float] = None,
+                 dtype: Optional[str] = None, log: Callable[[str], None] = print) -> tuple:
+    """What the conversion checks before it reads a weight or writes anything: ``(reader, LlamaConfig, key
+    map, target dtype)``; ConversionError with one line for a source it cannot convert."""
     if rope_factor is not None and rope_kind is None:
         raise ConversionError("--rope-factor needs --rope-kind")
     if dtype is not None and dtype not in hf_config.DTYPES:
@@ -177,6 +161,29 @@ def convert_hf_to_megatron(
     target = hf_config.DTYPES[dtype] if dtype else hf.floating_dtype()
     if target not in hf_config.DTYPES.values():
         raise ConversionError(f"{load}: weights are {target}; pass --dtype float32, bfloat16 or float16")
+    return hf, cfg, params, target
+
+
+def convert_hf_to_megatron(
+    load: str,
+    save: str,
+    *,
+    rope_kind: Optional[str] = None,
+    rope_factor: Optional[float] = None,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ConversionReport:
+    """Convert the Hugging Face LLaMA in ``load`` into a Megatron checkpoint root ``save``.
+
+    ``rope_kind``/``rope_factor`` record a context-extension plan: original length = the source's
+    ``original_max_position_embeddings`` (else ``max_position_embeddings``), target = original x factor,
+    which becomes the stored ``max_position_embeddings``. ``dtype`` (float32, bfloat16, float16) defaults
+    to the checkpoint's own (that of most of its bytes, if it mixes dtypes: ``log`` says what changed).
+    Weights with NaN/Inf, or values the dtype cannot hold, are refused."""
+    start = time.perf_counter()
+    hf, cfg, params, target = check_source(load, rope_kind=rope_kind, rope_factor=rope_factor, dtype=dtype, log=log)
     staged = StagedDirectory(save, overwrite, inputs=[load])
 
     # ---------------------------------------------------------------- convert

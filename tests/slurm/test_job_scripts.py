@@ -6,7 +6,6 @@ GPUs).
 * a job sent the preemption signal (what ``#SBATCH --signal=B:USR1@300`` sends before the time limit) saves,
   requeues itself, and the requeued run resumes with every iteration in metrics.jsonl exactly once, on one
   node and on two after a periodic save;
-* submit_pipeline.sh chains convert -> extend -> export -> eval with afterok and runs to the end;
 * common.sh's launcher ranks nodes by SLURM_NODEID and meets at node 0's NodeAddr; srun direct launch
   (one trainer per task, no torchrun) trains with TP=2;
 * the multi-node GPU command line (srun, torchrun rendezvous, container) as printed by DRY_RUN=1.
@@ -162,42 +161,6 @@ def tiny_hf_llama(path: Path) -> None:
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
-
-
-def test_pipeline_runs_convert_extend_export_eval_in_order(local_slurm, tmp_path):
-    hf, work = tmp_path / "hf_tiny", tmp_path / "work"
-    tiny_hf_llama(hf)
-    data = tmp_path / "tokens.jsonl"
-    docs = [{"tokens": [(7 * d + 3 * i) % 256 for i in range(80)]} for d in range(3)]  # 80 >= every length
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-    env = cpu_env(
-        local_slurm, GPUS_PER_NODE="0", HF_MODEL=str(hf), WORK_DIR=str(work), EXTEND_CONFIG="", MOCK_DATA="1",
-        TRAIN_ARGS="--seq-length 64 --micro-batch-size 1 --global-batch-size 2 --train-iters 2 --log-interval 1 "
-        "--eval-iters 1", EVAL_LENGTHS="32,64", EVAL_DATA=str(data),
-    )
-    proc = subprocess.run(
-        ["bash", str(SLURM / "submit_pipeline.sh")], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    jobs = dict(re.findall(r"(\w+)=(\d+)", proc.stdout.strip().splitlines()[-1]))
-    ids = [int(jobs[name]) for name in ("convert", "extend", "export", "eval")]
-    assert local_slurm.job(ids[3])["Dependency"].startswith(f"afterok:{ids[2]}")
-
-    local_slurm.wait(ids[3], timeout=600)
-    logs = work / "logs"
-    states = [local_slurm.job(i) for i in ids]
-    for job_id, job in zip(ids, states):
-        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n{job_log(logs, job_id)[-4000:]}"
-    for before, after in zip(states, states[1:]):  # each stage started only after the previous one ended
-        assert after["StartTime"] >= before["EndTime"], (before, after)
-
-    assert latest(work / "megatron") == 0 and latest(work / "extended") == 2
-    config = json.loads((work / "hf" / "config.json").read_text())
-    assert config["max_position_embeddings"] == 64
-    report = json.loads((work / "eval" / "report.json").read_text())
-    text = json.dumps(report)
-    assert "original" in text and "extended" in text
 
 
 def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):

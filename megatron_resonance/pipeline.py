@@ -33,6 +33,7 @@ from megatron_resonance import planning
 from megatron_resonance.cli import UsageError
 from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.conversion.hf_to_megatron import check_source
+from megatron_resonance.evaluation import perplexity
 from megatron_resonance.evaluation.memory import DoesNotFit, check_fits, forward_bytes
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.rope import ROPE_FORMATS
@@ -71,6 +72,8 @@ class Request:
     eval_lengths: Sequence[int] = (4096, 8192, 16384, 32768)
     eval_models: Sequence[str] = ("original", "extended")
     eval_data: Optional[str] = None
+    eval_args: Sequence[str] = ()
+    """More flags of tools/eval_perplexity.py (EVAL_ARGS)."""
     overwrite: bool = False
 
     @property
@@ -106,8 +109,8 @@ def converted(req: Request) -> Optional[str]:
     try:
         ckpt = checkpointing.resolve_checkpoint(root)
         checkpointing.verify_checkpoint(ckpt)
-        run = json.load(open(os.path.join(ckpt, checkpointing.CONFIG_FILE))).get("run", {})
-    except (checkpointing.CheckpointError, OSError, ValueError) as e:
+        run = checkpointing.read_config(ckpt).get("run", {})
+    except checkpointing.CheckpointError as e:
         return str(e)
     source = run.get("converted_from")
     if source != os.path.abspath(req.hf_model):
@@ -138,7 +141,8 @@ def evaluated(req: Request) -> Optional[str]:
     """None when ``eval/report.json`` has every model and length asked for on the data asked for."""
     path = os.path.join(req.output("eval"), "report.json")
     try:
-        report = json.load(open(path))
+        with open(path) as f:
+            report = json.load(f)
         models, settings = set(report["models"]), report["settings"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path}: {e.strerror if isinstance(e, OSError) else 'unreadable'}"
@@ -300,23 +304,38 @@ def _check_export(req: Request, cfg: Config, reference: dict) -> None:
 
 
 def _check_eval(req: Request, model) -> None:
-    """Each evaluated model (the source and its export: the same shape) at the longest length, with the
-    evaluation's own estimate (``evaluation.memory``), against the job's memory; the data exists."""
+    """The evaluation job's flags parse; its data exists; each evaluated model (the source and its export: the
+    same shape) fits at the longest length with the evaluation's own estimate (``evaluation.memory``) in the
+    job's memory."""
+    models = [("original", req.hf_model), ("extended", req.output("export"))]
+    argv = [a for name, path in models if name in req.eval_models for a in ("--hf", path)]
+    argv += [a for name, _ in models if name in req.eval_models for a in ("--name", name)]
+    argv += ["--lengths", ",".join(map(str, req.eval_lengths)), "--out", req.output("eval"), *req.eval_args]
+    parser = perplexity.build_parser()
+
+    def refuse(message: str):
+        raise UsageError(f"eval: {message} (EVAL_ARGS)")
+
+    parser.error = refuse  # one line naming the stage, instead of the tool's exit
+    args = parser.parse_args(argv)
     if not req.eval_lengths:
         raise UsageError("eval: EVAL_LENGTHS is empty")
     if req.eval_data and not (os.path.isfile(req.eval_data) or os.path.isfile(req.eval_data + ".idx")):
         raise UsageError(f"eval: EVAL_DATA={req.eval_data}: no such JSONL file or indexed dataset (.bin/.idx)")
-    memory = (req.eval_memory_gb or req.node_memory_gb) if req.cpu else req.gpu_memory_gb
+    memory = args.max_memory_gb or ((req.eval_memory_gb or req.node_memory_gb) if req.cpu else req.gpu_memory_gb)
     if memory is None:
         return
     shape = planning.ModelShape.from_llama(model)
-    dtype_bytes = 4 if req.cpu else 2  # the evaluation's dtype "auto"
+    # the evaluation's dtype on the job's device ("auto": bfloat16 on GPU, float32 on CPU)
+    dtype_bytes = hf_config.DTYPES[args.dtype].itemsize if args.dtype != "auto" else 4 if req.cpu else 2
     longest = max(req.eval_lengths)
     try:
-        check_fits("the extended model", shape, longest, dtype_bytes=dtype_bytes, max_memory_gb=memory, hf=True)
+        check_fits("the extended model", shape, longest, micro_batch_size=args.micro_batch_size,
+                   dtype_bytes=dtype_bytes, max_memory_gb=memory, hf=True)
     except DoesNotFit as e:
         fits = [L for L in sorted(req.eval_lengths)
-                if forward_bytes(shape, L, dtype_bytes=dtype_bytes, padded=False) <= planning.HEADROOM * memory * GiB]
+                if forward_bytes(shape, L, micro_batch_size=args.micro_batch_size, dtype_bytes=dtype_bytes,
+                                 padded=False) <= planning.HEADROOM * memory * GiB]
         hint = f"EVAL_LENGTHS up to {fits[-1]} fit" if fits else "no length of EVAL_LENGTHS fits"
         more = "the eval job more memory (EVAL_SBATCH_ARGS=--mem=...)" if req.cpu else "GPUs with more memory"
         raise UsageError(f"eval: {e.message}; {hint}, or give {more}") from None

@@ -138,6 +138,7 @@ check=(--hf-model "$HF_MODEL" --work-dir "$WORK_DIR" --nodes "$NODES" --nproc-pe
 [[ -n $EXPORT_DTYPE ]] && check+=(--export-dtype "$EXPORT_DTYPE")
 [[ -n $ROPE_FORMAT ]] && check+=(--rope-format "$ROPE_FORMAT")
 [[ -n $EVAL_DATA ]] && check+=(--eval-data "$(abspath "$EVAL_DATA")")
+check+=(--eval-args="$EVAL_ARGS")
 [[ $OVERWRITE == 1 ]] && check+=(--overwrite)
 models=$WORK_DIR/hf names="--name extended"
 check+=(--eval-model extended)

@@ -39,6 +39,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--eval-lengths", required=True, help="evaluation lengths, comma-separated")
     p.add_argument("--eval-model", action="append", default=None, help="a model name in the report (repeat)")
     p.add_argument("--eval-data", default=None, help="the evaluation's --data")
+    p.add_argument("--eval-args", default="", help="more flags of tools/eval_perplexity.py, whitespace-split")
     p.add_argument("--overwrite", action="store_true", help="run every stage again")
     return p
 
@@ -57,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             node_memory_gb=args.node_memory_gb, eval_memory_gb=args.eval_memory_gb,
             convert_dtype=args.convert_dtype, export_dtype=args.export_dtype, rope_format=args.rope_format,
             eval_lengths=parse_lengths(args.eval_lengths),
-            eval_models=args.eval_model or ["extended"], eval_data=args.eval_data, overwrite=args.overwrite,
+            eval_models=args.eval_model or ["extended"], eval_data=args.eval_data, eval_args=args.eval_args.split(),
+            overwrite=args.overwrite,
         )  # fmt: skip
         stages = pipeline.plan(request)
     except UsageError as e:

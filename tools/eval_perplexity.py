@@ -20,33 +20,16 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, quiet_library_warnings
+from megatron_resonance.cli import quiet_library_warnings
 from megatron_resonance.evaluation import command_line, memory
-from megatron_resonance.evaluation.perplexity import run
+from megatron_resonance.evaluation.perplexity import build_parser, run
 from megatron_resonance.megatron import distributed
 
 PROG = "eval_perplexity.py"
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description="Perplexity by context length (Megatron checkpoints, HF models).")
-    command_line.add_model_arguments(p, several=True)
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--lengths", required=True, help="context lengths, comma-separated (e.g. 128,256,512)")
-    g.add_argument("--data", default=None, help="indexed-dataset prefix (PATH of PATH.bin/.idx) or JSONL with "
-                   "{\"text\": ...} or {\"tokens\": [...]} per line (default: held-out standard-library files)")
-    g.add_argument("--stride", type=int, default=None,
-                   help="sliding windows S tokens apart (default: the first L tokens of each document)")
-    g.add_argument("--max-documents", type=int, default=None, help="at most N documents per length")
-    g.add_argument("--seed", type=int, default=0, help="document order (default 0)")
-    g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to every document")
-    g.add_argument("--out", required=True, help="directory for report.json, report.md, perplexity.png")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(PROG).parse_args(argv)
     quiet_library_warnings()
     with distributed.exit_on_error(PROG), memory.proposing(PROG, argv):
         run(

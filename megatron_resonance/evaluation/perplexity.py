@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_resonance.cli import UsageError, check_output_dir
+from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.evaluation import command_line, loading
 from megatron_resonance.evaluation import documents as docs_lib
@@ -71,6 +71,24 @@ class LengthResult:
     """Documents shorter than the length."""
     windows: int
     """Forward passes of ``length`` tokens."""
+
+
+def build_parser(prog: str = "eval_perplexity.py") -> ArgumentParser:
+    """tools/eval_perplexity.py's flags (also what the pipeline's check parses the evaluation job's with)."""
+    p = ArgumentParser(prog=prog, description="Perplexity by context length (Megatron checkpoints, HF models).")
+    command_line.add_model_arguments(p, several=True)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--lengths", required=True, help="context lengths, comma-separated (e.g. 128,256,512)")
+    g.add_argument("--data", default=None, help="indexed-dataset prefix (PATH of PATH.bin/.idx) or JSONL with "
+                   "{\"text\": ...} or {\"tokens\": [...]} per line (default: held-out standard-library files)")
+    g.add_argument("--stride", type=int, default=None,
+                   help="sliding windows S tokens apart (default: the first L tokens of each document)")
+    g.add_argument("--max-documents", type=int, default=None, help="at most N documents per length")
+    g.add_argument("--seed", type=int, default=0, help="document order (default 0)")
+    g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to every document")
+    g.add_argument("--out", required=True, help="directory for report.json, report.md, perplexity.png")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def perplexity_by_length(

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -90,13 +90,24 @@ def load_extend():
     return module
 
 
-def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.CompletedProcess:
-    """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch."""
-    launched = []
-    monkeypatch.setattr(launch, "run_torchrun", lambda args, prog, **_: launched.append(args) or 0)
+def launch_in_process(
+    monkeypatch, script: Path, argv: List[str], omp: Optional[str] = "1"
+) -> subprocess.CompletedProcess:
+    """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch and the
+    OMP_NUM_THREADS it would start the workers with (``omp``: the user's, None for unset)."""
+    launched, threads = [], []
+
+    def record(args, prog, **_):
+        launched.append(args)
+        threads.append(os.environ["OMP_NUM_THREADS"])
+        return 0
+
+    monkeypatch.setattr(launch, "run_torchrun", record)
     for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", omp or "")  # recorded first, so the test's end restores it
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS")
     if script == EXTEND:
         prog, make_config = "extend_context.py", load_extend().make_config
     else:
@@ -108,7 +119,7 @@ def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.
         except SystemExit as e:
             status = e.code
     proc = subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
-    proc.launched = launched
+    proc.launched, proc.threads = launched, threads
     return proc
 
 
@@ -349,6 +360,20 @@ def test_good_input_reaches_the_launch(monkeypatch, files):
     proc = launch_in_process(monkeypatch, PRETRAIN, argv)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.launched == [["--nproc-per-node=2", str(PRETRAIN), *argv]]
+    assert "[launch] CPU threads: 1 per process (from OMP_NUM_THREADS)" in proc.stdout.splitlines()
+    assert proc.threads == ["1"]
+
+
+def test_launch_shares_the_cores_among_the_workers(monkeypatch, files):
+    """Without OMP_NUM_THREADS each of the 2 workers gets half the cores this process may use (torchrun
+    alone would give them 1 thread each), and the launcher says so."""
+    from megatron_resonance import environment
+
+    monkeypatch.setattr(environment, "cores", lambda: 6)
+    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, "--save", str(files["save"])], omp=None)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "[launch] CPU threads: 3 per process (6 cores from the CPU affinity / 2 processes)" in proc.stdout
+    assert proc.threads == ["3"]
 
 
 # ---------------------------------------------------------------- extend_context.py ------------------------

@@ -154,7 +154,8 @@ PRETRAIN_CASES = {
     ),
     "CP vs world size": (
         ["--context-parallel-size", "4"],
-        "world size 2 is not divisible by TP*PP*CP = 1*1*4",
+        "world size 2 is not divisible by TP*PP*CP = 1*1*4 = 4: run a multiple of 4 processes, or give a layout "
+        "for 2, e.g. --context-parallel-size 2",
     ),
     "CP with compiled layers": (
         ["--context-parallel-size", "2", "--transformer-impl", "local_compiled"],
@@ -166,7 +167,8 @@ PRETRAIN_CASES = {
     ),
     "TP vs world size": (
         ["--tensor-model-parallel-size", "4", "--num-query-groups", "4"],
-        "world size 2 is not divisible by TP*PP*CP = 4*1*1",
+        "world size 2 is not divisible by TP*PP*CP = 4*1*1 = 4: run a multiple of 4 processes, or give a layout "
+        "for 2, e.g. --tensor-model-parallel-size 2",
     ),
     "load: nothing there": (["--load", "{tmp}/nowhere"], "--load {tmp}/nowhere: no checkpoint there"),
     "load: empty directory": (["--load", "{tmp}/empty_dir"], "--load {tmp}/empty_dir: no checkpoint there"),

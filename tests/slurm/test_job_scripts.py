@@ -40,8 +40,10 @@ EXTEND_STEPS = f"--seq-length 64 {STEPS}"  # 32 -> 64: s = 2
 
 
 def cpu_env(local_slurm, **variables: str) -> dict[str, str]:
-    """The cluster's environment plus this interpreter, no preset, and the job's variables."""
-    return {**local_slurm.env, "PYTHON": sys.executable, "CONFIG": "", **variables}
+    """The cluster's environment plus this interpreter, no preset, and the job's variables; without
+    OMP_NUM_THREADS, so the scripts choose the threads as for a user who did not set it."""
+    env = {k: v for k, v in local_slurm.env.items() if k != "OMP_NUM_THREADS"}
+    return {**env, "PYTHON": sys.executable, "CONFIG": "", **variables}
 
 
 def submit(local_slurm, script: str, cwd: Path, *sbatch_args: str, **variables: str) -> int:
@@ -92,6 +94,20 @@ def pretrained(local_slurm, tmp_path_factory) -> Path:
     finished_ok(local_slurm, job_id, work, timeout=300)
     assert latest(save) == 4
     return save
+
+
+def test_pretrain_job_worker_uses_the_cores_of_its_node(local_slurm, pretrained):
+    """The pretrained fixture's job (--exclusive, one worker): OMP_NUM_THREADS = the node's CPUs (not
+    torchrun's 1), said in the job log, given to the srun step, and what the worker's torch really uses."""
+    cpus = int(re.search(r"CPUTot=(\d+)", local_slurm.run("scontrol", "show", "node", "n1").stdout).group(1))
+    log_path = next(pretrained.parent.glob("mr-pretrain-*.out"))
+    log = log_path.read_text(errors="replace")
+    assert f"CPU threads: {cpus} per process ({cpus} cores from SLURM_CPUS_ON_NODE / 1 process)" in log, log
+    build = re.search(r"\[build\] world=1 .* threads=(\d+)", log)
+    assert build and int(build.group(1)) == cpus >= 2, log
+    run_dir = pretrained.parent / "outputs" / "slurm" / log_path.name[: -len(".out")]
+    command = (run_dir / "launch.log").read_text()
+    assert f"OMP_NUM_THREADS={cpus} " in command and f"--cpus-per-task={cpus} " in command, command
 
 
 def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path):
@@ -202,8 +218,9 @@ def test_pipeline_runs_convert_extend_export_eval_in_order(local_slurm, tmp_path
 
 def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     """What only a real GPU cluster runs: 4 nodes x 8 GPUs, pyxis container, NCCL settings."""
+    env = {k: v for k, v in local_slurm.env.items() if k != "OMP_NUM_THREADS"}
     env = {
-        **local_slurm.env, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]",
+        **env, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_CPUS_ON_NODE": "96",
         "LOAD": "ckpt/llama2-7b", "DATA_PATH": "/data/pg19_text_document", "MASTER_PORT": "29500",
         "CONTAINER": "nvcr.io#nvidia/pytorch:24.07-py3", "CONTAINER_MOUNTS": "/data:/data",
     }
@@ -214,14 +231,17 @@ def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout
     for part in (
-        "srun --nodes=4 --ntasks=4 --ntasks-per-node=1", "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
+        "srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=96",
+        "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
         "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=static", "--rdzv-endpoint=gpu07:29500",
         "--node-rank=",
         f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml", f"--load {tmp_path}/ckpt/llama2-7b",
         "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_DEBUG=WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "OMP_NUM_THREADS=12",  # 96 CPUs / 8 workers
     ):
         assert part in cmd, (part, cmd)
     assert "CUDA_VISIBLE_DEVICES" not in cmd
+    assert "CPU threads: 12 per process (96 cores from SLURM_CPUS_ON_NODE / 8 processes)" in proc.stderr
 
 
 # ---- two nodes ------------------------------------------------------------------------------------------

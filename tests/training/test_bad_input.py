@@ -366,6 +366,20 @@ def test_good_input_reaches_the_launch(monkeypatch, files):
     assert proc.threads == ["1"]
 
 
+def test_threads_per_process_shares_the_cores_and_the_users_value_wins():
+    from megatron_resonance.environment import threads_line, threads_per_process
+
+    assert threads_per_process(2, 8, "SLURM_CPUS_ON_NODE", environ={}) == (
+        4, "8 cores from SLURM_CPUS_ON_NODE / 2 processes")
+    assert threads_per_process(1, 3, environ={}) == (3, "3 cores from the CPU affinity / 1 process")
+    assert threads_per_process(8, 2, environ={})[0] == 1  # more workers than cores: at least one each
+    assert threads_per_process(3, 8, environ={})[0] == 2  # rounded down: no oversubscription
+    for user in ("", "0", "x"):  # unset, or not a thread count: the rule
+        assert threads_per_process(2, 8, environ={"OMP_NUM_THREADS": user})[0] == 4
+    assert threads_per_process(2, 8, environ={"OMP_NUM_THREADS": "5"}) == (5, "from OMP_NUM_THREADS")
+    assert threads_line(5, "from OMP_NUM_THREADS") == "CPU threads: 5 per process (from OMP_NUM_THREADS)"
+
+
 def test_launch_shares_the_cores_among_the_workers(monkeypatch, files):
     """Without OMP_NUM_THREADS each of the 2 workers gets half the cores this process may use (torchrun
     alone would give them 1 thread each), and the launcher says so."""

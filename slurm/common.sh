@@ -269,7 +269,11 @@ _mr_watch() {
       return
     fi
     if ((SECONDS >= next)) && kill -0 "$MR_STEP_PID" 2>/dev/null; then
-      mr_log "training still running: SIGUSR1 again"
+      repeats=$((repeats + 1))
+      if ((repeats == 1)); then
+        mr_log "training still running: SIGUSR1 again (and every ${SIGNAL_REPEAT}s while it runs; not logged)"
+      fi
+      echo "$repeats" >"$MR_REPEATS_FILE"
       kill -USR1 "$MR_STEP_PID" 2>/dev/null || true
       next=$((SECONDS + SIGNAL_REPEAT))
     fi
@@ -286,7 +290,8 @@ mr_run_training() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then mr_print_command; exit 0; fi
   mr_log "checkpoint $SAVE: latest iteration $(mr_saved_iteration)"
   { printf '# command: '; mr_print_command; } >>"$RUN_DIR/launch.log"
-  MR_WATCH_PID=''
+  MR_WATCH_PID='' MR_REPEATS_FILE=$RUN_DIR/.sigusr1-repeats
+  rm -f "$MR_REPEATS_FILE"
   trap _mr_on_usr1 USR1
   trap _mr_on_term TERM
   if [[ ${MR_SIGNAL:-} == USR1 ]]; then  # the warning came while the job was still setting up
@@ -307,8 +312,14 @@ mr_run_training() {
     break
   done
   trap - USR1 TERM
-  if [[ -n $MR_WATCH_PID ]]; then kill "$MR_WATCH_PID" 2>/dev/null || true; fi
-  mr_log "training step ended with status $rc; checkpoint at iteration $(mr_saved_iteration)"
+  local repeated=''
+  if [[ -n $MR_WATCH_PID ]]; then
+    kill "$MR_WATCH_PID" 2>/dev/null || true
+    wait "$MR_WATCH_PID" 2>/dev/null || true
+    repeated=$(cat "$MR_REPEATS_FILE" 2>/dev/null) && repeated="; SIGUSR1 repeated $repeated time(s)"
+    rm -f "$MR_REPEATS_FILE"
+  fi
+  mr_log "training step ended with status $rc; checkpoint at iteration $(mr_saved_iteration)$repeated"
   if [[ $MR_SIGNAL == USR1 ]]; then mr_requeue_unless_done; fi
   exit "$rc"
 }

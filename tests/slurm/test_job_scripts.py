@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -163,9 +164,40 @@ def test_preemption_signal_saves_requeues_and_resumes_without_gaps(local_slurm, 
     )  # fmt: skip
     assert 3 <= stopped < iters
     assert "requeueing; the next run resumes from" in log
+    assert log.count("SIGUSR1 again") <= 1, log[-4000:]  # repeats are counted, not logged each
     # the saved step was neither lost nor repeated: every iteration logged once, in order
     assert training_iterations(save) == list(range(1, iters + 1))
     assert latest(save) == iters
+
+
+def test_repeated_warning_is_logged_once_and_counted(tmp_path):
+    """common.sh's flow with a step that ignores SIGUSR1 for 6 s (as a worker still loading does), no Slurm
+    needed: the signal is repeated every SIGNAL_REPEAT (1 s; the watcher wakes every 2 s), one log line says
+    so, and the step's last line counts the repeats."""
+    script = tmp_path / "watch.sh"
+    script.write_text(textwrap.dedent(f"""\
+        set -euo pipefail
+        REPO={REPO} SIGNAL_REPEAT=1 REQUEUE_MARGIN=60 MAX_REQUEUES=0
+        source "$REPO/slurm/common.sh"
+        mr_end_time() {{ echo 0; }}  # no time limit (no job to ask)
+        MR_KIND=watch SLURM_JOB_ID=0 RUN_DIR={tmp_path} SAVE={tmp_path}/save MR_ENV=()
+        MR_CMD=(bash -c 'trap "" USR1; sleep 6')
+        mr_run_training
+        """))
+    proc = subprocess.Popen(["bash", str(script)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "# command" not in ((tmp_path / "launch.log").read_text() if (tmp_path / "launch.log").exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    time.sleep(0.5)  # past the `trap` that follows the launch.log line
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err  # MAX_REQUEUES=0: not requeued
+    assert err.count("SIGUSR1 again") == 1, err
+    assert "training still running: SIGUSR1 again (and every 1s while it runs; not logged)" in err
+    repeats = re.search(r"training step ended with status 0; checkpoint at iteration none; SIGUSR1 repeated (\d+) "
+                        r"time\(s\)", err)
+    assert repeats and int(repeats.group(1)) >= 2, err
 
 
 def tiny_hf_llama(path: Path) -> None:

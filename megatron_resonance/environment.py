@@ -1,4 +1,5 @@
-"""What a measurement ran on: date, commit, hardware and library versions, recorded with every report."""
+"""What a run or measurement runs on: date, commit, hardware and library versions, recorded with every
+report; the CPU threads each worker process gets."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import os
 import platform
 import subprocess
+from typing import Mapping, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +20,34 @@ def commit() -> str:
     except (OSError, subprocess.SubprocessError):
         out = ""
     return out or "unknown"
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what a scheduler gave it), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def threads_per_process(processes: int, cores_given: Optional[int] = None, source: str = "the CPU affinity",
+                        environ: Mapping[str, str] = os.environ) -> Tuple[int, str]:
+    """``(threads, why)``: the OMP_NUM_THREADS for each of ``processes`` workers sharing ``cores_given`` cores
+    (default :func:`cores`, named by ``source``): the cores divided among them, at least 1. An
+    OMP_NUM_THREADS already set wins. torchrun alone sets 1 whenever it starts several workers, which leaves
+    the other cores idle on a CPU run. slurm/common.sh applies the same rule to the job's CPUs."""
+    user = environ.get("OMP_NUM_THREADS", "").strip()
+    if user.isdigit() and int(user) > 0:
+        return int(user), "from OMP_NUM_THREADS"
+    if cores_given is None:
+        cores_given = cores()
+    plural = "process" if processes == 1 else "processes"
+    return max(1, cores_given // max(1, processes)), f"{cores_given} cores from {source} / {processes} {plural}"
+
+
+def threads_line(threads: int, why: str) -> str:
+    """The log line for :func:`threads_per_process`'s answer (the Slurm scripts print the same words)."""
+    return f"CPU threads: {threads} per process ({why})"
 
 
 def hardware() -> str:

@@ -109,15 +109,38 @@ mr_setup_device() {
     unset SLURM_GPUS_PER_NODE     # do not ask srun's step for GPUs the job does not have
   fi
   if ! mr_is_uint "$NPROC_PER_NODE" || ((NPROC_PER_NODE < 1)); then mr_die "NPROC_PER_NODE must be >= 1"; fi
+  mr_setup_threads
+}
+
+# mr_setup_threads: MR_CPUS = the CPUs the job has on a node (SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE,
+# else nproc), which the step gets (mr_srun_command); OMP_NUM_THREADS = MR_CPUS / NPROC_PER_NODE, at least 1,
+# unless already set (yours wins). torchrun alone sets 1 when it starts several workers: the other cores idle.
+# The same rule as the launcher's --nproc-per-node (megatron_resonance/environment.py threads_per_process).
+mr_setup_threads() {
+  local source=SLURM_CPUS_PER_TASK why
+  MR_CPUS=${SLURM_CPUS_PER_TASK:-}
+  [[ -n $MR_CPUS ]] || { source=SLURM_CPUS_ON_NODE MR_CPUS=${SLURM_CPUS_ON_NODE:-}; }
+  [[ -n $MR_CPUS ]] || { source=nproc MR_CPUS=$(nproc); }
+  mr_is_uint "$MR_CPUS" && ((MR_CPUS > 0)) || mr_die "$source must be a number of CPUs, got '$MR_CPUS'"
+  if mr_is_uint "${OMP_NUM_THREADS:-}" && ((OMP_NUM_THREADS > 0)); then
+    why="from OMP_NUM_THREADS"
+  else
+    OMP_NUM_THREADS=$((MR_CPUS / NPROC_PER_NODE > 1 ? MR_CPUS / NPROC_PER_NODE : 1))
+    why="$MR_CPUS cores from $source / $NPROC_PER_NODE process$( ((NPROC_PER_NODE == 1)) || echo es)"
+  fi
+  export OMP_NUM_THREADS
+  MR_ENV+=(OMP_NUM_THREADS)
+  mr_log "CPU threads: $OMP_NUM_THREADS per process ($why)"
 }
 
 # ---- launcher -----------------------------------------------------------------------------------------
 
-# mr_srun_command NODES: MR_SRUN = the srun prefix for a step of one task on each of NODES nodes, with the
-# pyxis container options when CONTAINER is set (the repository and submission directory are mounted at the
-# same paths, so every path means the same inside and out).
+# mr_srun_command NODES: MR_SRUN = the srun prefix for a step of one task on each of NODES nodes, holding the
+# job's CPUs of each node (MR_CPUS; else Slurm >= 22.05 gives a step's task 1 CPU, and task/affinity binds
+# all its workers to that one core), with the pyxis container options when CONTAINER is set (the repository
+# and submission directory are mounted at the same paths, so every path means the same inside and out).
 mr_srun_command() {
-  MR_SRUN=(srun --nodes="$1" --ntasks="$1" --ntasks-per-node=1 --kill-on-bad-exit=1)
+  MR_SRUN=(srun --nodes="$1" --ntasks="$1" --ntasks-per-node=1 --cpus-per-task="$MR_CPUS" --kill-on-bad-exit=1)
   if [[ -n ${CONTAINER:-} ]]; then
     local mounts=$REPO:$REPO
     [[ $PWD == "$REPO" || $PWD == "$REPO"/* ]] || mounts+=",$PWD:$PWD"
@@ -230,11 +253,13 @@ _mr_on_term() {
 }
 
 # _mr_watch END: background helper after the first USR1. Repeats the signal every SIGNAL_REPEAT seconds
-# (a worker still loading the model ignores it: the trainer's handler is not installed yet), and requeues
-# anyway REQUEUE_MARGIN seconds before the time limit if training has not stopped by then (the run resumes
-# from the last complete checkpoint: `latest` is only written after a save finished).
+# (a worker still loading the model ignores it: the trainer's handler is not installed yet), logging only the
+# first repeat (a long step or save would fill the log) and keeping the count in MR_REPEATS_FILE for
+# mr_run_training's last line; and requeues anyway REQUEUE_MARGIN seconds before the time limit if training
+# has not stopped by then (the run resumes from the last complete checkpoint: `latest` is only written after
+# a save finished).
 _mr_watch() {
-  local end=$1 next=$((SECONDS + SIGNAL_REPEAT))
+  local end=$1 next=$((SECONDS + SIGNAL_REPEAT)) repeats=0
   while kill -0 "$MR_STEP_PID" 2>/dev/null; do
     sleep 2
     if ((end > 0 && $(date +%s) >= end - REQUEUE_MARGIN)) && kill -0 "$MR_STEP_PID" 2>/dev/null; then
@@ -244,7 +269,11 @@ _mr_watch() {
       return
     fi
     if ((SECONDS >= next)) && kill -0 "$MR_STEP_PID" 2>/dev/null; then
-      mr_log "training still running: SIGUSR1 again"
+      repeats=$((repeats + 1))
+      if ((repeats == 1)); then
+        mr_log "training still running: SIGUSR1 again (and every ${SIGNAL_REPEAT}s while it runs; not logged)"
+      fi
+      echo "$repeats" >"$MR_REPEATS_FILE"
       kill -USR1 "$MR_STEP_PID" 2>/dev/null || true
       next=$((SECONDS + SIGNAL_REPEAT))
     fi
@@ -261,7 +290,8 @@ mr_run_training() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then mr_print_command; exit 0; fi
   mr_log "checkpoint $SAVE: latest iteration $(mr_saved_iteration)"
   { printf '# command: '; mr_print_command; } >>"$RUN_DIR/launch.log"
-  MR_WATCH_PID=''
+  MR_WATCH_PID='' MR_REPEATS_FILE=$RUN_DIR/.sigusr1-repeats
+  rm -f "$MR_REPEATS_FILE"
   trap _mr_on_usr1 USR1
   trap _mr_on_term TERM
   if [[ ${MR_SIGNAL:-} == USR1 ]]; then  # the warning came while the job was still setting up
@@ -282,8 +312,14 @@ mr_run_training() {
     break
   done
   trap - USR1 TERM
-  if [[ -n $MR_WATCH_PID ]]; then kill "$MR_WATCH_PID" 2>/dev/null || true; fi
-  mr_log "training step ended with status $rc; checkpoint at iteration $(mr_saved_iteration)"
+  local repeated=''
+  if [[ -n $MR_WATCH_PID ]]; then
+    kill "$MR_WATCH_PID" 2>/dev/null || true
+    wait "$MR_WATCH_PID" 2>/dev/null || true
+    repeated=$(cat "$MR_REPEATS_FILE" 2>/dev/null) && repeated="; SIGUSR1 repeated $repeated time(s)"
+    rm -f "$MR_REPEATS_FILE"
+  fi
+  mr_log "training step ended with status $rc; checkpoint at iteration $(mr_saved_iteration)$repeated"
   if [[ $MR_SIGNAL == USR1 ]]; then mr_requeue_unless_done; fi
   exit "$rc"
 }

@@ -28,6 +28,7 @@
 #   LOCAL_SLURM_NODES      number of nodes (default 1: one node named after this host)
 #   LOCAL_SLURM_D_PORT     slurmd port of the first node (default 6818); node I listens on this + I - 1
 #   LOCAL_SLURM_CPUS       CPUs each node offers (default: nproc, at least 2)
+#                          (memory: each node offers the host's MemTotal less 5 %, divided by the nodes)
 #   LOCAL_SLURM_TIMEOUT    seconds `start` waits for the nodes to turn idle (default 60)
 set -euo pipefail
 
@@ -122,7 +123,8 @@ write_conf() {
   local cpus mem_mb
   # At least 2 CPUs so a 2-task job fits even on a 1-core runner (config_overrides lets slurmd believe it).
   cpus=${LOCAL_SLURM_CPUS:-$(($(nproc) > 2 ? $(nproc) : 2))}
-  mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+  # The host's memory less 5 % for the OS and the daemons, split between the nodes (they share the host).
+  mem_mb=$(awk -v nodes="$NODES" '/^MemTotal:/ {print int($2 / 1024 * 0.95 / nodes)}' /proc/meminfo)
   mkdir -p "$STATE_DIR"/{etc,run,state,spool} "$LOG_DIR"
   cat >"$CONF.tmp" <<EOF
 # Written by slurm/local_cluster.sh for host $HOST; rewritten on every start.
@@ -156,12 +158,15 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 
-# Several small jobs share the node: CPUs are the consumable resource, memory is not.
+# Several small jobs share a node: CPUs and memory are consumable. RealMemory (below) is each node's share
+# of the host; a job without --mem gets DefMemPerCPU per CPU (its share), --mem=0 the whole node. Nothing
+# enforces the limits (no cgroups): they only keep the scheduler from overcommitting the host.
 SchedulerType=sched/backfill
 # Scheduling passes every 2 s, not every 30/60 s: a requeued job starts as soon as it may (cheap on one node).
 SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
+SelectTypeParameters=CR_CPU_Memory
+DefMemPerCPU=$((mem_mb / cpus))
 JobRequeue=1
 ReturnToService=2
 # Believe the node line below even where slurmd detects other hardware (sockets/threads in VMs).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, Optional
 
@@ -191,7 +192,17 @@ def check(cfg: Config, world_size: int) -> None:
     if cp > 1 and d.seq_length % (2 * cp):
         raise ConfigError(f"--seq-length {d.seq_length} is not divisible by 2 x context-parallel-size = {2 * cp}")
     if world_size % (tp * pp * cp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
+        # A layout for this world: each size cut to its largest divisor that fits (still divides what it did).
+        fit, rest = [], world_size
+        for flag, value in (("tensor-model", tp), ("context", cp), ("pipeline-model", pp)):
+            size = math.gcd(value, rest)
+            rest //= size
+            if size != value:
+                fit.append(f"--{flag}-parallel-size {size}")
+        raise ConfigError(
+            f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}: run a "
+            f"multiple of {tp * pp * cp} processes, or give a layout for {world_size}, e.g. {' '.join(fit)}"
+        )
     dp = world_size // (tp * pp * cp)
     if cp > 1 and resolve_spec(p.transformer_impl) == "local_compiled":
         raise ConfigError("--context-parallel-size > 1 runs with --transformer-impl local or te, not local_compiled")

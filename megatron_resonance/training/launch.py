@@ -22,6 +22,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+from megatron_resonance import environment
 from megatron_resonance.cli import ArgumentParser, UsageError, fail
 from megatron_resonance.megatron import distributed
 from megatron_resonance.megatron.checkpointing import CheckpointError
@@ -85,7 +86,9 @@ def main(
             if preemption.received() is not None:
                 print("[signal] received before the workers started: nothing to save, exiting", flush=True)
                 return 0
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            threads, why = environment.threads_per_process(args.nproc_per_node)
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # else torchrun sets 1 for several workers
+            print(f"[launch] {environment.threads_line(threads, why)}", flush=True)
             c = cfg.checkpoint
             return run_torchrun(
                 [f"--nproc-per-node={args.nproc_per_node}", script, *_strip_nproc(argv)], prog,

@@ -724,7 +724,8 @@ def build(cfg: Config) -> Job:
         f"PP={p.pipeline_model_parallel_size} VPP={p.virtual_pipeline_model_parallel_size or 1} "
         f"CP={p.context_parallel_size} DP={dp} micro-batches={num_microbatches} "
         f"dtype={'bf16' if bf16 else 'fp32'} spec={resolve_spec(p.transformer_impl)} rope={cfg.model.rope.kind}"
-        + ("" if torch.cuda.is_available() else f" cpu_speed={'on' if cpu_speed.is_enabled() else 'off'}")
+        + ("" if torch.cuda.is_available()
+           else f" cpu_speed={'on' if cpu_speed.is_enabled() else 'off'} threads={torch.get_num_threads()}")
     )
 
     # ---------------------------------------------------------------- build: model, optimizer, scheduler

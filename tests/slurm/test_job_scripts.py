@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -39,8 +40,10 @@ EXTEND_STEPS = f"--seq-length 64 {STEPS}"  # 32 -> 64: s = 2
 
 
 def cpu_env(local_slurm, **variables: str) -> dict[str, str]:
-    """The cluster's environment plus this interpreter, no preset, and the job's variables."""
-    return {**local_slurm.env, "PYTHON": sys.executable, "CONFIG": "", **variables}
+    """The cluster's environment plus this interpreter, no preset, and the job's variables; without
+    OMP_NUM_THREADS, so the scripts choose the threads as for a user who did not set it."""
+    env = {k: v for k, v in local_slurm.env.items() if k != "OMP_NUM_THREADS"}
+    return {**env, "PYTHON": sys.executable, "CONFIG": "", **variables}
 
 
 def submit(local_slurm, script: str, cwd: Path, *sbatch_args: str, **variables: str) -> int:
@@ -91,6 +94,20 @@ def pretrained(local_slurm, tmp_path_factory) -> Path:
     finished_ok(local_slurm, job_id, work, timeout=300)
     assert latest(save) == 4
     return save
+
+
+def test_pretrain_job_worker_uses_the_cores_of_its_node(local_slurm, pretrained):
+    """The pretrained fixture's job (--exclusive, one worker): OMP_NUM_THREADS = the node's CPUs (not
+    torchrun's 1), said in the job log, given to the srun step, and what the worker's torch really uses."""
+    cpus = int(re.search(r"CPUTot=(\d+)", local_slurm.run("scontrol", "show", "node", "n1").stdout).group(1))
+    log_path = next(pretrained.parent.glob("mr-pretrain-*.out"))
+    log = log_path.read_text(errors="replace")
+    assert f"CPU threads: {cpus} per process ({cpus} cores from SLURM_CPUS_ON_NODE / 1 process)" in log, log
+    build = re.search(r"\[build\] world=1 .* threads=(\d+)", log)
+    assert build and int(build.group(1)) == cpus >= 2, log
+    run_dir = pretrained.parent / "outputs" / "slurm" / log_path.name[: -len(".out")]
+    command = (run_dir / "launch.log").read_text()
+    assert f"OMP_NUM_THREADS={cpus} " in command and f"--cpus-per-task={cpus} " in command, command
 
 
 def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path):
@@ -146,9 +163,40 @@ def test_preemption_signal_saves_requeues_and_resumes_without_gaps(local_slurm, 
     )  # fmt: skip
     assert 3 <= stopped < iters
     assert "requeueing; the next run resumes from" in log
+    assert log.count("SIGUSR1 again") <= 1, log[-4000:]  # repeats are counted, not logged each
     # the saved step was neither lost nor repeated: every iteration logged once, in order
     assert training_iterations(save) == list(range(1, iters + 1))
     assert latest(save) == iters
+
+
+def test_repeated_warning_is_logged_once_and_counted(tmp_path):
+    """common.sh's flow with a step that ignores SIGUSR1 for 6 s (as a worker still loading does), no Slurm
+    needed: the signal is repeated every SIGNAL_REPEAT (1 s; the watcher wakes every 2 s), one log line says
+    so, and the step's last line counts the repeats."""
+    script = tmp_path / "watch.sh"
+    script.write_text(textwrap.dedent(f"""\
+        set -euo pipefail
+        REPO={REPO} SIGNAL_REPEAT=1 REQUEUE_MARGIN=60 MAX_REQUEUES=0
+        source "$REPO/slurm/common.sh"
+        mr_end_time() {{ echo 0; }}  # no time limit (no job to ask)
+        MR_KIND=watch SLURM_JOB_ID=0 RUN_DIR={tmp_path} SAVE={tmp_path}/save MR_ENV=()
+        MR_CMD=(bash -c 'trap "" USR1; sleep 6')
+        mr_run_training
+        """))
+    proc = subprocess.Popen(["bash", str(script)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "# command" not in ((tmp_path / "launch.log").read_text() if (tmp_path / "launch.log").exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    time.sleep(0.5)  # past the `trap` that follows the launch.log line
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err  # MAX_REQUEUES=0: not requeued
+    assert err.count("SIGUSR1 again") == 1, err
+    assert "training still running: SIGUSR1 again (and every 1s while it runs; not logged)" in err
+    repeats = re.search(r"training step ended with status 0; checkpoint at iteration none; SIGUSR1 repeated (\d+) "
+                        r"time\(s\)", err)
+    assert repeats and int(repeats.group(1)) >= 2, err
 
 
 def tiny_hf_llama(path: Path) -> None:
@@ -165,8 +213,9 @@ def tiny_hf_llama(path: Path) -> None:
 
 def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     """What only a real GPU cluster runs: 4 nodes x 8 GPUs, pyxis container, NCCL settings."""
+    env = {k: v for k, v in local_slurm.env.items() if k != "OMP_NUM_THREADS"}
     env = {
-        **local_slurm.env, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]",
+        **env, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_CPUS_ON_NODE": "96",
         "LOAD": "ckpt/llama2-7b", "DATA_PATH": "/data/pg19_text_document", "MASTER_PORT": "29500",
         "CONTAINER": "nvcr.io#nvidia/pytorch:24.07-py3", "CONTAINER_MOUNTS": "/data:/data",
     }
@@ -177,14 +226,17 @@ def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout
     for part in (
-        "srun --nodes=4 --ntasks=4 --ntasks-per-node=1", "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
+        "srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=96",
+        "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
         "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=static", "--rdzv-endpoint=gpu07:29500",
         "--node-rank=",
         f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml", f"--load {tmp_path}/ckpt/llama2-7b",
         "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_DEBUG=WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "OMP_NUM_THREADS=12",  # 96 CPUs / 8 workers
     ):
         assert part in cmd, (part, cmd)
     assert "CUDA_VISIBLE_DEVICES" not in cmd
+    assert "CPU threads: 12 per process (96 cores from SLURM_CPUS_ON_NODE / 8 processes)" in proc.stderr
 
 
 # ---- two nodes ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -101,3 +102,36 @@ def test_warning_signal_requeues_job_which_reruns_with_restart_count(local_slurm
     assert (job["JobState"], job["Restarts"], job["ExitCode"]) == ("COMPLETED", "1", "0:0"), job
     signalled_after = int((tmp_path / "usr1_after_seconds.txt").read_text())
     assert signalled_after <= 45, f"USR1 came {signalled_after}s into a 60s job, less than 15s before the limit"
+
+
+def test_memory_is_consumable_and_each_node_has_its_share(local_slurm, tmp_path):
+    """Nodes share the host: each offers MemTotal less 5 %, divided by the nodes, and memory is scheduled
+    (CR_CPU_Memory). A job asking for more than a node has is refused at submission; two jobs whose --mem
+    together exceed a node do not run on it at the same time; a job without --mem gets its CPUs' share."""
+    from tests.slurm.conftest import NODES
+
+    with open("/proc/meminfo") as f:
+        host_mb = next(int(line.split()[1]) // 1024 for line in f if line.startswith("MemTotal:"))
+    node = dict(re.findall(r"(\w+)=(\S*)", local_slurm.run("scontrol", "show", "node", "--oneliner", "n1").stdout))
+    real = int(node["RealMemory"])
+    assert real == pytest.approx(host_mb * 0.95 / NODES, abs=2), (host_mb, node)
+    config = local_slurm.run("scontrol", "show", "config").stdout
+    assert re.search(r"SelectTypeParameters\s*=\s*CR_CPU_MEMORY", config), config
+    assert re.search(rf"DefMemPerCPU\s*=\s*{real // int(node['CPUTot'])}\b", config), config
+
+    def wrap(command: str, *args: str, check: bool = True):
+        return local_slurm.run("sbatch", "--parsable", "--time=1", *args, "--wrap", command, check=check, cwd=tmp_path)
+
+    too_big = wrap("true", f"--mem={real + 1}", check=False)
+    assert too_big.returncode != 0, too_big.stdout
+    assert re.search(r"node configuration is not available|Memory specification can not be satisfied",
+                     too_big.stderr), too_big.stderr
+
+    big = f"--mem={real * 6 // 10}"  # two of these overcommit the node
+    first, second = (int(wrap(command, "--nodelist=n1", big).stdout.split(";")[0]) for command in ("sleep 4", "true"))
+    running = local_slurm.wait(first, timeout=60, until=lambda job: job["JobState"] != "PENDING")
+    waiting = local_slurm.job(second)  # CPUs alone would run it beside the first (1 of n1's 2+ CPUs each)
+    assert (running["JobState"], waiting["JobState"]) == ("RUNNING", "PENDING"), (running, waiting)
+    done = [local_slurm.wait(job_id, timeout=60) for job_id in (first, second)]
+    assert [job["JobState"] for job in done] == ["COMPLETED", "COMPLETED"], done
+    assert done[1]["StartTime"] >= done[0]["EndTime"], done

@@ -89,3 +89,31 @@ def test_preset_loads_and_extend_context_accepts_it(preset, tmp_path, monkeypatc
     for nodes in (1, 2):
         trainer.validate(cfg, world_size=8 * nodes)
         assert memory_per_gpu_gb(cfg, 8 * nodes) < 65, "leave >= 15 GB of an 80 GB GPU as margin"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_on_cpu_needs_only_the_layout_override(preset, tmp_path, monkeypatch):
+    """The presets are device-neutral: without Transformer Engine / CUDA (this machine, or pretended so) the
+    layer spec is the local one and the precision fp32 (bf16 left to the default), and what a CPU run must
+    change is the layout alone: one process is refused in one line naming the override, which is then valid."""
+    model = PRESETS[preset][0]
+    path = str(REPO / "configs" / preset)
+    monkeypatch.setattr(config, "resolve_spec", lambda impl: "local" if impl == "auto" else impl)
+    load = fake_checkpoint(tmp_path / "ckpt", model)
+    parser = launch.make_parser("extend_context.py", "")
+    make_config = extend_context_module().make_config
+    cfg = make_config(parser.parse_args(["--config", path, "--load", str(load), "--mock-data"]))
+    assert cfg.parallel.transformer_impl == "auto" and cfg.training.bf16 is None  # trainer: bf16 only on CUDA
+
+    p = cfg.parallel
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    with pytest.raises(config.ConfigError) as refused:
+        trainer.validate(cfg, world_size=1)
+    assert str(refused.value) == (
+        f"world size 1 is not divisible by TP*PP*CP = {tp}*1*{cp} = {tp * cp}: run a multiple of {tp * cp} "
+        "processes, or give a layout for 1, e.g. --tensor-model-parallel-size 1 --context-parallel-size 1"
+    )
+    override = ["--tensor-model-parallel-size", "1", "--context-parallel-size", "1"]
+    cfg = make_config(parser.parse_args(["--config", path, "--load", str(load), "--mock-data", *override]))
+    assert cfg.parallel.sequence_parallel  # kept from the preset; harmless with TP=1
+    trainer.validate(cfg, world_size=1)

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -90,13 +90,24 @@ def load_extend():
     return module
 
 
-def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.CompletedProcess:
-    """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch."""
-    launched = []
-    monkeypatch.setattr(launch, "run_torchrun", lambda args, prog, **_: launched.append(args) or 0)
+def launch_in_process(
+    monkeypatch, script: Path, argv: List[str], omp: Optional[str] = "1"
+) -> subprocess.CompletedProcess:
+    """``script``'s ``launch.main`` here; records (instead of starting) the torchrun launch and the
+    OMP_NUM_THREADS it would start the workers with (``omp``: the user's, None for unset)."""
+    launched, threads = [], []
+
+    def record(args, prog, **_):
+        launched.append(args)
+        threads.append(os.environ["OMP_NUM_THREADS"])
+        return 0
+
+    monkeypatch.setattr(launch, "run_torchrun", record)
     for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", omp or "")  # recorded first, so the test's end restores it
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS")
     if script == EXTEND:
         prog, make_config = "extend_context.py", load_extend().make_config
     else:
@@ -108,7 +119,7 @@ def launch_in_process(monkeypatch, script: Path, argv: List[str]) -> subprocess.
         except SystemExit as e:
             status = e.code
     proc = subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
-    proc.launched = launched
+    proc.launched, proc.threads = launched, threads
     return proc
 
 
@@ -143,7 +154,8 @@ PRETRAIN_CASES = {
     ),
     "CP vs world size": (
         ["--context-parallel-size", "4"],
-        "world size 2 is not divisible by TP*PP*CP = 1*1*4",
+        "world size 2 is not divisible by TP*PP*CP = 1*1*4 = 4: run a multiple of 4 processes, or give a layout "
+        "for 2, e.g. --context-parallel-size 2",
     ),
     "CP with compiled layers": (
         ["--context-parallel-size", "2", "--transformer-impl", "local_compiled"],
@@ -155,7 +167,8 @@ PRETRAIN_CASES = {
     ),
     "TP vs world size": (
         ["--tensor-model-parallel-size", "4", "--num-query-groups", "4"],
-        "world size 2 is not divisible by TP*PP*CP = 4*1*1",
+        "world size 2 is not divisible by TP*PP*CP = 4*1*1 = 4: run a multiple of 4 processes, or give a layout "
+        "for 2, e.g. --tensor-model-parallel-size 2",
     ),
     "load: nothing there": (["--load", "{tmp}/nowhere"], "--load {tmp}/nowhere: no checkpoint there"),
     "load: empty directory": (["--load", "{tmp}/empty_dir"], "--load {tmp}/empty_dir: no checkpoint there"),
@@ -349,6 +362,34 @@ def test_good_input_reaches_the_launch(monkeypatch, files):
     proc = launch_in_process(monkeypatch, PRETRAIN, argv)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.launched == [["--nproc-per-node=2", str(PRETRAIN), *argv]]
+    assert "[launch] CPU threads: 1 per process (from OMP_NUM_THREADS)" in proc.stdout.splitlines()
+    assert proc.threads == ["1"]
+
+
+def test_threads_per_process_shares_the_cores_and_the_users_value_wins():
+    from megatron_resonance.environment import threads_line, threads_per_process
+
+    assert threads_per_process(2, 8, "SLURM_CPUS_ON_NODE", environ={}) == (
+        4, "8 cores from SLURM_CPUS_ON_NODE / 2 processes")
+    assert threads_per_process(1, 3, environ={}) == (3, "3 cores from the CPU affinity / 1 process")
+    assert threads_per_process(8, 2, environ={})[0] == 1  # more workers than cores: at least one each
+    assert threads_per_process(3, 8, environ={})[0] == 2  # rounded down: no oversubscription
+    for user in ("", "0", "x"):  # unset, or not a thread count: the rule
+        assert threads_per_process(2, 8, environ={"OMP_NUM_THREADS": user})[0] == 4
+    assert threads_per_process(2, 8, environ={"OMP_NUM_THREADS": "5"}) == (5, "from OMP_NUM_THREADS")
+    assert threads_line(5, "from OMP_NUM_THREADS") == "CPU threads: 5 per process (from OMP_NUM_THREADS)"
+
+
+def test_launch_shares_the_cores_among_the_workers(monkeypatch, files):
+    """Without OMP_NUM_THREADS each of the 2 workers gets half the cores this process may use (torchrun
+    alone would give them 1 thread each), and the launcher says so."""
+    from megatron_resonance import environment
+
+    monkeypatch.setattr(environment, "cores", lambda: 6)
+    proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, "--save", str(files["save"])], omp=None)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "[launch] CPU threads: 3 per process (6 cores from the CPU affinity / 2 processes)" in proc.stdout
+    assert proc.threads == ["3"]
 
 
 # ---------------------------------------------------------------- extend_context.py ------------------------

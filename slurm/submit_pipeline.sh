@@ -74,7 +74,7 @@ SBATCH_ARGS=${SBATCH_ARGS:-}     # e.g. "--account=proj --partition=gpu --qos=no
 CONVERT_SBATCH_ARGS=${CONVERT_SBATCH_ARGS:-} # convert and export, e.g. "--mem=64G"
 EXTEND_SBATCH_ARGS=${EXTEND_SBATCH_ARGS:-}   # e.g. "--time=08:00:00"
 EVAL_SBATCH_ARGS=${EVAL_SBATCH_ARGS:-}       # CPU mode: --mem=... is the memory the check counts (default:
-#                                              the whole node, --mem=0)
+#                                              the whole node, --mem=0 --exclusive: its memory and cores)
 JOB_PREFIX=${JOB_PREFIX:-mr}     # job names: <prefix>-convert, -extend, -export, -eval
 DRY_RUN=${DRY_RUN:-0}            # 1: check, then print each sbatch command and the command its job would
 #                                  run; submit nothing
@@ -146,7 +146,8 @@ if [[ $EVAL_BASELINE == 1 ]]; then models=$HF_MODEL,$models names="--name origin
 eval_opts_given="$SBATCH_ARGS $EVAL_SBATCH_ARGS"
 eval_mem=()
 if ((GPUS_PER_NODE == 0)); then
-  # CPU mode: the nodes' memory (the smallest, from sinfo), and the eval job's --mem (default the whole node)
+  # CPU mode: the nodes' memory (the smallest, from sinfo), and the eval job's --mem (default the whole node,
+  # whose cores its forward passes then use too)
   node_mb=$(sinfo -h -N -o %m 2>/dev/null | tr -d + | sort -n | head -n1) || true
   if [[ -n $node_mb ]]; then
     check+=(--node-memory-gb "$(memory_gb "$node_mb")")
@@ -154,7 +155,7 @@ if ((GPUS_PER_NODE == 0)); then
     say "memory not checked: sinfo shows no node memory (no Slurm reachable)"
   fi
   mem=$(grep -o -- '--mem=[^ ]*' <<<"$eval_opts_given" | tail -n1 | cut -d= -f2) || true
-  if [[ -z $mem ]]; then eval_mem=(--mem=0); elif [[ -n $(memory_gb "$mem") ]]; then check+=(--eval-memory-gb "$(memory_gb "$mem")"); fi
+  if [[ -z $mem ]]; then eval_mem=(--mem=0 --exclusive); elif [[ -n $(memory_gb "$mem") ]]; then check+=(--eval-memory-gb "$(memory_gb "$mem")"); fi
 fi
 # The extension's trainer flags, built as its job builds them.
 mapfile -d '' -t MR_ARGS < <(

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_resonance import atomic
+from megatron_resonance import atomic, environment
 from megatron_resonance.posgen.cell import load_splits, run_cell
 from megatron_resonance.posgen.presets import TRAINED_KINDS, Preset
 from megatron_resonance.posgen.report import cell_path, write_report
@@ -123,22 +123,17 @@ def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Se
         return json.load(f)
 
 
-def threads_per_worker(workers: int) -> int:
-    """CPU threads each of ``workers`` concurrent processes gets: the cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
     """Run the unfinished cells in ``workers`` concurrent single-rank processes, then write the report.
 
     ``worker_argv(k, cells)`` is the command line of worker k (it calls :func:`run` with ``cells`` and
     ``worker``). Cells are dealt round-robin (they cost the same); each worker gets
-    :func:`threads_per_worker` CPU threads, and on a GPU machine all of them share the one device. A worker
+    :func:`environment.threads_per_process` CPU threads, and on a GPU machine all of them share the one device. A worker
     that fails leaves the others running to the end; the finished cells are kept, so a rerun of the same
     command runs only what is missing. Raises RuntimeError naming the failed workers.
     """
     todo = prepare_output(out, preset)
-    threads = threads_per_worker(workers)
+    threads, _ = environment.threads_per_process(workers)
     shares = [todo[k::workers] for k in range(workers)]
     shares = [share for share in shares if share]
     print(_header(preset, out, todo, f"{len(shares)} worker process(es) x {threads} thread(s)"), flush=True)

@@ -167,12 +167,14 @@ def test_rerun_replaces_a_damaged_export_and_resumes_a_longer_extension(finished
 
 def test_pipeline_that_cannot_finish_is_refused_before_any_job(local_slurm, finished, tmp_path):
     """One line on stderr, exit 2, no job, nothing written: the evaluation does not fit the node; the batch
-    does not divide at the extension's world size; a job script's variable the pipeline sets per stage."""
+    does not divide at the extension's world size; a training step does not fit the GPUs (GPU mode, checked
+    from this CPU machine); a job script's variable the pipeline sets per stage; an unknown export format."""
     env = {**finished["env"], "WORK_DIR": str(tmp_path / "work")}
     queued = local_slurm.run("squeue", "-h", "-o", "%i").stdout.split()
     for variables, expected in (
         ({"EVAL_LENGTHS": "32,64,50000000"}, "eval: length 50000000 does not fit"),
         ({"NPROC_PER_NODE": "4"}, "extend: --global-batch-size 2 is not a multiple of micro-batch-size x DP = 1 x 4"),
+        ({"GPUS_PER_NODE": "8", "GPU_MEMORY_GB": "0.0001"}, "extend: a training step at --seq-length 64 needs about"),
         ({"LOAD": "ckpt"}, "LOAD=ckpt is a job script's variable"),
         ({"ROPE_FORMAT": "hf"}, "export: unknown ROPE_FORMAT 'hf'"),
     ):

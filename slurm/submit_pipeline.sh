@@ -207,8 +207,12 @@ submit() {
     return
   fi
   local out
+  # WORK_DIR/jobs.txt: a line per submission, "<stage>=<job id> ..." (skipped stages are not listed); each id
+  # is written at once, so that a resubmission sees it even when a later sbatch fails
+  [[ -n $DEP ]] || trap 'echo >>"$WORK_DIR/jobs.txt"' EXIT
   out=$(env "${clear[@]}" "${vars[@]}" "${cmd[@]}") || die "sbatch of the $name job failed"
   JOB=${out%%;*} DEP=$JOB
+  printf '%s=%s ' "$name" "$JOB" >>"$WORK_DIR/jobs.txt"
 }
 
 read -ra convert_opts <<<"$CONVERT_SBATCH_ARGS"
@@ -216,15 +220,15 @@ read -ra extend_opts <<<"$EXTEND_SBATCH_ARGS"
 read -ra eval_opts <<<"$EVAL_SBATCH_ARGS"
 overwrite() { [[ ${ACTION[$1]} == replace ]] && echo 1 || echo 0; }
 
+if [[ ${ACTION[extend]} == replace && $DRY_RUN != 1 ]]; then
+  aside=$WORK_DIR/extended.old-$(date +%Y%m%d-%H%M%S)
+  mv "$WORK_DIR/extended" "$aside" || die "cannot move $WORK_DIR/extended aside"
+  say "extend: moved the earlier checkpoints to $aside"
+fi
 submit convert convert.sbatch "${convert_opts[@]}" -- \
   DIRECTION=hf_to_megatron LOAD="$HF_MODEL" SAVE="$WORK_DIR/megatron" DTYPE="$CONVERT_DTYPE" \
   OVERWRITE="$(overwrite convert)"
 convert=$JOB
-if [[ ${ACTION[extend]} == replace && $DRY_RUN != 1 ]]; then
-  aside=$WORK_DIR/extended.old-$(date +%Y%m%d-%H%M%S)
-  mv "$WORK_DIR/extended" "$aside"
-  say "extend: moved the earlier checkpoints to $aside"
-fi
 NODES_OF_JOB=$NODES submit extend extend_context.sbatch --nodes="$NODES" "${gpus[@]}" "${extend_opts[@]}" -- \
   GPUS_PER_NODE="$GPUS_PER_NODE" NPROC_PER_NODE="$NPROC_PER_NODE" CONFIG="$EXTEND_CONFIG" \
   LOAD="$WORK_DIR/megatron" SAVE="$WORK_DIR/extended" ROPE_KIND="$ROPE_KIND" DATA_PATH="$DATA_PATH" \
@@ -244,7 +248,5 @@ if [[ -z $convert$extend$export_$eval_ ]]; then
   say "nothing to submit: every stage is complete (OVERWRITE=1 runs them again); results: $WORK_DIR/eval/report.md"
   exit 0
 fi
-line="convert=${convert:-skipped} extend=${extend:-skipped} export=${export_:-skipped} eval=${eval_:-skipped}"
-echo "$line"
-[[ $DRY_RUN == 1 ]] || echo "$line" >>"$WORK_DIR/jobs.txt"
+echo "convert=${convert:-skipped} extend=${extend:-skipped} export=${export_:-skipped} eval=${eval_:-skipped}"
 say "results: $WORK_DIR/eval/report.md; logs: $WORK_DIR/logs"

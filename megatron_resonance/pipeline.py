@@ -23,6 +23,7 @@ get (``planning``: the estimate the trainer's layout planner and the evaluation 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -137,8 +138,9 @@ def exported(req: Request) -> Optional[str]:
     return None
 
 
-def evaluated(req: Request) -> Optional[str]:
-    """None when ``eval/report.json`` has every model and length asked for on the data asked for."""
+def evaluated(req: Request, args) -> Optional[str]:
+    """None when ``eval/report.json`` has every model and length asked for, on the data and with the settings
+    asked for (``args``: the evaluation job's parsed flags)."""
     path = os.path.join(req.output("eval"), "report.json")
     try:
         with open(path) as f:
@@ -152,6 +154,9 @@ def evaluated(req: Request) -> Optional[str]:
     data = os.path.abspath(req.eval_data) if req.eval_data else None
     if data and settings.get("data") != data:
         return f"{path} is of --data {settings.get('data')}"
+    for key in ("stride", "max_documents", "seed", "add_bos", "micro_batch_size"):
+        if key in settings and settings[key] != getattr(args, key):
+            return f"{path} has {key} {settings[key]}, EVAL_ARGS asks for {getattr(args, key)}"
     return None
 
 
@@ -210,8 +215,8 @@ def plan(req: Request) -> List[Stage]:
     rerun = why is not None
 
     # ---------------------------------------------------------------- eval
-    _check_eval(req, model)
-    why = "the export runs" if rerun else evaluated(req)
+    args = _check_eval(req, model)
+    why = "the export runs" if rerun else evaluated(req, args)
     stages.append(_writing("eval", req.output("eval"), why))
     return stages
 
@@ -303,7 +308,7 @@ def _check_export(req: Request, cfg: Config, reference: dict) -> None:
         raise _problem("export", e) from None
 
 
-def _check_eval(req: Request, model) -> None:
+def _check_eval(req: Request, model) -> argparse.Namespace:
     """The evaluation job's flags parse; its data exists; each evaluated model (the source and its export: the
     same shape) fits at the longest length with the evaluation's own estimate (``evaluation.memory``) in the
     job's memory."""
@@ -324,7 +329,7 @@ def _check_eval(req: Request, model) -> None:
         raise UsageError(f"eval: EVAL_DATA={req.eval_data}: no such JSONL file or indexed dataset (.bin/.idx)")
     memory = args.max_memory_gb or ((req.eval_memory_gb or req.node_memory_gb) if req.cpu else req.gpu_memory_gb)
     if memory is None:
-        return
+        return args
     shape = planning.ModelShape.from_llama(model)
     # the evaluation's dtype on the job's device ("auto": bfloat16 on GPU, float32 on CPU)
     dtype_bytes = hf_config.DTYPES[args.dtype].itemsize if args.dtype != "auto" else 4 if req.cpu else 2
@@ -339,3 +344,4 @@ def _check_eval(req: Request, model) -> None:
         hint = f"EVAL_LENGTHS up to {fits[-1]} fit" if fits else "no length of EVAL_LENGTHS fits"
         more = "the eval job more memory (EVAL_SBATCH_ARGS=--mem=...)" if req.cpu else "GPUs with more memory"
         raise UsageError(f"eval: {e.message}; {hint}, or give {more}") from None
+    return args

@@ -4,8 +4,8 @@
   resubmitted into the same WORK_DIR it skips the complete conversion and extension and runs the rest:
   every earlier stage ran once. While its jobs are queued a resubmission is refused; once everything is
   complete a resubmission submits nothing, and OVERWRITE=1 runs every stage again.
-* Rerun rules on copies of the finished WORK_DIR: a damaged export is replaced, a longer --train-iters
-  resumes the extension and redoes what follows it.
+* Rerun rules on copies of the finished WORK_DIR: other evaluation flags redo the evaluation, a damaged
+  export is replaced, a longer --train-iters resumes the extension and redoes what follows it.
 * Every stage's inputs and fit are checked before the first job: refusals are one line, nothing submitted.
 * Every variable in the script's configuration block reaches the job it configures (DRY_RUN=1 prints each
   job's own command).
@@ -145,9 +145,14 @@ def copy_work(finished, tmp_path) -> Path:
     return work
 
 
-def test_rerun_replaces_a_damaged_export_and_resumes_a_longer_extension(finished, tmp_path):
+def test_rerun_redoes_changed_evaluation_a_damaged_export_and_a_longer_extension(finished, tmp_path):
     env = finished["env"]
     work = copy_work(finished, tmp_path)
+    fewer = submit_pipeline({**env, "WORK_DIR": str(work)}, tmp_path, DRY_RUN="1", EVAL_ARGS="--max-documents 2")
+    assert fewer.returncode == 0, fewer.stderr
+    assert stage_lines(fewer.stdout) == {"convert": "skip", "extend": "skip", "export": "skip", "eval": "replace"}
+    assert "max_documents None, EVAL_ARGS asks for 2" in fewer.stdout
+
     (shard,) = (work / "hf").glob("*.safetensors")
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)

@@ -23,8 +23,8 @@
 #
 # Rerunning: submit again with the same variables and WORK_DIR (after a failure, a cancel, a fix). Stages
 # whose output is complete are skipped (a verified checkpoint; an export that reads back; a report with
-# every length), the first incomplete one and every later one run: the extension resumes from its last
-# checkpoint, a conversion or export left incomplete is replaced. Refused while the last submission's jobs
+# every length and the same evaluation flags), the first incomplete one and every later one run: the
+# extension resumes from its last checkpoint, a conversion or export left incomplete is replaced. Refused while the last submission's jobs
 # are still queued or running. OVERWRITE=1 runs every stage again (old extension checkpoints are moved to
 # WORK_DIR/extended.old-<time>, never deleted).
 #

@@ -1,1 +1,7 @@
-"""Megatron-Core integration: rotary module, LLaMA builder, SDPA core attention, CPU compatibility and speed."""
+"""Megatron-Core integration: rotary module, LLaMA builder, SDPA core attention, CPU compatibility and speed.
+
+Importing it checks megatron-core's release against the supported window (``compat``): one line otherwise."""
+
+from megatron_resonance.megatron import compat
+
+compat.check_version()

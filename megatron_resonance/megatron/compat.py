@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -59,6 +60,12 @@ def installed_version() -> Optional[str]:
     return f"{fields['MAJOR']}.{fields['MINOR']}.{fields['PATCH']}{fields.get('PRE_RELEASE', '')}"
 
 
+@functools.lru_cache(maxsize=None)
+def installed_release() -> Tuple[int, int]:
+    """(major, minor) of the installed megatron-core (``(-1, -1)``: not installed)."""
+    return release(installed_version() or "")
+
+
 def release(version: str) -> Tuple[int, int]:
     """``"0.16.1"`` -> ``(0, 16)``; ``(-1, -1)`` for a version that does not start with two numbers."""
     parts = version.split(".")
@@ -79,6 +86,22 @@ def check_version(version: Optional[str] = None) -> Optional[str]:
         sys.excepthook = _one_line_hook
     raise UnsupportedMegatronCore(f"megatron-resonance supports megatron-core {window_text()}; found {version}: "
                                   f"pip install '{REQUIREMENT}'")
+
+
+def quiet_end_of_life_warning() -> None:
+    """0.15.x: importing megatron's MoE token dispatcher (which its GPT layer specs import) logs
+    "fused_indices_to_multihot has reached end of life" on stderr, in every process: an experimental function
+    of 0.11 it still uses. This package runs no MoE; drop that record (0.16.x does not log it)."""
+    if installed_release() != (0, 15):
+        return
+    import logging
+
+    logging.getLogger("megatron.core.utils").addFilter(_end_of_life)  # once: the same filter
+
+
+def _end_of_life(record) -> bool:
+    return not (str(record.msg).startswith("%s has reached end of life")
+                and record.args == ("fused_indices_to_multihot",))
 
 
 def _one_line_hook(kind, value, tb):
@@ -185,7 +208,7 @@ def mock_tokens_within_vocabulary() -> None:
     from megatron.core.datasets import gpt_dataset
 
     low_level = gpt_dataset.MockGPTLowLevelDataset
-    if release(installed_version() or "") != (0, 15) or getattr(low_level, "_within_vocabulary", False):
+    if installed_release() != (0, 15) or getattr(low_level, "_within_vocabulary", False):
         return
     import numpy
 
@@ -196,3 +219,30 @@ def mock_tokens_within_vocabulary() -> None:
 
     low_level.__getitem__ = __getitem__
     low_level._within_vocabulary = True
+
+
+# ==========================================================================================================
+# Rotary (megatron/rotary.py)
+# ==========================================================================================================
+
+
+def use_get_emb(rotary_class: type) -> type:
+    """0.15.x: megatron's ``RotaryEmbedding.forward`` builds the table itself after moving ``inv_freq`` to
+    ``torch.cuda.current_device()``, which fails on CPU (the model's forward runs outside cpu_compat's device
+    mode). 0.16.0 split it into ``get_emb`` (the table, which ``ResonanceRotaryEmbedding`` overrides) and a
+    forward that slices it for context parallelism: give ``rotary_class`` that forward (the same tables,
+    cached per length and offset as megatron's). Returns the class (unchanged on 0.16.x)."""
+    if installed_release() != (0, 15):
+        return rotary_class
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import get_pos_emb_on_this_cp_rank
+
+    @functools.lru_cache(maxsize=32)
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        emb = self.get_emb(max_seq_len, offset)
+        cp_group = self.cp_group if cp_group is None else cp_group
+        if cp_group is not None and cp_group.size() > 1 and not packed_seq:
+            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+        return emb
+
+    rotary_class.forward = forward
+    return rotary_class

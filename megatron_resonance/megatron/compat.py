@@ -148,7 +148,7 @@ def ensure_optimizer_state(optimizer) -> None:
 
 @contextlib.contextmanager
 def states_without_step(optimizer):
-    """0.16.x, without Apex/TE: megatron loads ``fully_reshardable`` optimizer state by copying every entry
+    """0.15.x, 0.16.x, without Apex/TE: megatron loads ``fully_reshardable`` optimizer state by copying every entry
     of torch Adam's per-parameter state from the checkpoint, which has no ``step`` there (it travels in the
     param groups): a KeyError. Leave ``step`` out of that copy; :func:`restore_adam_steps` sets it afterwards.
     """

@@ -246,3 +246,39 @@ def use_get_emb(rotary_class: type) -> type:
 
     rotary_class.forward = forward
     return rotary_class
+
+
+# ==========================================================================================================
+# Layer spec (megatron/llama.py)
+# ==========================================================================================================
+
+
+def strided_gated_fc1(layer):
+    """0.15.x: megatron's MLP builds ``linear_fc1`` of a gated linear unit (SwiGLU: [gate; up]) with stride 1,
+    so with CPU initialization each TP rank takes a contiguous block of the TP=1 weight (rank 0 all gate
+    rows): the same seed gives another model at TP=2 than at TP=1 (losses differ from the first step).
+    0.16.0 builds it with stride 2, each rank its part of gate and of up. Build the local spec's
+    ``linear_fc1`` so (only the initialization changes). Returns the layer spec."""
+    if installed_release() != (0, 15):
+        return layer
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    mlp = getattr(layer.submodules.mlp, "submodules", None)
+    if mlp is not None and mlp.linear_fc1 is ColumnParallelLinear:
+        mlp.linear_fc1 = _strided_fc1()
+    return layer
+
+
+@functools.lru_cache(maxsize=None)
+def _strided_fc1() -> type:
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class StridedColumnParallelLinear(ColumnParallelLinear):
+        """``ColumnParallelLinear`` with 0.16's stride 2 for a gated linear unit."""
+
+        def __init__(self, *args, config, **kwargs):
+            if config.gated_linear_unit:
+                kwargs.setdefault("stride", 2)
+            super().__init__(*args, config=config, **kwargs)
+
+    return StridedColumnParallelLinear

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import megatron.core
@@ -58,3 +59,39 @@ def test_an_entry_point_shows_the_line_not_a_traceback(entry_point, tmp_path):
         "megatron-resonance supports megatron-core 0.15.x and 0.16.x; found 0.14.0: "
         "pip install 'megatron-core>=0.15,<0.17'"
     ]
+
+
+class _Mock015:
+    """0.15.x's ``MockGPTLowLevelDataset``: ids ``1 .. len-1`` whatever the vocabulary, then the EOD."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.sequence_lengths = [600]
+
+    def __getitem__(self, idx):
+        return list(range(1, self.sequence_lengths[idx])) + [self.tokenizer.eod]
+
+
+def test_0_15_mock_documents_stay_within_the_vocabulary(monkeypatch):
+    from megatron.core.datasets import gpt_dataset
+
+    monkeypatch.setattr(gpt_dataset, "MockGPTLowLevelDataset", _Mock015)
+    monkeypatch.setattr(compat, "installed_release", lambda: (0, 15))
+    compat.mock_tokens_within_vocabulary()
+    compat.mock_tokens_within_vocabulary()  # once
+    ids = _Mock015(types.SimpleNamespace(vocab_size=256, eod=0))[0]
+    assert len(ids) == 600 and max(ids) == 255 and ids[-1] == 0
+    assert list(ids[254:258]) == [255, 0, 1, 2]  # as 0.16's: modulo the vocabulary
+
+
+def test_0_15_swiglu_fc1_is_built_with_stride_2(monkeypatch):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    assert compat.strided_gated_fc1(layer).submodules.mlp.submodules.linear_fc1 is (
+        ColumnParallelLinear if compat.installed_release() != (0, 15) else compat._strided_fc1()
+    )
+    monkeypatch.setattr(compat, "installed_release", lambda: (0, 15))
+    fc1 = compat.strided_gated_fc1(layer).submodules.mlp.submodules.linear_fc1
+    assert issubclass(fc1, ColumnParallelLinear) and fc1 is not ColumnParallelLinear

@@ -11,8 +11,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_resonance", "megatron_resonance.*"]),
     install_requires=[
-        # 0.17+ needs Python >= 3.12; cpu_compat, cpu_speed and the rotary module are written against 0.16.1.
-        "megatron-core==0.16.1",
+        # the window megatron_resonance/megatron/compat.py checks at import (0.17+ needs Python >= 3.12).
+        "megatron-core>=0.15,<0.17",
         "torch>=2.6",
         "numpy",
         "sentencepiece",

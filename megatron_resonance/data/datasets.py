@@ -264,6 +264,10 @@ def build_gpt_datasets(
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     from megatron_resonance.data.checks import split_matrix
+    from megatron_resonance.megatron import compat
+
+    if mock:
+        compat.mock_tokens_within_vocabulary()
 
     dataset_tokenizer = DatasetTokenizer(vocab_size, eod_id, tokenizer_name)
 

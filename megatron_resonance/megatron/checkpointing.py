@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from megatron_resonance import atomic
 from megatron_resonance.cli import one_line
-from megatron_resonance.megatron import distributed
+from megatron_resonance.megatron import compat, distributed
 from megatron_resonance.megatron.llama import LlamaConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -345,7 +345,7 @@ def save_checkpoint(
             sharded["opt_param_scheduler"] = scheduler.state_dict()
         if train_state is not None:
             sharded["train_state"] = train_state
-        _in_process_write_results_queue()
+        compat.in_process_write_results_queue()
         # megatron reports a failed write on every rank (its finalize step broadcasts the failure); a rank
         # that dies makes the others' collectives fail
         dist_checkpointing.save(sharded, partial, content_metadata=OPTIMIZER_METADATA)
@@ -482,83 +482,6 @@ def _read_holder(handle) -> str:
     return handle.read().strip() or "holder unknown"
 
 
-def _in_process_write_results_queue() -> None:
-    """Give megatron's checkpoint writer an in-process results queue instead of its ``Manager().Queue()``.
-
-    megatron-core 0.16.1 creates that queue once per process, on the first save, in a spawned
-    multiprocessing manager: a server process that stays for the rest of the run with default signal
-    dispositions. Slurm delivers a step's signals to every process of the step, so the preemption warning
-    (SIGUSR1) or SIGTERM kills the manager, and the save the trainer then makes fails with BrokenPipeError
-    (seen on two nodes after a periodic save: the job requeued from the save before). Saves here are
-    synchronous (the writer reports from this process), so a plain queue does the same job without a process.
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", ...) is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-def _ensure_optimizer_state(optimizer) -> None:
-    """A fresh torch Adam has no state yet; megatron's distributed optimizer (without Apex/TE) needs the
-    ``step`` entries to build its sharded state dict. Allocate them with megatron's own zero-gradient
-    dummy step (the loaded checkpoint then overwrites every value)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-
-
-@contextlib.contextmanager
-def _states_without_step(optimizer):
-    """megatron-core 0.16.1 loads ``fully_reshardable`` optimizer state by copying every entry of torch
-    Adam's per-parameter state (used without Apex/TE) from the checkpoint, which has no ``step`` there
-    (it travels in the param groups): a KeyError. Leave ``step`` out of that copy; ``_restore_adam_steps``
-    sets it afterwards."""
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-            continue
-
-        def set_states(model_param, tensors, opt=opt, original=original):
-            group_index, group_order = opt.model_param_group_index_map[model_param]
-            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
-            step = state.pop("step", None) if "step" not in tensors else None
-            try:
-                original(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        opt._set_main_param_and_optimizer_states = set_states
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Without Apex/TE (CPU), megatron's distributed optimizer keeps torch Adam's iteration count in each
-    param group's ``step`` but leaves the per-parameter ``step`` tensors as they were before loading (and,
-    when it sets them, shares one tensor that torch's foreach Adam would increment once per parameter).
-    Give every parameter its own copy of the restored count, or the bias correction is wrong after resume.
-    The copy is placed where torch's Adam keeps it (:func:`place_adam_steps`)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for group in getattr(inner, "param_groups", []):
-            if group.get("step") is None:
-                continue
-            for param in group["params"]:
-                state = inner.state.get(param)
-                if state is not None and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
-    place_adam_steps(optimizer)
-
-
 def place_adam_steps(optimizer) -> None:
     """Put torch Adam's per-parameter ``step`` tensors where its kernels read them: on the parameter's
     device for the fused and capturable kernels (CUDA's fused Adam rejects CPU steps), as float32."""
@@ -610,7 +533,7 @@ def load_checkpoint(
     same_world = meta.get("run", {}).get("world_size") == dist.get_world_size()
     with _load_errors(ckpt):
         if optimizer is not None:
-            _ensure_optimizer_state(optimizer)
+            compat.ensure_optimizer_state(optimizer)
             # the format the checkpoint was saved in (older checkpoints: dp_reshardable, same layout only)
             metadata = dist_checkpointing.load_content_metadata(ckpt) or OPTIMIZER_METADATA
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
@@ -630,9 +553,10 @@ def load_checkpoint(
             unwrap(c).load_state_dict(loaded[f"model{i}"], strict=strict)
     if optimizer is not None:
         # fp32 main params are views of leaf parameters; megatron copies in place
-        with torch.no_grad(), _states_without_step(optimizer):
+        with torch.no_grad(), compat.states_without_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_steps(optimizer)
+        compat.restore_adam_steps(optimizer)
+        place_adam_steps(optimizer)
         if scheduler is not None and "opt_param_scheduler" in loaded:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:

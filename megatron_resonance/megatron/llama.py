@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_resonance.megatron import cpu_speed, local_ops
+from megatron_resonance.megatron import compat, cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
 
 SPECS = ("auto", "te", "local", "local_compiled")
@@ -230,7 +230,7 @@ def layer_spec(spec: str = "auto"):
         setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name), lean))
     if lean:  # the module cpu_speed.transformer_settings' use_te_activation_func runs
         layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU
-    return layer
+    return compat.strided_gated_fc1(layer)
 
 
 class LocalNorm:

@@ -18,10 +18,11 @@ from typing import Iterable, Optional
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from megatron_resonance.megatron import distributed
+from megatron_resonance.megatron import compat, distributed
 from megatron_resonance.rope import RopeConfig, compute_frequencies, rotary_angle_table
 
 
+@compat.use_get_emb
 class ResonanceRotaryEmbedding(RotaryEmbedding):
     """``RotaryEmbedding`` whose angles come from a ``RopeConfig`` (any kind, resonance or not)."""
 

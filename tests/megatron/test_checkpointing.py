@@ -14,7 +14,7 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-from megatron_resonance.megatron import checkpointing
+from megatron_resonance.megatron import checkpointing, compat
 
 
 def _adam_over(param: torch.Tensor, fused: bool) -> torch.optim.AdamW:
@@ -25,13 +25,20 @@ def _adam_over(param: torch.Tensor, fused: bool) -> torch.optim.AdamW:
     return opt
 
 
+def _restore(opt) -> None:
+    """What a load does after megatron's optimizer load."""
+    optimizer = types.SimpleNamespace(optimizer=opt)
+    compat.restore_adam_steps(optimizer)
+    checkpointing.place_adam_steps(optimizer)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_restored_adam_step_is_where_the_kernel_reads_it(fused):
     """torch's fused (and capturable) Adam keeps ``step`` on the parameter's device; CUDA's fused kernel
     rejects CPU steps. A parameter on the meta device stands in for a CUDA one."""
     param = torch.nn.Parameter(torch.zeros(4, device="meta"))
     opt = _adam_over(param, fused)
-    checkpointing._restore_adam_steps(types.SimpleNamespace(optimizer=opt))
+    _restore(opt)
     step = opt.state[param]["step"]
     assert step.device == (param.device if fused else torch.device("cpu"))
     assert step.dtype == torch.float32
@@ -43,7 +50,7 @@ def test_restored_adam_step_takes_the_group_count_per_parameter():
     opt.param_groups[0]["step"] = 7
     for p in params:
         opt.state[p] = {"step": torch.tensor(1.0)}
-    checkpointing._restore_adam_steps(types.SimpleNamespace(optimizer=opt))
+    _restore(opt)
     steps = [opt.state[p]["step"] for p in params]
     assert [float(s) for s in steps] == [7.0, 7.0]
     assert steps[0] is not steps[1]  # foreach Adam increments a shared tensor once per parameter
@@ -52,7 +59,7 @@ def test_restored_adam_step_takes_the_group_count_per_parameter():
 def test_write_results_queue_is_in_process(monkeypatch):
     monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a process that has not saved yet
     before = set(multiprocessing.active_children())
-    checkpointing._in_process_write_results_queue()
+    compat.in_process_write_results_queue()
     results = filesystem_async._get_write_results_queue()  # what FileSystemWriterAsync takes
     assert isinstance(results, queue.Queue)
     assert set(multiprocessing.active_children()) == before

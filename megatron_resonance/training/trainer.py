@@ -11,6 +11,8 @@ validation (``validation.resolve_and_validate``, which decides the ``start.Start
 * loop   — iterations with logging (console, TensorBoard, ``<save>/metrics.jsonl``: ``metrics``), evaluation
   and periodic saves until ``--train-iters`` or a stop (:func:`_stop_reason`: SIGTERM/SIGUSR1 from Slurm's
   preemption, ``--exit-interval``); the state is saved where the loop ends (:func:`loop`).
+
+megatron.core is imported where it is used (:func:`build`): it is heavy, and the launcher imports this module.
 """
 
 from __future__ import annotations
@@ -42,11 +44,6 @@ from megatron_resonance.training.validation import resolve_and_validate
 
 class TrainingError(Exception):
     """A run that must stop without saving (a non-finite loss, a failed save): one line, exit status 1."""
-
-
-# ==========================================================================================================
-# Build
-# ==========================================================================================================
 
 
 @dataclasses.dataclass

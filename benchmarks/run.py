@@ -141,8 +141,9 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False,
     """One-process megatron-core training step (same code path as pretrain_llama.py); returns the loss."""
     import dataclasses
 
-    from megatron_resonance.training import trainer
     from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig, ParallelConfig
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = Config(
         model=dataclasses.replace(model_cfg, rope=rope),
@@ -152,12 +153,12 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False,
     )
     cfg.training.train_iters = 10**6
     _seed()
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=bf16)
+    chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=bf16)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
 
-    def batches():  # CPU tensors: trainer.forward_step moves each batch to the GPU, as in training
+    def batches():  # CPU tensors: step.forward_step moves each batch to the GPU, as in training
         for t in _token_batches(model_cfg.vocab_size, seq, batch):
             yield {
                 "tokens": t[:, :-1],
@@ -169,7 +170,7 @@ def _megatron_trainer(model_cfg, rope, seq: int, batch: int, bf16: bool = False,
     it = batches()
 
     def step():
-        return trainer.train_step(fb, it, chunks, optimizer, scheduler, cfg, num_microbatches=1)[0]
+        return train_step(fb, it, chunks, optimizer, scheduler, cfg, num_microbatches=1)[0]
 
     return step
 

@@ -16,7 +16,7 @@ moved aside (``extended.old-<time>``), never deleted. ``overwrite`` runs every s
 
 The checks are the stages' own, made with what exists now: the source converts (``check_source``); the
 extension's configuration is built from the stored model or, before the conversion, from the Hugging Face
-config it will store, and validated at the job's world size (``trainer.resolve_and_validate``); the
+config it will store, and validated at the job's world size (``validation.resolve_and_validate``); the
 extension's training step and the evaluation's forward pass at the longest length fit the memory the jobs
 get (``planning``: the estimate the trainer's layout planner and the evaluation tools use).
 """
@@ -39,7 +39,7 @@ from megatron_resonance.evaluation.memory import DoesNotFit, check_fits, forward
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.rope import ROPE_FORMATS
 from megatron_resonance.megatron import checkpointing
-from megatron_resonance.training import extension, launch, trainer
+from megatron_resonance.training import extension, launch, validation
 from megatron_resonance.training.config import Config, ConfigError
 
 GiB = 1024**3
@@ -251,7 +251,7 @@ def _extension_config(req: Request, stored: Optional[dict], validate_save: bool)
         if not req.cpu and checked.parallel.transformer_impl == "te":
             # Transformer Engine is the GPU nodes' to have, not the submitting node's
             checked.parallel.transformer_impl = "local"
-        trainer.resolve_and_validate(checked, req.nodes * req.nproc_per_node)
+        validation.resolve_and_validate(checked, req.nodes * req.nproc_per_node)
     except (ConfigError, checkpointing.CheckpointError, UsageError) as e:
         raise _problem("extend", e) from None
     cfg.model.vocab_size = checked.model.vocab_size

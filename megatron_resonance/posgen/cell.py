@@ -1,9 +1,10 @@
 """One PosGen cell: train the project's Megatron LLaMA with one rotary kind on one task at one seed, test it.
 
-The model and its training step are the LLM path's own: ``training.trainer.build_model_and_optimizer``
+The model and its training step are the LLM path's own: ``training.model.build_model_and_optimizer``
 (GPTModel chunks from ``megatron.llama.build_model`` with our rotary module, megatron DDP, the distributed
-optimizer, warm-up + cosine scheduler) and ``trainer.train_step`` (per-token loss). Only the data and the
-metric are PosGen's. A cell runs data-parallel over the ranks of its job (TP = PP = 1).
+optimizer, warm-up + cosine scheduler), ``training.step.train_step`` (per-token loss), Megatron-LM's sampler
+(``training.data_loop.sample_ranges``) and the windowed loss (``training.metrics.LossWindow``). Only the data
+and the metric are PosGen's. A cell runs data-parallel over the ranks of its job (TP = PP = 1).
 
 Input layout. A sequence x_0..x_{L-1} is fed as ``[BOS, x_0, .., x_{L-2}]`` with labels ``x_0..x_{L-1}``, so
 the prediction of x_l is made at rotary position l from exactly the tokens before it: training sees
@@ -32,6 +33,10 @@ from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.presets import EVALUATED_AS, Preset
 from megatron_resonance.posgen.splits import make_reference_split, make_split
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
+from megatron_resonance.training.data_loop import sample_ranges
+from megatron_resonance.training.metrics import LossWindow
+from megatron_resonance.training.model import build_model_and_optimizer
+from megatron_resonance.training.step import eval_mode, train_step
 
 BOS = VOCAB_SIZE
 """Token id of the beginning-of-sequence token (17): PosGen's 17 tokens plus this one."""
@@ -136,7 +141,7 @@ def with_bos(sequences: torch.Tensor) -> torch.Tensor:
 
 
 def model_inputs(sequences: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The micro-batch dict ``trainer.forward_step`` reads, for PosGen sequences [N, L].
+    """The micro-batch dict ``training.step.forward_step`` reads, for PosGen sequences [N, L].
 
     tokens = [BOS, x_0 .. x_{L-2}], labels = x_0 .. x_{L-1}: the prediction at position l sees x_<l.
     loss_mask drops the seed-prefix targets (positions 0..3).
@@ -162,16 +167,13 @@ def sample_order(num_sequences: int, num_samples: int, seed: int) -> torch.Tenso
 def train_micro_batches(
     sequences: torch.Tensor, order: torch.Tensor, global_batch_size: int, micro_batch_size: int
 ) -> Iterator[Dict[str, torch.Tensor]]:
-    """Micro-batches for this data-parallel rank: ``order`` cut into global batches; rank r takes slice r
-    of each (Megatron-LM's pretraining sampler)."""
-    from megatron.core import parallel_state as ps
-
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    per_rank = global_batch_size // dp_size
-    for start in range(0, len(order) - global_batch_size + 1, global_batch_size):
-        mine = order[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank]
-        for m in range(0, per_rank, micro_batch_size):
-            yield model_inputs(sequences[mine[m : m + micro_batch_size]])
+    """Micro-batches for this data-parallel rank of the whole global batches in ``order``, by Megatron-LM's
+    pretraining sampler (``data_loop.sample_ranges``: rank r takes slice r of every micro-batch round)."""
+    end = len(order) // global_batch_size * global_batch_size
+    for samples in sample_ranges(0, micro_batch_size):
+        if samples.stop > end:
+            return
+        yield model_inputs(sequences[order[samples.start : samples.stop]])
 
 
 # ==========================================================================================================
@@ -198,14 +200,11 @@ def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int, vocab_si
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     correct = torch.zeros(sequences.shape[1], dtype=torch.float64)
     mine = sequences[dp_rank::dp_size]
-    for c in chunks:
-        c.eval()
-    for start in range(0, mine.shape[0], batch_size):
-        tokens = with_bos(mine[start : start + batch_size])
-        scores = megatron_token_scores(chunks, tokens, vocab_size=vocab_size, micro_batch_size=batch_size)
-        correct += scores.greedy.sum(dim=0).double()
-    for c in chunks:
-        c.train()
+    with eval_mode(chunks):
+        for start in range(0, mine.shape[0], batch_size):
+            tokens = with_bos(mine[start : start + batch_size])
+            scores = megatron_token_scores(chunks, tokens, vocab_size=vocab_size, micro_batch_size=batch_size)
+            correct += scores.greedy.sum(dim=0).double()
     if dp_size > 1:
         device = distributed.device()
         total = correct.to(device)
@@ -243,20 +242,16 @@ class Training:
 
     def step(self, batches: Iterator[Dict[str, torch.Tensor]]):
         """One optimizer step over ``num_microbatches`` micro-batches: (loss, grad norm, update applied)."""
-        from megatron_resonance.training import trainer
-
-        return trainer.train_step(self.forward_backward, batches, self.chunks, self.optimizer, self.scheduler,
-                                  self.cfg, self.num_microbatches)
+        return train_step(self.forward_backward, batches, self.chunks, self.optimizer, self.scheduler, self.cfg,
+                          self.num_microbatches)
 
 
 def build_training(preset: Preset, kind: str, seed: int) -> Training:
-    """The model trained with ``kind`` at ``seed``: ``trainer.build_model_and_optimizer`` on
+    """The model trained with ``kind`` at ``seed``: ``training.model.build_model_and_optimizer`` on
     :func:`run_config`. The same seed gives the rope and the resonance model the same initial weights."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_resonance.training import trainer
 
     dp = ps.get_data_parallel_world_size()
     micro = preset.micro_batch_size or preset.global_batch_size // dp
@@ -265,7 +260,7 @@ def build_training(preset: Preset, kind: str, seed: int) -> Training:
     cfg = run_config(preset, kind, seed, micro)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=preset.bf16)
+    chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=preset.bf16)
     return Training(cfg, chunks, optimizer, scheduler, micro, preset.global_batch_size // (micro * dp),
                     get_forward_backward_func())
 
@@ -321,12 +316,11 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
     log_steps = {
         min(iters, math.ceil(e * steps_per_epoch)) for e in range(interval, math.ceil(preset.epochs) + 1, interval)
     } | {iters}
-    window_loss, window_steps, history, validation_seconds = 0.0, 0, [], 0.0
+    window, history, validation_seconds = LossWindow(), [], 0.0
     best = {}  # reference protocol: variant -> the checkpoint it is tested with
     for step in range(1, iters + 1):
         loss, _, update_ok = training.step(batches)
-        window_loss += loss
-        window_steps += 1
+        window.add(loss)
         if step in log_steps:
             scored = time.time()
             validation = _validate(chunks, preset, data, kind, select)
@@ -334,7 +328,7 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
             record = {
                 "iteration": step,
                 "epoch": step / steps_per_epoch,
-                "loss": window_loss / window_steps,
+                "loss": window.mean_loss(),
                 "validation_id_accuracy": validation[kind],
                 "seconds": time.time() - start,
             }
@@ -353,7 +347,7 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
                 f"{100 * record['validation_id_accuracy']:5.1f}% | {record['seconds']:.0f} s (eta {eta:.0f} s)"
                 + ("" if update_ok else " | skipped step (non-finite grads)")
             )
-            window_loss, window_steps = 0.0, 0
+            window.reset()
     train_seconds = time.time() - start
 
     if weights_path and dist.get_rank() == 0:

@@ -74,7 +74,7 @@ def main(
     """Parse ``argv`` into a Config with ``make_config(args)``, then run or launch the trainer."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser(prog, description).parse_args(argv)
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training import trainer, validation
 
     try:
         try:
@@ -82,7 +82,7 @@ def main(
         except (ValueError, TypeError) as e:  # a field the config dataclasses reject
             raise ConfigError(str(e)) from None
         if args.nproc_per_node and not _under_launcher():
-            trainer.resolve_and_validate(cfg, args.nproc_per_node)
+            validation.resolve_and_validate(cfg, args.nproc_per_node)
             if preemption.received() is not None:
                 print("[signal] received before the workers started: nothing to save, exiting", flush=True)
                 return 0

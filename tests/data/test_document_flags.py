@@ -62,7 +62,7 @@ def test_flags_off_leave_samples_as_they_were(data, mock):
 
 
 def test_micro_batches_carry_documents(data):
-    from megatron_resonance.training.trainer import micro_batches
+    from megatron_resonance.training.data_loop import micro_batches
 
     batch = next(micro_batches(_build(data, reset_attention_mask=True), 0, 2))
     tokens, ids = batch["tokens"], batch["document_ids"]

@@ -213,7 +213,7 @@ def test_paper_preset_is_the_papers_recipe():
 @pytest.mark.parametrize("kind", TRAINED_KINDS)
 def test_every_preset_gives_a_config_the_trainer_accepts(name, kind):
     from megatron_resonance.posgen.cell import run_config
-    from megatron_resonance.training.trainer import validate
+    from megatron_resonance.training.validation import validate
 
     preset = PRESETS[name]
     cfg = run_config(preset, kind, seed=3, micro_batch_size=preset.global_batch_size)

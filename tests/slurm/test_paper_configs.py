@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_resonance.training import config, launch, trainer
+from megatron_resonance.training import config, launch, validation
 from megatron_resonance.training.config import from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def test_preset_loads_and_extend_context_accepts_it(preset, tmp_path, monkeypatc
     # Valid on one and on two 8-GPU nodes (Transformer Engine, which CP needs, stands in for a GPU node's).
     monkeypatch.setattr(config, "resolve_spec", lambda impl: "te")
     for nodes in (1, 2):
-        trainer.validate(cfg, world_size=8 * nodes)
+        validation.validate(cfg, world_size=8 * nodes)
         assert memory_per_gpu_gb(cfg, 8 * nodes) < 65, "leave >= 15 GB of an 80 GB GPU as margin"
 
 
@@ -108,7 +108,7 @@ def test_preset_on_cpu_needs_only_the_layout_override(preset, tmp_path, monkeypa
     p = cfg.parallel
     tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
     with pytest.raises(config.ConfigError) as refused:
-        trainer.validate(cfg, world_size=1)
+        validation.validate(cfg, world_size=1)
     assert str(refused.value) == (
         f"world size 1 is not divisible by TP*PP*CP = {tp}*1*{cp} = {tp * cp}: run a multiple of {tp * cp} "
         "processes, or give a layout for 1, e.g. --tensor-model-parallel-size 1 --context-parallel-size 1"
@@ -116,4 +116,4 @@ def test_preset_on_cpu_needs_only_the_layout_override(preset, tmp_path, monkeypa
     override = ["--tensor-model-parallel-size", "1", "--context-parallel-size", "1"]
     cfg = make_config(parser.parse_args(["--config", path, "--load", str(load), "--mock-data", *override]))
     assert cfg.parallel.sequence_parallel  # kept from the preset; harmless with TP=1
-    trainer.validate(cfg, world_size=1)
+    validation.validate(cfg, world_size=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_resonance.training import trainer
+from megatron_resonance.training import validation
 from megatron_resonance.training.config import ConfigError
 from tests.hf_tokenizers import SPECIALS, train_byte_level_bpe
 from tests.training.test_extend_context import make_config, write_pretrained
@@ -23,7 +23,7 @@ def test_checkpoint_vocabulary_kept_when_the_tokenizer_fits(tokenizer, tmp_path)
     ids = BPE + len(SPECIALS)
     src = write_pretrained(tmp_path / "src", vocab_size=ids + 44)  # e.g. rows padded to a round number
     cfg = make_config("--load", src, "--seq-length", 64, "--tokenizer-model", tokenizer)
-    trainer._tokenizer_vocab(cfg)
+    validation._tokenizer_vocab(cfg)
     assert cfg.model.vocab_size == ids + 44
 
 
@@ -33,7 +33,7 @@ def test_tokenizer_vocabulary_without_a_checkpoint(tokenizer):
 
     cfg = config_from_args(launch.make_parser("x", "").parse_args(["--mock-data", "--tokenizer-model",
                                                                    str(tokenizer / "tokenizer.json")]))
-    trainer._tokenizer_vocab(cfg)
+    validation._tokenizer_vocab(cfg)
     assert cfg.model.vocab_size == BPE + len(SPECIALS)
 
 
@@ -42,4 +42,4 @@ def test_tokenizer_larger_than_the_checkpoint_is_refused(tokenizer, tmp_path):
     cfg = make_config("--load", src, "--seq-length", 64, "--tokenizer-model", tokenizer, "--mock-data")
     with pytest.raises(ConfigError, match=rf"--load {src} is another model: vocab_size {BPE} \(this run: "
                                           rf"{BPE + len(SPECIALS)}\)"):
-        trainer.resolve_and_validate(cfg, 1)
+        validation.resolve_and_validate(cfg, 1)

@@ -35,18 +35,19 @@ def run(spec: str, bf16: bool) -> tuple:
 
     from megatron_resonance.megatron import cpu_speed, distributed
     from megatron_resonance.megatron.rotary import unwrap
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = config(spec)
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=bf16)
+    chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=bf16)
     gpt = unwrap(chunks[0])
     b = next(trainer_steps.batches())
     dev = distributed.device()
     with torch.no_grad(), cpu_speed.suspended():  # (the trainer runs its forward outside the device mode too)
         logits = chunks[0](b["tokens"].to(dev), b["position_ids"].to(dev), None)
-    loss, _, update_ok = trainer.train_step(
+    loss, _, update_ok = train_step(
         get_forward_backward_func(), itertools.repeat(b), chunks, optimizer, scheduler, cfg, num_microbatches=1
     )
     assert update_ok, "the optimizer skipped the update"

@@ -4,7 +4,7 @@ estimate (megatron_resonance/planning.py), one GPU.
     python tests/gpu/workers/planner_memory.py OUT.json
 
 A 4-layer LLaMA (width 1024, SwiGLU 2816, GQA 16:4, vocabulary 32000) at length 8192, micro-batch 1, built
-and stepped by ``training.trainer`` with the layer spec ``auto`` picks (TE where installed, else local), once
+and stepped by ``training.step`` with the layer spec ``auto`` picks (TE where installed, else local), once
 without recomputation and once with full recomputation, three steps each. The peak is everything the
 caching allocator handed out (weights, fp32 gradient buffer, the optimizer state the first step allocates,
 activations, logits), against the estimate's total.
@@ -40,11 +40,12 @@ def measure(recompute: str) -> dict:
     from megatron_resonance.megatron import distributed
     from megatron_resonance.megatron.llama import resolve_spec
     from megatron_resonance.planning import Layout, ModelShape, training_estimate
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = config(recompute)
     distributed.initialize(1, 1)
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=True)
+    chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=True)
     torch.cuda.synchronize()
     built = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -58,7 +59,7 @@ def measure(recompute: str) -> dict:
 
     it = data()
     for _ in range(3):
-        trainer.train_step(get_forward_backward_func(), it, chunks, optimizer, scheduler, cfg, num_microbatches=1)
+        train_step(get_forward_backward_func(), it, chunks, optimizer, scheduler, cfg, num_microbatches=1)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     spec = resolve_spec(cfg.parallel.transformer_impl)

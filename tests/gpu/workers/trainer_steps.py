@@ -7,7 +7,8 @@
 The device is CUDA when there is one; a test hides it (``CUDA_VISIBLE_DEVICES=``) to run the CPU side, which
 then goes through cpu_compat over gloo, as training on a laptop does. The model is a tiny LLaMA
 (2 layers, width 64, GQA 4:2, vocabulary 256) with Resonance YaRN (s = 4 over 16 original positions), built
-and stepped by ``training.trainer`` (megatron DDP, distributed optimizer, fused AdamW, clipping) on one fixed
+and stepped by ``training.model`` / ``training.step`` (megatron DDP, distributed optimizer, fused AdamW,
+clipping) on one fixed
 batch of 4 x 64 random tokens, which it memorizes: the loss falls step after step.
 
 * ``precision``: ``STEPS`` steps in fp32, then the model rebuilt from the same seed in bf16 (megatron's
@@ -64,17 +65,17 @@ class Run:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_resonance.megatron import distributed
-        from megatron_resonance.training import trainer
+        from megatron_resonance.training import model, step
 
         distributed.initialize(1, 1, seed=seed)
-        self.cfg, self.trainer = cfg, trainer
-        self.chunks, self.optimizer, self.scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=bf16)
+        self.cfg, self.model, self.step_module = cfg, model, step
+        self.chunks, self.optimizer, self.scheduler, _ = model.build_model_and_optimizer(cfg, bf16=bf16)
         self.forward_backward = get_forward_backward_func()
         self.data = batches()
 
     def step(self) -> float:
-        loss, _, update_ok = self.trainer.train_step(self.forward_backward, self.data, self.chunks, self.optimizer,
-                                                     self.scheduler, self.cfg, num_microbatches=1)
+        loss, _, update_ok = self.step_module.train_step(self.forward_backward, self.data, self.chunks,
+                                                         self.optimizer, self.scheduler, self.cfg, num_microbatches=1)
         assert update_ok, "the optimizer skipped the update"
         return float(loss)
 
@@ -143,7 +144,7 @@ def load(ckpt: str, out: str) -> None:
     cfg = config()
     run = Run(cfg, bf16=False, seed=SEED + 1)
     info = checkpointing.load_checkpoint(ckpt, run.chunks, optimizer=run.optimizer, scheduler=run.scheduler)
-    run.trainer.use_fused_torch_adam(run.optimizer)  # as the trainer does after a load
+    run.model.use_fused_torch_adam(run.optimizer)  # as the trainer does after a load
     state = run.state()
     torch.save({"device": device(), "iteration": info["iteration"], **state, "next_loss": run.step()}, out)
 

@@ -9,7 +9,7 @@ gathered logits of each document with them (``OUT_DIR/results_cp2.json``).
 
 Batches are built as the trainer builds them: megatron's own ``_get_ltor_masks_and_position_ids`` (what its
 GPTDataset runs with ``reset_position_ids``) for the positions, ``documents.document_ids_from_tokens`` for
-the documents (``micro_batches``), then ``trainer.forward_step``. Each check returns measurements; an
+the documents (``micro_batches``), then ``training.step.forward_step``. Each check returns measurements; an
 exception is recorded as ``{"error": traceback}``. Results go to ``OUT_DIR/results.json``.
 """
 
@@ -71,11 +71,10 @@ def packed_batch(reset_position_ids: bool = True, reset_attention_mask: bool = T
 
 
 def logits_of(model, batch, reset_position_ids: bool) -> torch.Tensor:
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.step import forward_step
 
     with torch.no_grad():  # forward_step's evaluation path: the logits (padded vocabulary)
-        logits, _ = trainer.forward_step(iter([dict(batch)]), model, score_vocab=256,
-                                         reset_position_ids=reset_position_ids)
+        logits, _ = forward_step(iter([dict(batch)]), model, score_vocab=256, reset_position_ids=reset_position_ids)
     return logits.float()
 
 
@@ -123,7 +122,7 @@ def check_gradients():
     against the sum over the documents alone (cpu_speed on: local_ops' rotary backward with [s, b, 1, d]
     angles)."""
     from megatron_resonance.megatron import llama
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.step import forward_step
 
     torch.manual_seed(0)
     model = llama.for_training(llama.build_model(tiny_config("resonance_yarn"), seq_length=SEQ))[0]
@@ -141,7 +140,7 @@ def check_gradients():
         for doc in row:
             batch["loss_mask"][b, start + len(doc) - 1] = 0
             start += len(doc)
-    output, loss_fn = trainer.forward_step(iter([dict(batch)]), model, reset_position_ids=True)
+    output, loss_fn = forward_step(iter([dict(batch)]), model, reset_position_ids=True)
     loss, _, _ = loss_fn(output)
     loss.backward()
     packed_grads = grads()
@@ -154,7 +153,7 @@ def check_gradients():
             single = {"tokens": doc[None], "labels": batch["labels"][b, start:start + n][None],
                       "loss_mask": batch["loss_mask"][b, start:start + n][None],
                       "position_ids": torch.arange(n)[None]}
-            output, loss_fn = trainer.forward_step(iter([single]), model)
+            output, loss_fn = forward_step(iter([single]), model)
             part, _, _ = loss_fn(output)
             part.backward()
             total += part.item()
@@ -213,7 +212,7 @@ def check_parity_cp2():
 
     from megatron_resonance.megatron import cpu_speed, llama
     from megatron_resonance.megatron.documents import cp_query_index
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.step import forward_step
 
     out = {}
     for speed in (True, False):
@@ -225,8 +224,8 @@ def check_parity_cp2():
             model.load_state_dict(saved["weights"])
             batch, docs = packed_batch()
             with torch.no_grad():
-                local, _ = trainer.forward_step(iter([dict(batch)]), model, cp_size=2, score_vocab=256,
-                                                reset_position_ids=True)
+                local, _ = forward_step(iter([dict(batch)]), model, cp_size=2, score_vocab=256,
+                                        reset_position_ids=True)
             parts = [torch.empty_like(local) for _ in range(2)]
             dist.all_gather(parts, local.contiguous())
             packed = torch.empty(local.shape[0], SEQ, local.shape[2])

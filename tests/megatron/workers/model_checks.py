@@ -264,14 +264,15 @@ def check_fused_torch_adam():
     """The trainer's fused torch AdamW makes the same updates as the for-loop AdamW megatron falls back to."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = _train_config(3, lr=1e-2, clip_grad=1.0)
 
     params, flags = {}, {}
     for fused in (True, False):
         torch.manual_seed(0)
-        chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+        chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=False)
         groups = [g for o in optimizer.chained_optimizers for g in o.optimizer.param_groups]
         flags[str(fused)] = sorted({str(g["fused"]) for g in groups})
         if not fused:
@@ -279,7 +280,7 @@ def check_fused_torch_adam():
                 g["fused"] = False
         batch = _train_batch()
         for _ in range(3):
-            trainer.train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
+            train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
         params[fused] = torch.cat([p.detach().flatten() for p in chunks[0].parameters()])
     moved = (params[True] - params[False]).abs().max().item()
     return {"fused_flags": flags, "max_abs_param_diff": moved, "max_abs_param": params[False].abs().max().item()}
@@ -294,7 +295,8 @@ def check_finetune_load_bf16():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_resonance.megatron import checkpointing
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer, load_weights_only
+    from megatron_resonance.training.step import train_step
 
     cfg = _train_config(1, lr=1e-9, weight_decay=0.0)
     batch = _train_batch()
@@ -304,19 +306,19 @@ def check_finetune_load_bf16():
 
     root = tempfile.mkdtemp(prefix="finetune_bf16_")
     torch.manual_seed(0)
-    saved_chunks, _, _, _ = trainer.build_model_and_optimizer(cfg, bf16=True)
+    saved_chunks, _, _, _ = build_model_and_optimizer(cfg, bf16=True)
     checkpointing.save_checkpoint(root, 1, saved_chunks, cfg.model)
     saved = flat(saved_chunks)
     out = {"dtype": str(next(saved_chunks[0].parameters()).dtype)}
     for name, load in (
-        ("load_weights_only", trainer.load_weights_only),
+        ("load_weights_only", load_weights_only),
         ("model_only_load", lambda path, chunks, optimizer: checkpointing.load_checkpoint(path, chunks)),
     ):
         torch.manual_seed(1)  # a different initialization
-        chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=True)
+        chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=True)
         load(root, chunks, optimizer)
         loaded = (flat(chunks) - saved).abs().max().item()
-        trainer.train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
+        train_step(get_forward_backward_func(), iter([batch]), chunks, optimizer, scheduler, cfg, 1)
         out[name] = {"after_load": loaded, "after_step": (flat(chunks) - saved).abs().max().item()}
     return out
 
@@ -403,7 +405,8 @@ def check_speed_matches_megatron_training():
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_resonance.megatron import cpu_speed
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = _train_config(5, lr=1e-3, clip_grad=1.0)
     cfg.model = tiny_config("resonance_yarn")
@@ -413,8 +416,8 @@ def check_speed_matches_megatron_training():
         for name, on in (("speed", True), ("megatron", False)):
             cpu_speed.set_enabled(on)
             torch.manual_seed(0)
-            chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
-            steps = [trainer.train_step(get_forward_backward_func(), iter([b]), chunks, optimizer, scheduler, cfg, 1)
+            chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=False)
+            steps = [train_step(get_forward_backward_func(), iter([b]), chunks, optimizer, scheduler, cfg, 1)
                      for b in batches]
             out[name] = {"losses": [s[0] for s in steps], "grad_norms": [float(s[1]) for s in steps]}
     finally:
@@ -429,7 +432,8 @@ def check_grad_accumulation_fusion():
     from megatron.core.tensor_parallel import layers
 
     from megatron_resonance.megatron import llama
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = _train_config(1, lr=1e-3, clip_grad=0.0)
     calls = []
@@ -442,11 +446,11 @@ def check_grad_accumulation_fusion():
         for fused in (True, False):
             llama.transformer_config = lambda *a, **k: original_config(*a, **k, gradient_accumulation_fusion=fused)
             torch.manual_seed(0)
-            chunks, optimizer, scheduler, tf_config = trainer.build_model_and_optimizer(cfg, bf16=False)
+            chunks, optimizer, scheduler, tf_config = build_model_and_optimizer(cfg, bf16=False)
             flags[str(fused)] = tf_config.gradient_accumulation_fusion
             del calls[:]
             batches = iter([_train_batch()])
-            trainer.train_step(get_forward_backward_func(), batches, chunks, optimizer, scheduler, cfg, 1)
+            train_step(get_forward_backward_func(), batches, chunks, optimizer, scheduler, cfg, 1)
             grads[fused] = torch.cat([p.main_grad.flatten() for p in chunks[0].parameters()])
             flags[f"calls_{fused}"] = len(calls)
     finally:
@@ -521,11 +525,12 @@ def check_model_step_without_device_mode():
     (Autograd runs backward without torch-function modes: the count there is megatron's backward_step.)"""
     from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import train_step
 
     cfg = _train_config(1, lr=1e-3, clip_grad=1.0)
     torch.manual_seed(0)
-    chunks, optimizer, scheduler, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+    chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=False)
     phase, counts = ["other"], {"forward": 0, "backward": 0, "other": 0}
 
     def count(func):
@@ -547,7 +552,7 @@ def check_model_step_without_device_mode():
     try:
         with _mode_calls(count):
             batches = iter([_train_batch()])
-            trainer.train_step(get_forward_backward_func(), batches, chunks, optimizer, scheduler, cfg, 1)
+            train_step(get_forward_backward_func(), batches, chunks, optimizer, scheduler, cfg, 1)
     finally:
         schedules.backward_step = original_backward
         del model.forward
@@ -672,8 +677,9 @@ def check_validation_loss_over_real_vocabulary():
 
     from megatron_resonance.evaluation.scoring import megatron_token_scores
     from megatron_resonance.megatron.llama import build_model
-    from megatron_resonance.training import trainer
     from megatron_resonance.training.config import from_dict
+    from megatron_resonance.training.data_loop import micro_batches
+    from megatron_resonance.training.step import evaluate, forward_step, reduce_loss
 
     model_cfg = dataclasses.replace(tiny_config(), vocab_size=200)  # padded to 256
     torch.manual_seed(3)
@@ -695,16 +701,16 @@ def check_validation_loss_over_real_vocabulary():
 
     def training_loss():  # megatron's cross entropy, over the padded vocabulary
         losses = forward_backward(
-            forward_step_func=trainer.forward_step, data_iterator=trainer.micro_batches(dataset, 0, mbs),
+            forward_step_func=forward_step, data_iterator=micro_batches(dataset, 0, mbs),
             model=[chunk], num_microbatches=batches, seq_length=seq, micro_batch_size=mbs, forward_only=True,
         )  # fmt: skip
-        return trainer.reduce_loss(losses)
+        return reduce_loss(losses)
 
-    before = {"validation": trainer.evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
+    before = {"validation": evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
     reference = megatron_token_scores([chunk], rows, vocab_size=200).nll.double().mean().item()
     with torch.no_grad():
         chunk.output_layer.weight[200:] = 5.0
-    after = {"validation": trainer.evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
+    after = {"validation": evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
     return {"before": before, "after": after, "reference": reference}
 
 

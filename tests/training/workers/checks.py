@@ -7,7 +7,7 @@ Run by ``tests/training/test_model_checks.py`` under ``torchrun --nproc-per-node
 ``SPEC.json`` holds
 
 * ``rope``: ``{name: argv}``; each argv goes through the entry point's own parser, ``config_from_args`` and
-  ``trainer.build_model_and_optimizer`` (TP=1, DP=2), and the installed rotary is reported;
+  ``training.model.build_model_and_optimizer`` (TP=1, DP=2), and the installed rotary is reported;
 * ``reshard``: ``{"checkpoint": DIR, "argv": [...], "layouts": {name: [TP, PP]}}``; at each layout the
   model is built the trainer's way, the checkpoint's weights loaded (dist_checkpointing reshards them),
   and the trainer's ``evaluate`` and a forward pass over the next training batch measured.
@@ -35,12 +35,12 @@ def rope_check(argv):
 
     from megatron_resonance.megatron import distributed
     from megatron_resonance.megatron.rotary import unwrap
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.model import build_model_and_optimizer
 
     cfg = parse(argv)
     p = cfg.parallel
     distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.training.seed)
-    chunks, _, _, tf_config = trainer.build_model_and_optimizer(cfg, bf16=False)
+    chunks, _, _, tf_config = build_model_and_optimizer(cfg, bf16=False)
     gpt = unwrap(chunks[0])
     rotary = gpt.rotary_pos_emb
     seq = cfg.data.seq_length
@@ -70,32 +70,34 @@ def reshard_check(checkpoint, argv, tp, pp):
 
     from megatron_resonance.megatron import checkpointing, distributed
     from megatron_resonance.megatron.rotary import unwrap
-    from megatron_resonance.training import trainer
+    from megatron_resonance.training.data_loop import build_data, micro_batches
+    from megatron_resonance.training.model import build_model_and_optimizer
+    from megatron_resonance.training.step import evaluate, forward_step, reduce_loss
 
     cfg = parse([*argv, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)])
     distributed.initialize(tp, pp, seed=cfg.training.seed)
-    chunks, _, _, _ = trainer.build_model_and_optimizer(cfg, bf16=False)
+    chunks, _, _, _ = build_model_and_optimizer(cfg, bf16=False)
     info = checkpointing.load_checkpoint(checkpoint, chunks)  # weights only
     d, t = cfg.data, cfg.training
     dp = ps.get_data_parallel_world_size()
     num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
     # the dataset sizes trainer.run asks for (the mock samples depend on them)
     valid_samples = d.global_batch_size * t.eval_iters * (t.train_iters // max(t.eval_interval, 1) + 1)
-    train_ds, valid_ds = trainer.build_data(cfg, t.train_iters * d.global_batch_size, valid_samples)
+    train_ds, valid_ds = build_data(cfg, t.train_iters * d.global_batch_size, valid_samples)
     forward_backward = get_forward_backward_func()
-    eval_loss = trainer.evaluate(forward_backward, valid_ds, chunks, cfg, num_microbatches)
+    eval_loss = evaluate(forward_backward, valid_ds, chunks, cfg, num_microbatches)
     # the batch the saving run trained on right after this checkpoint (iteration info + 1)
     start = info["iteration"] * d.global_batch_size
     losses = forward_backward(
-        forward_step_func=trainer.forward_step,
-        data_iterator=trainer.micro_batches(train_ds, start, d.micro_batch_size),
+        forward_step_func=forward_step,
+        data_iterator=micro_batches(train_ds, start, d.micro_batch_size),
         model=chunks,
         num_microbatches=num_microbatches,
         seq_length=d.seq_length,
         micro_batch_size=d.micro_batch_size,
         forward_only=True,
     )
-    next_loss = trainer.reduce_loss(losses)
+    next_loss = reduce_loss(losses)
     layers = [None] * dist.get_world_size()
     dist.all_gather_object(layers, [layer.layer_number for c in chunks for layer in unwrap(c).decoder.layers])
     distributed.destroy()

@@ -6,7 +6,7 @@ megatron_resonance.megatron`` calls :func:`check_version`, which refuses any oth
 
 Each workaround below names the release(s) it is for and why. Code that only makes megatron run on CPU
 (``cpu_compat``) or run faster there (``cpu_speed``, ``local_ops``) is not here: it does not depend on the
-release. Still elsewhere: ``training/trainer.py``'s ``use_fused_torch_adam`` (0.15.x and 0.16.x).
+release. Still elsewhere: ``training/model.py``'s ``use_fused_torch_adam`` (0.15.x and 0.16.x).
 """
 
 from __future__ import annotations

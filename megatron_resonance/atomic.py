@@ -44,3 +44,12 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj: Any, indent: int = 1) -> None:
     """``obj`` as JSON (NaN refused: the result must be valid JSON), with a final newline."""
     write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def fsync(path: str) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from typing import Sequence
 
+from megatron_resonance.atomic import fsync
 from megatron_resonance.conversion.errors import ConversionError
-from megatron_resonance.megatron.checkpointing import fsync
 
 
 def _inside(path: str, parent: str) -> bool:

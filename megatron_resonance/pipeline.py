@@ -3,7 +3,7 @@ every stage's inputs and memory fit, checked where the pipeline is submitted, be
 
 The stages and their outputs in the work directory, and when an output counts as complete::
 
-    convert  megatron/  a checkpoint that verifies (checkpointing.verify_checkpoint), converted from HF_MODEL
+    convert  megatron/  a checkpoint that verifies (checkpoint_layout.verify_checkpoint), converted from HF_MODEL
     extend   extended/  a checkpoint that verifies, at the run's --train-iters
     export   hf/        a Hugging Face directory whose config and every weight's header read back
     eval     eval/      report.json with every model and length asked for, on the data asked for
@@ -38,7 +38,7 @@ from megatron_resonance.evaluation import perplexity
 from megatron_resonance.evaluation.memory import DoesNotFit, check_fits, forward_bytes
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.rope import ROPE_FORMATS
-from megatron_resonance.megatron import checkpointing
+from megatron_resonance.megatron import checkpoint_layout
 from megatron_resonance.training import extension, launch, validation
 from megatron_resonance.training.config import Config, ConfigError
 
@@ -108,10 +108,10 @@ def converted(req: Request) -> Optional[str]:
     """None when ``megatron/`` is a complete conversion of HF_MODEL, else why not."""
     root = req.output("convert")
     try:
-        ckpt = checkpointing.resolve_checkpoint(root)
-        checkpointing.verify_checkpoint(ckpt)
-        run = checkpointing.read_config(ckpt).get("run", {})
-    except checkpointing.CheckpointError as e:
+        ckpt = checkpoint_layout.resolve_checkpoint(root)
+        checkpoint_layout.verify_checkpoint(ckpt)
+        run = checkpoint_layout.read_config(ckpt).get("run", {})
+    except checkpoint_layout.CheckpointError as e:
         return str(e)
     source = run.get("converted_from")
     if source != os.path.abspath(req.hf_model):
@@ -124,7 +124,7 @@ def converted(req: Request) -> Optional[str]:
 
 def extension_progress(req: Request) -> Optional[int]:
     """The iteration of the newest complete checkpoint in ``extended/`` (None: none)."""
-    ckpt, _ = checkpointing.newest_usable_checkpoint(req.output("extend"))
+    ckpt, _ = checkpoint_layout.newest_usable_checkpoint(req.output("extend"))
     return None if ckpt is None else int(os.path.basename(ckpt)[len("iter_"):])
 
 
@@ -189,12 +189,12 @@ def plan(req: Request) -> List[Stage]:
 
     # ---------------------------------------------------------------- extend
     out = req.output("extend")
-    moved = rerun and bool(checkpointing.iterations_in(out))
+    moved = rerun and bool(checkpoint_layout.iterations_in(out))
     cfg = _extension_config(req, None if not rerun else model.to_dict(), validate_save=not moved)
     target = cfg.training.train_iters
     try:
         done = None if rerun else extension_progress(req)
-    except checkpointing.CheckpointError as e:
+    except checkpoint_layout.CheckpointError as e:
         raise _problem("extend", e) from None
     if moved:
         stages.append(Stage("extend", "replace", f"{out}: its checkpoints, of the earlier conversion, are moved "
@@ -252,7 +252,7 @@ def _extension_config(req: Request, stored: Optional[dict], validate_save: bool)
             # Transformer Engine is the GPU nodes' to have, not the submitting node's
             checked.parallel.transformer_impl = "local"
         validation.resolve_and_validate(checked, req.nodes * req.nproc_per_node)
-    except (ConfigError, checkpointing.CheckpointError, UsageError) as e:
+    except (ConfigError, checkpoint_layout.CheckpointError, UsageError) as e:
         raise _problem("extend", e) from None
     cfg.model.vocab_size = checked.model.vocab_size
     return cfg

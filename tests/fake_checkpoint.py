@@ -1,4 +1,4 @@
-"""The files of a checkpoint that ``checkpointing.verify_checkpoint`` checks, without weights: for tests whose
+"""The files of a checkpoint that ``checkpoint_layout.verify_checkpoint`` checks, without weights: for tests whose
 fake checkpoints stand in for real ones as far as configuration is concerned."""
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def convert_megatron_to_hf(
     carried over; default: the ``hf/`` directory the importer kept beside the checkpoint."""
     start = time.perf_counter()
     # ---------------------------------------------------------------- check
-    from megatron_resonance.megatron import checkpointing
+    from megatron_resonance.megatron import checkpoint_layout, checkpointing
 
     if rope_format not in hf_rope.ROPE_FORMATS:
         raise ConversionError(f"unknown --rope-format {rope_format!r}; expected one of "
@@ -61,13 +61,13 @@ def convert_megatron_to_hf(
         raise ConversionError(f"unknown --dtype {dtype!r}; expected one of {', '.join(hf_config.DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
     try:
-        ckpt = checkpointing.resolve_checkpoint(load)
-        checkpointing.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before megatron reads it
-        cfg = checkpointing.read_model_config(ckpt)
-    except checkpointing.CheckpointError as e:
+        ckpt = checkpoint_layout.resolve_checkpoint(load)
+        checkpoint_layout.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before megatron reads it
+        cfg = checkpoint_layout.read_model_config(ckpt)
+    except checkpoint_layout.CheckpointError as e:
         raise ConversionError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"{ckpt}: unreadable {checkpointing.CONFIG_FILE} ({e})") from None
+        raise ConversionError(f"{ckpt}: unreadable {checkpoint_layout.CONFIG_FILE} ({e})") from None
     reference_dir = hf_reference or hf_assets.default_reference(load, ckpt)
     if hf_reference is not None and not os.path.isdir(hf_reference):
         raise ConversionError(f"--hf-reference {hf_reference}: not a directory")
@@ -95,7 +95,7 @@ def convert_megatron_to_hf(
             # of a training checkpoint) is not requested and not read
             try:
                 checkpointing.load_checkpoint(ckpt, [model])
-            except checkpointing.CheckpointError as e:  # damaged files, non-finite weights
+            except checkpoint_layout.CheckpointError as e:  # damaged files, non-finite weights
                 raise ConversionError(str(e)) from None
             except Exception as e:  # megatron's CheckingError, torch DCP errors: name what is wrong, in one line
                 raise ConversionError(f"{ckpt}: cannot load the model from it ({one_line(e)})") from None

@@ -192,13 +192,13 @@ class HFScorer(Scorer):
 
 def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> List[torch.nn.Module]:
     """GPTModel chunks for this rank with the checkpoint's weights (resharded to this TP/PP), in eval mode."""
-    from megatron_resonance.megatron import checkpointing, llama
+    from megatron_resonance.megatron import checkpoint_layout, checkpointing, llama
 
     chunks = llama.build_model(model.llama, dtype=runtime.torch_dtype, spec=runtime.transformer_impl,
                                seq_length=max(seq_length, model.llama.max_position_embeddings), initialize=False)
     try:
         checkpointing.load_checkpoint(model.directory, chunks)
-    except checkpointing.CheckpointError as e:
+    except checkpoint_layout.CheckpointError as e:
         raise UsageError(f"--load {model.spec.path}: {e}") from None
     return llama.for_inference(chunks)
 

@@ -120,14 +120,14 @@ def resolve(spec: ModelSpec, tokenizer: Optional[str] = None) -> ResolvedModel:
 
 
 def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> ResolvedModel:
-    from megatron_resonance.megatron import checkpointing
+    from megatron_resonance.megatron import checkpoint_layout
     from megatron_resonance.megatron.llama import LlamaConfig
 
     try:
-        ckpt = checkpointing.resolve_checkpoint(spec.path)
-    except checkpointing.CheckpointError as e:
+        ckpt = checkpoint_layout.resolve_checkpoint(spec.path)
+    except checkpoint_layout.CheckpointError as e:
         raise UsageError(f"--load {spec.path}: {e}") from None
-    config_path = os.path.join(ckpt, checkpointing.CONFIG_FILE)
+    config_path = os.path.join(ckpt, checkpoint_layout.CONFIG_FILE)
     try:
         with open(config_path) as f:
             stored = json.load(f)
@@ -136,8 +136,8 @@ def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> R
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"--load {spec.path}: cannot read the model config {config_path} ({reason})") from None
     try:
-        checkpointing.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
-    except checkpointing.CheckpointError as e:
+        checkpoint_layout.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
+    except checkpoint_layout.CheckpointError as e:
         raise UsageError(f"--load {spec.path}: {e}") from None
     return ResolvedModel(
         spec=spec,

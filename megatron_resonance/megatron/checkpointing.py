@@ -1,224 +1,45 @@
-"""Megatron dist checkpoints (torch_dist) with the model's rope plan, atomic ``latest`` and exact resume.
-
-Layout (Megatron-LM compatible)::
-
-    <dir>/latest_checkpointed_iteration.txt     the iteration number, written last, atomically
-    <dir>/iter_0000010/                          dist_checkpointing directory (any TP/PP loads it)
-    <dir>/iter_0000010/megatron_resonance.json   model config (with rope plan) and run config
-
-megatron drops the rotary ``inv_freq`` from state dicts, so the rope plan travels in
-``megatron_resonance.json`` (and in the common state dict).
+"""Saving and loading Megatron dist checkpoints (torch_dist) with the model's rope plan, atomic ``latest`` and
+exact resume; the directory's layout and its verification: megatron/checkpoint_layout.py.
 
 A save writes ``<dir>/.iter_0000010.partial/``, renames it to ``iter_0000010`` once every rank finished and
 ``megatron_resonance.json`` is in it, then replaces the tracker atomically: an interrupted or failed save
 never leaves an ``iter_*`` behind nor moves ``latest``. One run at a time writes a directory
-(:func:`hold_save_dir`: an ``flock`` the kernel releases when the holder dies, even by SIGKILL).
+(megatron/save_lock.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import fcntl
 import glob
 import json
 import math
 import os
 import pickle
 import shutil
-import socket
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_resonance import atomic
-from megatron_resonance.cli import one_line
 from megatron_resonance.megatron import compat, distributed
+from megatron_resonance.megatron.checkpoint_layout import (
+    CONFIG_FILE,
+    TRACKER,
+    CheckpointError,
+    first_line,
+    iteration_dir,
+    read_config,
+    read_latest_iteration,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from megatron_resonance.megatron.llama import LlamaConfig
 
-TRACKER = "latest_checkpointed_iteration.txt"
-CONFIG_FILE = "megatron_resonance.json"
-LOCK_FILE = ".megatron_resonance.lock"
 FORMAT_VERSION = 1
 #: the distributed optimizer's state in model-parameter space, so a run resumes at another TP, PP, VPP or DP
 #: (megatron's ``dp_reshardable`` bucket layout reshards over DP only)
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be used (missing, incomplete, incompatible)."""
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_latest_iteration(root: str) -> Optional[int]:
-    """The iteration in the tracker, or None when ``root`` holds no complete checkpoint."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if text == "release":
-        return 0
-    try:
-        return int(text)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable tracker {text!r}") from e
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A directory that is itself a checkpoint (``iter_*``), or the one a root's tracker names."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return path
-    iteration = read_latest_iteration(path)
-    if iteration is None:
-        raise CheckpointError(f"no checkpoint at {path}: no {TRACKER} and no {CONFIG_FILE}")
-    ckpt = iteration_dir(path, iteration)
-    if not os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
-        raise CheckpointError(f"checkpoint {ckpt} named by {TRACKER} is missing or incomplete")
-    return ckpt
-
-
-def read_config(path: str) -> Dict[str, Any]:
-    """The stored ``megatron_resonance.json`` of a checkpoint (or of the latest under a root);
-    CheckpointError with one line when it does not parse."""
-    return _read_json(os.path.join(resolve_checkpoint(path), CONFIG_FILE), require="model")
-
-
-def _first_line(e: BaseException) -> str:
-    """One line for an exception: torch DCP's CheckpointException (a BaseException holding each rank's
-    failure and traceback) by its first rank's cause; megatron's CheckpointingException whole (the keys it
-    names are on the lines after the first); others by the first line of their message."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
-    if isinstance(e, CheckpointingException):
-        return f"{type(e).__name__}: {one_line(e)}"
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
-            return _first_line(first[0])
-        if isinstance(first, BaseException):
-            return _first_line(first)
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    if len(line) > 160 and ". " in line:  # torch.load's zip errors go on for several sentences
-        line = line.split(". ")[0]
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
-
-
-def _read_json(path: str, require: Optional[str] = None) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({_first_line(e)})") from None
-    if not isinstance(data, dict) or (require and not isinstance(data.get(require), dict)):
-        raise CheckpointError(f"{path}: not a checkpoint's {os.path.basename(path)} (no {require or 'object'})")
-    return data
-
-
-def verify_checkpoint(ckpt_dir: str) -> None:
-    """Check what can be checked of the checkpoint directory ``ckpt_dir`` (an ``iter_*``) without reading
-    its tensors: CheckpointError with one line naming the file and the problem.
-
-    ``megatron_resonance.json`` and dist_checkpointing's ``metadata.json`` parse; torch DCP's ``.metadata``
-    loads; every shard file it names exists and is at least as long as the last byte it refers to (a
-    truncated or missing ``.distcp``); ``common.pt`` loads (as megatron loads it). Corrupted bytes inside a
-    shard are not seen here; :func:`load_checkpoint` checks the loaded weights for that."""
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint directory")
-    _read_json(os.path.join(ckpt_dir, CONFIG_FILE), require="model")
-    _read_json(os.path.join(ckpt_dir, "metadata.json"), require=None)
-    metadata_path = os.path.join(ckpt_dir, ".metadata")
-    if not os.path.isfile(metadata_path):
-        raise CheckpointError(f"{metadata_path}: missing")
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        metadata = FileSystemReader(ckpt_dir).read_metadata()
-        storage = dict(metadata.storage_data or {})
-    except Exception as e:  # noqa: BLE001 - pickle, EOF, zip errors of a truncated or damaged file
-        raise CheckpointError(f"{metadata_path}: unreadable ({_first_line(e)})") from None
-    needed: Dict[str, int] = {}
-    for info in storage.values():
-        end = int(info.offset) + int(info.length)
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, end in sorted(needed.items()):
-        shard = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(shard):
-            raise CheckpointError(f"{shard}: missing (named in {metadata_path})")
-        size = os.path.getsize(shard)
-        if size < end:
-            raise CheckpointError(f"{shard}: truncated ({size} bytes; .metadata refers to byte {end})")
-    common = os.path.join(ckpt_dir, "common.pt")
-    if not os.path.isfile(common):
-        raise CheckpointError(f"{common}: missing")
-    try:
-        torch.load(common, map_location="cpu", weights_only=True)  # what megatron's common strategy does
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{common}: unreadable ({_first_line(e)})") from None
-
-
-def iterations_in(root: str) -> List[int]:
-    """The iterations of the ``iter_*`` directories in ``root``, newest first (complete or not)."""
-    found = []
-    for entry in os.listdir(root) if os.path.isdir(root) else []:
-        if entry.startswith("iter_") and entry[5:].isdigit() and os.path.isdir(os.path.join(root, entry)):
-            found.append(int(entry[5:]))
-    return sorted(found, reverse=True)
-
-
-def newest_usable_checkpoint(root: str) -> tuple:
-    """For a run resuming from its own ``--save`` root: ``(checkpoint, warning)``, the checkpoint the tracker
-    names when it passes :func:`verify_checkpoint`, else the newest earlier ``iter_*`` that does, with a
-    one-line warning naming what was skipped. A root with ``iter_*`` directories but no tracker (a partial
-    copy, a cleanup script) resumes from its newest complete one, with a warning. ``(None, None)`` for a
-    root that holds no ``iter_*`` at all; CheckpointError when it holds some but none is usable, or when the
-    tracker is not a file: a run never starts over on top of checkpoints."""
-    tracker = os.path.join(root, TRACKER)
-    if os.path.lexists(tracker) and not os.path.isfile(tracker):
-        raise CheckpointError(
-            f"{tracker} is not a file (Megatron's tracker of the latest iteration): remove or rename it, "
-            f"and the run resumes from the newest complete iter_* in {root}"
-        )
-    latest = read_latest_iteration(root)
-    found = iterations_in(root)
-    if latest is None:
-        if not found:
-            return None, None
-        named, reason, candidates = None, f"no {TRACKER}", found
-    else:
-        named = iteration_dir(root, latest)
-        try:
-            verify_checkpoint(named)
-            return named, None
-        except CheckpointError as e:
-            reason = str(e)
-            if reason.startswith(named + os.sep):
-                reason = reason[len(named) + 1 :]
-        candidates = [i for i in found if i < latest]
-    for iteration in candidates:
-        try:
-            verify_checkpoint(iteration_dir(root, iteration))
-        except CheckpointError:
-            continue
-        skipped = f"{named} is unusable ({reason})" if named else f"{root} has {reason}"
-        return iteration_dir(root, iteration), (
-            f"[resume] {skipped}; resuming from iter_{iteration:07d}, the newest complete checkpoint"
-        )
-    if named is None:
-        raise CheckpointError(
-            f"{root} holds iter_* directories but no {TRACKER} and none of them is a complete checkpoint: "
-            "give another --save, or move them away to start over"
-        )
-    raise CheckpointError(f"{named} is unusable ({reason}) and no earlier checkpoint in {root} is complete")
 
 
 #: a weight of larger magnitude is no trained value (an exponent bit flipped in a file): loads refuse it
@@ -260,10 +81,6 @@ def check_finite(model_chunks: List[torch.nn.Module], ckpt: str) -> None:
             bad = f"{ckpt}: another rank loaded non-finite or huge parameter values (a corrupted shard)"
     if bad:
         raise CheckpointError(bad)
-
-
-def read_model_config(path: str) -> LlamaConfig:
-    return LlamaConfig.from_dict(read_config(path)["model"])
 
 
 def _model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
@@ -332,7 +149,7 @@ def save_checkpoint(
     problem = None
     if dist.get_rank() == 0:
         problem = _prepare_save(root, partial, iteration)
-    _raise_on_every_rank(problem)
+    raise_on_every_rank(problem)
     meta = {"model": model_config.to_dict(), "run": run_config or {}, "format_version": FORMAT_VERSION}
     try:
         sharded = _model_sharded_state_dict(model_chunks)
@@ -354,7 +171,7 @@ def save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)
         free = shutil.disk_usage(root).free / 2**20
         raise CheckpointError(
-            f"saving iteration {iteration} in {root} failed ({free:.1f} MiB free there): {_first_line(e)}"
+            f"saving iteration {iteration} in {root} failed ({free:.1f} MiB free there): {first_line(e)}"
         ) from None
     dist.barrier()
     if dist.get_rank() == 0:
@@ -364,12 +181,12 @@ def save_checkpoint(
             if os.path.exists(ckpt):  # the same iteration saved before (a rerun from an earlier checkpoint)
                 shutil.rmtree(ckpt)
             os.rename(partial, ckpt)
-            fsync(root)
+            atomic.fsync(root)
             atomic.write_text(os.path.join(root, TRACKER), str(iteration))
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
             problem = f"saving iteration {iteration} in {root} failed: {e}"
-    _raise_on_every_rank(problem)
+    raise_on_every_rank(problem)
     return ckpt
 
 
@@ -401,85 +218,12 @@ def _dir_size(path: str) -> int:
     return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**"), recursive=True) if os.path.isfile(f))
 
 
-def _raise_on_every_rank(problem: Optional[str]) -> None:
+def raise_on_every_rank(problem: Optional[str]) -> None:
     """Rank 0's verdict (``problem``: None when fine) on every rank, as CheckpointError; a barrier either way."""
     verdict = [problem]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise CheckpointError(verdict[0])
-
-
-def fsync(path: str) -> None:
-    """Flush a file's or a directory's data and metadata to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def hold_save_dir(root: Optional[str]) -> Iterator[None]:
-    """Hold ``root`` for this run (collective): rank 0 takes an exclusive ``flock`` on ``root/LOCK_FILE`` and
-    writes who holds it; CheckpointError on every rank, naming the holder, when another run has it."""
-    handle, problem = None, None
-    if root and dist.get_rank() == 0:
-        try:
-            os.makedirs(root, exist_ok=True)
-            handle = open(os.path.join(root, LOCK_FILE), "a+")
-        except OSError as e:
-            problem = f"--save {root}: {e.strerror or e}"
-        if handle is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                problem = _held_message(root, _read_holder(handle))
-                handle.close()
-                handle = None
-            else:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(_holder_text())
-                handle.flush()
-    if root:
-        _raise_on_every_rank(problem)
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.close()  # releases the lock
-
-
-def check_save_dir_free(root: Optional[str]) -> None:
-    """CheckpointError naming the holder when another run holds ``root`` (see :func:`hold_save_dir`). Creates
-    nothing: for the checks before a launch."""
-    path = os.path.join(root, LOCK_FILE) if root else None
-    if not path or not os.path.isfile(path):
-        return
-    try:
-        handle = open(path)
-    except OSError:
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            raise CheckpointError(_held_message(root, _read_holder(handle))) from None
-
-
-def _held_message(root: str, holder: str) -> str:
-    return f"--save {root} is in use by another run ({holder}): wait for it to end, or give another --save"
-
-
-def _holder_text() -> str:
-    job = os.environ.get("SLURM_JOB_ID")
-    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    return f"pid {os.getpid()} on {socket.gethostname()}" + (f", Slurm job {job}" if job else "") + f", since {since}"
-
-
-def _read_holder(handle) -> str:
-    handle.seek(0)
-    return handle.read().strip() or "holder unknown"
 
 
 def place_adam_steps(optimizer) -> None:
@@ -500,7 +244,7 @@ def place_adam_steps(optimizer) -> None:
 def _load_errors(ckpt: str):
     """megatron's CheckpointingException, torch DCP's CheckpointException (a BaseException, which
     ``except Exception`` misses) and the unpickling/reading errors of damaged files, as one CheckpointError
-    line naming the checkpoint and the cause (:func:`_first_line`)."""
+    line naming the checkpoint and the cause (:func:`checkpoint_layout.first_line`)."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -509,7 +253,7 @@ def _load_errors(ckpt: str):
     # RuntimeError, ValueError: torch.load's zip reader, tensors of the wrong size
     except (CheckpointingException, CheckpointException, pickle.UnpicklingError, EOFError, OSError,
             RuntimeError, ValueError) as e:  # fmt: skip
-        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({_first_line(e)})") from None
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({first_line(e)})") from None
 
 
 def load_checkpoint(
@@ -528,7 +272,7 @@ def load_checkpoint(
 
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
-    meta = _read_json(os.path.join(ckpt, CONFIG_FILE), require="model")
+    meta = read_config(ckpt)
     sharded = _model_sharded_state_dict(model_chunks)
     same_world = meta.get("run", {}).get("world_size") == dist.get_world_size()
     with _load_errors(ckpt):

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 from megatron_resonance import environment
 from megatron_resonance.cli import ArgumentParser, UsageError, fail
 from megatron_resonance.megatron import distributed
-from megatron_resonance.megatron.checkpointing import CheckpointError
+from megatron_resonance.megatron.checkpoint_layout import CheckpointError
 from megatron_resonance.training import preemption
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
 

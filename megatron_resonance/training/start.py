@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from megatron_resonance.megatron import checkpointing
+from megatron_resonance.megatron import checkpoint_layout
 from megatron_resonance.training.config import Config, ConfigError
 
 #: what ``Start.how`` says
@@ -49,20 +49,20 @@ def decide_start(cfg: Config) -> Start:
 def resume_checkpoint(cfg: Config) -> tuple:
     """``(checkpoint, warning)``: the ``iter_*`` directory a run continues from when its own ``--save`` holds
     checkpoints (a requeued job), or ``(None, None)``. The checkpoint the tracker names when it is complete
-    (:func:`checkpointing.verify_checkpoint`), else the newest complete one, with a one-line warning;
-    CheckpointError when none is (:func:`checkpointing.newest_usable_checkpoint`): a run never starts over
+    (:func:`checkpoint_layout.verify_checkpoint`), else the newest complete one, with a one-line warning;
+    CheckpointError when none is (:func:`checkpoint_layout.newest_usable_checkpoint`): a run never starts over
     on top of checkpoints."""
     save = cfg.checkpoint.save
     if not save or not os.path.isdir(save):
         return None, None
-    return checkpointing.newest_usable_checkpoint(save)
+    return checkpoint_layout.newest_usable_checkpoint(save)
 
 
 def has_checkpoint(path: str) -> bool:
     try:
-        checkpointing.resolve_checkpoint(path)
+        checkpoint_layout.resolve_checkpoint(path)
         return True
-    except checkpointing.CheckpointError:
+    except checkpoint_layout.CheckpointError:
         return False
 
 
@@ -70,8 +70,8 @@ def load_source(cfg: Config) -> str:
     """The ``--load`` checkpoint directory, verified: ConfigError with one line when it is damaged (no
     fallback: the user named it)."""
     try:
-        ckpt = checkpointing.resolve_checkpoint(cfg.checkpoint.load)
-        checkpointing.verify_checkpoint(ckpt)
-    except checkpointing.CheckpointError as e:
+        ckpt = checkpoint_layout.resolve_checkpoint(cfg.checkpoint.load)
+        checkpoint_layout.verify_checkpoint(ckpt)
+    except checkpoint_layout.CheckpointError as e:
         raise ConfigError(f"--load {cfg.checkpoint.load}: {e}") from None
     return ckpt

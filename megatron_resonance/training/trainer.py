@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_resonance.hf import assets as hf_assets
-from megatron_resonance.megatron import checkpointing, cpu_speed, distributed
+from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.megatron.llama import resolve_spec
 from megatron_resonance.training import flops, preemption
@@ -114,7 +114,7 @@ def run(cfg: Config) -> TrainState:
     )
     signals = SignalFlag(cfg.checkpoint.exit_on_signal)
     try:
-        with checkpointing.hold_save_dir(cfg.checkpoint.save):
+        with save_lock.hold_save_dir(cfg.checkpoint.save):
             if signals.any_rank():  # nothing trained yet: nothing to save
                 print_rank0("[signal] received before training started: nothing new to save, exiting")
                 return TrainState()
@@ -166,10 +166,10 @@ class Job:
                 run_config={**cfg.to_dict(), "world_size": dist.get_world_size()},
                 train_state=dataclasses.asdict(self.state),
             )
-        except checkpointing.CheckpointError as e:
+        except checkpoint_layout.CheckpointError as e:
             raise TrainingError(f"{e}; {latest_note(save)}") from None
         self.last_saved = iteration = self.state.iteration
-        print_rank0(f"[save] iteration {iteration} -> {checkpointing.iteration_dir(save, iteration)}")
+        print_rank0(f"[save] iteration {iteration} -> {checkpoint_layout.iteration_dir(save, iteration)}")
 
 
 def build(cfg: Config, start: Start) -> Job:
@@ -304,7 +304,7 @@ def latest_note(save: Optional[str]) -> str:
     """What stays of a run that stops without saving: the latest checkpoint in ``save``."""
     if not save:
         return "nothing to keep (no --save)"
-    iteration = checkpointing.read_latest_iteration(save)
+    iteration = checkpoint_layout.read_latest_iteration(save)
     if iteration is None:
         return f"{save} holds no checkpoint yet"
     return f"the latest checkpoint in {save} is still iteration {iteration}"

@@ -11,7 +11,7 @@ from typing import Optional
 from megatron_resonance.cli import UsageError, check_output_dir
 from megatron_resonance.data.checks import DataError, check_training_data
 from megatron_resonance.data.tokenizer import load_tokenizer
-from megatron_resonance.megatron import checkpointing
+from megatron_resonance.megatron import checkpoint_layout, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.training.config import Config, ConfigError, check
 from megatron_resonance.training.metrics import METRICS_FILE
@@ -34,7 +34,7 @@ def resolve_and_validate(cfg: Config, world_size: int) -> Start:
     Returns the run's :class:`Start`, decided once."""
     start = _tokenizer_vocab(cfg)
     start = validate(cfg, world_size, start)
-    checkpointing.check_save_dir_free(cfg.checkpoint.save)
+    save_lock.check_save_dir_free(cfg.checkpoint.save)
     return start
 
 
@@ -73,7 +73,7 @@ def _check_save_contents(cfg: Config) -> None:
     lock, the metrics, the default TensorBoard directory) but cannot: another user's files in a shared
     directory, a read-only mount inside it. The directory itself is ``check_output_dir``'s."""
     save = cfg.checkpoint.save
-    written = [checkpointing.TRACKER, checkpointing.LOCK_FILE, METRICS_FILE]
+    written = [checkpoint_layout.TRACKER, checkpoint_layout.LOCK_FILE, METRICS_FILE]
     if not cfg.logging.tensorboard_dir:
         written.append("tensorboard")
     for name in written:
@@ -107,7 +107,7 @@ def _check_dataset(cfg: Config) -> None:
 def _check_same_model(what: str, path: str, cfg: Config, fields: Optional[tuple]) -> None:
     """ConfigError naming the first differences between the stored model and ``cfg.model`` (in ``fields``,
     or all of them with the rope plan)."""
-    stored, wanted = checkpointing.read_config(path)["model"], cfg.model.to_dict()
+    stored, wanted = checkpoint_layout.read_config(path)["model"], cfg.model.to_dict()
     differ = [k for k in (fields or wanted) if stored.get(k) != wanted[k]]
     if differ:
         shown = ", ".join(f"{k} {stored.get(k)} (this run: {wanted[k]})" for k in differ[:3])
@@ -126,7 +126,7 @@ def _tokenizer_vocab(cfg: Config) -> Optional[Start]:
     start = decide_start(cfg)
     if start.checkpoint is None:
         return start
-    stored = checkpointing.read_config(start.checkpoint)["model"].get("vocab_size")
+    stored = checkpoint_layout.read_config(start.checkpoint)["model"].get("vocab_size")
     if stored is not None and stored > tokenizer.vocab_size:
         cfg.model.vocab_size = stored
     return start

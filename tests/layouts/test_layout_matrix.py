@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from megatron_resonance.megatron.checkpointing import read_config, read_latest_iteration
+from megatron_resonance.megatron.checkpoint_layout import read_config, read_latest_iteration
 from tests.layouts.conftest import (
     EVAL_LENGTHS,
     EXTEND_FROM,

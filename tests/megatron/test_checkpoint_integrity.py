@@ -1,4 +1,4 @@
-"""``checkpointing.verify_checkpoint`` on a real checkpoint with one file damaged at a time: CheckpointError with
+"""``checkpoint_layout.verify_checkpoint`` on a real checkpoint with one file damaged at a time: CheckpointError with
 one line naming the file, before megatron reads anything; a bit-flipped weight, which only loading can see,
 is the loader's non-finite error (through the export tool, one process).
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_resonance.megatron import checkpointing
+from megatron_resonance.megatron import checkpoint_layout, checkpointing
 from tests.training.conftest import PRETRAIN, REPO, TINY_RUN, env, run
 
 
@@ -40,15 +40,15 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 
 def error(ckpt: Path) -> str:
-    with pytest.raises(checkpointing.CheckpointError) as info:
-        checkpointing.verify_checkpoint(str(ckpt))
+    with pytest.raises(checkpoint_layout.CheckpointError) as info:
+        checkpoint_layout.verify_checkpoint(str(ckpt))
     message = str(info.value)
     assert "\n" not in message
     return message
 
 
 def test_a_complete_checkpoint_passes(checkpoint):
-    checkpointing.verify_checkpoint(str(checkpoint))
+    checkpoint_layout.verify_checkpoint(str(checkpoint))
     assert sorted(p.name for p in checkpoint.glob("*.distcp"))  # what the cases below damage exists
 
 
@@ -86,24 +86,25 @@ def test_missing_file(copy, name):
 def test_load_reports_a_damaged_file_in_one_line(copy):
     """``load_checkpoint`` checks before megatron touches the files (no process group needed to fail)."""
     truncate(copy / ".metadata")
-    with pytest.raises(checkpointing.CheckpointError, match=r"\.metadata: unreadable \(UnpicklingError"):
+    with pytest.raises(checkpoint_layout.CheckpointError, match=r"\.metadata: unreadable \(UnpicklingError"):
         checkpointing.load_checkpoint(str(copy), [torch.nn.Linear(2, 2)])
 
 
 def test_newest_usable_checkpoint_skips_a_damaged_latest(checkpoint, tmp_path):
     root = tmp_path / "save"
     for iteration in (1, 2):
-        shutil.copytree(checkpoint, checkpointing.iteration_dir(str(root), iteration))
-    (root / checkpointing.TRACKER).write_text("2")
-    assert checkpointing.newest_usable_checkpoint(str(root)) == (checkpointing.iteration_dir(str(root), 2), None)
+        shutil.copytree(checkpoint, checkpoint_layout.iteration_dir(str(root), iteration))
+    (root / checkpoint_layout.TRACKER).write_text("2")
+    newest = checkpoint_layout.iteration_dir(str(root), 2)
+    assert checkpoint_layout.newest_usable_checkpoint(str(root)) == (newest, None)
     truncate(root / "iter_0000002" / "common.pt")
-    ckpt, warning = checkpointing.newest_usable_checkpoint(str(root))
-    assert ckpt == checkpointing.iteration_dir(str(root), 1)
+    ckpt, warning = checkpoint_layout.newest_usable_checkpoint(str(root))
+    assert ckpt == checkpoint_layout.iteration_dir(str(root), 1)
     assert warning.startswith(f"[resume] {root}/iter_0000002 is unusable (common.pt: unreadable (")
     assert warning.endswith("); resuming from iter_0000001, the newest complete checkpoint")
     (root / "iter_0000001" / "megatron_resonance.json").unlink()
-    with pytest.raises(checkpointing.CheckpointError, match="no earlier checkpoint in .* is complete"):
-        checkpointing.newest_usable_checkpoint(str(root))
+    with pytest.raises(checkpoint_layout.CheckpointError, match="no earlier checkpoint in .* is complete"):
+        checkpoint_layout.newest_usable_checkpoint(str(root))
 
 
 def test_check_finite_names_the_parameter():
@@ -111,11 +112,11 @@ def test_check_finite_names_the_parameter():
     checkpointing.check_finite([model], "ckpt")
     with torch.no_grad():
         model[1].bias[0] = float("nan")
-    with pytest.raises(checkpointing.CheckpointError, match=r"^ckpt: parameter 1.bias holds non-finite values"):
+    with pytest.raises(checkpoint_layout.CheckpointError, match=r"^ckpt: parameter 1.bias holds non-finite values"):
         checkpointing.check_finite([model], "ckpt")
     with torch.no_grad():
         model[1].bias[0] = 3e36  # 0.02 with the exponent's top bit flipped
-    with pytest.raises(checkpointing.CheckpointError, match=r"parameter 1.bias holds a value of magnitude 3e\+36"):
+    with pytest.raises(checkpoint_layout.CheckpointError, match=r"parameter 1.bias holds a value of magnitude 3e\+36"):
         checkpointing.check_finite([model], "ckpt")
 
 
@@ -139,7 +140,7 @@ def flip_exponent(ckpt: Path, fqn: str) -> None:
 
 def test_bit_flipped_weight_is_a_non_finite_error(copy):
     flip_exponent(copy, "embedding.word_embeddings.weight")
-    checkpointing.verify_checkpoint(str(copy))  # sizes and metadata are intact
+    checkpoint_layout.verify_checkpoint(str(copy))  # sizes and metadata are intact
     proc = subprocess.run(
         [sys.executable, REPO / "tools" / "convert_megatron_to_hf.py", "--load", copy, "--save", copy.parent / "hf",
          "--no-progress"],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-from megatron_resonance.megatron import checkpointing, compat
+from megatron_resonance.megatron import checkpoint_layout, checkpointing, compat, save_lock
 
 
 def _adam_over(param: torch.Tensor, fused: bool) -> torch.optim.AdamW:
@@ -105,8 +105,8 @@ def test_rng_state_from_the_other_kind_of_device_keeps_this_runs_seeds(saved_on_
 @pytest.fixture
 def rank0(monkeypatch):
     """``hold_save_dir`` as rank 0 of a one-process job (its verdict broadcast is then a no-op)."""
-    monkeypatch.setattr(checkpointing.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(checkpointing.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(save_lock.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(save_lock.dist, "broadcast_object_list", lambda objects, src: None)
 
 
 def _holder(root, seconds: float = 60):
@@ -116,7 +116,7 @@ def _holder(root, seconds: float = 60):
 
     code = (
         "import fcntl, os, sys, time\n"
-        f"f = open(os.path.join({str(root)!r}, {checkpointing.LOCK_FILE!r}), 'a+')\n"
+        f"f = open(os.path.join({str(root)!r}, {checkpoint_layout.LOCK_FILE!r}), 'a+')\n"
         "fcntl.flock(f, fcntl.LOCK_EX)\n"
         "f.write('pid %d on somehost, since then' % os.getpid()); f.flush()\n"
         "print('held', flush=True)\n"
@@ -130,25 +130,25 @@ def _holder(root, seconds: float = 60):
 def test_a_held_save_dir_is_refused_naming_the_holder(tmp_path, rank0):
     holder = _holder(tmp_path)
     try:
-        with pytest.raises(checkpointing.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
-            checkpointing.check_save_dir_free(str(tmp_path))
-        with pytest.raises(checkpointing.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
-            with checkpointing.hold_save_dir(str(tmp_path)):
+        with pytest.raises(checkpoint_layout.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
+            save_lock.check_save_dir_free(str(tmp_path))
+        with pytest.raises(checkpoint_layout.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
+            with save_lock.hold_save_dir(str(tmp_path)):
                 pass
     finally:
         holder.kill()
         holder.wait()
     # the kernel released the killed holder's lock: the next run takes it and says it holds it
-    checkpointing.check_save_dir_free(str(tmp_path))
-    with checkpointing.hold_save_dir(str(tmp_path)):
-        text = (tmp_path / checkpointing.LOCK_FILE).read_text()
+    save_lock.check_save_dir_free(str(tmp_path))
+    with save_lock.hold_save_dir(str(tmp_path)):
+        text = (tmp_path / checkpoint_layout.LOCK_FILE).read_text()
         assert text.startswith(f"pid {os.getpid()} on ")
-        with pytest.raises(checkpointing.CheckpointError, match=rf"\(pid {os.getpid()} on "):
-            checkpointing.check_save_dir_free(str(tmp_path))
-    checkpointing.check_save_dir_free(str(tmp_path))  # released at the end of the run
+        with pytest.raises(checkpoint_layout.CheckpointError, match=rf"\(pid {os.getpid()} on "):
+            save_lock.check_save_dir_free(str(tmp_path))
+    save_lock.check_save_dir_free(str(tmp_path))  # released at the end of the run
 
 
 def test_checking_a_save_dir_creates_nothing(tmp_path):
-    checkpointing.check_save_dir_free(str(tmp_path / "new"))
-    checkpointing.check_save_dir_free(str(tmp_path))
+    save_lock.check_save_dir_free(str(tmp_path / "new"))
+    save_lock.check_save_dir_free(str(tmp_path))
     assert list(tmp_path.iterdir()) == []

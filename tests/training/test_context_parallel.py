@@ -14,7 +14,7 @@ from typing import Dict
 
 import pytest
 
-from megatron_resonance.megatron.checkpointing import read_config
+from megatron_resonance.megatron.checkpoint_layout import read_config
 from tests.training.conftest import PRETRAIN, TINY_RUN, eval_losses, run, train_losses
 
 pytestmark = pytest.mark.slow

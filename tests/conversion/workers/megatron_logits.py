@@ -29,9 +29,9 @@ def run(job, layout, out_dir):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_resonance.megatron import checkpointing, llama
+    from megatron_resonance.megatron import checkpoint_layout, checkpointing, llama
 
-    cfg = checkpointing.read_model_config(job["checkpoint"])
+    cfg = checkpoint_layout.read_model_config(job["checkpoint"])
     tokens = torch.load(job["tokens"]).to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
     batch, seq = tokens.shape
     chunks = llama.build_model(cfg, seq_length=seq)

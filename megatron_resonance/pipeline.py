@@ -99,6 +99,17 @@ def _problem(stage: str, e: BaseException) -> UsageError:
     return UsageError(f"{stage}: {e}")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], stage: str, given_by: str) -> argparse.Namespace:
+    """A job's flags parsed by its own tool's parser; a bad one is a UsageError naming the stage and the
+    variables that gave it, instead of the tool's exit."""
+
+    def refuse(message: str):
+        raise UsageError(f"{stage}: {message} ({given_by})")
+
+    parser.error = refuse
+    return parser.parse_args(list(argv))
+
+
 # ==========================================================================================================
 # Is a stage's output complete?
 # ==========================================================================================================
@@ -234,13 +245,8 @@ def _writing(stage: str, out: str, why: Optional[str]) -> Stage:
 def _extension_config(req: Request, stored: Optional[dict], validate_save: bool) -> Config:
     """The extension's Config as its job will build it, validated at the job's world size. ``stored``: the
     model the conversion will store (None: read the converted checkpoint)."""
-    parser = launch.make_parser("extend_context.py", "")
-
-    def refuse(message: str):
-        raise UsageError(f"extend: {message} (EXTEND_CONFIG, TRAIN_ARGS and the layout variables give them)")
-
-    parser.error = refuse  # one line naming the stage, instead of the entry point's exit
-    args = parser.parse_args(req.extend_args)
+    args = _parse(launch.make_parser("extend_context.py", ""), req.extend_args,
+                  "extend", "EXTEND_CONFIG, TRAIN_ARGS and the layout variables give them")
     try:
         cfg = extension.make_config(args, stored=stored, log=lambda _: None)
         checked = copy.deepcopy(cfg)
@@ -316,13 +322,7 @@ def _check_eval(req: Request, model) -> argparse.Namespace:
     argv = [a for name, path in models if name in req.eval_models for a in ("--hf", path)]
     argv += [a for name, _ in models if name in req.eval_models for a in ("--name", name)]
     argv += ["--lengths", ",".join(map(str, req.eval_lengths)), "--out", req.output("eval"), *req.eval_args]
-    parser = perplexity.build_parser()
-
-    def refuse(message: str):
-        raise UsageError(f"eval: {message} (EVAL_ARGS)")
-
-    parser.error = refuse  # one line naming the stage, instead of the tool's exit
-    args = parser.parse_args(argv)
+    args = _parse(perplexity.build_parser(), argv, "eval", "EVAL_ARGS")
     if not req.eval_lengths:
         raise UsageError("eval: EVAL_LENGTHS is empty")
     if req.eval_data and not (os.path.isfile(req.eval_data) or os.path.isfile(req.eval_data + ".idx")):

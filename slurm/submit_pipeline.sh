@@ -82,7 +82,6 @@ DRY_RUN=${DRY_RUN:-0}            # 1: check, then print each sbatch command and 
 
 die() { echo "submit_pipeline.sh: error: $*" >&2; exit 2; }
 say() { echo "submit_pipeline.sh: $*"; }
-abspath() { if [[ -z $1 || $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 source "$REPO/slurm/common.sh" # mr_trainer_args: the extension's flags, exactly as its job builds them
 
 # Job script variables the pipeline sets per stage, and what to set instead.
@@ -104,13 +103,10 @@ mr_is_uint "$NPROC_PER_NODE" && ((NPROC_PER_NODE > 0)) || die "NPROC_PER_NODE mu
 [[ $OVERWRITE == 0 || $OVERWRITE == 1 ]] || die "OVERWRITE must be 0 or 1, got '$OVERWRITE'"
 [[ -n $HF_MODEL ]] || die "set HF_MODEL to the Hugging Face model directory to extend"
 [[ -f $HF_MODEL/config.json ]] || die "HF_MODEL=$HF_MODEL: no config.json there"
-HF_MODEL=$(abspath "$HF_MODEL")
-WORK_DIR=$(abspath "${WORK_DIR:-outputs/pipeline/$(basename "$HF_MODEL")}")
-if [[ -n $EXTEND_CONFIG && ! -f $EXTEND_CONFIG ]]; then
-  [[ -f $REPO/$EXTEND_CONFIG ]] || die "EXTEND_CONFIG=$EXTEND_CONFIG not found"
-  EXTEND_CONFIG=$REPO/$EXTEND_CONFIG
-fi
-[[ -z $EXTEND_CONFIG ]] || EXTEND_CONFIG=$(abspath "$EXTEND_CONFIG")
+HF_MODEL=$(mr_abspath "$HF_MODEL")
+WORK_DIR=$(mr_abspath "${WORK_DIR:-outputs/pipeline/$(basename "$HF_MODEL")}")
+EXTEND_CONFIG=$(mr_repo_file "$EXTEND_CONFIG") # as given, else inside the repository
+[[ -z $EXTEND_CONFIG || -f $EXTEND_CONFIG ]] || die "EXTEND_CONFIG=$EXTEND_CONFIG not found"
 export OUTPUT_DIR=${OUTPUT_DIR:-$WORK_DIR/runs}
 
 # ---- the last submission's jobs must have ended ------------------------------------------------------------
@@ -137,7 +133,7 @@ check=(--hf-model "$HF_MODEL" --work-dir "$WORK_DIR" --nodes "$NODES" --nproc-pe
 [[ -n $CONVERT_DTYPE ]] && check+=(--convert-dtype "$CONVERT_DTYPE")
 [[ -n $EXPORT_DTYPE ]] && check+=(--export-dtype "$EXPORT_DTYPE")
 [[ -n $ROPE_FORMAT ]] && check+=(--rope-format "$ROPE_FORMAT")
-[[ -n $EVAL_DATA ]] && check+=(--eval-data "$(abspath "$EVAL_DATA")")
+[[ -n $EVAL_DATA ]] && check+=(--eval-data "$(mr_abspath "$EVAL_DATA")")
 check+=(--eval-args="$EVAL_ARGS")
 [[ $OVERWRITE == 1 ]] && check+=(--overwrite)
 models=$WORK_DIR/hf names="--name extended"
@@ -155,7 +151,8 @@ if ((GPUS_PER_NODE == 0)); then
     say "memory not checked: sinfo shows no node memory (no Slurm reachable)"
   fi
   mem=$(grep -o -- '--mem=[^ ]*' <<<"$eval_opts_given" | tail -n1 | cut -d= -f2) || true
-  if [[ -z $mem ]]; then eval_mem=(--mem=0 --exclusive); elif [[ -n $(memory_gb "$mem") ]]; then check+=(--eval-memory-gb "$(memory_gb "$mem")"); fi
+  mem_gb=$(memory_gb "$mem")
+  if [[ -z $mem ]]; then eval_mem=(--mem=0 --exclusive); elif [[ -n $mem_gb ]]; then check+=(--eval-memory-gb "$mem_gb"); fi
 fi
 # The extension's trainer flags, built as its job builds them.
 mapfile -d '' -t MR_ARGS < <(
@@ -241,7 +238,7 @@ export_=$JOB
 eval_gpus=()
 ((GPUS_PER_NODE > 0)) || eval_gpus=(--gpus-per-node=0)
 submit eval eval.sbatch "${eval_gpus[@]}" "${eval_mem[@]}" "${eval_opts[@]}" -- "${cpu[@]}" \
-  HF="$models" LENGTHS="$EVAL_LENGTHS" DATA="$(abspath "$EVAL_DATA")" OUT="$WORK_DIR/eval" EVAL_ARGS="$names $EVAL_ARGS"
+  HF="$models" LENGTHS="$EVAL_LENGTHS" DATA="$(mr_abspath "$EVAL_DATA")" OUT="$WORK_DIR/eval" EVAL_ARGS="$names $EVAL_ARGS"
 eval_=$JOB
 
 if [[ -z $convert$extend$export_$eval_ ]]; then

@@ -10,9 +10,10 @@ import sys
 import warnings
 from typing import Iterator, Tuple
 
+from megatron_resonance.errors import UserError
 
-class UsageError(Exception):
-    """Bad user input. Entry points print ``<prog>: error: <message>`` and exit 2."""
+#: bad user input (the error model's :class:`~megatron_resonance.errors.UserError`)
+UsageError = UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_resonance.data.datasets import writable
+from megatron_resonance.errors import DataError  # noqa: F401 - imported from here by callers
 
 #: megatron-core's ``_INDEX_HEADER`` and the fixed part of an ``.idx``: magic (9), version (8), dtype code (1),
 #: sequence count (8), document-index count (8)
@@ -45,10 +46,6 @@ SCAN_NOTICE_BYTES = 1 << 30
 _CHUNK_ITEMS = 1 << 24
 
 _FIX_DATA = "preprocess the data again (tools/preprocess_data.py) or copy it again"
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on: one line naming the file, the problem and the fix."""
 
 
 @dataclasses.dataclass

@@ -21,15 +21,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megatron_resonance.cli import one_line
+from megatron_resonance.errors import CheckpointError  # noqa: F401 - imported from here by callers
 from megatron_resonance.megatron.llama import LlamaConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "megatron_resonance.json"
 LOCK_FILE = ".megatron_resonance.lock"
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be used (missing, incomplete, incompatible)."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from megatron_resonance.errors import ConfigError  # noqa: F401 - raised here, imported from here by callers
 from megatron_resonance.megatron.llama import SPECS, LlamaConfig, resolve_spec
 from megatron_resonance.rope import KINDS, RopeConfig
 
@@ -165,10 +166,6 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    """A configuration the run cannot start with."""
 
 
 # ==========================================================================================================

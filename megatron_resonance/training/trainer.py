@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.errors import TrainingError  # noqa: F401 - imported from here by callers
 from megatron_resonance.hf import assets as hf_assets
 from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
@@ -40,10 +41,6 @@ from megatron_resonance.training.model import build_model_and_optimizer, load_we
 from megatron_resonance.training.start import LOAD, WEIGHTS, Start
 from megatron_resonance.training.step import evaluate, train_step
 from megatron_resonance.training.validation import resolve_and_validate
-
-
-class TrainingError(Exception):
-    """A run that must stop without saving (a non-finite loss, a failed save): one line, exit status 1."""
 
 
 @dataclasses.dataclass

@@ -60,6 +60,3 @@ def check_cpu_compat():
     finally:
         cpu_speed.set_enabled(True)
     return out
-
-
-CHECKS = [check_cpu_compat]

@@ -359,15 +359,3 @@ def check_cross_entropy_max():
     same = [bool(((a == b) | (a.isnan() & b.isnan())).all()) for a, b in zip(out["ours"], out["megatron"])]
     finite = bool(torch.isfinite(out["ours"][0][2:]).all())
     return {"installed": installed, "loss_and_grad_equal": same, "finite_rows_finite": finite}
-
-
-CHECKS = [
-    check_one_rank_collectives,
-    check_speed_switch,
-    check_speed_switch_in_model,
-    check_speed_matches_megatron_training,
-    check_lean_linear,
-    check_model_step_without_device_mode,
-    check_suspended,
-    check_cross_entropy_max,
-]

@@ -157,11 +157,3 @@ def check_validation_loss_over_real_vocabulary():
         chunk.output_layer.weight[200:] = 5.0
     after = {"validation": evaluate(forward_backward, dataset, [chunk], cfg, batches), "ce": training_loss()}
     return {"before": before, "after": after, "reference": reference}
-
-
-CHECKS = [
-    check_fused_torch_adam,
-    check_finetune_load_bf16,
-    check_grad_accumulation_fusion,
-    check_validation_loss_over_real_vocabulary,
-]

@@ -7,10 +7,10 @@ megatron and ``parallel_state`` must not leak into the pytest process, so these 
 
     torchrun --nproc-per-node 1 tests/megatron/workers/model_checks.py OUT_DIR
 
-Each check lives next to the tests that assert it: ``<area>_checks.py`` here holds the checks of
-``tests/megatron/test_<area>.py``, and each check's docstring names its tests. Each check returns a dict of
-measurements, or is recorded as ``{"error": traceback}`` (``tests.worker_checks``); the records go to
-``OUT_DIR/results.json``, by check name.
+Each check lives next to the tests that assert it: ``<area>_checks.py`` here holds the checks (its ``check_*``
+functions, run in the order they are defined) of ``tests/megatron/test_<area>.py``, and each check's docstring
+names its tests. Each check returns a dict of measurements, or is recorded as ``{"error": traceback}``
+(``tests.worker_checks``); the records go to ``OUT_DIR/results.json``, by check name.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def main(out_dir: str) -> None:
     cpu_speed.set_enabled(True)  # whatever MEGATRON_RESONANCE_CPU_SPEED says: these checks are of its measures
     results = {"cuda_available": torch.cuda.is_available()}
     for module in CHECK_MODULES:
-        for check in module.CHECKS:
-            results[check.__name__] = run_check(check)
+        for name, check in vars(module).items():
+            if name.startswith("check_"):
+                results[name] = run_check(check)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     distributed.destroy()

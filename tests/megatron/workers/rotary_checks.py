@@ -116,6 +116,3 @@ def check_rope_swap_changes_logits():
         "reinstalled_rope_equal": bool(torch.equal(back_logits, rope_logits)),
         "ours_vs_megatron_stock_rope_max_abs": (stock_logits - rope_logits).abs().max().item(),
     }
-
-
-CHECKS = [check_install_rotary_scale, check_context_parallel_slicing, check_rope_swap_changes_logits]

@@ -50,6 +50,3 @@ def check_sdpa_matches_local_attention():
         }
     out["padding_changes_output"] = (outputs[1] - outputs[0]).abs().max().item()
     return out
-
-
-CHECKS = [check_sdpa_matches_local_attention]

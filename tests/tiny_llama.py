@@ -2,8 +2,8 @@
 it, and a micro-batch in the trainer's format.
 
 ``tiny_llama()`` is 2 layers, width 128 (head dim 32), GQA 4:2, a 256-token vocabulary, 64 positions;
-a test changes what it measures through the fields (``tiny_llama("yarn", hidden_size=64)``). The
-command-line equivalent for the entry-point tests is ``TINY_MODEL`` in ``tests/training/conftest.py``.
+a test changes what it measures through the fields (``tiny_llama("yarn", hidden_size=64)``). (The
+entry-point tests give their tiny model as flags: ``TINY_MODEL`` in ``tests/training/conftest.py``.)
 """
 
 from __future__ import annotations

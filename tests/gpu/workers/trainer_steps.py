@@ -40,9 +40,9 @@ def config():
     return training_config(model, iters=1000, batch=BATCH, lr=3e-3, clip_grad=1.0)
 
 
-def batches(model):
+def batches():
     """The same batch forever (CPU tensors: the trainer's forward_step moves each to the GPU)."""
-    return itertools.repeat(train_batch(model, BATCH, seed=1))
+    return itertools.repeat(train_batch(config().model, BATCH, seed=1))
 
 
 class Run:
@@ -58,7 +58,7 @@ class Run:
         self.cfg, self.model, self.step_module = cfg, model, step
         self.chunks, self.optimizer, self.scheduler, _ = model.build_model_and_optimizer(cfg, bf16=bf16)
         self.forward_backward = get_forward_backward_func()
-        self.data = batches(cfg.model)
+        self.data = batches()
 
     def step(self) -> float:
         loss, _, update_ok = self.step_module.train_step(self.forward_backward, self.data, self.chunks,

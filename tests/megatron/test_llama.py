@@ -2,7 +2,8 @@
 config: ``tests/hf/test_config.py``).
 
 (Building and running the model is covered by ``test_parallel_equivalence.py`` and the ``model_checks``
-worker; the builder's refusal at TP=2 is checked there too.)
+worker, whose checks read here are in ``workers/llama_checks.py``; the builder's refusal at TP=2 is checked
+in ``test_parallel_equivalence.py``.)
 """
 
 from __future__ import annotations

@@ -54,10 +54,10 @@ class LlamaConfig:
     norm_epsilon: float = field(1e-5, "RMSNorm epsilon")
     tie_word_embeddings: bool = field(False, "share input embedding and output layer")
     init_method_std: float = field(0.02, "std of the weight initialization")
-    make_vocab_size_divisible_by: int = field(
-        128, "pad the vocabulary to a multiple of lcm(this, num_query_groups)")
+    make_vocab_size_divisible_by: int = field(128, "pad the vocabulary to a multiple of lcm(this, num_query_groups)")
     rope: RopeConfig = field(
-        help="rotary plan (kind, base, factor, original length, ...)", flag=False, default_factory=RopeConfig)
+        help="rotary plan (kind, base, factor, original length, ...)", flag=False, default_factory=RopeConfig
+    )
 
     def __post_init__(self):
         if isinstance(self.rope, dict):
@@ -102,9 +102,7 @@ class LlamaConfig:
         for name in ("num_attention_heads", "num_query_groups"):
             value = getattr(self, name)
             if value % tensor_parallel_size:
-                raise ConfigError(
-                    f"tensor-model-parallel-size {tensor_parallel_size} does not divide {name} {value}"
-                )
+                raise ConfigError(f"tensor-model-parallel-size {tensor_parallel_size} does not divide {name} {value}")
 
 
 def transformer_config(

@@ -51,39 +51,29 @@ class Preset:
     seeds: int = field(5, "seeds 0..seeds-1 per task x variant (--seeds overrides); a seed fixes data order and init")
     num_layers: int = field(2, "transformer layers")
     hidden_size: int = field(512, "model width d_model")
-    num_attention_heads: int = field(
-        8, "attention heads (multi-head: as many key/value heads); head dim = hidden_size / heads")
+    num_attention_heads: int = field(8, "attention heads, as many key/value heads; head dim = hidden_size / heads")
     ffn_hidden_size: int = field(2048, "SwiGLU inner width")
     rotary_base: float = field(10000.0, "RoPE base b")
     train_length: int = field(64, "training sequence length (rotary positions 0..63)")
-    test_length: int = field(
-        256, "test sequence length; positions train_length..test_length-1 are out of distribution")
-    scaling_factor: float = field(
-        4.0, "YaRN scale s for the yarn / resonance_yarn variants (original length = train_length)")
+    test_length: int = field(256, "test sequence length; positions train_length..test_length-1 are out of distribution")
+    scaling_factor: float = field(4.0, "YaRN scale s of the yarn variants (original length = train_length)")
     train_sequences: int = field(10_000, "training sequences (distinct seed prefixes)")
-    validation_sequences: int = field(
-        1_000, "validation sequences at train_length, scored during training (progress only)")
+    validation_sequences: int = field(1_000, "validation sequences at train_length, scored in training (progress only)")
     test_sequences: int = field(1_000, "test sequences at test_length (the same set for every seed and variant)")
     epochs: float = field(150, "passes over the training sequences")
     global_batch_size: int = field(128, "sequences per optimizer step (over all data-parallel ranks)")
-    micro_batch_size: Optional[int] = field(
-        None, "sequences per forward/backward per rank; None: global_batch_size / DP (one micro-batch)")
+    micro_batch_size: Optional[int] = field(None, "sequences per forward/backward per rank; None: one micro-batch")
     lr: float = field(2e-4, "peak learning rate (AdamW)")
     min_lr: float = field(0.0, "learning rate at the end of the cosine decay")
     weight_decay: float = field(0.01, "decoupled weight decay (megatron exempts biases and norm weights)")
-    warmup_fraction: float = field(
-        0.1, "linear warm-up as a fraction of all steps, then cosine decay to min_lr (one cycle)")
+    warmup_fraction: float = field(0.1, "linear warm-up as a fraction of all steps, then cosine decay to min_lr")
     adam_beta1: float = field(0.9, "Adam beta1")
     adam_beta2: float = field(0.999, "Adam beta2")
     clip_grad: float = field(0.0, "global gradient-norm clip (0: none, as the reference's Lightning default)")
     eval_batch_size: int = field(100, "sequences per evaluation forward pass")
-    validation_interval: int = field(
-        10, "score the validation split every this many epochs (and after the last)")
-    bf16: bool = field(
-        False, "train in bf16 with fp32 main weights (megatron's Float16Module + distributed optimizer) "
-        "instead of fp32")
-    test_seed: int = field(
-        0, "seed of the test split (fixed, so every seed and variant is scored on the same sequences)")
+    validation_interval: int = field(10, "score the validation split every this many epochs (and after the last)")
+    bf16: bool = field(False, "train in bf16 with fp32 main weights (megatron's Float16Module + distributed optimizer)")
+    test_seed: int = field(0, "seed of the test split (fixed: every seed and variant is scored on the same sequences)")
     protocol: Protocol = field("clean", "one of PROTOCOLS (--protocol)")
 
     def __post_init__(self):
@@ -92,8 +82,9 @@ class Preset:
         if unknown or not self.tasks:
             raise ConfigError(f"tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks}")
         if not PREFIX_LENGTH < self.train_length < self.test_length:
-            raise ConfigError(f"need {PREFIX_LENGTH} < train_length < test_length, got {self.train_length}, "
-                             f"{self.test_length}")
+            raise ConfigError(
+                f"need {PREFIX_LENGTH} < train_length < test_length, got {self.train_length}, {self.test_length}"
+            )
         if self.protocol == "reference" and self.validation_sequences + self.test_sequences > self.train_sequences:
             raise ConfigError(
                 f"the reference protocol takes validation and test rows from the training rows: need "
@@ -102,8 +93,16 @@ class Preset:
             )
         if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
             raise ConfigError("hidden_size / num_attention_heads must be an even integer")
-        for name in ("seeds", "epochs", "global_batch_size", "train_sequences", "validation_sequences",
-                     "test_sequences", "eval_batch_size", "validation_interval"):
+        for name in (
+            "seeds",
+            "epochs",
+            "global_batch_size",
+            "train_sequences",
+            "validation_sequences",
+            "test_sequences",
+            "eval_batch_size",
+            "validation_interval",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -142,8 +141,10 @@ def with_settings(preset: Preset, settings: Dict[str, str]) -> Preset:
     for name, text in settings.items():
         if name not in types or name in _OWN_FLAGS:
             settable = sorted(set(types) - set(_OWN_FLAGS))
-            raise ConfigError(f"--set {name}: not a preset setting (settable: {', '.join(settable)}; "
-                             "--tasks, --seeds, --epochs, --bf16 and --protocol have their own flags)")
+            raise ConfigError(
+                f"--set {name}: not a preset setting (settable: {', '.join(settable)}; "
+                "--tasks, --seeds, --epochs, --bf16 and --protocol have their own flags)"
+            )
         kind, optional = unwrap(types[name])
         try:
             values[name] = None if text.lower() == "none" and optional else kind(text)
@@ -167,6 +168,9 @@ _SMALL = Preset(
     validation_interval=4,
 )
 
+#: the small model on the recursive task alone, which it learns in a few hundred steps
+_RECURSIVE = dataclasses.replace(_SMALL, tasks=("recursive",), seeds=1, validation_sequences=100)
+
 PRESETS: Dict[str, Preset] = {
     # The paper's setup (2 layers in T5-small shape, 10k/1k/1k, 150 epochs, AdamW 2e-4, wd 0.01, batch 128,
     # one-cycle cosine with 10 % warm-up, 5 seeds). For a GPU.
@@ -174,16 +178,12 @@ PRESETS: Dict[str, Preset] = {
     # All 30 cells on 2 CPU cores with 2 workers: the paper's shape scaled to d_model 64 (2 heads x 32),
     # 4,000 sequences x 12 epochs = 750 steps of 64 at a higher learning rate.
     "small": _SMALL,
-    # `make demo`'s PosGen stage: the small model on the recursive task, which it learns in a few hundred
-    # steps, so the plot shows what happens past the training length.
+    # `make demo`'s PosGen stage: the plot shows what happens past the training length.
     "demo": dataclasses.replace(
-        _SMALL, name="demo", tasks=("recursive",), seeds=1, train_sequences=2_000, validation_sequences=100,
-        test_sequences=200, epochs=15, validation_interval=5,
+        _RECURSIVE, name="demo", train_sequences=2_000, test_sequences=200, epochs=15, validation_interval=5
     ),
-    # The test suite's end-to-end run: the small model on the recursive task, 375 steps of 32 (far above
-    # chance in distribution, not converged).
+    # The test suite's end-to-end run: 375 steps of 32 (far above chance in distribution, not converged).
     "smoke": dataclasses.replace(
-        _SMALL, name="smoke", tasks=("recursive",), seeds=1, train_sequences=1_000, validation_sequences=100,
-        test_sequences=100, global_batch_size=32, lr=5e-3,
+        _RECURSIVE, name="smoke", train_sequences=1_000, test_sequences=100, global_batch_size=32, lr=5e-3
     ),
 }

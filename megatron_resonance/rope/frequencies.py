@@ -49,8 +49,11 @@ class RopeConfig:
     high_freq_factor: float = field(4.0, "llama3 high_freq_factor")
     attention_factor: Optional[float] = field(None, "override YaRN's 0.1 ln s + 1")
     correction_length: Optional[int] = field(
-        None, "YaRN: the length whose beta_fast / beta_slow turns bound the ramp; None: original_max_position, "
-        "as YaRN and Hugging Face define it (PosGen's reference protocol uses the test length + 1)", flag=False)
+        None,
+        "YaRN: the length whose beta_fast / beta_slow turns bound the ramp; None: original_max_position, "
+        "as YaRN and Hugging Face define it (PosGen's reference protocol uses the test length + 1)",
+        flag=False,
+    )
     resonance: bool = field(False, "round wavelengths to integers on top of any kind")
 
     def __post_init__(self):

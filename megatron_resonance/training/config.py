@@ -26,45 +26,62 @@ class ParallelConfig:
     tensor_model_parallel_size: int = field(1, "tensor-parallel ranks (must divide heads and query groups)")
     pipeline_model_parallel_size: int = field(1, "pipeline stages (must divide num_layers)")
     virtual_pipeline_model_parallel_size: Optional[int] = field(
-        None, "model chunks per pipeline stage (interleaved 1F1B)")
+        None, "model chunks per pipeline stage (interleaved 1F1B)"
+    )
     context_parallel_size: int = field(
-        1, "context-parallel ranks: each holds 2 of the sequence's 2*CP chunks (seq_length % 2*CP == 0); TE's CP "
-        "with Transformer Engine, else SDPA attention over all-gathered keys and values")
+        1,
+        "context-parallel ranks: each holds 2 of the sequence's 2*CP chunks (seq_length % 2*CP == 0); TE's CP "
+        "with Transformer Engine, else SDPA attention over all-gathered keys and values",
+    )
     sequence_parallel: bool = field(False, "shard layer-norm/dropout activations over TP ranks")
-    transformer_impl: Spec = field("auto", f"layer spec: {', '.join(SPECS)} (auto = TE when present, else local)",
-                                   label="layer spec")
+    transformer_impl: Spec = field(
+        "auto", f"layer spec: {', '.join(SPECS)} (auto = TE when present, else local)", label="layer spec"
+    )
     recompute_granularity: Optional[Literal["full", "selective"]] = field(
-        None, "activation recomputation: full (whole layers) or selective (core attention); default none "
-        "(tools/plan_layout.py says when it is needed)")
+        None,
+        "activation recomputation: full (whole layers) or selective (core attention); default none "
+        "(tools/plan_layout.py says when it is needed)",
+    )
     recompute_method: Optional[Literal["uniform", "block"]] = field(
-        None, "full recomputation: uniform (a checkpoint every recompute_num_layers layers) or block (the first "
-        "recompute_num_layers layers of each pipeline stage)")
+        None,
+        "full recomputation: uniform (a checkpoint every recompute_num_layers layers) or block (the first "
+        "recompute_num_layers layers of each pipeline stage)",
+    )
     recompute_num_layers: Optional[int] = field(None, "layers per recomputed unit (uniform) or per stage (block)")
     distributed_timeout_minutes: float = field(
-        10.0, "minutes a collective waits for the other ranks before the run stops with one line (a hung or "
-        "dead rank); raise it where rank 0 alone builds a large dataset index")
+        10.0,
+        "minutes a collective waits for the other ranks before the run stops with one line (a hung or "
+        "dead rank); raise it where rank 0 alone builds a large dataset index",
+    )
 
 
 @dataclasses.dataclass
 class DataConfig:
     data_path: Optional[str] = field(None, "indexed-dataset prefix (…/name without .bin/.idx) for training")
     valid_data_path: Optional[str] = field(
-        None, "indexed-dataset prefix for evaluation (default: the validation part of data_path, see split)")
+        None, "indexed-dataset prefix for evaluation (default: the validation part of data_path, see split)"
+    )
     split: str = field(
-        "98,2,0", "train,validation,test weights dividing data_path's documents when there is no valid_data_path "
-        "(Megatron-LM's --split; the test part is not used)")
+        "98,2,0",
+        "train,validation,test weights dividing data_path's documents when there is no valid_data_path "
+        "(Megatron-LM's --split; the test part is not used)",
+    )
     mock_data: bool = field(False, "synthetic tokens instead of a dataset (megatron MockGPTDataset)")
     tokenizer_model: Optional[str] = field(
-        None, "SentencePiece .model, Hugging Face tokenizer.json or a directory with either; sets the vocabulary "
-        "size and the end-of-document id")
+        None,
+        "SentencePiece .model, Hugging Face tokenizer.json or a directory with either; sets the vocabulary "
+        "size and the end-of-document id",
+    )
     seq_length: int = field(128, "tokens per training sample")
     micro_batch_size: int = field(1, "samples per micro-batch per data-parallel rank")
     global_batch_size: int = field(8, "samples per optimizer step (a multiple of micro_batch_size x DP)")
     data_cache_path: Optional[str] = field(None, "where megatron's GPTDataset caches its sample index")
     reset_position_ids: bool = field(
-        False, "rotary positions restart at 0 after every EOD of a packed sample (exact angles of any rope kind)")
+        False, "rotary positions restart at 0 after every EOD of a packed sample (exact angles of any rope kind)"
+    )
     reset_attention_mask: bool = field(
-        False, "attention never crosses an EOD: each packed document attends only to itself (no dense mask)")
+        False, "attention never crosses an EOD: each packed document attends only to itself (no dense mask)"
+    )
     eod_mask_loss: bool = field(False, "leave the EOD tokens out of the loss")
 
 
@@ -79,7 +96,8 @@ class OptimizerConfig:
     adam_eps: float = field(1e-8, "Adam epsilon")
     clip_grad: float = field(1.0, "global gradient-norm clip (0 disables)")
     lr_warmup_fraction: Optional[float] = field(
-        None, "warm-up as a fraction of train_iters (wins over lr_warmup_iters)")
+        None, "warm-up as a fraction of train_iters (wins over lr_warmup_iters)"
+    )
     lr_warmup_iters: int = field(0, "linear warm-up steps")
     lr_decay_style: Literal["constant", "linear", "cosine"] = field("cosine", "constant, linear or cosine")
     lr_decay_iters: Optional[int] = field(None, "decay length in steps (default: train_iters)")
@@ -104,8 +122,10 @@ class CheckpointConfig:
     finetune: bool = field(False, "load model weights only: fresh optimizer, scheduler and iteration count")
     exit_on_signal: bool = field(True, "SIGTERM/SIGUSR1: finish the step, save, exit 0 (Slurm preemption)")
     signal_save_timeout: float = field(
-        180.0, "seconds from SIGTERM/SIGUSR1 in which the step and the save must finish; past it (a hung "
-        "rank) the job gives up, exits 1 and the last complete checkpoint stays latest")
+        180.0,
+        "seconds from SIGTERM/SIGUSR1 in which the step and the save must finish; past it (a hung "
+        "rank) the job gives up, exits 1 and the last complete checkpoint stays latest",
+    )
 
 
 @dataclasses.dataclass
@@ -144,8 +164,11 @@ def recompute_settings(p: ParallelConfig) -> Dict[str, Any]:
     """The TransformerConfig fields of the recomputation flags (empty: none)."""
     if p.recompute_granularity is None:
         return {}
-    return dict(recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
-                recompute_num_layers=p.recompute_num_layers)
+    return dict(
+        recompute_granularity=p.recompute_granularity,
+        recompute_method=p.recompute_method,
+        recompute_num_layers=p.recompute_num_layers,
+    )
 
 
 def warmup_iters(cfg: Config) -> int:

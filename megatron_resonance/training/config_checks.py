@@ -87,8 +87,10 @@ def _check_ranges(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), field)
         if value is not None and value < least:
             raise ConfigError(f"--{field.replace('_', '-')} must be >= {least}, got {value}")
-    for flag, value in (("--distributed-timeout-minutes", cfg.parallel.distributed_timeout_minutes),
-                        ("--signal-save-timeout", cfg.checkpoint.signal_save_timeout)):
+    for flag, value in (
+        ("--distributed-timeout-minutes", cfg.parallel.distributed_timeout_minutes),
+        ("--signal-save-timeout", cfg.checkpoint.signal_save_timeout),
+    ):
         if not value > 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
     try:
@@ -121,8 +123,9 @@ def _check_recompute(p: ParallelConfig, layers_per_stage: int) -> None:
         methods = " or ".join(choices(field_types(ParallelConfig)["recompute_method"]))
         raise ConfigError(f"--recompute-granularity full needs --recompute-method {methods}, got None")
     if n is None or not 1 <= n <= layers_per_stage:
-        raise ConfigError(f"--recompute-num-layers must be between 1 and the {layers_per_stage} layers of a "
-                          f"pipeline stage, got {n}")
+        raise ConfigError(
+            f"--recompute-num-layers must be between 1 and the {layers_per_stage} layers of a pipeline stage, got {n}"
+        )
 
 
 def _check_split(split: str) -> None:
@@ -134,8 +137,9 @@ def _check_split(split: str) -> None:
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or not all(0 <= w < float("inf") for w in weights):
-        raise ConfigError(f"--split {split!r}: expected 1 to 3 comma-separated weights (train, validation, "
-                          "test), e.g. 98,2,0")
+        raise ConfigError(
+            f"--split {split!r}: expected 1 to 3 comma-separated weights (train, validation, test), e.g. 98,2,0"
+        )
     if not weights[0] > 0:
         raise ConfigError(f"--split {split}: the train weight must be above 0")
 
@@ -146,8 +150,16 @@ def _check_documents(cfg: Config) -> None:
     changes the loss mask, and mock data is fine: megatron's MockGPTDataset ends every synthetic document
     with the EOD id (as the preprocessor ends every real one)."""
     d = cfg.data
-    positional = [flag for flag, on in (("--reset-position-ids", d.reset_position_ids),
-                                        ("--reset-attention-mask", d.reset_attention_mask)) if on]
+    positional = [
+        flag
+        for flag, on in (
+            ("--reset-position-ids", d.reset_position_ids),
+            ("--reset-attention-mask", d.reset_attention_mask),
+        )
+        if on
+    ]
     if positional and resolve_spec(cfg.parallel.transformer_impl) == "te":
-        raise ConfigError(f"{' '.join(positional)}: document masking needs the local attention (--transformer-impl "
-                          "local); Transformer Engine's packed (THD) path is not wired to it yet")
+        raise ConfigError(
+            f"{' '.join(positional)}: document masking needs the local attention (--transformer-impl "
+            "local); Transformer Engine's packed (THD) path is not wired to it yet"
+        )

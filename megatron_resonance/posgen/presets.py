@@ -23,6 +23,7 @@ from megatron_resonance.errors import ConfigError
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, TASKS
 
 Protocol = Literal["clean", "reference"]
+#: each protocol's description, in the order of ``Protocol``
 PROTOCOLS = dict(zip(typing.get_args(Protocol), (
     "train / validation / test from disjoint seed prefixes (posgen.splits); test-time YaRN as Hugging "
     "Face defines it (s = scaling_factor, original length = train length, beta 32 / 1)",

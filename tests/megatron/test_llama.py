@@ -34,7 +34,7 @@ def test_config_rejects_inconsistent_shapes():
         LlamaConfig(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="not divisible by num_query_groups"):
         LlamaConfig(hidden_size=96, num_attention_heads=3, num_query_groups=2)
-    with pytest.raises(ValueError, match="unknown model setting"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) in model settings: num_layerz"):
         LlamaConfig.from_dict({"num_layerz": 2})
 
 

@@ -217,7 +217,7 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"recompute_granularity": "some"}, "unknown --recompute-granularity 'some'; expected full or selective"),
+    ({"recompute_granularity": "some"}, "unknown --recompute-granularity 'some'; expected one of full, selective"),
     ({"recompute_granularity": "full"}, "--recompute-granularity full needs --recompute-method uniform or block"),
     ({"recompute_granularity": "full", "recompute_method": "uniform"},
      "--recompute-num-layers must be between 1 and the 4 layers of a pipeline stage, got None"),
@@ -228,7 +228,8 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
     ({"recompute_method": "uniform"}, "--recompute-method/--recompute-num-layers need --recompute-granularity full"),
 ])
 def test_recompute_flags_are_checked_in_one_line(flags, message):
-    from megatron_resonance.training.config import ConfigError, check, from_dict
+    from megatron_resonance.training.config import ConfigError, from_dict
+    from megatron_resonance.training.config_checks import check
 
     pp = 2 if flags.get("recompute_method") == "block" else 1
     cfg = from_dict({"model": {"num_layers": 4}, "data": {"mock_data": True, "global_batch_size": 8},

@@ -57,12 +57,14 @@ $(VENV_MCORE_015)/.installed: $(VENV)/.installed
 	touch $@
 
 # The newest release (Python >= 3.12) in VENV_COMPAT, built once: COMPAT_PYTHON, PyPI's torch (the CUDA build:
-# no CPU wheel for Python 3.12 is reachable; 2.7 GB of wheels, 4.7 GB installed), this package with its
-# dependencies, then megatron-core MCORE_NEWEST. Runs an import of the package and MCORE_TESTS there.
+# no CPU wheel for Python 3.12 is reachable; 2.7 GB of wheels, 4.7 GB installed) and this package with its
+# dependencies. Each run installs megatron-core MCORE_NEWEST there (nothing when it is), imports the package
+# and runs MCORE_TESTS.
 MCORE_NEWEST ?= 0.19.2
 VENV_COMPAT ?= .venv-compat
 COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 compat: $(VENV_COMPAT)/.installed
+	$(VENV_COMPAT)/bin/python -m pip install -q "megatron-core==$(MCORE_NEWEST)"
 	$(VENV_COMPAT)/bin/python -c "import megatron.core, megatron_resonance.megatron; print('megatron-core', megatron.core.__version__)"
 	$(VENV_COMPAT)/bin/python -m pytest $(PYTEST_ARGS) $(MCORE_TESTS)
 
@@ -70,7 +72,7 @@ $(VENV_COMPAT)/.installed: setup.py
 	rm -rf $(VENV_COMPAT)
 	$(COMPAT_PYTHON) -m venv $(VENV_COMPAT)
 	$(VENV_COMPAT)/bin/python -m pip install "$(TORCH_SPEC)"
-	$(VENV_COMPAT)/bin/python -m pip install -e ".[hf,test]" "megatron-core==$(MCORE_NEWEST)"
+	$(VENV_COMPAT)/bin/python -m pip install -e ".[hf,test]"
 	touch $@
 
 # PosGen presets: run (or resume) in runs/posgen_<preset>, then copy the report to benchmarks/results/.

@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_resonance", "megatron_resonance.*"]),
     install_requires=[
-        # the window megatron_resonance/megatron/compat.py checks at import (0.17+ needs Python >= 3.12).
-        "megatron-core>=0.15,<0.17",
+        # the window megatron_resonance/megatron/compat.py checks at import: 0.15.x, 0.16.x and, on Python >= 3.12,
+        # 0.19.x (0.17.x and 0.18.x are not tested)
+        "megatron-core>=0.15,!=0.17.*,!=0.18.*,<0.20",
         "torch>=2.6",
         "numpy",
         "sentencepiece",

@@ -44,9 +44,8 @@ def worker(length: int, steps: int) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
-    from megatron_resonance.megatron import distributed, llama
+    from megatron_resonance.megatron import compat, distributed, llama
     from megatron_resonance.rope import RopeConfig
 
     cp = int(os.environ.get("WORLD_SIZE", "1"))
@@ -57,7 +56,7 @@ def worker(length: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, MODEL["vocab_size"], (1, length + 1), generator=g)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(length).unsqueeze(0)}
-    batch = get_batch_on_this_cp_rank(batch)
+    batch = compat.batch_on_this_cp_rank(batch)
     group = ps.get_context_parallel_group()
 
     def step() -> float:

@@ -107,9 +107,9 @@ def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, n
 def _forward_step(data_iterator, model, vocab_size: int):
     batch = next(data_iterator)
     if "targets" in batch:  # context parallelism: this rank's chunks of the sequence and of its targets
-        from megatron.core.utils import get_batch_on_this_cp_rank
+        from megatron_resonance.megatron.compat import batch_on_this_cp_rank
 
-        batch = get_batch_on_this_cp_rank(dict(batch))
+        batch = batch_on_this_cp_rank(dict(batch))
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, functools.partial(_scores_func, batch["targets"], vocab_size, every_position=True)
     output = model(batch["tokens"], batch["position_ids"], None)

@@ -5,4 +5,4 @@ Importing it checks megatron-core's release against the supported window (``comp
 from megatron_resonance.megatron import compat
 
 compat.check_version()
-compat.quiet_end_of_life_warning()
+compat.quiet_release_warnings()

@@ -22,6 +22,7 @@ import torch
 
 from megatron_resonance.cli import one_line
 from megatron_resonance.errors import CheckpointError  # noqa: F401 - imported from here by callers
+from megatron_resonance.megatron import compat
 from megatron_resonance.megatron.llama import LlamaConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -113,7 +114,8 @@ def verify_checkpoint(ckpt_dir: str) -> None:
 
     ``megatron_resonance.json`` and dist_checkpointing's ``metadata.json`` parse; torch DCP's ``.metadata``
     loads; every shard file it names exists and is at least as long as the last byte it refers to (a
-    truncated or missing ``.distcp``); ``common.pt`` loads (as megatron loads it). Corrupted bytes inside a
+    truncated or missing ``.distcp``); ``common.pt`` loads (as megatron loads it) unless the common state is
+    in the shards (:func:`compat.common_state_in_shards`). Corrupted bytes inside a
     shard are not seen here; :func:`load_checkpoint` checks the loaded weights for that."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: no checkpoint directory")
@@ -141,6 +143,8 @@ def verify_checkpoint(ckpt_dir: str) -> None:
         if size < end:
             raise CheckpointError(f"{shard}: truncated ({size} bytes; .metadata refers to byte {end})")
     common = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.isfile(common) and compat.common_state_in_shards(metadata):
+        return
     if not os.path.isfile(common):
         raise CheckpointError(f"{common}: missing")
     try:

@@ -5,8 +5,10 @@ megatron_resonance.megatron`` calls :func:`check_version`, which refuses any oth
 (:class:`UnsupportedMegatronCore`, an ImportError) before anything of megatron is imported.
 
 Each workaround below names the release(s) it is for and why. Code that only makes megatron run on CPU
-(``cpu_compat``) or run faster there (``cpu_speed``, ``local_ops``) is not here: it does not depend on the
-release. Still elsewhere: ``training/model.py``'s ``use_fused_torch_adam`` (0.15.x and 0.16.x).
+(``cpu_compat``) or run faster there (``cpu_speed``, ``local_ops``) is not here; where it depends on the
+release it asks here (:func:`gathers_weight`). Still elsewhere: ``training/model.py``'s
+``use_fused_torch_adam`` (torch's fused Adam kernel where megatron falls back to torch's Adam: every
+release of the window).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import sys
 from typing import Optional, Tuple
 
 #: (major, minor) releases this package is tested with, any patch release of each
-WINDOW: Tuple[Tuple[int, int], ...] = ((0, 15), (0, 16))
+WINDOW: Tuple[Tuple[int, int], ...] = ((0, 15), (0, 16), (0, 19))
 #: the pip requirement for :data:`WINDOW` (setup.py's)
-REQUIREMENT = "megatron-core>=0.15,<0.17"
+REQUIREMENT = "megatron-core>=0.15,!=0.17.*,!=0.18.*,<0.20"
 
 
 class UnsupportedMegatronCore(ImportError):
@@ -30,7 +32,9 @@ class UnsupportedMegatronCore(ImportError):
 
 
 def window_text() -> str:
-    return " and ".join(f"{major}.{minor}.x" for major, minor in WINDOW)
+    """``"0.15.x, 0.16.x and 0.19.x"``"""
+    names = [f"{major}.{minor}.x" for major, minor in WINDOW]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def installed_version() -> Optional[str]:
@@ -38,7 +42,7 @@ def installed_version() -> Optional[str]:
     seconds): ``megatron/core/package_info.py`` read as text. None when megatron-core is not installed."""
     loaded = sys.modules.get("megatron.core")
     if loaded is not None and getattr(loaded, "__version__", None):
-        return loaded.__version__
+        return public_version(loaded.__version__)
     try:
         spec = importlib.util.find_spec("megatron.core")
     except (ImportError, ValueError):
@@ -58,6 +62,13 @@ def installed_version() -> Optional[str]:
     if not all(k in fields for k in ("MAJOR", "MINOR", "PATCH")):
         return None
     return f"{fields['MAJOR']}.{fields['MINOR']}.{fields['PATCH']}{fields.get('PRE_RELEASE', '')}"
+
+
+def public_version(version: str) -> str:
+    """``version`` without a local part: 0.19.x's ``__version__`` ends in ``+<short commit>`` of any git
+    repository megatron-core is installed in (it runs ``git rev-parse`` in its own directory), e.g. of this
+    one for a venv inside the checkout; the release is the part before it."""
+    return version.split("+", 1)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,24 +95,33 @@ def check_version(version: Optional[str] = None) -> Optional[str]:
         return version
     if sys.excepthook is sys.__excepthook__:
         sys.excepthook = _one_line_hook
-    raise UnsupportedMegatronCore(f"megatron-resonance supports megatron-core {window_text()}; found {version}: "
-                                  f"pip install '{REQUIREMENT}'")
+    raise UnsupportedMegatronCore(
+        f"megatron-resonance supports megatron-core {window_text()}; found {version}: pip install '{REQUIREMENT}'"
+    )
 
 
-def quiet_end_of_life_warning() -> None:
-    """0.15.x: importing megatron's MoE token dispatcher (which its GPT layer specs import) logs
-    "fused_indices_to_multihot has reached end of life" on stderr, in every process: an experimental function
-    of 0.11 it still uses. This package runs no MoE; drop that record (0.16.x does not log it)."""
-    if installed_release() != (0, 15):
-        return
+def quiet_release_warnings() -> None:
+    """Drop the log records a release writes on stderr in every process about code this package does not
+    use. 0.15.x: importing megatron's MoE token dispatcher (which its GPT layer specs import) logs
+    "fused_indices_to_multihot has reached end of life" (an experimental function of 0.11 it still uses;
+    this package runs no MoE). 0.19.x: every ``GPTModel`` logs "GPTModel IS DEPRECATED ... use
+    HybridModel" (its migration guide); a tool's one-line error would come with it. 0.16.x logs neither."""
     import logging
 
-    logging.getLogger("megatron.core.utils").addFilter(_end_of_life)  # once: the same filter
+    if installed_release() == (0, 15):
+        logging.getLogger("megatron.core.utils").addFilter(_end_of_life)  # once: the same filter
+    if installed_release() >= (0, 19):
+        logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_gpt_model_deprecated)
 
 
 def _end_of_life(record) -> bool:
-    return not (str(record.msg).startswith("%s has reached end of life")
-                and record.args == ("fused_indices_to_multihot",))
+    return not (
+        str(record.msg).startswith("%s has reached end of life") and record.args == ("fused_indices_to_multihot",)
+    )
+
+
+def _gpt_model_deprecated(record) -> bool:
+    return not str(record.msg).startswith("GPTModel IS DEPRECATED.")
 
 
 def _one_line_hook(kind, value, tb):
@@ -118,7 +138,7 @@ def _one_line_hook(kind, value, tb):
 
 
 def in_process_write_results_queue() -> None:
-    """0.15.x, 0.16.x: give megatron's checkpoint writer an in-process results queue instead of its
+    """0.15.x, 0.16.x, 0.19.x: give megatron's checkpoint writer an in-process results queue instead of its
     ``Manager().Queue()``.
 
     megatron-core creates that queue once per process, on the first save, in a spawned multiprocessing
@@ -136,8 +156,17 @@ def in_process_write_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def common_state_in_shards(metadata) -> bool:
+    """Whether a checkpoint keeps megatron's common (non-tensor) state in its torch_dist shards, as the object
+    ``common_state`` of its ``.metadata`` (``metadata``), and this release reads it there. 0.19.x saves it so
+    (and still loads ``common.pt``); 0.15.x and 0.16.x save and need ``common.pt``."""
+    return installed_release() >= (0, 19) and any(
+        key.startswith("common_state/") for key in metadata.state_dict_metadata
+    )
+
+
 def ensure_optimizer_state(optimizer) -> None:
-    """0.15.x, 0.16.x, without Apex/TE: a fresh torch Adam has no state yet, and megatron's distributed
+    """0.15.x, 0.16.x, 0.19.x, without Apex/TE: a fresh torch Adam has no state yet, and megatron's distributed
     optimizer needs its ``step`` entries to build the sharded state dict a load fills. Allocate them with
     megatron's own zero-gradient dummy step (the loaded checkpoint then overwrites every value)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -148,10 +177,10 @@ def ensure_optimizer_state(optimizer) -> None:
 
 @contextlib.contextmanager
 def states_without_step(optimizer):
-    """0.15.x, 0.16.x, without Apex/TE: megatron loads ``fully_reshardable`` optimizer state by copying every entry
-    of torch Adam's per-parameter state from the checkpoint, which has no ``step`` there (it travels in the
-    param groups): a KeyError. Leave ``step`` out of that copy; :func:`restore_adam_steps` sets it afterwards.
-    """
+    """0.15.x, 0.16.x, 0.19.x, without Apex/TE: megatron loads ``fully_reshardable`` optimizer state by
+    copying every entry of torch Adam's per-parameter state from the checkpoint, which has no ``step`` there
+    (it travels in the param groups): a KeyError. Leave ``step`` out of that copy; :func:`restore_adam_steps`
+    sets it afterwards."""
     patched = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         original = getattr(opt, "_set_main_param_and_optimizer_states", None)
@@ -178,7 +207,7 @@ def states_without_step(optimizer):
 
 
 def restore_adam_steps(optimizer) -> None:
-    """0.15.x, 0.16.x, without Apex/TE: megatron's distributed optimizer restores torch Adam's iteration count
+    """0.15.x, 0.16.x, 0.19.x, without Apex/TE: megatron's distributed optimizer restores torch Adam's iteration count
     in each param group's ``step`` but leaves the per-parameter ``step`` tensors as they were before loading
     (and, when it sets them, shares one tensor that torch's foreach Adam would increment once per parameter).
     Give every parameter its own copy of the restored count, or the bias correction is wrong after resume.
@@ -194,6 +223,38 @@ def restore_adam_steps(optimizer) -> None:
                 state = inner.state.get(param)
                 if state is not None and "step" in state:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+
+
+# ==========================================================================================================
+# Context parallelism (training/step.py, evaluation/scoring.py)
+# ==========================================================================================================
+
+
+def batch_on_this_cp_rank(batch: dict) -> dict:
+    """megatron's load-balanced context-parallel part of ``batch``: each tensor's sequence in 2·CP chunks, this
+    rank's two (``get_batch_on_this_cp_rank``). 0.19.x: that function asks for ``is_hybrid_cp`` and, without a
+    ``cp_group``, slices over the whole world instead of the context-parallel group (0.15.x and 0.16.x take
+    parallel_state's); give it both."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if installed_release() < (0, 19):
+        return get_batch_on_this_cp_rank(batch)
+    from megatron.core import parallel_state
+
+    return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group())
+
+
+# ==========================================================================================================
+# CPU speed (megatron/cpu_speed.py)
+# ==========================================================================================================
+
+
+def gathers_weight(later_arguments: tuple) -> bool:
+    """Whether the arguments megatron's linear autograd Function takes after ``tp_group`` ask it to gather
+    a sharded weight (then ``cpu_speed``'s lean linear runs megatron's own). 0.19.x adds
+    ``gtp_remat_size``: above 1 the weight is a shard gathered in forward and backward. 0.15.x and 0.16.x
+    pass nothing after ``tp_group``."""
+    return bool(later_arguments) and later_arguments[0] > 1
 
 
 # ==========================================================================================================
@@ -253,6 +314,17 @@ def use_get_emb(rotary_class: type) -> type:
 # ==========================================================================================================
 
 
+def mlp_submodules(layer):
+    """The ``MLPSubmodules`` (linear_fc1, activation_func, linear_fc2) of a GPT layer spec, to be edited in
+    place. 0.19.x builds the dense MLP as ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` where
+    0.15.x and 0.16.x have ``ModuleSpec(module=MLP, submodules=...)``. None for another kind of MLP."""
+    mlp = layer.submodules.mlp
+    submodules = getattr(mlp, "submodules", None)
+    if submodules is None and isinstance(mlp, functools.partial):
+        submodules = mlp.keywords.get("submodules")
+    return submodules if hasattr(submodules, "linear_fc1") else None
+
+
 def strided_gated_fc1(layer):
     """0.15.x: megatron's MLP builds ``linear_fc1`` of a gated linear unit (SwiGLU: [gate; up]) with stride 1,
     so with CPU initialization each TP rank takes a contiguous block of the TP=1 weight (rank 0 all gate
@@ -263,7 +335,7 @@ def strided_gated_fc1(layer):
         return layer
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    mlp = getattr(layer.submodules.mlp, "submodules", None)
+    mlp = mlp_submodules(layer)
     if mlp is not None and mlp.linear_fc1 is ColumnParallelLinear:
         mlp.linear_fc1 = _strided_fc1()
     return layer

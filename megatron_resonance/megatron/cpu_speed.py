@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from megatron_resonance.megatron import _private_torch, cpu_compat, local_ops
+from megatron_resonance.megatron import _private_torch, compat, cpu_compat, local_ops
 
 #: ``MEGATRON_RESONANCE_CPU_SPEED=0`` runs megatron's own code paths on CPU
 ENV = "MEGATRON_RESONANCE_CPU_SPEED"
@@ -241,12 +241,13 @@ def _lean_linear():
     class _LeanLinearWithGradAccumulation(base):
         @staticmethod
         def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                    grad_output_buffer, wgrad_deferral_limit, tp_group):
+                    grad_output_buffer, wgrad_deferral_limit, tp_group, *later):
             fuse = gradient_accumulation_fusion and hasattr(weight, "main_grad")
-            ctx.lean = not sequence_parallel and grad_output_buffer is None
+            ctx.lean = not sequence_parallel and grad_output_buffer is None and not compat.gathers_weight(later)
+            ctx.inputs = 9 + len(later)
             if not ctx.lean:
                 return base.forward(ctx, input, weight, bias, fuse, allreduce_dgrad, sequence_parallel,
-                                    grad_output_buffer, wgrad_deferral_limit, tp_group)
+                                    grad_output_buffer, wgrad_deferral_limit, tp_group, *later)
             ctx.save_for_backward(input, weight)
             ctx.main_grad = weight.main_grad if fuse else None
             ctx.use_bias = bias is not None
@@ -281,7 +282,7 @@ def _lean_linear():
             grad_bias = grad_2d.sum(dim=0) if ctx.use_bias else None
             if handle is not None:
                 handle.wait()
-            return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+            return (grad_input, grad_weight, grad_bias) + (None,) * (ctx.inputs - 3)
 
     _LEAN_LINEAR = _LeanLinearWithGradAccumulation
     return _LEAN_LINEAR

@@ -221,7 +221,7 @@ def layer_spec(spec: str = "auto"):
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         setattr(layer.submodules, name, _local_norm(getattr(layer.submodules, name), lean))
     if lean:  # the module cpu_speed.transformer_settings' use_te_activation_func runs
-        layer.submodules.mlp.submodules.activation_func = local_ops.SwiGLU
+        compat.mlp_submodules(layer).activation_func = local_ops.SwiGLU
     return compat.strided_gated_fc1(layer)
 
 

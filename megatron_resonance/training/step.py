@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_resonance.evaluation.scoring import megatron_logit_scores
-from megatron_resonance.megatron import cpu_speed, distributed
+from megatron_resonance.megatron import compat, cpu_speed, distributed
 from megatron_resonance.training.config import Config
 from megatron_resonance.training.data_loop import data_iterators
 
@@ -33,14 +33,12 @@ def forward_step(
 
     Document masking goes to the model as ``packed_seq_params`` (:func:`document_layout`): the batch's
     ``document_ids`` (``--reset-attention-mask``) and, with ``reset_position_ids``, its position ids."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     document_ids = batch.pop("document_ids", None)  # whole sequence: keys of every CP rank
     if cp_size > 1:
-        batch = get_batch_on_this_cp_rank(batch)
+        batch = compat.batch_on_this_cp_rank(batch)
     layout = document_layout(batch, document_ids, reset_position_ids, cp_size)
     # With cpu_speed on, the model runs without cpu_compat's device mode (a Python hook on every torch
     # call): megatron's forward allocates on the device only for context parallelism (rotary slicing) and

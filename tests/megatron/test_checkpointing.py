@@ -60,7 +60,9 @@ def test_write_results_queue_is_in_process(monkeypatch):
     monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a process that has not saved yet
     before = set(multiprocessing.active_children())
     compat.in_process_write_results_queue()
-    results = filesystem_async._get_write_results_queue()  # what FileSystemWriterAsync takes
+    # what FileSystemWriterAsync takes (0.19.x made the getter public)
+    get = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
+    results = get()
     assert isinstance(results, queue.Queue)
     assert set(multiprocessing.active_children()) == before
 

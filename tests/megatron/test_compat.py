@@ -19,23 +19,29 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_installed_release_is_read_without_importing_megatron(monkeypatch):
     monkeypatch.delitem(sys.modules, "megatron.core")  # the file, not the module's attribute
-    assert compat.installed_version() == megatron.core.__version__
+    assert compat.installed_version() == compat.public_version(megatron.core.__version__)
     assert compat.release(megatron.core.__version__) in compat.WINDOW
 
 
-@pytest.mark.parametrize("version", ["0.15.0", "0.15.3", "0.16.1", "0.16.2rc0"])
+def test_the_local_part_of_a_version_is_not_the_release():
+    assert compat.public_version("0.19.2+d2cd80c") == "0.19.2" == compat.public_version("0.19.2")
+
+
+@pytest.mark.parametrize("version", ["0.15.0", "0.15.3", "0.16.1", "0.16.2rc0", "0.19.2", "0.19.2+d2cd80c"])
 def test_releases_in_the_window_pass(version):
     assert compat.check_version(version) == version
 
 
-@pytest.mark.parametrize("version", ["0.14.0", "0.17.0", "1.16.0", "dev"])
+@pytest.mark.parametrize("version", ["0.14.0", "0.17.0", "0.18.2", "0.20.0", "1.16.0", "dev"])
 def test_releases_outside_the_window_are_refused_in_one_line(version, monkeypatch):
     monkeypatch.setattr(sys, "excepthook", lambda *a: None)  # the check leaves another hook alone
     with pytest.raises(ImportError) as e:
         compat.check_version(version)
     assert isinstance(e.value, compat.UnsupportedMegatronCore)
-    assert str(e.value) == (f"megatron-resonance supports megatron-core 0.15.x and 0.16.x; found {version}: "
-                            "pip install 'megatron-core>=0.15,<0.17'")
+    assert str(e.value) == (
+        f"megatron-resonance supports megatron-core 0.15.x, 0.16.x and 0.19.x; found {version}: "
+        "pip install 'megatron-core>=0.15,!=0.17.*,!=0.18.*,<0.20'"
+    )
 
 
 def test_the_window_is_setup_py_s():
@@ -51,13 +57,14 @@ def test_an_entry_point_shows_the_line_not_a_traceback(entry_point, tmp_path):
     (core / "__init__.py").write_text("raise AssertionError('imported')\n")
     (core / "package_info.py").write_text('MAJOR = 0\nMINOR = 14\nPATCH = 0\nPRE_RELEASE = ""\n')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
-    proc = subprocess.run([sys.executable, entry_point, "--help"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, entry_point, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "megatron-resonance supports megatron-core 0.15.x and 0.16.x; found 0.14.0: "
-        "pip install 'megatron-core>=0.15,<0.17'"
+        "megatron-resonance supports megatron-core 0.15.x, 0.16.x and 0.19.x; found 0.14.0: "
+        "pip install 'megatron-core>=0.15,!=0.17.*,!=0.18.*,<0.20'"
     ]
 
 
@@ -89,9 +96,9 @@ def test_0_15_swiglu_fc1_is_built_with_stride_2(monkeypatch):
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    assert compat.strided_gated_fc1(layer).submodules.mlp.submodules.linear_fc1 is (
+    assert compat.mlp_submodules(compat.strided_gated_fc1(layer)).linear_fc1 is (
         ColumnParallelLinear if compat.installed_release() != (0, 15) else compat._strided_fc1()
     )
     monkeypatch.setattr(compat, "installed_release", lambda: (0, 15))
-    fc1 = compat.strided_gated_fc1(layer).submodules.mlp.submodules.linear_fc1
+    fc1 = compat.mlp_submodules(compat.strided_gated_fc1(layer)).linear_fc1
     assert issubclass(fc1, ColumnParallelLinear) and fc1 is not ColumnParallelLinear

@@ -46,9 +46,7 @@ def local_name(te_name: str) -> str:
 
 
 def logits(spec: str, cp: int, tokens, weights=None):
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    from megatron_resonance.megatron import distributed, llama
+    from megatron_resonance.megatron import compat, distributed, llama
 
     distributed.initialize(context_parallel_size=cp, seed=0)
     (model,) = llama.build_model(model_config(), dtype=torch.bfloat16, spec=spec, seq_length=SEQ)
@@ -59,16 +57,14 @@ def logits(spec: str, cp: int, tokens, weights=None):
     model.eval()
     batch = {"tokens": tokens, "position_ids": torch.arange(SEQ, device=tokens.device).expand(BATCH, SEQ)}
     if cp > 1:
-        batch = get_batch_on_this_cp_rank(batch)
+        batch = compat.batch_on_this_cp_rank(batch)
     with torch.no_grad():
         out = model(batch["tokens"], batch["position_ids"], None).float()
     return out, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def main() -> None:
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    from megatron_resonance.megatron import distributed
+    from megatron_resonance.megatron import compat, distributed
 
     distributed.init_process_group()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -76,7 +72,7 @@ def main() -> None:
     ours, weights = logits("local", 2, tokens)
     te, _ = logits("te", 2, tokens, weights)
     whole, _ = logits("local", 1, tokens, weights)
-    whole = get_batch_on_this_cp_rank({"t": whole})["t"]
+    whole = compat.batch_on_this_cp_rank({"t": whole})["t"]
 
     def rel(a, b):
         t = ((a - b).abs().max() / b.abs().max()).reshape(1).double()

@@ -40,10 +40,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def on_this_rank(t: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
     """megatron's load-balanced CP slicing of ``t`` along ``seq_dim``."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron_resonance.megatron.compat import batch_on_this_cp_rank
 
     moved = t.movedim(seq_dim, 1)
-    return get_batch_on_this_cp_rank({"t": moved})["t"].movedim(1, seq_dim)
+    return batch_on_this_cp_rank({"t": moved})["t"].movedim(1, seq_dim)
 
 
 def max_over_ranks(values: dict) -> dict:

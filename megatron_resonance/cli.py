@@ -12,9 +12,6 @@ from typing import Iterator, Tuple
 
 from megatron_resonance.errors import UserError
 
-#: bad user input (the error model's :class:`~megatron_resonance.errors.UserError`)
-UsageError = UserError
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump) and exit status 2."""
@@ -42,25 +39,25 @@ def one_line(e: BaseException, limit: int = 400) -> str:
 
 
 def check_output_dir(path, what: str, shown=None) -> None:
-    """UsageError ``<what> <shown>: <problem>`` (one line; ``what`` names the flag, ``shown`` the value,
+    """UserError ``<what> <shown>: <problem>`` (one line; ``what`` names the flag, ``shown`` the value,
     by default ``path``) unless ``path`` is a directory this process can write in, or one it could create:
     the nearest existing ancestor a writable directory. Checks only, writes nothing. Writability is
     ``os.access``: as root that sees read-only mounts and kernel file systems (``/proc/self``) but not
     permission bits, which root ignores anyway."""
     path, shown = str(path), str(path if shown is None else shown)
     if shown == path and os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{what} {shown}: exists and is not a directory")
+        raise UserError(f"{what} {shown}: exists and is not a directory")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # also a path under a file: exists() is False there
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"{what} {shown}: {existing} is a file, not a directory")
+        raise UserError(f"{what} {shown}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {shown}: {existing} is not writable")
+        raise UserError(f"{what} {shown}: {existing} is not writable")
 
 
 def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
-    """``(line number, parsed JSON)`` for each non-blank line of the JSONL file ``path``; UsageError naming
+    """``(line number, parsed JSON)`` for each non-blank line of the JSONL file ``path``; UserError naming
     the file and line (and for undecodable text the file's byte offset) for a line that is not UTF-8 JSON.
     ``what`` (e.g. ``"--data "``) goes before the path in the message."""
     offset = 0
@@ -72,13 +69,13 @@ def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # (a byte-order mark is fine)
             except UnicodeDecodeError as e:
-                raise UsageError(
+                raise UserError(
                     f"{what}{path}:{number}: not UTF-8 text ({e.reason} at byte {start + e.start} of the file)"
                 ) from None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{what}{path}:{number}: not a JSON line ({e.msg})") from None
+                raise UserError(f"{what}{path}:{number}: not a JSON line ({e.msg})") from None
             yield number, record
 
 

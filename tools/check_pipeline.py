@@ -16,7 +16,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, fail, quiet_library_warnings
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.command_line import parse_lengths
 
 PROG = "check_pipeline.py"
@@ -62,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             overwrite=args.overwrite,
         )  # fmt: skip
         stages = pipeline.plan(request)
-    except UsageError as e:
+    except UserError as e:
         fail(f"{PROG}: error: {e}")
     for stage in stages:
         print(stage.line(), flush=True)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, UsageError, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, quiet_library_warnings
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, memory
 from megatron_resonance.evaluation.passkey import DEFAULT_DEPTHS, parse_depths, run
 from megatron_resonance.megatron import distributed
@@ -44,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with distributed.exit_on_error(PROG), memory.proposing(PROG, argv):
         specs = command_line.models_from_args(args)
         if len(specs) != 1:
-            raise UsageError(f"give exactly one model (--load or --hf), got {len(specs)}")
+            raise UserError(f"give exactly one model (--load or --hf), got {len(specs)}")
         run(
             specs[0],
             command_line.parse_lengths(args.lengths),

@@ -56,7 +56,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import gpu_wheels  # noqa: E402  (tools/gpu_wheels.py)
 
 from megatron_resonance import atomic  # noqa: E402
-from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir, fail  # noqa: E402
+from megatron_resonance.cli import ArgumentParser, check_output_dir, fail  # noqa: E402
+from megatron_resonance.errors import UserError  # noqa: E402
 
 PROG = "gpu_check.py"
 SECTIONS = ("environment", "tests", "benchmark", "demo", "posgen")
@@ -622,9 +623,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.workdir:
             check_output_dir(args.workdir, "--workdir")
             if os.path.isdir(args.workdir) and os.listdir(args.workdir):
-                raise UsageError(f"--workdir {args.workdir}: not empty (the demo would resume from what is there)")
+                raise UserError(f"--workdir {args.workdir}: not empty (the demo would resume from what is there)")
         manifest = gpu_wheels.load_manifest()
-    except (UsageError, gpu_wheels.BundleError) as e:
+    except (UserError, gpu_wheels.BundleError) as e:
         fail(f"{PROG}: error: {e}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, fail
 from megatron_resonance.data.preprocess import preprocess
+from megatron_resonance.errors import UserError
 
 PROG = "preprocess_data.py"
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except UsageError as err:
+    except UserError as err:
         fail(f"{PROG}: error: {err}")
     except KeyboardInterrupt:
         fail(f"{PROG}: interrupted; nothing written", 130)

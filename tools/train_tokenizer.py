@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, fail
 from megatron_resonance.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
     iter_training_texts,
     train_tokenizer,
 )
+from megatron_resonance.errors import UserError
 
 PROG = "train_tokenizer.py"
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     try:
         model = train_tokenizer(inputs, args.model_prefix, vocab_size=args.vocab_size, json_key=args.json_key,
                                 max_sentences=args.max_sentences)
-    except (UsageError, ValueError) as err:
+    except (UserError, ValueError) as err:
         fail(f"{PROG}: error: {err}")
     tok = Tokenizer(model)
     chars = tokens = docs = exact = 0

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import sentencepiece as spm
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.errors import UserError
 
 DEFAULT_VOCAB_SIZE = 2048
 #: training sentences are documents cut at line ends into pieces of at most this many characters
@@ -208,14 +208,14 @@ def _load_hf(path: Path):
 
 def load_tokenizer(path, what: str = "tokenizer") -> Tokenizer:
     """:class:`Tokenizer` with a missing or unreadable tokenizer as one-line
-    :class:`~megatron_resonance.cli.UsageError` (``what`` names it, e.g. the flag). Loaded once per process
+    :class:`~megatron_resonance.cli.UserError` (``what`` names it, e.g. the flag). Loaded once per process
     while its files are unchanged (the evaluation checks ``--tokenizer`` first, then uses it)."""
     try:
         return _cached_tokenizer(os.path.abspath(path), _stamp(Path(path)))
     except FileNotFoundError as err:
-        raise UsageError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
+        raise UserError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
     except ValueError as err:
-        raise UsageError(str(err) if what == "tokenizer" else f"{what}: {err}") from None
+        raise UserError(str(err) if what == "tokenizer" else f"{what}: {err}") from None
 
 
 def _stamp(path: Path) -> tuple:
@@ -245,7 +245,7 @@ def _line_chunks(text: str, max_chars: int = TRAIN_CHUNK_CHARS) -> Iterator[str]
 def iter_training_texts(inputs: Sequence, json_key: str = "text") -> Iterator[str]:
     """Documents of ``inputs``: JSONL files (``.jsonl``/``.json``, one ``{json_key: ...}`` per line) or
     plain text files (one document each); read like ``preprocess`` reads them, with its
-    :class:`~megatron_resonance.cli.UsageError` naming the file and line of bad content."""
+    :class:`~megatron_resonance.cli.UserError` naming the file and line of bad content."""
     from megatron_resonance.data.preprocess import iter_documents
 
     return iter_documents([Path(p) for p in inputs], json_key)
@@ -304,7 +304,7 @@ def train_tokenizer(
         try:
             for text in iter_training_texts(inputs, json_key):
                 yield from _line_chunks(text)
-        except UsageError as err:  # SentencePiece would report it as its own failure
+        except UserError as err:  # SentencePiece would report it as its own failure
             bad_input.append(err)
             raise
 

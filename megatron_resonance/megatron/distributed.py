@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.cli import UsageError, fail
+from megatron_resonance.cli import fail
+from megatron_resonance.errors import UserError
 from megatron_resonance.megatron import cpu_compat, cpu_speed
 
 
@@ -178,11 +179,11 @@ def is_rank0() -> bool:
 
 @contextlib.contextmanager
 def exit_on_error(prog: str, *errors: type):
-    """An exception of ``errors`` (default: UsageError) inside the block ends the tool as bad input:
+    """An exception of ``errors`` (default: UserError) inside the block ends the tool as bad input:
     ``<prog>: error: <message>`` from rank 0 only, exit status 2 on every rank."""
     try:
         yield
-    except errors or (UsageError,) as e:
+    except errors or (UserError,) as e:
         if is_rank0():
             fail(f"{prog}: error: {e}")
         sys.exit(2)

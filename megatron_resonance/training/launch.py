@@ -23,7 +23,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from megatron_resonance import environment
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.errors import UserError
 from megatron_resonance.megatron import distributed
 from megatron_resonance.megatron.checkpoint_layout import CheckpointError
 from megatron_resonance.training import preemption
@@ -103,7 +104,7 @@ def main(
         trainer.run(cfg)
         finished.append(True)
         distributed.shutdown()
-    except (ConfigError, CheckpointError, UsageError) as e:  # UsageError: e.g. no writable index cache
+    except (ConfigError, CheckpointError, UserError) as e:  # UserError: e.g. no writable index cache
         _report(f"{prog}: error: {e}", 2)
     except trainer.TrainingError as e:
         _report(f"{prog}: error: {e}", 1)

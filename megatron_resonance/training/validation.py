@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron_resonance.cli import UsageError, check_output_dir
+from megatron_resonance.cli import check_output_dir
 from megatron_resonance.data.checks import DataError, check_training_data
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.megatron import checkpoint_layout, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.training.config import Config, ConfigError, check
@@ -52,7 +53,7 @@ def validate(cfg: Config, world_size: int, start: Optional[Start] = None) -> Sta
         if path:
             try:
                 check_output_dir(path, flag)
-            except UsageError as e:
+            except UserError as e:
                 raise ConfigError(str(e)) from None
     if cfg.checkpoint.save:
         _check_save_contents(cfg)
@@ -137,7 +138,7 @@ def load_data_tokenizer(path: str):
     ConfigError with one line otherwise. Loaded once per process (validation, then the datasets)."""
     try:
         tokenizer = load_tokenizer(path)
-    except UsageError as e:
+    except UserError as e:
         raise ConfigError(str(e)) from None
     if tokenizer.eos_id is None:
         raise ConfigError(f"tokenizer {path} has no EOS token (the end-of-document id the datasets cut at)")

@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from megatron_resonance import planning
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.errors import UserError
 
 PROG = "plan_layout.py"
@@ -83,12 +83,9 @@ def model_shape(args) -> tuple:
             if args.config else ""
         raise UserError(f"{where}no model: give --load MEGATRON_DIR, --hf HF_DIR or --model "
                         f"({', '.join(sorted(MODELS))})")
-    from megatron_resonance.training.config import ConfigError, from_dict
+    from megatron_resonance.training.config import from_dict
 
-    try:
-        cfg = from_dict(_config_data(args.config), where=args.config)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    cfg = from_dict(_config_data(args.config), where=args.config)
     return planning.ModelShape.from_llama(cfg.model), args.config
 
 
@@ -153,13 +150,11 @@ def as_json(result: planning.Plan, sbatch: str, source: str) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with guard(PROG):
         if args.load and not os.path.exists(args.load) or args.hf and not os.path.exists(args.hf):
             flag = "--load" if args.load else "--hf"
             raise UserError(f"{flag} {args.load or args.hf}: no such file or directory")
         result, sbatch, source = make_plan(args)
-    except UserError as e:
-        fail(f"{PROG}: error: {e}")
     if args.json:
         print(json.dumps(as_json(result, sbatch, source), indent=2))
     else:

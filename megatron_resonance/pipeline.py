@@ -40,7 +40,7 @@ from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.rope import ROPE_FORMATS
 from megatron_resonance.megatron import checkpoint_layout
 from megatron_resonance.training import extension, launch, validation
-from megatron_resonance.training.config import Config, ConfigError
+from megatron_resonance.training.config import Config
 
 GiB = 1024**3
 STAGES = ("convert", "extend", "export", "eval")
@@ -258,7 +258,7 @@ def _extension_config(req: Request, stored: Optional[dict], validate_save: bool)
             # Transformer Engine is the GPU nodes' to have, not the submitting node's
             checked.parallel.transformer_impl = "local"
         validation.resolve_and_validate(checked, req.nodes * req.nproc_per_node)
-    except (ConfigError, checkpoint_layout.CheckpointError, UserError) as e:
+    except UserError as e:
         raise _problem("extend", e) from None
     cfg.model.vocab_size = checked.model.vocab_size
     return cfg

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad user input: one line, exit status 2."""
+    """Bad user input: one line, exit status 2. The message is made one line here (its whitespace, line
+    breaks included, becomes single spaces), so a foreign message quoted in it cannot break the rule."""
 
     exit_status = 2
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class ConfigError(UserError, ValueError):
@@ -30,9 +34,6 @@ class CheckpointError(UserError):
 
 class ConversionError(UserError):
     """Input the converters cannot use (wrong architecture, missing shard, shape mismatch, ...)."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 class TrainingError(Exception):

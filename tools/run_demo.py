@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_resonance.cli import ArgumentParser, guard  # noqa: E402
-from megatron_resonance.errors import TrainingError  # noqa: E402
+from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # noqa: E402
+from megatron_resonance.errors import TrainingError, UserError  # noqa: E402
 
 PROG = "run_demo.py"
 
@@ -160,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="processes for training (torchrun)")
     args = p.parse_args(argv)
     with guard(PROG):
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+        check_output_dir(args.out, "--out")
         demo = Demo(Path(args.out).resolve(), args.nproc)
         start = time.time()
         demo.stage("data", demo.data)

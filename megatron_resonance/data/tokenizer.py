@@ -208,14 +208,16 @@ def _load_hf(path: Path):
 
 def load_tokenizer(path, what: str = "tokenizer") -> Tokenizer:
     """:class:`Tokenizer` with a missing or unreadable tokenizer as one-line
-    :class:`~megatron_resonance.cli.UserError` (``what`` names it, e.g. the flag). Loaded once per process
+    :class:`~megatron_resonance.errors.DataError` (``what`` names it, e.g. the flag). Loaded once per process
     while its files are unchanged (the evaluation checks ``--tokenizer`` first, then uses it)."""
     try:
         return _cached_tokenizer(os.path.abspath(path), _stamp(Path(path)))
     except FileNotFoundError as err:
-        raise UserError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
+        raise DataError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
     except DataError as err:
-        raise UserError(str(err) if what == "tokenizer" else f"{what}: {err}") from None
+        if what == "tokenizer":
+            raise
+        raise DataError(f"{what}: {err}") from None
 
 
 def _stamp(path: Path) -> tuple:

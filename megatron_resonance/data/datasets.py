@@ -34,7 +34,7 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from megatron_resonance.cli import check_output_dir
+from megatron_resonance.cli import check_output_dir, one_line
 from megatron_resonance.errors import UserError
 
 Prefixes = Union[str, Sequence[str]]
@@ -153,8 +153,7 @@ def _drop_unreadable(cache_dir: str) -> None:
             numpy.load(os.path.join(cache_dir, name), mmap_mode="r", allow_pickle=True)
         except (ValueError, EOFError, OSError) as e:
             key = name.split("-", 1)[0] + "-"
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            _say(f"[data] {os.path.join(cache_dir, name)} is damaged ({reason}): building its indices again")
+            _say(f"[data] {os.path.join(cache_dir, name)} is damaged ({one_line(e)}): building its indices again")
             for other in os.listdir(cache_dir):
                 if other.startswith(key):
                     with contextlib.suppress(FileNotFoundError):

@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import sentencepiece as spm
 
+from megatron_resonance.cli import one_line
 from megatron_resonance.errors import DataError, UserError
 
 DEFAULT_VOCAB_SIZE = 2048
@@ -200,8 +201,7 @@ def _load_hf(path: Path):
             return transformers.AutoTokenizer.from_pretrained(str(directory))
         return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     except Exception as err:  # noqa: BLE001 - any loader failure is one error line
-        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"not a Hugging Face tokenizer (nor a SentencePiece model): {path} ({line})") from None
+        raise DataError(f"not a Hugging Face tokenizer (nor a SentencePiece model): {path} ({one_line(err)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
 

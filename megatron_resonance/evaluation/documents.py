@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_resonance.cli import jsonl_records
+from megatron_resonance.cli import jsonl_records, one_line
 from megatron_resonance.data.tokenizer import Tokenizer
 from megatron_resonance.errors import UserError
 
@@ -125,7 +125,7 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
     except Exception as e:  # noqa: BLE001 - a corrupt index is one error line
         for name in ("bin_reader", "index"):
             dataset.__dict__.setdefault(name, None)
-        raise UserError(f"--data {prefix}: unreadable indexed dataset ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--data {prefix}: unreadable indexed dataset ({one_line(e)})") from None
     docs = []
     for i in range(len(dataset)):
         seq = np.asarray(dataset[i], dtype=np.int64)

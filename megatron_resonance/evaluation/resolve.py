@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from megatron_resonance.cli import one_line
 from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.memory import ModelShape
@@ -133,8 +134,7 @@ def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> R
             stored = json.load(f)
         cfg = LlamaConfig.from_dict(dict(stored["model"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"--load {spec.path}: cannot read the model config {config_path} ({reason})") from None
+        raise UserError(f"--load {spec.path}: cannot read the model config {config_path} ({one_line(e)})") from None
     try:
         checkpoint_layout.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
     except checkpoint_layout.CheckpointError as e:
@@ -159,8 +159,7 @@ def _resolve_hf(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> Resolve
             config = json.load(f)
         shape = ModelShape(**hf_config.model_sizes(config))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"--hf {spec.path}: cannot read the model config {path} ({reason})") from None
+        raise UserError(f"--hf {spec.path}: cannot read the model config {path} ({one_line(e)})") from None
     try:
         rope_cfg = hf_config.from_hf(config).rope
         rope, original = rope_cfg.to_dict(), rope_cfg.original_max_position

@@ -4,7 +4,9 @@
   directory, a model to convert). Reported as one line ``<prog>: error: <message>``, exit status 2.
 - :class:`TrainingError`: a run that had to stop (a non-finite loss, a failed save). One line, exit status 1.
 
-Nothing here imports the rest of the package: every module may raise these.
+Every tool and entry point runs inside :func:`megatron_resonance.cli.guard`, which reports them; any other
+exception is a bug and keeps its traceback. Nothing here imports the rest of the package: every module
+may raise these.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import json
 import os
 from typing import List, Optional, Sequence
 
-from megatron_resonance import planning
+from megatron_resonance import layout_planner, planning
 from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.conversion.hf_to_megatron import check_source
 from megatron_resonance.errors import UserError
@@ -293,8 +293,8 @@ def _check_training_fits(req: Request, cfg: Config) -> None:
     line = (f"extend: a training step at --seq-length {d.seq_length} needs about {need / GiB:.1f} GiB per process "
             f"at {layout.describe()} (the layout planner's estimate), {where} allow {have / GiB:.1f} GiB")
     if not req.cpu:
-        hardware = planning.Hardware(req.nodes, req.gpus_per_node, req.gpu_memory_gb)
-        proposal = planning.plan(shape, d.seq_length, hardware, micro_batch_size=d.micro_batch_size, bf16=bf16)
+        hardware = layout_planner.Hardware(req.nodes, req.gpus_per_node, req.gpu_memory_gb)
+        proposal = layout_planner.plan(shape, d.seq_length, hardware, micro_batch_size=d.micro_batch_size, bf16=bf16)
         if proposal.chosen:
             lay = proposal.chosen.layout
             line += f"; {lay.describe()} fits: TP={lay.tp} PP={lay.pp} CP={lay.cp} (tools/plan_layout.py)"

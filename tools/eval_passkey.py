@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             depths=parse_depths(args.depths),
             seed=args.seed,
             add_bos=args.add_bos,
-            **command_line.run_options(args),
+            options=command_line.run_options(args),
         )
     return 0
 

@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_documents=args.max_documents,
             seed=args.seed,
             add_bos=args.add_bos,
-            **command_line.run_options(args),
+            options=command_line.run_options(args),
         )
     return 0
 

@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_new_tokens=args.max_new_tokens,
             perplexity_data=args.perplexity_data,
             perplexity_documents=args.perplexity_documents,
-            **command_line.run_options(args),
+            options=command_line.run_options(args),
         )
     return 0
 

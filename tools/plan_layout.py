@@ -7,7 +7,8 @@ tokens per step and the sbatch line that runs it.
 
 The model: ``--load`` (a Megatron checkpoint's megatron_resonance.json), ``--hf`` (config.json), ``--model``
 (a built-in shape) or ``--config`` (a preset whose ``model`` section gives the shape). ``--config`` also
-supplies the length and batch sizes not given as flags. The estimate: megatron_resonance/planning.py.
+supplies the length and batch sizes not given as flags. The planner: megatron_resonance/layout_planner.py; its
+estimate: megatron_resonance/planning.py.
 A layout the planner cannot fit is one line naming what was tried and the closest miss, exit status 2.
 """
 
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_resonance import planning
+from megatron_resonance import layout_planner, planning
 from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.errors import UserError
 
@@ -108,18 +109,18 @@ def make_plan(args) -> tuple:
         raise UserError(f"--gpu-memory-gb must be > 0, got {args.gpu_memory_gb}")
     if gbs is not None and gbs % mbs:
         raise UserError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {mbs}")
-    hardware = planning.Hardware(args.nodes, args.gpus_per_node, args.gpu_memory_gb)
-    result = planning.plan(shape, seq, hardware, micro_batch_size=mbs, global_batch_size=gbs,
-                           spec=args.transformer_impl)
+    hardware = layout_planner.Hardware(args.nodes, args.gpus_per_node, args.gpu_memory_gb)
+    result = layout_planner.plan(shape, seq, hardware, micro_batch_size=mbs, global_batch_size=gbs,
+                                 spec=args.transformer_impl)
     if result.chosen is None:
-        raise UserError(planning.no_fit_message(result))
+        raise UserError(layout_planner.no_fit_message(result))
     script = "slurm/pretrain.sbatch" if args.config and not (args.load or args.hf or args.model) \
         else "slurm/extend_context.sbatch"
     load = args.load or ("CKPT" if args.hf or args.model else None)  # --hf: convert first (docs/conversion.md)
-    return result, planning.sbatch_line(result, script=script, config=args.config, load=load), source
+    return result, layout_planner.sbatch_line(result, script=script, config=args.config, load=load), source
 
 
-def as_json(result: planning.Plan, sbatch: str, source: str) -> dict:
+def as_json(result: layout_planner.Plan, sbatch: str, source: str) -> dict:
     lay, est = result.chosen.layout, result.chosen.estimate
     return {
         "model": source,
@@ -158,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps(as_json(result, sbatch, source), indent=2))
     else:
-        print(planning.describe(result, sbatch))
+        print(layout_planner.describe(result, sbatch))
     return 0
 
 

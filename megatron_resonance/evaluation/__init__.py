@@ -4,8 +4,9 @@
     passkey       run(model, lengths, trials=...)           (tools/eval_passkey.py)
     scoring       megatron_token_scores(chunks, tokens, vocab_size=...)   the one scoring path: per-token NLL
                   hf_token_scores(model, tokens)                          and greedy match, any TP/PP
-    generation    megatron_greedy(chunks, prompts, max_new_tokens=..., vocab_size=...)   greedy decoding with a
-                  hf_greedy(model, prompts, ...)            KV cache (megatron-core's static inference; generate)
+    generation    greedy(megatron_decoder(chunks), prompts, max_new_tokens=..., vocab_size=...)   greedy
+                  greedy(hf_decoder(model), prompts, ...)   decoding with a KV cache (megatron-core's static
+                                                            inference; generate)
     resolve       ModelSpec, resolve                        which model: its config, rope plan, tokenizer
     loading       Runtime, open_scorer                      how it is loaded and run: scorer.scores, .generate
     command_line  add_model_arguments, parse_lengths, ...   the tools' shared flags

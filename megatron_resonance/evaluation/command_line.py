@@ -1,12 +1,13 @@
 """The command line the evaluation tools share (``tools/eval_perplexity.py``, ``tools/eval_passkey.py``):
-``--load``/``--hf`` models in order, the parallel layout and dtype, ``--lengths``, ``--out``."""
+``--load``/``--hf`` models in order, the parallel layout and dtype, ``--lengths``, ``--out``; and
+:class:`RunOptions`, what every evaluation ``run`` takes from them."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from typing import List
+from typing import Callable, List, Optional
 
 from megatron_resonance.cli import check_output_dir
 from megatron_resonance.errors import UserError
@@ -88,11 +89,29 @@ def runtime_from_args(args: argparse.Namespace) -> Runtime:
     )
 
 
-def run_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments every evaluation ``run`` takes from the shared flags: output, tokenizer, layout,
-    memory, progress."""
-    return dict(out=args.out, tokenizer=args.tokenizer, runtime=runtime_from_args(args),
-                max_memory_gb=args.max_memory_gb, progress=not args.no_progress)
+@dataclasses.dataclass
+class RunOptions:
+    """What every evaluation ``run`` (perplexity, passkey, RULER) takes from the shared flags."""
+
+    out: Optional[str] = None
+    """Report directory (rank 0 writes it); None: no files."""
+    tokenizer: Optional[str] = None
+    """Tokenizer in place of the one stored with each model."""
+    runtime: Runtime = dataclasses.field(default_factory=Runtime)
+    max_memory_gb: Optional[float] = None
+    """Memory one process may use (default: free GPU memory, or this process's share of RAM)."""
+    progress: bool = True
+    log: Optional[Callable[[str], None]] = print
+    """Where the run's lines go (rank 0 only); None: nowhere."""
+
+    def say(self, line: str) -> None:
+        if self.log and distributed.is_rank0():
+            self.log(line)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(out=args.out, tokenizer=args.tokenizer, runtime=runtime_from_args(args),
+                      max_memory_gb=args.max_memory_gb, progress=not args.no_progress)
 
 
 def prepare_out(out: str) -> None:

@@ -1,19 +1,20 @@
 """Greedy decoding with a KV cache: Megatron GPTModel chunks through megatron-core's static inference, Hugging
 Face models through transformers' ``generate``.
 
-``megatron_greedy(model_chunks, prompts, max_new_tokens=..., vocab_size=...)`` runs megatron-core's own
-inference machinery: a ``StaticInferenceContext`` (the per-layer key/value cache that megatron's
-``Attention`` fills and reads, and the sequence offset that slices the rotary angles of each decode step)
-driven by ``GPTInferenceWrapper`` (the forward with ``inference_context``, the hand-over of hidden states
-between pipeline stages). One forward over the prompt fills the cache, then one forward per new token.
+``greedy(decoder, prompts, max_new_tokens=..., vocab_size=...)`` checks the prompts, decodes prompts of
+equal length together (up to ``max_batch_size`` rows) with one backend's batch decoder and returns, per
+prompt, only the new tokens: at most ``max_new_tokens``, ending with the first id of ``stop_ids`` when one
+is generated (the stop id is kept as the last token).
+
+``megatron_decoder(model_chunks)`` runs megatron-core's own inference machinery: a
+``StaticInferenceContext`` (the per-layer key/value cache that megatron's ``Attention`` fills and reads,
+and the sequence offset that slices the rotary angles of each decode step) driven by
+``GPTInferenceWrapper`` (the forward with ``inference_context``, the hand-over of hidden states between
+pipeline stages). One forward over the prompt fills the cache, then one forward per new token.
 Any TP and PP; the arg-max is over the real vocabulary (``scoring.real_vocabulary``: TP padding rows of
 the embedding table are never chosen), so a Megatron checkpoint and its Hugging Face export decode alike.
 
-``hf_greedy(model, prompts, ...)`` is ``model.generate(do_sample=False)`` with transformers' own cache.
-
-Both take prompts of any lengths (lists of token ids), decode prompts of equal length together (up to
-``max_batch_size`` rows) and return, per prompt, only the new tokens: at most ``max_new_tokens``, ending
-with the first id of ``stop_ids`` when one is generated (the stop id is kept as the last token).
+``hf_decoder(model)`` is ``model.generate(do_sample=False)`` with transformers' own cache.
 
 Context parallelism (CP > 1) is refused with a ``UserError``: megatron's static inference feeds the
 model whole sequences and single decode tokens, while our context-parallel attention needs each CP rank's
@@ -25,7 +26,8 @@ prompts, or every replica decodes all of them.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Sequence
+import functools
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -66,13 +68,13 @@ def _batches(prompts: List[List[int]], max_batch_size: int) -> List[List[int]]:
     return [rows[j:j + max_batch_size] for rows in by_length.values() for j in range(0, len(rows), max_batch_size)]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Megatron: megatron-core's static inference context and GPT inference wrapper
-# ----------------------------------------------------------------------------------------------------------
+#: one backend's greedy decoding of a batch: ``(tokens [B, L] of one length, max_new_tokens, vocab_size,
+#: stop_ids) -> [B] lists of max_new_tokens new tokens`` (fewer when every row has generated a stop id)
+BatchDecoder = Callable[[torch.Tensor, int, int, Sequence[int]], List[List[int]]]
 
 
-def megatron_greedy(
-    model_chunks: List[torch.nn.Module],
+def greedy(
+    decoder: BatchDecoder,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -80,11 +82,30 @@ def megatron_greedy(
     stop_ids: Sequence[int] = (),
     max_batch_size: int = 8,
 ) -> List[List[int]]:
-    """Greedy continuations of ``prompts`` under Megatron GPTModel chunks built for this rank (in eval mode).
-
-    Collective over the model-parallel group: every TP and PP rank calls it with the same prompts and gets
-    the same tokens (the last pipeline stage chooses each token and broadcasts it). Returns, per prompt,
+    """Greedy continuations of ``prompts`` by ``decoder`` (``megatron_decoder``, ``hf_decoder``): per prompt,
     the new tokens only, cut after the first stop id (which is kept). ``vocab_size`` is the real vocabulary.
+    """
+    checked = check_prompts(prompts, max_new_tokens, vocab_size)
+    results: List[List[int]] = [[] for _ in checked]
+    if max_new_tokens == 0:
+        return results
+    for rows in _batches(checked, max(1, max_batch_size)):
+        tokens = torch.tensor([checked[i] for i in rows], dtype=torch.long)
+        for i, new in zip(rows, decoder(tokens, max_new_tokens, vocab_size, stop_ids)):
+            results[i] = cut_at_stop(new, stop_ids)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Megatron: megatron-core's static inference context and GPT inference wrapper
+# ----------------------------------------------------------------------------------------------------------
+
+
+def megatron_decoder(model_chunks: List[torch.nn.Module]) -> BatchDecoder:
+    """``greedy``'s decoder for Megatron GPTModel chunks built for this rank (in eval mode).
+
+    Collective over the model-parallel group: every TP and PP rank decodes the same prompts and gets the
+    same tokens (the last pipeline stage chooses each token and broadcasts it).
     """
     from megatron.core import parallel_state as ps
 
@@ -94,15 +115,7 @@ def megatron_greedy(
     if len(model_chunks) != 1:
         raise UserError("generation runs without virtual pipeline stages (megatron's inference wrapper "
                         "takes one model chunk per rank)")
-    checked = check_prompts(prompts, max_new_tokens, vocab_size)
-    results: List[List[int]] = [[] for _ in checked]
-    if max_new_tokens == 0:
-        return results
-    for rows in _batches(checked, max(1, max_batch_size)):
-        tokens = torch.tensor([checked[i] for i in rows], dtype=torch.long)
-        for i, new in zip(rows, _megatron_batch(model_chunks[0], tokens, max_new_tokens, vocab_size, stop_ids)):
-            results[i] = cut_at_stop(new, stop_ids)
-    return results
+    return functools.partial(_megatron_batch, model_chunks[0])
 
 
 @torch.inference_mode()
@@ -169,25 +182,17 @@ def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_token
 # ----------------------------------------------------------------------------------------------------------
 
 
-def hf_greedy(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    vocab_size: int,
-    stop_ids: Sequence[int] = (),
-    max_batch_size: int = 8,
-) -> List[List[int]]:
-    """Greedy continuations of ``prompts`` under a Hugging Face causal LM: ``model.generate(do_sample=False)``
-    with its KV cache, the arg-max over the real vocabulary (ids from ``vocab_size`` up suppressed), no
-    stopping but at ``stop_ids`` (the model's own ``eos_token_id`` does not apply). Returns, per prompt,
-    the new tokens only, cut after the first stop id (which is kept)."""
+def hf_decoder(model: torch.nn.Module) -> BatchDecoder:
+    """``greedy``'s decoder for a Hugging Face causal LM: ``model.generate(do_sample=False)`` with its KV cache,
+    the arg-max over the real vocabulary (ids from ``vocab_size`` up suppressed), no stopping but at
+    ``stop_ids`` (the model's own ``eos_token_id`` does not apply)."""
+    return functools.partial(_hf_batch, model)
+
+
+def _hf_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, vocab_size: int,
+              stop_ids: Sequence[int]) -> List[List[int]]:
     import transformers
 
-    checked = check_prompts(prompts, max_new_tokens, vocab_size)
-    results: List[List[int]] = [[] for _ in checked]
-    if max_new_tokens == 0:
-        return results
     device = next(model.parameters()).device
     settings = transformers.GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
@@ -199,16 +204,13 @@ def hf_greedy(
     # generation config: a blank one in its place keeps the model's eos and sampling defaults out
     model.generation_config = transformers.GenerationConfig()
     try:
-        for rows in _batches(checked, max(1, max_batch_size)):
-            ids = torch.tensor([checked[i] for i in rows], dtype=torch.long, device=device)
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings,
-                                     logits_processor=processors)
-            for i, new in zip(rows, out[:, ids.shape[1]:].cpu().tolist()):
-                results[i] = cut_at_stop(new, stop_ids)
+        ids = prompts.to(device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings,
+                                 logits_processor=processors)
     finally:
         model.generation_config = own
-    return results
+    return out[:, ids.shape[1]:].cpu().tolist()
 
 
 class _RealVocabulary:

@@ -142,10 +142,10 @@ class MegatronScorer(Scorer):
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> List[List[int]]:
-        from megatron_resonance.evaluation.generation import megatron_greedy
+        from megatron_resonance.evaluation.generation import greedy, megatron_decoder
 
-        return megatron_greedy(self.chunks, prompts, max_new_tokens=max_new_tokens,
-                               vocab_size=self.model.vocab_size, stop_ids=stop_ids)
+        return greedy(megatron_decoder(self.chunks), prompts, max_new_tokens=max_new_tokens,
+                      vocab_size=self.model.vocab_size, stop_ids=stop_ids)
 
     def close(self) -> None:
         self.chunks = None
@@ -180,12 +180,12 @@ class HFScorer(Scorer):
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> List[List[int]]:
-        from megatron_resonance.evaluation.generation import hf_greedy
+        from megatron_resonance.evaluation.generation import greedy, hf_decoder
         from megatron_resonance.megatron import cpu_speed
 
         with cpu_speed.suspended():
-            return hf_greedy(self.hf_model, prompts, max_new_tokens=max_new_tokens,
-                             vocab_size=self.model.vocab_size, stop_ids=stop_ids)
+            return greedy(hf_decoder(self.hf_model), prompts, max_new_tokens=max_new_tokens,
+                          vocab_size=self.model.vocab_size, stop_ids=stop_ids)
 
     def close(self) -> None:
         self.hf_model = None

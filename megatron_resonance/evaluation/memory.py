@@ -26,7 +26,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_resonance.errors import UserError
-from megatron_resonance.planning import HEADROOM, Layout, ModelShape, forward_estimate, propose_forward
+from megatron_resonance.layout_planner import propose_forward
+from megatron_resonance.planning import HEADROOM, Layout, ModelShape, forward_estimate
 
 __all__ = ["ModelShape", "forward_bytes", "check_fits", "available_bytes", "DoesNotFit", "HEADROOM", "proposing"]
 

@@ -43,7 +43,8 @@ import torch
 from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, loading
-from megatron_resonance.evaluation.loading import Runtime, Scorer
+from megatron_resonance.evaluation.command_line import RunOptions
+from megatron_resonance.evaluation.loading import Scorer
 from megatron_resonance.evaluation.plots import fmt, markdown_table, plot_passkey
 from megatron_resonance.evaluation.resolve import ModelSpec, resolve_all
 from megatron_resonance.megatron import distributed
@@ -210,18 +211,14 @@ def run(
     *,
     trials: int,
     depths: Sequence[float] = DEFAULT_DEPTHS,
-    out: Optional[str] = None,
-    tokenizer: Optional[str] = None,
     seed: int = 0,
     add_bos: bool = False,
-    runtime: Optional[Runtime] = None,
-    max_memory_gb: Optional[float] = None,
-    progress: bool = True,
-    log=print,
+    options: Optional[RunOptions] = None,
 ) -> dict:
-    """Passkey retrieval of ``model`` at ``lengths``; (rank 0) writes the report into ``out``; returns it."""
-    runtime = runtime or Runtime()
-    say = log if distributed.is_rank0() and log else (lambda *_: None)
+    """Passkey retrieval of ``model`` at ``lengths``; (rank 0) writes the report into ``options.out``; returns
+    it."""
+    options = options or RunOptions()
+    runtime, out, say = options.runtime, options.out, options.say
 
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
@@ -229,7 +226,7 @@ def run(
         raise UserError(f"--trials {trials}: must be >= 1")
     if not depths:
         raise UserError("--depths: need at least one depth")
-    (resolved,) = resolve_all([model], tokenizer)
+    (resolved,) = resolve_all([model], options.tokenizer)
     runtime.check([resolved], lengths)
     if resolved.tokenizer is None:
         raise UserError(f"passkey prompts are text and no tokenizer is stored with {resolved.name}: pass --tokenizer")
@@ -238,7 +235,7 @@ def run(
     if lengths[0] < shortest:
         raise UserError(f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "
                         f"({shortest} tokens with this tokenizer)")
-    loading.check_memory([resolved], runtime, lengths[-1], max_memory_gb)
+    loading.check_memory([resolved], runtime, lengths[-1], options.max_memory_gb)
     if max(builder.build(shortest + len(builder.filler_unit), 0.5, "12345").tokens) >= resolved.vocab_size:
         raise UserError(f"the tokenizer {resolved.tokenizer} gives ids beyond {resolved.name}'s vocabulary "
                         f"({resolved.vocab_size})")
@@ -251,7 +248,7 @@ def run(
     say(f"[passkey] {resolved.name}: {resolved.spec.kind} {resolved.directory}, {trials} trial(s) x "
         f"{len(depths)} depth(s) per length")
     with loading.open_scorer(resolved, runtime, lengths[-1]) as scorer:
-        result = evaluate_passkey(scorer, builder, lengths, depths, trials, seed=seed, progress=progress)
+        result = evaluate_passkey(scorer, builder, lengths, depths, trials, seed=seed, progress=options.progress)
 
     # ---------------------------------------------------------------- report
     report = {

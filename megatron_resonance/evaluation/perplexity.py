@@ -47,7 +47,8 @@ from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, loading
 from megatron_resonance.evaluation import documents as docs_lib
-from megatron_resonance.evaluation.loading import Runtime, Scorer
+from megatron_resonance.evaluation.command_line import RunOptions
+from megatron_resonance.evaluation.loading import Scorer
 from megatron_resonance.evaluation.plots import fmt, markdown_table, plot_perplexity
 from megatron_resonance.evaluation.resolve import ModelSpec, ResolvedModel, resolve_all
 from megatron_resonance.megatron import distributed
@@ -153,24 +154,19 @@ def run(
     models: Sequence[ModelSpec],
     lengths: Sequence[int],
     *,
-    out: Optional[str] = None,
     data: Optional[str] = None,
-    tokenizer: Optional[str] = None,
     stride: Optional[int] = None,
     max_documents: Optional[int] = None,
     seed: int = 0,
     add_bos: bool = False,
-    runtime: Optional[Runtime] = None,
-    max_memory_gb: Optional[float] = None,
-    progress: bool = True,
-    log=print,
+    options: Optional[RunOptions] = None,
 ) -> dict:
-    """Evaluate ``models`` at ``lengths`` and (rank 0) write the report into ``out``; returns the report.
+    """Evaluate ``models`` at ``lengths`` and (rank 0) write the report into ``options.out``; returns the report.
 
     Raises UserError (one line) for bad input, before any model is loaded. Megatron models need
-    ``torch.distributed`` launched as the layout in ``runtime`` asks (single process by default)."""
-    runtime = runtime or Runtime()
-    say = log if distributed.is_rank0() and log else (lambda *_: None)
+    ``torch.distributed`` launched as the layout in ``options.runtime`` asks (single process by default)."""
+    options = options or RunOptions()
+    runtime, out, say = options.runtime, options.out, options.say
 
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
@@ -180,9 +176,9 @@ def run(
         raise UserError(f"--stride {stride}: must be between 1 and the shortest length {lengths[0]}")
     if max_documents is not None and max_documents < 1:
         raise UserError(f"--max-documents {max_documents}: must be >= 1")
-    resolved = resolve_all(models, tokenizer)
+    resolved = resolve_all(models, options.tokenizer)
     runtime.check(resolved, lengths)
-    loading.check_memory(resolved, runtime, lengths[-1], max_memory_gb)
+    loading.check_memory(resolved, runtime, lengths[-1], options.max_memory_gb)
     if out:
         check_output_dir(out, "--out")  # created once the documents are read: bad data leaves nothing behind
 
@@ -200,7 +196,7 @@ def run(
             f"original length {m.original_length}")
         with loading.open_scorer(m, runtime, lengths[-1]) as scorer:
             results[m.name] = perplexity_by_length(scorer, documents[m.name], lengths, stride=stride,
-                                                   max_documents=max_documents, seed=seed, progress=progress)
+                                                   max_documents=max_documents, seed=seed, progress=options.progress)
 
     # ---------------------------------------------------------------- report
     settings = dict(

@@ -14,15 +14,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import List, Optional
+import typing
+from typing import List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_resonance.config_fields import field, from_dict
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import compat, cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
 
-SPECS = ("auto", "te", "local", "local_compiled")
+#: layer specs: ``auto`` (TE when present, else local), Transformer Engine, the local one, the local one compiled
+Spec = Literal["auto", "te", "local", "local_compiled"]
+SPECS = typing.get_args(Spec)
 
 
 #: the LlamaConfig sizes that must be >= 1
@@ -34,32 +39,25 @@ _POSITIVE = (
 
 @dataclasses.dataclass
 class LlamaConfig:
-    """Architecture of a LLaMA-family decoder. Field names follow Megatron-LM's flags."""
+    """Architecture of a LLaMA-family decoder. Field names follow Megatron-LM's flags, and each field but
+    ``rope`` is a ``pretrain_llama.py`` flag. ``vocab_size`` is the real vocabulary: the padding of the
+    embedding table is worked out at build time (:meth:`padded_vocab_size`), never stored;
+    ``max_position_embeddings`` is the extended length after context extension."""
 
-    num_layers: int = 2
-    """Transformer layers."""
-    hidden_size: int = 128
-    """Model width."""
-    ffn_hidden_size: int = 352
-    """SwiGLU inner width (each of gate and up)."""
-    num_attention_heads: int = 4
-    """Query heads."""
-    num_query_groups: int = 2
-    """Key/value heads (GQA); equal to num_attention_heads for multi-head attention."""
-    vocab_size: int = 256
-    """Real vocabulary size (padding for TP is added at build time, not stored)."""
-    max_position_embeddings: int = 4096
-    """Longest sequence the model is meant for (the extended length after context extension)."""
-    norm_epsilon: float = 1e-5
-    """RMSNorm epsilon."""
-    tie_word_embeddings: bool = False
-    """Share input embedding and output layer."""
-    init_method_std: float = 0.02
-    """Std of the normal weight initialization."""
-    make_vocab_size_divisible_by: int = 128
-    """Pad the embedding table to a multiple of lcm(this, num_query_groups): the same size at every TP."""
-    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
-    """Rotary plan (kind, base, factor, original length, ...)."""
+    num_layers: int = field(2, "transformer layers")
+    hidden_size: int = field(128, "model width")
+    ffn_hidden_size: int = field(352, "SwiGLU inner width")
+    num_attention_heads: int = field(4, "query heads")
+    num_query_groups: int = field(2, "key/value heads (GQA)")
+    vocab_size: int = field(256, "vocabulary size (taken from --tokenizer-model when given)")
+    max_position_embeddings: int = field(4096, "longest sequence the model is meant for")
+    norm_epsilon: float = field(1e-5, "RMSNorm epsilon")
+    tie_word_embeddings: bool = field(False, "share input embedding and output layer")
+    init_method_std: float = field(0.02, "std of the weight initialization")
+    make_vocab_size_divisible_by: int = field(128, "pad the vocabulary to a multiple of lcm(this, num_query_groups)")
+    rope: RopeConfig = field(
+        help="rotary plan (kind, base, factor, original length, ...)", flag=False, default_factory=RopeConfig
+    )
 
     def __post_init__(self):
         if isinstance(self.rope, dict):
@@ -67,13 +65,13 @@ class LlamaConfig:
         for name in _POSITIVE:
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:  # (a value of another type is the config loader's to name)
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {self.num_query_groups}"
             )
@@ -96,21 +94,15 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "model settings") -> "LlamaConfig":
+        return from_dict(cls, d, where)
 
     def check_parallel(self, tensor_parallel_size: int) -> None:
         """One clear error when TP does not divide the heads or the query groups."""
         for name in ("num_attention_heads", "num_query_groups"):
             value = getattr(self, name)
             if value % tensor_parallel_size:
-                raise ValueError(
-                    f"tensor-model-parallel-size {tensor_parallel_size} does not divide {name} {value}"
-                )
+                raise ConfigError(f"tensor-model-parallel-size {tensor_parallel_size} does not divide {name} {value}")
 
 
 def transformer_config(

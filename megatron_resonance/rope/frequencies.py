@@ -13,59 +13,61 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Optional, Tuple
+import typing
+from typing import Callable, Dict, Literal, Optional, Tuple
 
 import torch
 
+from megatron_resonance.config_fields import check_choices, field, from_dict
+from megatron_resonance.errors import ConfigError
+
 #: Kinds a user can name. ``resonance`` and ``resonance_yarn`` are ``rope`` and ``yarn`` with rounding on.
-BASE_KINDS = ("rope", "linear", "ntk", "yarn", "llama3")
-KINDS = BASE_KINDS + ("resonance", "resonance_yarn")
+BaseKind = Literal["rope", "linear", "ntk", "yarn", "llama3"]
+Kind = Literal[BaseKind, "resonance", "resonance_yarn"]
+KINDS = typing.get_args(Kind)
 _RESONANCE_ALIASES = {"resonance": "rope", "resonance_yarn": "yarn"}
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """A rotary position embedding plan: everything needed to reproduce the model's angles."""
+    """A rotary position embedding plan: everything needed to reproduce the model's angles.
 
-    kind: str = "rope"
-    """One of ``KINDS``. ``resonance``/``resonance_yarn`` imply ``resonance=True``."""
-    head_dim: int = 128
-    """Rotary dimension d (the number of rotated features is d/2)."""
-    base: float = 10000.0
-    """RoPE base b (``rope_theta`` in Hugging Face, ``--rotary-base`` in Megatron-LM)."""
-    original_max_position: int = 4096
-    """Training length L the model was (pre)trained at; YaRN and llama3 correction ranges use it."""
-    factor: float = 1.0
-    """Scale s = target length / original length. Ignored by ``rope``/``resonance``."""
-    beta_fast: float = 32.0
-    """YaRN: rotations above which a feature is extrapolated (kept as is)."""
-    beta_slow: float = 1.0
-    """YaRN: rotations below which a feature is interpolated (divided by s)."""
-    low_freq_factor: float = 1.0
-    """llama3: wavelengths above L/low_freq_factor are interpolated."""
-    high_freq_factor: float = 4.0
-    """llama3: wavelengths below L/high_freq_factor are kept."""
-    attention_factor: Optional[float] = None
-    """Override of YaRN's 0.1*ln(s)+1 multiplier on cos and sin; None uses the kind's default."""
-    correction_length: Optional[int] = None
-    """YaRN: the length whose beta_fast / beta_slow turns bound the ramp; None: original_max_position, as
-    YaRN and Hugging Face define it (PosGen's reference protocol uses the test length + 1)."""
-    resonance: bool = False
-    """Round every wavelength to the nearest integer after the kind's scaling (Resonance RoPE)."""
+    ``resonance``/``resonance_yarn`` imply ``resonance=True``; ``factor`` is ignored by ``rope``/``resonance``.
+    YaRN interpolates (divides by s) the features that turn fewer than ``beta_slow`` times over the original
+    length, keeps those that turn more than ``beta_fast`` times, and ramps between; llama3 interpolates the
+    wavelengths above L/low_freq_factor and keeps those below L/high_freq_factor. Each field with a flag is
+    a ``pretrain_llama.py`` flag under its Megatron-LM-style name."""
+
+    kind: Kind = field("rope", f"rotary kind: {', '.join(KINDS)}", flag="rope_kind", label="rope kind")
+    head_dim: int = field(128, "rotary dimension d (the number of rotated features is d/2)", flag=False)
+    base: float = field(10000.0, "RoPE base b (rope_theta)", flag="rotary_base")
+    original_max_position: int = field(4096, "length L the model was trained at")
+    factor: float = field(1.0, "scale s = target length / original length", flag="rope_factor")
+    beta_fast: float = field(32.0, "YaRN beta_fast")
+    beta_slow: float = field(1.0, "YaRN beta_slow")
+    low_freq_factor: float = field(1.0, "llama3 low_freq_factor")
+    high_freq_factor: float = field(4.0, "llama3 high_freq_factor")
+    attention_factor: Optional[float] = field(None, "override YaRN's 0.1 ln s + 1")
+    correction_length: Optional[int] = field(
+        None,
+        "YaRN: the length whose beta_fast / beta_slow turns bound the ramp; None: original_max_position, "
+        "as YaRN and Hugging Face define it (PosGen's reference protocol uses the test length + 1)",
+        flag=False,
+    )
+    resonance: bool = field(False, "round wavelengths to integers on top of any kind")
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown rope kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        check_choices(self)
         if self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
+            raise ConfigError(f"head_dim must be a positive even number, got {self.head_dim}")
         if not (self.base > 1 and math.isfinite(self.base)):
-            raise ValueError(f"base must be a finite number > 1, got {self.base}")
+            raise ConfigError(f"base must be a finite number > 1, got {self.base}")
         if not (self.factor >= 1 and math.isfinite(self.factor)):
-            raise ValueError(f"factor must be a finite number >= 1, got {self.factor}")
+            raise ConfigError(f"factor must be a finite number >= 1, got {self.factor}")
         if self.original_max_position <= 0:
-            raise ValueError(f"original_max_position must be positive, got {self.original_max_position}")
+            raise ConfigError(f"original_max_position must be positive, got {self.original_max_position}")
         if self.correction_length is not None and self.correction_length <= 0:
-            raise ValueError(f"correction_length must be positive, got {self.correction_length}")
+            raise ConfigError(f"correction_length must be positive, got {self.correction_length}")
         if self.kind in _RESONANCE_ALIASES and not self.resonance:
             object.__setattr__(self, "resonance", True)
 
@@ -83,12 +85,8 @@ class RopeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RopeConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown rope setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "rope settings") -> "RopeConfig":
+        return from_dict(cls, d, where)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from megatron_resonance.data.checks import check_training_data
 from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.megatron import checkpoint_layout, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
-from megatron_resonance.training.config import Config, ConfigError, check
+from megatron_resonance.training.config import Config, ConfigError
+from megatron_resonance.training.config_checks import check
 from megatron_resonance.training.metrics import METRICS_FILE
 from megatron_resonance.training.start import RESUME, Start, decide_start, has_checkpoint
 
@@ -40,7 +41,7 @@ def resolve_and_validate(cfg: Config, world_size: int) -> Start:
 
 def validate(cfg: Config, world_size: int, start: Optional[Start] = None) -> Start:
     """Raise a UserError with one clear line for a run that cannot start: the config's own rules
-    (``config.check``), then what it names on disk (data, output directories, checkpoints). Returns
+    (``config_checks.check``), then what it names on disk (data, output directories, checkpoints). Returns
     ``start``, or the :class:`Start` decided here when not given."""
     check(cfg, world_size)
     d = cfg.data

@@ -8,9 +8,9 @@ import torch
 from megatron_resonance.conversion import key_map
 from megatron_resonance.conversion.transforms import TRANSFORMS
 from megatron_resonance.megatron.llama import LlamaConfig
+from tests.tiny_llama import tiny_llama
 
-CFG = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=2,
-                  vocab_size=300)
+CFG = tiny_llama(hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, vocab_size=300)
 
 
 def test_qkv_is_grouped_per_query_group():

@@ -11,6 +11,7 @@ import pytest
 
 from tests.fake_checkpoint import add_dist_files
 from tests.launch import REPO, child_env, load_tool
+from tests.tiny_llama import tiny_llama
 
 perplexity = load_tool("eval_perplexity")
 passkey = load_tool("eval_passkey")
@@ -30,13 +31,10 @@ def _fails(main, argv, capsys) -> str:
 def checkpoint(tmp_path_factory):
     """A checkpoint root with only what resolve() reads: tracker, megatron_resonance.json and the files
     verify_checkpoint checks (no weights)."""
-    from megatron_resonance.megatron.llama import LlamaConfig
-
     root = tmp_path_factory.mktemp("bad_inputs") / "ckpt"
     (root / "iter_0000005").mkdir(parents=True)
     (root / "latest_checkpointed_iteration.txt").write_text("5")
-    cfg = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
-                      vocab_size=400, max_position_embeddings=64)
+    cfg = tiny_llama(hidden_size=64, ffn_hidden_size=96, vocab_size=400)
     (root / "iter_0000005" / "megatron_resonance.json").write_text(json.dumps({"model": cfg.to_dict(), "run": {}}))
     add_dist_files(root / "iter_0000005")
     return root

@@ -103,7 +103,7 @@ def test_plan_check_finds_what_went_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "POSGEN_SLICE", [*gpu_check.POSGEN_SLICE[:-1], "test_seqs=100"])
     problems = check.check_plan()
     assert "benchmark: benchmarks/run.py has no --no-such-flag option" in problems
-    assert any(p.startswith("posgen: ValueError: --set test_seqs: not a preset setting") for p in problems)
+    assert any(p.startswith("posgen: ConfigError: --set test_seqs: not a preset setting") for p in problems)
 
 
 def test_bundle_states(tmp_path):

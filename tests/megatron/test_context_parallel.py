@@ -8,35 +8,28 @@ off.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from tests.launch import torchrun
+from tests.worker_checks import CheckResults
 
 WORKER = Path(__file__).parent / "workers" / "context_parallel.py"
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
+def results(tmp_path_factory) -> CheckResults:
     out = tmp_path_factory.mktemp("context_parallel")
     torchrun(WORKER, out, nproc=2, timeout=300)
-    return json.loads((out / "results.json").read_text())
-
-
-def _record(results: dict, name: str) -> dict:
-    record = results[name]
-    if "error" in record:
-        pytest.fail(f"{name} raised in the worker:\n{record['error']}", pytrace=False)
-    return record
+    return CheckResults.read(out / "results.json")
 
 
 def test_attention_output_and_input_gradients_equal_cp1(results):
     """Each rank's 32 of 64 positions (chunks r and 3 - r): output and q/k/v gradients (the K/V gradients
     reduce-scattered back through the all-gather) equal the CP=1 attention's on the full sequence."""
-    record = _record(results, "attention")
+    record = results["attention"]
     assert record["local_shape"] == [32, 2, 4 * 16]
     assert record["reference_is_causal"]
     for name in ("forward", "grad_q", "grad_k", "grad_v"):
@@ -44,7 +37,7 @@ def test_attention_output_and_input_gradients_equal_cp1(results):
 
 
 def test_attention_refuses_a_group_of_another_size(results):
-    assert _record(results, "attention")["wrong_group_refused"] == (
+    assert results["attention"]["wrong_group_refused"] == (
         "the context-parallel group has 2 ranks, the config says 4"
     )
 
@@ -53,7 +46,7 @@ def test_attention_refuses_a_group_of_another_size(results):
 def test_model_logits_and_gradients_equal_cp1(results, kind):
     """Same weights at CP=1 and CP=2: each rank's logits are CP=1's at its positions (so the exact rotary
     angles reach the right positions), and the parameter gradients summed over CP ranks are CP=1's."""
-    record = _record(results, "models")[kind]
+    record = results["models"][kind]
     assert record["num_params"] == 2 + 2 * 6 + 1
     assert record["logits"] <= RTOL, record
     assert record["grads"] <= RTOL, record

@@ -1,6 +1,6 @@
-"""``cpu_compat``: what megatron-core needs to run on CPU, checked with ``cpu_speed`` off in the
-``model_checks`` worker (the process-wide mode and patches stay out of the pytest process). Whole models
-through megatron's own code at every parallel layout: ``test_parallel_equivalence.py``."""
+"""``cpu_compat``: what megatron-core needs to run on CPU, checked with ``cpu_speed`` off in the ``model_checks``
+worker, ``workers/cpu_compat_checks.py`` (the process-wide mode and patches stay out of the pytest process).
+Whole models through megatron's own code at every parallel layout: ``test_parallel_equivalence.py``."""
 
 from __future__ import annotations
 

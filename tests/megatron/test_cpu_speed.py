@@ -1,7 +1,7 @@
-"""``cpu_speed``: each replacement computes what megatron's own code computes, and the switch puts
-megatron's code back. Pure functions are checked here (nothing is enabled in the pytest process); the
-process-wide parts in ``workers/model_checks.py``. The same losses and gradients at every parallel layout
-with the measures on and off: ``test_parallel_equivalence.py``."""
+"""``cpu_speed``: each replacement computes what megatron's own code computes, and the switch puts megatron's code
+back. Pure functions are checked here (nothing is enabled in the pytest process); the process-wide parts in
+``workers/cpu_speed_checks.py`` (the ``model_checks`` worker). The same losses and gradients at every parallel
+layout with the measures on and off: ``test_parallel_equivalence.py``."""
 
 from __future__ import annotations
 

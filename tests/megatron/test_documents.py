@@ -5,8 +5,6 @@ megatron's own dense document mask, and under a context-parallel layout (queries
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +16,8 @@ from megatron_resonance.megatron.documents import (
     document_ids_from_tokens,
 )
 from tests.launch import torchrun
-from tests.megatron.conftest import WORKERS, CheckResults
+from tests.megatron.conftest import WORKERS
+from tests.worker_checks import CheckResults
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,13 @@ def worker_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checks(worker_dir) -> CheckResults:
     torchrun(WORKERS / "documents.py", worker_dir, nproc=1, timeout=300)
-    return CheckResults(json.loads((worker_dir / "results.json").read_text()))
+    return CheckResults.read(worker_dir / "results.json")
 
 
 @pytest.fixture(scope="module")
 def checks_cp2(checks, worker_dir) -> CheckResults:
     torchrun(WORKERS / "documents.py", worker_dir, "cp2", nproc=2, timeout=300)
-    return CheckResults(json.loads((worker_dir / "results_cp2.json").read_text()))
+    return CheckResults.read(worker_dir / "results_cp2.json")
 
 
 @pytest.mark.parametrize("speed", ["on", "off"])

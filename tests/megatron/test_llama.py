@@ -2,7 +2,8 @@
 config: ``tests/hf/test_config.py``).
 
 (Building and running the model is covered by ``test_parallel_equivalence.py`` and the ``model_checks``
-worker; the builder's refusal at TP=2 is checked there too.)
+worker, whose checks read here are in ``workers/llama_checks.py``; the builder's refusal at TP=2 is checked
+in ``test_parallel_equivalence.py``.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def test_config_rejects_inconsistent_shapes():
         LlamaConfig(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="not divisible by num_query_groups"):
         LlamaConfig(hidden_size=96, num_attention_heads=3, num_query_groups=2)
-    with pytest.raises(ValueError, match="unknown model setting"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) in model settings: num_layerz"):
         LlamaConfig.from_dict({"num_layerz": 2})
 
 

@@ -1,7 +1,8 @@
 """``megatron_resonance.megatron.rotary``: the Megatron rotary module carries the rope library's angles.
 
 Module-level tests run in the pytest process (building a ``ResonanceRotaryEmbedding`` needs no
-parallel state); tests that need a built model or cpu_compat read the ``model_checks`` worker.
+parallel state); tests that need a built model or cpu_compat read the ``model_checks`` worker, whose checks
+of this module are in ``workers/rotary_checks.py``.
 """
 
 from __future__ import annotations

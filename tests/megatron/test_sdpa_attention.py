@@ -1,5 +1,6 @@
 """``SDPAAttention`` computes what megatron's local ``DotProductAttention`` computes (measured in the
-``model_checks`` worker: GQA with 4 heads / 2 groups, softmax_scale 0.3, forward and backward)."""
+``model_checks`` worker, ``workers/sdpa_attention_checks.py``: GQA with 4 heads / 2 groups, softmax_scale
+0.3, forward and backward)."""
 
 from __future__ import annotations
 

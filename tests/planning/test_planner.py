@@ -1,7 +1,7 @@
-"""The layout planner (megatron_resonance/planning.py, tools/plan_layout.py): the estimate's arithmetic, the
-layouts it picks for the documented cases, the command line (Megatron checkpoint, Hugging Face directory,
-preset), bad input in one line, and the evaluation tools proposing a layout. No model is built here; the
-estimate against measured memory is test_measured.py."""
+"""The layout planner (megatron_resonance/layout_planner.py, its estimate planning.py, tools/plan_layout.py):
+the estimate's arithmetic, the layouts it picks for the documented cases, the command line (Megatron
+checkpoint, Hugging Face directory, preset), bad input in one line, and the evaluation tools proposing a
+layout. No model is built here; the estimate against measured memory is test_measured.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from megatron_resonance import planning
-from megatron_resonance.planning import GiB, Hardware, Layout, ModelShape, plan, training_estimate
+from megatron_resonance import layout_planner, planning
+from megatron_resonance.layout_planner import Hardware, plan
+from megatron_resonance.planning import GiB, Layout, ModelShape, training_estimate
 from tests.fake_checkpoint import add_dist_files
 from tests.launch import REPO, child_env, load_tool
 
@@ -69,7 +70,7 @@ def test_plans_for_the_documented_cases():
     assert (lay.tp, lay.pp, lay.cp, lay.dp, lay.recompute) == (2, 1, 8, 4, "none")
     # every cheaper layout tried does not fit
     assert all(not c.fits for c in eight.tried if c.cost < eight.chosen.cost)
-    line = planning.sbatch_line(eight, load="ckpt/llama3-8b")
+    line = layout_planner.sbatch_line(eight, load="ckpt/llama3-8b")
     assert line == ('LOAD=ckpt/llama3-8b TP=2 PP=1 CP=8 GPUS_PER_NODE=8 TRAIN_ARGS="--seq-length 131072 '
                     '--micro-batch-size 1 --global-batch-size 64 --sequence-parallel" sbatch --nodes=8 '
                     'slurm/extend_context.sbatch')
@@ -81,7 +82,7 @@ def test_recomputation_when_nothing_else_fits():
     assert two.chosen.layout.recompute == "full" and two.chosen.layout.model_parallel == 1
     assert "recomputation" in two.why
     assert "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1" in \
-        planning.sbatch_line(two)
+        layout_planner.sbatch_line(two)
 
 
 def test_the_preset_layouts_fit_by_the_planner():
@@ -216,7 +217,7 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"recompute_granularity": "some"}, "unknown --recompute-granularity 'some'; expected full or selective"),
+    ({"recompute_granularity": "some"}, "unknown --recompute-granularity 'some'; expected one of full, selective"),
     ({"recompute_granularity": "full"}, "--recompute-granularity full needs --recompute-method uniform or block"),
     ({"recompute_granularity": "full", "recompute_method": "uniform"},
      "--recompute-num-layers must be between 1 and the 4 layers of a pipeline stage, got None"),
@@ -227,7 +228,8 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
     ({"recompute_method": "uniform"}, "--recompute-method/--recompute-num-layers need --recompute-granularity full"),
 ])
 def test_recompute_flags_are_checked_in_one_line(flags, message):
-    from megatron_resonance.training.config import ConfigError, check, from_dict
+    from megatron_resonance.training.config import ConfigError, from_dict
+    from megatron_resonance.training.config_checks import check
 
     pp = 2 if flags.get("recompute_method") == "block" else 1
     cfg = from_dict({"model": {"num_layers": 4}, "data": {"mock_data": True, "global_batch_size": 8},

@@ -124,7 +124,7 @@ def test_bad_protocol_input_is_one_line(capsys):
         "posgen_benchmark.py: error: --protocol reference: the reference protocol takes validation and test rows "
         "from the training rows: need validation_sequences + test_sequences <= train_sequences, got 100 + 950 > 1000"
     ]
-    with pytest.raises(ValueError, match="protocol must be one of clean, reference"):
+    with pytest.raises(ValueError, match="unknown --protocol 'paper'; expected one of clean, reference"):
         dataclasses.replace(SMALL, protocol="paper")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_resonance.training import config, launch, validation
+from megatron_resonance.training import config, config_checks, launch, validation
 from megatron_resonance.training.config import from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def test_preset_loads_and_extend_context_accepts_it(preset, tmp_path, monkeypatc
     assert cfg.parallel.sequence_parallel and o.use_distributed_optimizer
 
     # Valid on one and on two 8-GPU nodes (Transformer Engine, which CP needs, stands in for a GPU node's).
-    monkeypatch.setattr(config, "resolve_spec", lambda impl: "te")
+    monkeypatch.setattr(config_checks, "resolve_spec", lambda impl: "te")
     for nodes in (1, 2):
         validation.validate(cfg, world_size=8 * nodes)
         assert memory_per_gpu_gb(cfg, 8 * nodes) < 65, "leave >= 15 GB of an 80 GB GPU as margin"
@@ -98,7 +98,7 @@ def test_preset_on_cpu_needs_only_the_layout_override(preset, tmp_path, monkeypa
     change is the layout alone: one process is refused in one line naming the override, which is then valid."""
     model = PRESETS[preset][0]
     path = str(REPO / "configs" / preset)
-    monkeypatch.setattr(config, "resolve_spec", lambda impl: "local" if impl == "auto" else impl)
+    monkeypatch.setattr(config_checks, "resolve_spec", lambda impl: "local" if impl == "auto" else impl)
     load = fake_checkpoint(tmp_path / "ckpt", model)
     parser = launch.make_parser("extend_context.py", "")
     make_config = extend_context_module().make_config

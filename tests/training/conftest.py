@@ -30,7 +30,8 @@ from typing import Dict, List
 import pytest
 
 from megatron_resonance.training.preemption import child_pids
-from tests.launch import child_env, run_command
+from tests.launch import child_env, run_command, torchrun
+from tests.worker_checks import CheckResults
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "pretrain" / "pretrain_llama.py"
@@ -131,25 +132,11 @@ ROPE_CASES = {
 RESHARD_LAYOUTS = {"tp1_dp2": [1, 1], "pp2": [1, 2]}
 
 
-class CheckResults:
-    """Records of ``workers/checks.py``; indexing a check that raised fails with its traceback."""
-
-    def __init__(self, records: dict):
-        self.records = records
-
-    def __getitem__(self, name: str) -> dict:
-        record = self.records[name]
-        if "error" in record:
-            pytest.fail(f"{name} raised in the worker:\n{record['error']}", pytrace=False)
-        return record
-
-
 @pytest.fixture(scope="session")
 def model_checks(run_tp2, tmp_path_factory) -> Dict[str, CheckResults]:
     """One torchrun job (``workers/checks.py``): the model the trainer builds for each of ``ROPE_CASES``,
-    and run_tp2's iteration-5 checkpoint loaded at each of ``RESHARD_LAYOUTS``."""
-    from tests.launch import torchrun
-
+    and run_tp2's iteration-5 checkpoint loaded at each of ``RESHARD_LAYOUTS``. Its ``rope`` records are
+    asserted in ``test_rope_flags.py``, its ``reshard`` records in ``test_checkpoint_layouts.py``."""
     out = tmp_path_factory.mktemp("model_checks")
     base = [*TINY_RUN, "--train-iters", str(ITERS)]
     spec = {

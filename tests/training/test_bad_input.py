@@ -338,9 +338,9 @@ def test_context_parallel_without_transformer_engine_reaches_the_launch(monkeypa
 @pytest.mark.parametrize("flags", [["--reset-attention-mask"], ["--reset-position-ids", "--eod-mask-loss"]])
 def test_document_flags_with_transformer_engine(monkeypatch, files, flags):
     """Document masking runs in the local spec's attention; with TE (here pretended) it is one line."""
-    from megatron_resonance.training import config
+    from megatron_resonance.training import config_checks
 
-    monkeypatch.setattr(config, "resolve_spec", lambda spec: "te")
+    monkeypatch.setattr(config_checks, "resolve_spec", lambda spec: "te")
     proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, *flags])
     positional = " ".join(f for f in flags if f != "--eod-mask-loss")
     assert_one_error_line(proc, "pretrain_llama.py",

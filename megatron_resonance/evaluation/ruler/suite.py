@@ -34,7 +34,8 @@ from megatron_resonance.cli import check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, loading
-from megatron_resonance.evaluation.loading import Runtime, Scorer
+from megatron_resonance.evaluation.command_line import RunOptions
+from megatron_resonance.evaluation.loading import Scorer
 from megatron_resonance.evaluation.perplexity import model_documents, perplexity_by_length
 from megatron_resonance.evaluation.plots import fmt, markdown_table, plot_depth_heatmaps
 from megatron_resonance.evaluation.resolve import ModelSpec, ResolvedModel, resolve_all
@@ -157,19 +158,14 @@ def run(
     max_new_tokens: Optional[int] = None,
     perplexity_data: Optional[str] = None,
     perplexity_documents: int = 16,
-    out: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    runtime: Optional[Runtime] = None,
-    max_memory_gb: Optional[float] = None,
-    progress: bool = True,
-    log=print,
+    options: Optional[RunOptions] = None,
 ) -> dict:
-    """RULER on ``models`` at ``lengths``; (rank 0) writes the report into ``out``; returns it.
+    """RULER on ``models`` at ``lengths``; (rank 0) writes the report into ``options.out``; returns it.
 
     UserError (one line) for bad input before any model is loaded: an unknown task, a length the prompt
     text cannot fit into or memory cannot hold, a haystack too short, a tokenizer that is not the model's."""
-    runtime = runtime or Runtime()
-    say = log if distributed.is_rank0() and log else (lambda *_: None)
+    options = options or RunOptions()
+    runtime, out, say = options.runtime, options.out, options.say
 
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
@@ -182,14 +178,14 @@ def run(
         raise UserError(f"--perplexity-documents {perplexity_documents}: must be >= 0")
     if not depths:
         raise UserError("--depths: need at least one depth")
-    resolved = resolve_all(models, tokenizer)
+    resolved = resolve_all(models, options.tokenizer)
     runtime.check(resolved, lengths)
     if runtime.context_parallel_size > 1:
         raise UserError("--context-parallel-size: RULER answers by greedy decoding, which runs without context "
                         "parallelism (megatron's static inference); use --tensor-model-parallel-size or "
                         "--pipeline-model-parallel-size for long prompts")
     longest = lengths[-1] + max(budget(task, max_new_tokens) for task in tasks)
-    loading.check_memory(resolved, runtime, longest, max_memory_gb, generate=True)
+    loading.check_memory(resolved, runtime, longest, options.max_memory_gb, generate=True)
     for m in resolved:
         if m.tokenizer is None:
             raise UserError(f"RULER prompts are text and no tokenizer is stored with {m.name}: pass --tokenizer")
@@ -205,7 +201,7 @@ def run(
         if m.tokenizer not in plans:
             plans[m.tokenizer] = build_all(tok, tasks, lengths, samples=samples, seed=seed, depths=depths,
                                            haystack=haystack_text, add_bos=add_bos, chat_template=chat_template,
-                                           progress=progress)
+                                           progress=options.progress)
         check_tokenizer(m, tok, plans[m.tokenizer])
     documents = model_documents(resolved, perplexity_data, add_bos) if perplexity_documents else {}
     if out:
@@ -220,7 +216,7 @@ def run(
         say(f"[ruler] {m.name}: {m.spec.kind} {m.directory}, {len(tasks)} task(s) x {len(lengths)} length(s) x "
             f"{samples} sample(s)")
         with loading.open_scorer(m, runtime, longest) as scorer:
-            tokens = answer(scorer, plan, tok, max_new_tokens=max_new_tokens, progress=progress)
+            tokens = answer(scorer, plan, tok, max_new_tokens=max_new_tokens, progress=options.progress)
             if documents and m.original_length:
                 ppl = perplexity_by_length(scorer, documents[m.name], [m.original_length],
                                            max_documents=perplexity_documents, seed=seed, progress=False)

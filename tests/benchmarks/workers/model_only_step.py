@@ -15,11 +15,10 @@ if __name__ == "__main__":
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from megatron_resonance.megatron.llama import LlamaConfig
+    from tests.tiny_llama import tiny_llama
 
     bench._initialize()
-    cfg = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-                      vocab_size=256, max_position_embeddings=64, make_vocab_size_divisible_by=128)
+    cfg = tiny_llama(hidden_size=64, ffn_hidden_size=176)
     rope = bench._rope(cfg, "rope", 16, 4.0)
     trainer = bench._megatron_trainer(cfg, rope, 32, 2)
     model_only = bench._model_only_trainer(cfg, rope, 32, 2)

@@ -40,13 +40,10 @@ def make_model(setup: dict) -> dict:
 
     from megatron_resonance.megatron import checkpointing, distributed, llama
     from megatron_resonance.rope import RopeConfig
+    from tests.tiny_llama import tiny_llama
 
     distributed.initialize(1, 1, seed=0)
-    cfg = llama.LlamaConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
-        vocab_size=setup["vocab_size"], max_position_embeddings=64,
-        rope=RopeConfig(**setup["rope"], head_dim=16),
-    )
+    cfg = tiny_llama(RopeConfig(**setup["rope"]), hidden_size=64, ffn_hidden_size=96, vocab_size=setup["vocab_size"])
     (model,) = llama.build_model(cfg, spec="local")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # far from init: logits of order 1, padding rows included (they must not count)

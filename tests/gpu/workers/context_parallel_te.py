@@ -3,13 +3,13 @@ two GPUs (NCCL, bf16)::
 
     torchrun --nproc-per-node 2 tests/gpu/workers/context_parallel_te.py OUT.json
 
-A tiny LLaMA with Resonance YaRN is built with the ``local`` spec at CP=2; the same weights are copied into
-the ``te`` spec at CP=2 (TE's layer norms live inside its fused linears: ``linear_qkv.layer_norm_weight`` is
-the local ``input_layernorm.weight``, ``linear_fc1.layer_norm_weight`` ``pre_mlp_layernorm.weight``). Each
-rank feeds its load-balanced part of one batch (``get_batch_on_this_cp_rank``) to both and reports the
-largest |difference| of the logits relative to their largest magnitude (over both ranks), and the same for
-a CP=1 local forward on the whole batch (its rows for this rank's positions): the two CPs against each
-other and each against no CP. Rank 0 writes OUT.json.
+A small LLaMA (``tiny_llama`` widened to 8 heads of 32, 1024 positions) with Resonance YaRN is built with the
+``local`` spec at CP=2; the same weights are copied into the ``te`` spec at CP=2 (TE's layer norms live inside
+its fused linears: ``linear_qkv.layer_norm_weight`` is the local ``input_layernorm.weight``,
+``linear_fc1.layer_norm_weight`` ``pre_mlp_layernorm.weight``). Each rank feeds its load-balanced part of one
+batch (``get_batch_on_this_cp_rank``) to both and reports the largest |difference| of the logits relative to
+their largest magnitude (over both ranks), and the same for a CP=1 local forward on the whole batch (its rows
+for this rank's positions): the two CPs against each other and each against no CP. Rank 0 writes OUT.json.
 """
 
 from __future__ import annotations
@@ -20,18 +20,23 @@ import sys
 import torch
 import torch.distributed as dist
 
+from tests.tiny_llama import tiny_llama
+
 SEQ, BATCH = 1024, 2
 TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
 
 
 def model_config():
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.rope import RopeConfig
-
-    return LlamaConfig(num_layers=2, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8, num_query_groups=2,
-                       vocab_size=512, max_position_embeddings=SEQ, init_method_std=0.05,
-                       rope=RopeConfig(kind="resonance_yarn", head_dim=32, factor=4.0, original_max_position=SEQ // 4))
+    return tiny_llama(
+        "resonance_yarn",
+        hidden_size=256,
+        ffn_hidden_size=704,
+        num_attention_heads=8,
+        vocab_size=512,
+        max_position_embeddings=SEQ,
+        init_method_std=0.05,
+    )
 
 
 def local_name(te_name: str) -> str:

@@ -5,8 +5,8 @@
     python tests/gpu/workers/trainer_steps.py load CKPT OUT.pt       # another init, then that checkpoint
 
 The device is CUDA when there is one; a test hides it (``CUDA_VISIBLE_DEVICES=``) to run the CPU side, which
-then goes through cpu_compat over gloo, as training on a laptop does. The model is a tiny LLaMA
-(2 layers, width 64, GQA 4:2, vocabulary 256) with Resonance YaRN (s = 4 over 16 original positions), built
+then goes through cpu_compat over gloo, as training on a laptop does. The model is ``tiny_llama``
+at width 64 (2 layers, GQA 4:2, vocabulary 256) with Resonance YaRN (s = 4 over 16 original positions), built
 and stepped by ``training.model`` / ``training.step`` (megatron DDP, distributed optimizer, fused AdamW,
 clipping) on one fixed
 batch of 4 x 64 random tokens, which it memorizes: the loss falls step after step.
@@ -28,34 +28,21 @@ import sys
 
 import torch
 
+from tests.tiny_llama import tiny_llama, train_batch, training_config
+
 STEPS = 8
-SEQ, BATCH, VOCAB = 64, 4, 256
+BATCH = 4
 SEED = 1234
 
 
 def config():
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.rope import RopeConfig
-    from megatron_resonance.training.config import Config, DataConfig, OptimizerConfig
-
-    model = LlamaConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-                        vocab_size=VOCAB, max_position_embeddings=SEQ,
-                        rope=RopeConfig(kind="resonance_yarn", head_dim=16, original_max_position=16, factor=4.0))
-    cfg = Config(
-        model=model,
-        data=DataConfig(seq_length=SEQ, micro_batch_size=BATCH, global_batch_size=BATCH, mock_data=True),
-        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-3, lr_decay_style="constant", clip_grad=1.0),
-    )
-    cfg.training.train_iters = 1000
-    return cfg
+    model = tiny_llama("resonance_yarn", hidden_size=64, ffn_hidden_size=176)
+    return training_config(model, iters=1000, batch=BATCH, lr=3e-3, clip_grad=1.0)
 
 
 def batches():
     """The same batch forever (CPU tensors: the trainer's forward_step moves each to the GPU)."""
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(BATCH, SEQ),
-             "position_ids": torch.arange(SEQ).expand(BATCH, SEQ)}
-    return itertools.repeat(batch)
+    return itertools.repeat(train_batch(config().model, BATCH, seed=1))
 
 
 class Run:

@@ -22,12 +22,15 @@ import copy
 import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 
-SEQ, BATCH, HEADS, GROUPS, HEAD_DIM = 64, 2, 4, 2, 16
+from tests.tiny_llama import TINY, tiny_llama
+from tests.worker_checks import run_check
+
+SEQ, HEADS, GROUPS = TINY["max_position_embeddings"], TINY["num_attention_heads"], TINY["num_query_groups"]
+BATCH, HEAD_DIM = 2, 16
 KINDS = ("rope", "yarn", "resonance_yarn")
 
 
@@ -59,9 +62,7 @@ def check_attention() -> dict:
     from megatron_resonance.megatron.sdpa_attention import SDPAAttention
 
     distributed.initialize(context_parallel_size=2, seed=0)
-    cfg = llama.LlamaConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-                            num_query_groups=GROUPS, max_position_embeddings=SEQ)
-    config = llama.transformer_config(cfg)
+    config = llama.transformer_config(tiny_llama(num_layers=1, hidden_size=HEADS * HEAD_DIM))
     assert config.context_parallel_size == 2
     reference_config = copy.copy(config)
     reference_config.context_parallel_size = 1
@@ -103,19 +104,6 @@ def check_attention() -> dict:
     return record
 
 
-def model_config(kind: str):
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.rope import RopeConfig
-
-    if kind == "rope":
-        rope = RopeConfig(kind="rope", head_dim=HEAD_DIM)
-    else:  # original length 16 < 64: YaRN's ramp, attention factor and resonance's rounding all act
-        rope = RopeConfig(kind=kind, head_dim=HEAD_DIM, factor=4.0, original_max_position=16)
-    return LlamaConfig(num_layers=2, hidden_size=HEADS * HEAD_DIM, ffn_hidden_size=96, num_attention_heads=HEADS,
-                       num_query_groups=GROUPS, vocab_size=128, max_position_embeddings=SEQ,
-                       init_method_std=0.1, rope=rope)
-
-
 def run_model(kind: str, cp: int, tokens: torch.Tensor, weights=None):
     """Logits for this rank's positions and the parameter gradients (summed over CP ranks) of a fixed
     random projection of them."""
@@ -124,7 +112,9 @@ def run_model(kind: str, cp: int, tokens: torch.Tensor, weights=None):
     from megatron_resonance.megatron import distributed, llama
 
     distributed.initialize(context_parallel_size=cp, seed=0)
-    (model,) = llama.build_model(model_config(kind), spec="local", seq_length=SEQ)
+    # init std 0.1 (not 0.02): attention far from uniform, so that positions shape the logits
+    cfg = tiny_llama(kind, hidden_size=HEADS * HEAD_DIM, ffn_hidden_size=96, vocab_size=128, init_method_std=0.1)
+    (model,) = llama.build_model(cfg, spec="local", seq_length=SEQ)
     if weights is not None:
         same = all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
         assert same, "the CP=2 model was not built with the CP=1 weights"
@@ -170,10 +160,7 @@ def main() -> None:
     distributed.init_process_group()
     results = {}
     for name, check in (("attention", check_attention), ("models", check_models)):
-        try:
-            results[name] = check()
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
+        results[name] = run_check(check)
     from megatron_resonance.megatron import cpu_speed
 
     results["cpu_speed"] = cpu_speed.is_enabled()

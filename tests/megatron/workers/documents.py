@@ -10,7 +10,8 @@ gathered logits of each document with them (``OUT_DIR/results_cp2.json``).
 Batches are built as the trainer builds them: megatron's own ``_get_ltor_masks_and_position_ids`` (what its
 GPTDataset runs with ``reset_position_ids``) for the positions, ``documents.document_ids_from_tokens`` for
 the documents (``micro_batches``), then ``training.step.forward_step``. Each check returns measurements; an
-exception is recorded as ``{"error": traceback}``. Results go to ``OUT_DIR/results.json``.
+exception is recorded as ``{"error": traceback}`` (``tests.worker_checks``). Results go to
+``OUT_DIR/results.json``; the assertions are in ``tests/megatron/test_documents.py``.
 """
 
 from __future__ import annotations
@@ -18,26 +19,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 
 import torch
 
-SEQ = 64
+from tests.tiny_llama import TINY, tiny_llama
+from tests.worker_checks import run_check
+
+#: the models: ``tiny_llama(kind)``; kinds other than rope trained at 16 positions, extended x4 (positions
+#: past 16 use the scaled, rounded angles)
+SEQ = TINY["max_position_embeddings"]
 EOD = 255
-#: two packed samples of three documents each (the last one cut by the sample's end, no EOD); lengths
-#: include each document's EOD
+#: two packed samples of three documents each, filling SEQ (the last one cut by the sample's end, no EOD);
+#: lengths include each document's EOD
 PACKINGS = ((20, 30, 14), (9, 40, 15))
-
-
-def tiny_config(kind: str):
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.rope import RopeConfig
-
-    rope = RopeConfig(kind=kind, head_dim=32)
-    if kind != "rope":  # trained at 16, extended x4: positions past 16 use the scaled, rounded angles
-        rope = RopeConfig(kind=kind, head_dim=32, factor=4.0, original_max_position=16)
-    return LlamaConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
-                       vocab_size=256, max_position_embeddings=SEQ, rope=rope)
 
 
 def packed_batch(reset_position_ids: bool = True, reset_attention_mask: bool = True):
@@ -94,7 +88,7 @@ def check_parity():
         cpu_speed.set_enabled(speed)
         for kind in ("rope", "resonance_yarn"):
             torch.manual_seed(0)
-            model = llama.for_inference(llama.build_model(tiny_config(kind), seq_length=SEQ))[0]
+            model = llama.for_inference(llama.build_model(tiny_llama(kind), seq_length=SEQ))[0]
             batch, docs = packed_batch()
             packed = logits_of(model, batch, reset_position_ids=True)
             unmasked = logits_of(model, {k: v for k, v in batch.items() if k != "document_ids"}, False)
@@ -125,7 +119,7 @@ def check_gradients():
     from megatron_resonance.training.step import forward_step
 
     torch.manual_seed(0)
-    model = llama.for_training(llama.build_model(tiny_config("resonance_yarn"), seq_length=SEQ))[0]
+    model = llama.for_training(llama.build_model(tiny_llama("resonance_yarn"), seq_length=SEQ))[0]
     params = list(model.parameters())
 
     def grads():  # megatron DDP accumulates into main_grad (cpu_speed's fused weight-gradient accumulation)
@@ -169,7 +163,7 @@ def check_rotary_positions():
 
     out = {}
     for kind in ("rope", "resonance_yarn"):
-        cfg = tiny_config(kind)
+        cfg = tiny_llama(kind)
         model = llama.for_inference(llama.build_model(cfg, seq_length=SEQ))[0]
         seen = {}
 
@@ -197,7 +191,7 @@ def check_positions_only():
     from megatron_resonance.megatron import llama
 
     torch.manual_seed(0)
-    model = llama.for_inference(llama.build_model(tiny_config("resonance_yarn"), seq_length=SEQ))[0]
+    model = llama.for_inference(llama.build_model(tiny_llama("resonance_yarn"), seq_length=SEQ))[0]
     batch, _ = packed_batch(reset_attention_mask=False)
     reset = logits_of(model, batch, reset_position_ids=True)
     plain = logits_of(model, dict(batch, position_ids=torch.arange(SEQ).expand(2, SEQ)), False)
@@ -220,7 +214,7 @@ def check_parity_cp2():
         for kind in ("rope", "resonance_yarn"):
             tag = f"{kind}/cpu_speed={'on' if speed else 'off'}"
             saved = torch.load(_saved(tag))
-            model = llama.for_inference(llama.build_model(tiny_config(kind), seq_length=SEQ))[0]
+            model = llama.for_inference(llama.build_model(tiny_llama(kind), seq_length=SEQ))[0]
             model.load_state_dict(saved["weights"])
             batch, docs = packed_batch()
             with torch.no_grad():
@@ -259,10 +253,7 @@ def main(out_dir: str, mode: str = "cp1") -> None:
     distributed.initialize(1, 1, None, cp)
     results = {}
     for check in [check_parity_cp2] if cp == 2 else CHECKS:
-        try:
-            results[check.__name__] = check()
-        except Exception:
-            results[check.__name__] = {"error": traceback.format_exc()}
+        results[check.__name__] = run_check(check)
     name = "results_cp2.json" if cp == 2 else "results.json"
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(out_dir, name), "w") as f:

@@ -32,7 +32,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
-SEQ_LENGTH = 64
+from tests.tiny_llama import TINY, tiny_llama
+
+SEQ_LENGTH = TINY["max_position_embeddings"]
 GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 NUM_LAYERS = 4
@@ -49,27 +51,11 @@ REFERENCE = "tp1_pp1_dp2"
 
 
 def model_config(kind: str):
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.rope import RopeConfig
-
-    if kind == "rope":
-        rope = RopeConfig(kind="rope", head_dim=32)
-    else:
-        # original length 32 < sequence length 64: YaRN's attention factor (m = 1.139) and its ramp
-        # (features 1, 2 partially interpolated for head_dim 32) both shape the logits.
-        rope = RopeConfig(kind=kind, head_dim=32, factor=4.0, original_max_position=32)
-    return LlamaConfig(
-        num_layers=NUM_LAYERS,
-        hidden_size=128,
-        ffn_hidden_size=256,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=256,
-        max_position_embeddings=SEQ_LENGTH,
-        # larger than LLaMA's 0.02 so attention is far from uniform and positions shape loss and grads
-        init_method_std=0.1,
-        rope=rope,
-    )
+    """``tiny_llama(kind)`` with NUM_LAYERS layers. Kinds other than rope: original length 32 < sequence
+    length 64, so YaRN's attention factor (m = 1.139) and its ramp (features 1, 2 partially interpolated for
+    head_dim 32) both shape the logits. Init std 0.1, larger than LLaMA's 0.02, so that attention is far
+    from uniform and positions shape loss and grads."""
+    return tiny_llama(kind, original_max_position=32, num_layers=NUM_LAYERS, init_method_std=0.1)
 
 
 def global_batch():

@@ -1,18 +1,22 @@
 """Worker: what the trainer builds from command-line flags, and a TP=2 checkpoint at other layouts.
 
-Run by ``tests/training/test_model_checks.py`` under ``torchrun --nproc-per-node 2`` (gloo, CPU)::
+Run by the ``model_checks`` fixture of ``tests/training/conftest.py`` under ``torchrun --nproc-per-node 2``
+(gloo, CPU)::
 
     torchrun --nproc-per-node 2 tests/training/workers/checks.py SPEC.json OUT_DIR
 
 ``SPEC.json`` holds
 
 * ``rope``: ``{name: argv}``; each argv goes through the entry point's own parser, ``config_from_args`` and
-  ``training.model.build_model_and_optimizer`` (TP=1, DP=2), and the installed rotary is reported;
+  ``training.model.build_model_and_optimizer`` (TP=1, DP=2), and the installed rotary is reported
+  (:func:`rope_check`, asserted in ``tests/training/test_rope_flags.py``);
 * ``reshard``: ``{"checkpoint": DIR, "argv": [...], "layouts": {name: [TP, PP]}}``; at each layout the
   model is built the trainer's way, the checkpoint's weights loaded (dist_checkpointing reshards them),
-  and the trainer's ``evaluate`` and a forward pass over the next training batch measured.
+  and the trainer's ``evaluate`` and a forward pass over the next training batch measured
+  (:func:`reshard_check`, asserted in ``tests/training/test_checkpoint_layouts.py``).
 
-Each check is recorded as a dict, or ``{"error": traceback}``; rank 0 writes ``OUT_DIR/results.json``.
+Each check is recorded as a dict, or ``{"error": traceback}`` (``tests.worker_checks``); rank 0 writes
+``OUT_DIR/results.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
+
+from tests.worker_checks import run_check
 
 
 def parse(argv):
@@ -112,13 +117,14 @@ def reshard_check(checkpoint, argv, tp, pp):
 
 
 def guarded(fn, *args):
-    try:
-        return fn(*args)
-    except Exception:
-        from megatron_resonance.megatron import distributed
+    """``run_check(fn, *args)``; after a check that raised, megatron's parallel state is torn down so that the
+    next check can set up its own."""
+    from megatron_resonance.megatron import distributed
 
+    result = run_check(fn, *args)
+    if "error" in result:
         distributed.destroy()
-        return {"error": traceback.format_exc()}
+    return result
 
 
 def main(spec_path, out_dir):

@@ -4,16 +4,22 @@
   directory, a model to convert). Reported as one line ``<prog>: error: <message>``, exit status 2.
 - :class:`TrainingError`: a run that had to stop (a non-finite loss, a failed save). One line, exit status 1.
 
-Nothing here imports the rest of the package: every module may raise these.
+Every tool and entry point runs inside :func:`megatron_resonance.cli.guard`, which reports them; any other
+exception is a bug and keeps its traceback. Nothing here imports the rest of the package: every module
+may raise these.
 """
 
 from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad user input: one line, exit status 2."""
+    """Bad user input: one line, exit status 2. The message is made one line here (its whitespace, line
+    breaks included, becomes single spaces), so a foreign message quoted in it cannot break the rule."""
 
     exit_status = 2
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class ConfigError(UserError, ValueError):
@@ -30,9 +36,6 @@ class CheckpointError(UserError):
 
 class ConversionError(UserError):
     """Input the converters cannot use (wrong architecture, missing shard, shape mismatch, ...)."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 class TrainingError(Exception):

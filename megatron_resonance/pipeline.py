@@ -31,16 +31,16 @@ import os
 from typing import List, Optional, Sequence
 
 from megatron_resonance import layout_planner, planning
-from megatron_resonance.cli import UsageError
 from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.conversion.hf_to_megatron import check_source
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import perplexity
 from megatron_resonance.evaluation.memory import DoesNotFit, check_fits, forward_bytes
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.rope import ROPE_FORMATS
 from megatron_resonance.megatron import checkpoint_layout
 from megatron_resonance.training import extension, launch, validation
-from megatron_resonance.training.config import Config, ConfigError
+from megatron_resonance.training.config import Config
 
 GiB = 1024**3
 STAGES = ("convert", "extend", "export", "eval")
@@ -95,16 +95,16 @@ class Stage:
         return f"{self.name} {self.action} {self.detail}"
 
 
-def _problem(stage: str, e: BaseException) -> UsageError:
-    return UsageError(f"{stage}: {e}")
+def _problem(stage: str, e: BaseException) -> UserError:
+    return UserError(f"{stage}: {e}")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], stage: str, given_by: str) -> argparse.Namespace:
-    """A job's flags parsed by its own tool's parser; a bad one is a UsageError naming the stage and the
+    """A job's flags parsed by its own tool's parser; a bad one is a UserError naming the stage and the
     variables that gave it, instead of the tool's exit."""
 
     def refuse(message: str):
-        raise UsageError(f"{stage}: {message} ({given_by})")
+        raise UserError(f"{stage}: {message} ({given_by})")
 
     parser.error = refuse
     return parser.parse_args(list(argv))
@@ -126,8 +126,8 @@ def converted(req: Request) -> Optional[str]:
         return str(e)
     source = run.get("converted_from")
     if source != os.path.abspath(req.hf_model):
-        raise UsageError(f"convert: {root} holds a conversion of {source}, not HF_MODEL={req.hf_model}: use another "
-                         "WORK_DIR, or OVERWRITE=1 to run every stage again")
+        raise UserError(f"convert: {root} holds a conversion of {source}, not HF_MODEL={req.hf_model}: use another "
+                        "WORK_DIR, or OVERWRITE=1 to run every stage again")
     if req.convert_dtype and run.get("dtype") != req.convert_dtype:
         return f"it is {run.get('dtype')}, CONVERT_DTYPE={req.convert_dtype}"
     return None
@@ -177,17 +177,17 @@ def evaluated(req: Request, args) -> Optional[str]:
 
 
 def plan(req: Request) -> List[Stage]:
-    """The stages' actions, in order; UsageError with one line (``<stage>: <problem>``) for a pipeline that
+    """The stages' actions, in order; UserError with one line (``<stage>: <problem>``) for a pipeline that
     would fail: bad input to any stage, a configuration the extension refuses at its world size, a training
     step or an evaluation length that does not fit."""
     if not os.path.isfile(os.path.join(req.hf_model, "config.json")):
-        raise UsageError(f"HF_MODEL={req.hf_model}: no config.json there")
+        raise UserError(f"HF_MODEL={req.hf_model}: no config.json there")
     stages: List[Stage] = []
 
     # ---------------------------------------------------------------- convert
     if req.convert_dtype and req.convert_dtype not in hf_config.DTYPES:
-        raise UsageError(f"convert: unknown CONVERT_DTYPE {req.convert_dtype!r}; expected one of "
-                         f"{', '.join(hf_config.DTYPES)}")
+        raise UserError(f"convert: unknown CONVERT_DTYPE {req.convert_dtype!r}; expected one of "
+                        f"{', '.join(hf_config.DTYPES)}")
     try:
         hf, model, _, _ = check_source(req.hf_model, dtype=req.convert_dtype, log=lambda _: None)
         hf.close()
@@ -258,7 +258,7 @@ def _extension_config(req: Request, stored: Optional[dict], validate_save: bool)
             # Transformer Engine is the GPU nodes' to have, not the submitting node's
             checked.parallel.transformer_impl = "local"
         validation.resolve_and_validate(checked, req.nodes * req.nproc_per_node)
-    except (ConfigError, checkpoint_layout.CheckpointError, UsageError) as e:
+    except UserError as e:
         raise _problem("extend", e) from None
     cfg.model.vocab_size = checked.model.vocab_size
     return cfg
@@ -298,16 +298,16 @@ def _check_training_fits(req: Request, cfg: Config) -> None:
         if proposal.chosen:
             lay = proposal.chosen.layout
             line += f"; {lay.describe()} fits: TP={lay.tp} PP={lay.pp} CP={lay.cp} (tools/plan_layout.py)"
-    raise UsageError(line)
+    raise UserError(line)
 
 
 def _check_export(req: Request, cfg: Config, reference: dict) -> None:
     """The export's settings, and its config.json for the extended model (the rope plan in that format)."""
     if req.rope_format not in ROPE_FORMATS:
-        raise UsageError(f"export: unknown ROPE_FORMAT {req.rope_format!r}; expected one of {', '.join(ROPE_FORMATS)}")
+        raise UserError(f"export: unknown ROPE_FORMAT {req.rope_format!r}; expected one of {', '.join(ROPE_FORMATS)}")
     if req.export_dtype and req.export_dtype not in hf_config.DTYPES:
-        raise UsageError(f"export: unknown EXPORT_DTYPE {req.export_dtype!r}; expected one of "
-                         f"{', '.join(hf_config.DTYPES)}")
+        raise UserError(f"export: unknown EXPORT_DTYPE {req.export_dtype!r}; expected one of "
+                        f"{', '.join(hf_config.DTYPES)}")
     try:
         hf_config.export_config(cfg.model, hf_config.DTYPES[req.export_dtype or "float32"], req.rope_format, reference)
     except (ValueError, KeyError, ConversionError) as e:
@@ -324,9 +324,9 @@ def _check_eval(req: Request, model) -> argparse.Namespace:
     argv += ["--lengths", ",".join(map(str, req.eval_lengths)), "--out", req.output("eval"), *req.eval_args]
     args = _parse(perplexity.build_parser(), argv, "eval", "EVAL_ARGS")
     if not req.eval_lengths:
-        raise UsageError("eval: EVAL_LENGTHS is empty")
+        raise UserError("eval: EVAL_LENGTHS is empty")
     if req.eval_data and not (os.path.isfile(req.eval_data) or os.path.isfile(req.eval_data + ".idx")):
-        raise UsageError(f"eval: EVAL_DATA={req.eval_data}: no such JSONL file or indexed dataset (.bin/.idx)")
+        raise UserError(f"eval: EVAL_DATA={req.eval_data}: no such JSONL file or indexed dataset (.bin/.idx)")
     memory = args.max_memory_gb or ((req.eval_memory_gb or req.node_memory_gb) if req.cpu else req.gpu_memory_gb)
     if memory is None:
         return args
@@ -343,5 +343,5 @@ def _check_eval(req: Request, model) -> argparse.Namespace:
                                  padded=False) <= planning.HEADROOM * memory * GiB]
         hint = f"EVAL_LENGTHS up to {fits[-1]} fit" if fits else "no length of EVAL_LENGTHS fits"
         more = "the eval job more memory (EVAL_SBATCH_ARGS=--mem=...)" if req.cpu else "GPUs with more memory"
-        raise UsageError(f"eval: {e.message}; {hint}, or give {more}") from None
+        raise UserError(f"eval: {e.message}; {hint}, or give {more}") from None
     return args

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.data.corpus import (
     DEFAULT_MAX_TRAIN_BYTES,
     DEFAULT_MAX_VALID_BYTES,
@@ -35,7 +35,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with guard(PROG):
         m = build_stdlib_corpus(
             args.output_dir,
             valid_fraction=args.valid_fraction,
@@ -43,8 +43,6 @@ def main(argv=None) -> int:
             max_valid_bytes=args.max_valid_bytes or None,
             min_bytes=args.min_bytes,
         )
-    except (ValueError, FileNotFoundError, OSError) as err:
-        fail(f"{PROG}: error: {err}")
     print(f"{m.train.path}: {m.train.documents} files, {m.train.num_bytes / 1e6:.2f} MB; "
           f"{m.valid.path}: {m.valid.documents} files, {m.valid.num_bytes / 1e6:.2f} MB (Python "
           f"{m.python_version}, {m.stdlib_root})")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, guard, quiet_library_warnings
 from megatron_resonance.evaluation.command_line import parse_lengths
 
 PROG = "check_pipeline.py"
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_library_warnings()
     from megatron_resonance import pipeline
 
-    try:
+    with guard(PROG):
         request = pipeline.Request(
             hf_model=args.hf_model, work_dir=args.work_dir, extend_args=extend_args, nodes=args.nodes,
             nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
@@ -62,8 +62,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             overwrite=args.overwrite,
         )  # fmt: skip
         stages = pipeline.plan(request)
-    except UsageError as e:
-        fail(f"{PROG}: error: {e}")
     for stage in stages:
         print(stage.line(), flush=True)
     return 0

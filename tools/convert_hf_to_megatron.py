@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.conversion.hf_to_megatron import convert_hf_to_megatron
-from megatron_resonance.conversion.runtime import run_tool
+from megatron_resonance.conversion.runtime import use_single_process_env
 from megatron_resonance.hf.config import DTYPES
 from megatron_resonance.rope import KINDS
 
@@ -57,9 +57,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_tool(
-        PROG,
-        lambda: convert_hf_to_megatron(
+    use_single_process_env()
+    with guard(PROG, interrupted="interrupted; --save unchanged"):
+        done = convert_hf_to_megatron(
             args.load,
             args.save,
             rope_kind=args.rope_kind,
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-        ),
-    )
+        )
+    print(done.summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.conversion.megatron_to_hf import convert_megatron_to_hf
-from megatron_resonance.conversion.runtime import run_tool
+from megatron_resonance.conversion.runtime import use_single_process_env
 from megatron_resonance.hf.config import DTYPES
 from megatron_resonance.hf.rope import ROPE_FORMATS
 
@@ -59,9 +59,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_tool(
-        PROG,
-        lambda: convert_megatron_to_hf(
+    use_single_process_env()
+    with guard(PROG, interrupted="interrupted; --save unchanged"):
+        done = convert_megatron_to_hf(
             args.load,
             args.save,
             rope_format=args.rope_format,
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
             max_shard_size=args.max_shard_size,
             hf_reference=args.hf_reference,
             progress=not args.no_progress,
-        ),
-    )
+        )
+    print(done.summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, UsageError, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, guard, quiet_library_warnings
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, memory
 from megatron_resonance.evaluation.passkey import DEFAULT_DEPTHS, parse_depths, run
-from megatron_resonance.megatron import distributed
 
 PROG = "eval_passkey.py"
 
@@ -41,10 +41,10 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
-    with distributed.exit_on_error(PROG), memory.proposing(PROG, argv):
+    with guard(PROG), memory.proposing(PROG, argv):
         specs = command_line.models_from_args(args)
         if len(specs) != 1:
-            raise UsageError(f"give exactly one model (--load or --hf), got {len(specs)}")
+            raise UserError(f"give exactly one model (--load or --hf), got {len(specs)}")
         run(
             specs[0],
             command_line.parse_lengths(args.lengths),

@@ -20,10 +20,9 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import quiet_library_warnings
+from megatron_resonance.cli import guard, quiet_library_warnings
 from megatron_resonance.evaluation import command_line, memory
 from megatron_resonance.evaluation.perplexity import build_parser, run
-from megatron_resonance.megatron import distributed
 
 PROG = "eval_perplexity.py"
 
@@ -31,7 +30,7 @@ PROG = "eval_perplexity.py"
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser(PROG).parse_args(argv)
     quiet_library_warnings()
-    with distributed.exit_on_error(PROG), memory.proposing(PROG, argv):
+    with guard(PROG), memory.proposing(PROG, argv):
         run(
             command_line.models_from_args(args),
             command_line.parse_lengths(args.lengths),

@@ -22,11 +22,10 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from megatron_resonance.cli import ArgumentParser, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, guard, quiet_library_warnings
 from megatron_resonance.evaluation import command_line, memory
 from megatron_resonance.evaluation.passkey import parse_depths
 from megatron_resonance.evaluation.ruler.suite import DEFAULT_DEPTHS, parse_tasks, run
-from megatron_resonance.megatron import distributed
 
 PROG = "eval_ruler.py"
 
@@ -64,7 +63,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
-    with distributed.exit_on_error(PROG), memory.proposing(PROG, argv):
+    with guard(PROG), memory.proposing(PROG, argv):
         run(
             command_line.models_from_args(args),
             command_line.parse_lengths(args.lengths),

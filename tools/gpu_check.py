@@ -56,7 +56,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import gpu_wheels  # noqa: E402  (tools/gpu_wheels.py)
 
 from megatron_resonance import atomic  # noqa: E402
-from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir, fail  # noqa: E402
+from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # noqa: E402
+from megatron_resonance.errors import UserError  # noqa: E402
 
 PROG = "gpu_check.py"
 SECTIONS = ("environment", "tests", "benchmark", "demo", "posgen")
@@ -613,19 +614,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.describe_machine:
         print(json.dumps(describe_machine()))
         return 0
-    if not args.out:
-        fail(f"{PROG}: error: --out DIR is required (make gpu-check OUT=dir)")
-    if args.budget <= 0:
-        fail(f"{PROG}: error: --budget must be positive, got {args.budget}")
-    try:
+    with guard(PROG):
+        if not args.out:
+            raise UserError("--out DIR is required (make gpu-check OUT=dir)")
+        if args.budget <= 0:
+            raise UserError(f"--budget must be positive, got {args.budget}")
         check_output_dir(args.out, "--out")
         if args.workdir:
             check_output_dir(args.workdir, "--workdir")
             if os.path.isdir(args.workdir) and os.listdir(args.workdir):
-                raise UsageError(f"--workdir {args.workdir}: not empty (the demo would resume from what is there)")
+                raise UserError(f"--workdir {args.workdir}: not empty (the demo would resume from what is there)")
         manifest = gpu_wheels.load_manifest()
-    except (UsageError, gpu_wheels.BundleError) as e:
-        fail(f"{PROG}: error: {e}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.workdir:

@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script, also where the package is not installed
+from megatron_resonance.errors import UserError  # noqa: E402  (standard library only)
+
 MANIFEST = REPO / "tools" / "gpu_wheels.json"
 BUNDLE = REPO / ".whl"
 PROG = "gpu_wheels.py"
@@ -38,8 +41,8 @@ EXTRAS = ("hf", "test")
 NOT_NEEDED = {"ruff"}  # lint
 
 
-class BundleError(Exception):
-    """A manifest or bundle problem, as one line."""
+class BundleError(UserError):
+    """A manifest or bundle problem, as one line (exit status 2; ``verify``'s answer: 1)."""
 
 
 def normalize(name: str) -> str:
@@ -242,8 +245,7 @@ def verify(directory: Path, manifest_path: Path = MANIFEST) -> Tuple[str, str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    sys.path.insert(0, str(REPO))
-    from megatron_resonance.cli import ArgumentParser, fail
+    from megatron_resonance.cli import ArgumentParser, guard
 
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("fetch", "verify", "lock"))
@@ -251,17 +253,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--manifest", default=str(MANIFEST), help="manifest (default: tools/gpu_wheels.json)")
     args = p.parse_args(argv)
     directory, manifest_path = Path(args.dir), Path(args.manifest)
-    try:
-        if args.action == "fetch":
-            fetch(directory, load_manifest(manifest_path))
+    with guard(PROG):
+        try:
+            if args.action == "fetch":
+                fetch(directory, load_manifest(manifest_path))
+            elif args.action == "lock":
+                lock(directory, manifest_path)
             status, detail = verify(directory, manifest_path)
-        elif args.action == "lock":
-            lock(directory, manifest_path)
-            status, detail = verify(directory, manifest_path)
-        else:
-            status, detail = verify(directory, manifest_path)
-    except BundleError as e:
-        fail(f"{PROG}: error: {e}", status=1 if args.action == "verify" else 2)
+        except BundleError as e:
+            if args.action == "verify":  # the check's answer, not bad input
+                e.exit_status = 1
+            raise
     print(f"bundle {directory}: {status} ({detail})")
     return 0
 

@@ -20,7 +20,8 @@ import sys
 from typing import List, Optional
 
 from megatron_resonance import layout_planner, planning
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, guard
+from megatron_resonance.errors import UserError
 
 PROG = "plan_layout.py"
 #: built-in shapes (Hugging Face config.json values)
@@ -62,14 +63,14 @@ def _config_data(path: Optional[str]) -> dict:
     try:
         return load_yaml(path)
     except ConfigError as e:
-        raise UsageError(f"--config {path}: {e}") from None
+        raise UserError(f"--config {path}: {e}") from None
 
 
 def model_shape(args) -> tuple:
     """(ModelShape, what it came from)."""
     given = [flag for flag in ("load", "hf", "model") if getattr(args, flag)]
     if len(given) > 1:
-        raise UsageError(f"give one model: --{given[0]} and --{given[1]} were both given")
+        raise UserError(f"give one model: --{given[0]} and --{given[1]} were both given")
     if args.model:
         return MODELS[args.model], args.model
     if args.load or args.hf:
@@ -81,14 +82,11 @@ def model_shape(args) -> tuple:
     if not model.get("num_layers") or not model.get("hidden_size"):
         where = f"--config {args.config} sets no model shape (model.num_layers, model.hidden_size); " \
             if args.config else ""
-        raise UsageError(f"{where}no model: give --load MEGATRON_DIR, --hf HF_DIR or --model "
-                         f"({', '.join(sorted(MODELS))})")
-    from megatron_resonance.training.config import ConfigError, from_dict
+        raise UserError(f"{where}no model: give --load MEGATRON_DIR, --hf HF_DIR or --model "
+                        f"({', '.join(sorted(MODELS))})")
+    from megatron_resonance.training.config import from_dict
 
-    try:
-        cfg = from_dict(_config_data(args.config), where=args.config)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    cfg = from_dict(_config_data(args.config), where=args.config)
     return planning.ModelShape.from_llama(cfg.model), args.config
 
 
@@ -102,20 +100,20 @@ def make_plan(args) -> tuple:
     mbs = pick(args.micro_batch_size, "micro_batch_size", 1)
     gbs = pick(args.global_batch_size, "global_batch_size")
     if seq is None:
-        raise UsageError("no target length: give --seq-length")
+        raise UserError("no target length: give --seq-length")
     for flag, value in (("--seq-length", seq), ("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
                         ("--micro-batch-size", mbs), ("--global-batch-size", gbs)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise UsageError(f"{flag} must be an integer >= 1, got {value}")
+            raise UserError(f"{flag} must be an integer >= 1, got {value}")
     if not args.gpu_memory_gb > 0:
-        raise UsageError(f"--gpu-memory-gb must be > 0, got {args.gpu_memory_gb}")
+        raise UserError(f"--gpu-memory-gb must be > 0, got {args.gpu_memory_gb}")
     if gbs is not None and gbs % mbs:
-        raise UsageError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {mbs}")
+        raise UserError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {mbs}")
     hardware = layout_planner.Hardware(args.nodes, args.gpus_per_node, args.gpu_memory_gb)
     result = layout_planner.plan(shape, seq, hardware, micro_batch_size=mbs, global_batch_size=gbs,
-                           spec=args.transformer_impl)
+                                 spec=args.transformer_impl)
     if result.chosen is None:
-        raise UsageError(layout_planner.no_fit_message(result))
+        raise UserError(layout_planner.no_fit_message(result))
     script = "slurm/pretrain.sbatch" if args.config and not (args.load or args.hf or args.model) \
         else "slurm/extend_context.sbatch"
     load = args.load or ("CKPT" if args.hf or args.model else None)  # --hf: convert first (docs/conversion.md)
@@ -153,13 +151,11 @@ def as_json(result: layout_planner.Plan, sbatch: str, source: str) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with guard(PROG):
         if args.load and not os.path.exists(args.load) or args.hf and not os.path.exists(args.hf):
             flag = "--load" if args.load else "--hf"
-            raise UsageError(f"{flag} {args.load or args.hf}: no such file or directory")
+            raise UserError(f"{flag} {args.load or args.hf}: no such file or directory")
         result, sbatch, source = make_plan(args)
-    except UsageError as e:
-        fail(f"{PROG}: error: {e}")
     if args.json:
         print(json.dumps(as_json(result, sbatch, source), indent=2))
     else:

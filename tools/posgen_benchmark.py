@@ -25,7 +25,8 @@ import dataclasses
 import os
 import sys
 
-from megatron_resonance.cli import ArgumentParser, fail, quiet_library_warnings
+from megatron_resonance.cli import ArgumentParser, guard, quiet_library_warnings
+from megatron_resonance.errors import ConfigError, UserError
 from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.tasks import TASKS
 
@@ -81,55 +82,51 @@ def main(argv=None) -> int:
     from megatron_resonance.posgen.benchmark import parse_cell, run, run_workers
     from megatron_resonance.posgen.presets import PRESETS, with_settings
 
-    preset = PRESETS[args.preset]
-    settings = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            fail(f"{PROG}: error: --set {item!r}: expected FIELD=VALUE")
-        settings[name] = value
-    try:
-        preset = with_settings(preset, settings)
-    except ValueError as e:
-        fail(f"{PROG}: error: {e}")
-    try:
-        preset = dataclasses.replace(preset, protocol=args.protocol)
-    except ValueError as e:
-        fail(f"{PROG}: error: --protocol {args.protocol}: {e}")
-    if args.tasks:
-        preset = dataclasses.replace(preset, tasks=tuple(dict.fromkeys(args.tasks)))
-    if args.seeds is not None:
-        if args.seeds < 1:
-            fail(f"{PROG}: error: --seeds must be >= 1, got {args.seeds}")
-        preset = dataclasses.replace(preset, seeds=args.seeds)
-    if args.epochs is not None:
-        if not args.epochs > 0:
-            fail(f"{PROG}: error: --epochs must be positive, got {args.epochs:g}")
-        preset = dataclasses.replace(preset, epochs=args.epochs)
-    if args.bf16:
-        preset = dataclasses.replace(preset, bf16=True)
-    if args.workers < 1:
-        fail(f"{PROG}: error: --workers must be >= 1, got {args.workers}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"{PROG}: error: --out {args.out!r} exists and is not a directory")
-    world = distributed.world_size_from_env()
-    if world > 1 and args.workers > 1:
-        fail(f"{PROG}: error: --workers runs its own processes; start it with python, not torchrun")
-    if preset.global_batch_size % world:
-        fail(f"{PROG}: error: global batch {preset.global_batch_size} is not divisible by {world} ranks")
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        with distributed.exit_on_error(PROG, ValueError):
-            cells = [parse_cell(c, preset) for c in args.cells] if args.cells else None
-            if args.workers > 1:
-                run_workers(preset, args.out, args.workers,
-                            lambda k, share: worker_argv(sys.argv[1:] if argv is None else argv, k, share))
-            else:
-                run(preset, args.out, save_weights=args.save_weights, cells=cells,
-                    worker=args.worker or ("1/1" if cells else None))
-    except RuntimeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    with guard(PROG):
+        preset = PRESETS[args.preset]
+        settings = {}
+        for item in args.set:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise UserError(f"--set {item!r}: expected FIELD=VALUE")
+            settings[name] = value
+        try:  # the preset's own checks raise ValueError
+            preset = with_settings(preset, settings)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            preset = dataclasses.replace(preset, protocol=args.protocol)
+        except ValueError as e:
+            raise ConfigError(f"--protocol {args.protocol}: {e}") from None
+        if args.tasks:
+            preset = dataclasses.replace(preset, tasks=tuple(dict.fromkeys(args.tasks)))
+        if args.seeds is not None:
+            if args.seeds < 1:
+                raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+            preset = dataclasses.replace(preset, seeds=args.seeds)
+        if args.epochs is not None:
+            if not args.epochs > 0:
+                raise UserError(f"--epochs must be positive, got {args.epochs:g}")
+            preset = dataclasses.replace(preset, epochs=args.epochs)
+        if args.bf16:
+            preset = dataclasses.replace(preset, bf16=True)
+        if args.workers < 1:
+            raise UserError(f"--workers must be >= 1, got {args.workers}")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UserError(f"--out {args.out!r} exists and is not a directory")
+        world = distributed.world_size_from_env()
+        if world > 1 and args.workers > 1:
+            raise UserError("--workers runs its own processes; start it with python, not torchrun")
+        if preset.global_batch_size % world:
+            raise UserError(f"global batch {preset.global_batch_size} is not divisible by {world} ranks")
+        os.makedirs(args.out, exist_ok=True)
+        cells = [parse_cell(c, preset) for c in args.cells] if args.cells else None
+        if args.workers > 1:
+            run_workers(preset, args.out, args.workers,
+                        lambda k, share: worker_argv(sys.argv[1:] if argv is None else argv, k, share))
+        else:
+            run(preset, args.out, save_weights=args.save_weights, cells=cells,
+                worker=args.worker or ("1/1" if cells else None))
     return 0
 
 

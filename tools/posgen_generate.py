@@ -16,7 +16,8 @@ import os
 import sys
 
 from megatron_resonance import atomic
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, guard
+from megatron_resonance.errors import UserError
 from megatron_resonance.posgen.splits import POOL_SIZES, SPLITS, make_split
 from megatron_resonance.posgen.tasks import MIN_LENGTH, TASKS
 
@@ -53,31 +54,31 @@ def write_jsonl(tokens, path: str) -> None:
 
 
 def generate(args) -> int:
-    prog = PROG
-    if args.num_sequences <= 0:
-        fail(f"{prog}: error: --num-sequences must be positive, got {args.num_sequences}")
-    if args.num_sequences > POOL_SIZES[args.split]:
-        fail(
-            f"{prog}: error: --num-sequences {args.num_sequences} exceeds the {POOL_SIZES[args.split]} "
-            f"distinct seed prefixes of split {args.split!r}"
-        )
-    if args.length < MIN_LENGTH:
-        fail(f"{prog}: error: --length must be >= {MIN_LENGTH} (4-token seed prefix + 1), got {args.length}")
-    if args.seed < 0 or args.seed >= 2**64:
-        fail(f"{prog}: error: --seed must be in [0, 2**64), got {args.seed}")
-    out = args.out
-    if os.path.isdir(out):
-        fail(f"{prog}: error: --out {out!r} is a directory")
-    if os.path.exists(out) and not args.overwrite:
-        fail(f"{prog}: error: --out {out!r} exists (pass --overwrite to replace it)")
-    directory = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(directory):
-        fail(f"{prog}: error: directory of --out does not exist: {directory!r}")
-    try:
+    with guard(PROG):
+        if args.num_sequences <= 0:
+            raise UserError(f"--num-sequences must be positive, got {args.num_sequences}")
+        if args.num_sequences > POOL_SIZES[args.split]:
+            raise UserError(
+                f"--num-sequences {args.num_sequences} exceeds the {POOL_SIZES[args.split]} "
+                f"distinct seed prefixes of split {args.split!r}"
+            )
+        if args.length < MIN_LENGTH:
+            raise UserError(f"--length must be >= {MIN_LENGTH} (4-token seed prefix + 1), got {args.length}")
+        if args.seed < 0 or args.seed >= 2**64:
+            raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
+        out = args.out
+        if os.path.isdir(out):
+            raise UserError(f"--out {out!r} is a directory")
+        if os.path.exists(out) and not args.overwrite:
+            raise UserError(f"--out {out!r} exists (pass --overwrite to replace it)")
+        directory = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(directory):
+            raise UserError(f"directory of --out does not exist: {directory!r}")
         tokens = make_split(args.task, args.split, args.num_sequences, args.length, args.seed)
-        write_jsonl(tokens, out)
-    except (ValueError, OSError) as e:
-        fail(f"{prog}: error: {e}")
+        try:
+            write_jsonl(tokens, out)
+        except OSError as e:  # e.g. a directory this user cannot write in
+            raise UserError(str(e)) from None
     print(
         f"wrote {args.num_sequences} {args.task} sequences of length {args.length} "
         f"(split {args.split}, seed {args.seed}) to {out}"

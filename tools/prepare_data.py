@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.data.corpus import DEFAULT_MAX_TRAIN_BYTES, DEFAULT_MAX_VALID_BYTES
 from megatron_resonance.data.prepare import prepare_default_data
 from megatron_resonance.data.tokenizer import DEFAULT_VOCAB_SIZE
+from megatron_resonance.errors import UserError
 
 PROG = "prepare_data.py"
 
@@ -31,9 +32,9 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.vocab_size < 300:
-        fail(f"{PROG}: error: --vocab-size must be >= 300, got {args.vocab_size}")
-    try:
+    with guard(PROG):
+        if args.vocab_size < 300:
+            raise UserError(f"--vocab-size must be >= 300, got {args.vocab_size}")
         data = prepare_default_data(
             args.output_dir,
             vocab_size=args.vocab_size,
@@ -41,8 +42,6 @@ def main(argv=None) -> int:
             max_valid_bytes=args.max_valid_bytes or None,
             workers=args.workers,
         )
-    except (UsageError, ValueError, FileNotFoundError) as err:
-        fail(f"{PROG}: error: {err}")
     print(f"train: {data.train_prefix} ({data.train_tokens} tokens), valid: {data.valid_prefix} "
           f"({data.valid_tokens} tokens), tokenizer: {data.tokenizer_model} (vocab {data.vocab_size}, "
           f"eod {data.eod_id})")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.data.preprocess import preprocess
 
 PROG = "preprocess_data.py"
@@ -39,7 +39,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with guard(PROG, interrupted="interrupted; nothing written"):
         preprocess(
             [s for s in args.input.split(",") if s],
             args.output_prefix,
@@ -50,10 +50,6 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except UsageError as err:
-        fail(f"{PROG}: error: {err}")
-    except KeyboardInterrupt:
-        fail(f"{PROG}: interrupted; nothing written", 130)
     return 0
 
 

@@ -10,13 +10,16 @@ import json
 import math
 import sys
 
-from megatron_resonance.cli import ArgumentParser, fail
+from megatron_resonance.cli import ArgumentParser, guard
+from megatron_resonance.errors import UserError
 from megatron_resonance.rope.diagnostics import RopeReport, report
 from megatron_resonance.rope.frequencies import KINDS, RopeConfig, compute_frequencies
 
+PROG = "rope_report.py"
+
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="rope_report.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--kind", default="rope", help=f"one of: {', '.join(KINDS)}")
     p.add_argument("--head-dim", type=int, default=128, help="rotary head dimension d")
     p.add_argument("--base", type=float, default=10000.0, help="rotary base b (rope_theta)")
@@ -77,41 +80,41 @@ def write_plot(r: RopeReport, path: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    prog = "rope_report.py"
-    if args.kind not in KINDS:
-        fail(f"{prog}: error: unknown --kind {args.kind!r} (expected one of {', '.join(KINDS)})")
-    if args.head_dim <= 0 or args.head_dim % 2:
-        fail(f"{prog}: error: --head-dim must be a positive even number, got {args.head_dim}")
-    if not (args.base > 1 and math.isfinite(args.base)):
-        fail(f"{prog}: error: --base must be a finite number > 1, got {args.base:g}")
-    if not args.factor >= 1 or not math.isfinite(args.factor):
-        fail(f"{prog}: error: --factor must be >= 1, got {args.factor:g}")
-    if args.original_max_position <= 0:
-        fail(f"{prog}: error: --original-max-position must be positive, got {args.original_max_position}")
-    cfg = RopeConfig(
-        kind=args.kind,
-        head_dim=args.head_dim,
-        base=args.base,
-        original_max_position=args.original_max_position,
-        factor=args.factor,
-        beta_fast=args.beta_fast,
-        beta_slow=args.beta_slow,
-        resonance=args.resonance,
-    )
-    target = args.target_max_position
-    if target is None:
-        target = cfg.target_max_position if cfg.factor > 1 else 2 * cfg.original_max_position
-    if target <= 0:
-        fail(f"{prog}: error: --target-max-position must be positive, got {target}")
-    r = report(compute_frequencies(cfg), target)
-    if args.plot:
-        write_plot(r, args.plot)
-    if args.json:
-        print(json.dumps(r.to_dict()))
-    else:
-        print(format_table(r))
+    with guard(PROG):
+        if args.kind not in KINDS:
+            raise UserError(f"unknown --kind {args.kind!r} (expected one of {', '.join(KINDS)})")
+        if args.head_dim <= 0 or args.head_dim % 2:
+            raise UserError(f"--head-dim must be a positive even number, got {args.head_dim}")
+        if not (args.base > 1 and math.isfinite(args.base)):
+            raise UserError(f"--base must be a finite number > 1, got {args.base:g}")
+        if not args.factor >= 1 or not math.isfinite(args.factor):
+            raise UserError(f"--factor must be >= 1, got {args.factor:g}")
+        if args.original_max_position <= 0:
+            raise UserError(f"--original-max-position must be positive, got {args.original_max_position}")
+        cfg = RopeConfig(
+            kind=args.kind,
+            head_dim=args.head_dim,
+            base=args.base,
+            original_max_position=args.original_max_position,
+            factor=args.factor,
+            beta_fast=args.beta_fast,
+            beta_slow=args.beta_slow,
+            resonance=args.resonance,
+        )
+        target = args.target_max_position
+        if target is None:
+            target = cfg.target_max_position if cfg.factor > 1 else 2 * cfg.original_max_position
+        if target <= 0:
+            raise UserError(f"--target-max-position must be positive, got {target}")
+        r = report(compute_frequencies(cfg), target)
         if args.plot:
-            print(f"plot written to {args.plot}")
+            write_plot(r, args.plot)
+        if args.json:
+            print(json.dumps(r.to_dict()))
+        else:
+            print(format_table(r))
+            if args.plot:
+                print(f"plot written to {args.plot}")
     return 0
 
 

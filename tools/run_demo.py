@@ -26,7 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_resonance.cli import ArgumentParser  # noqa: E402
+from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # noqa: E402
+from megatron_resonance.errors import TrainingError, UserError  # noqa: E402
+
+PROG = "run_demo.py"
 
 LENGTHS = (128, 256, 384, 512)
 VARIANTS = ("rope", "yarn", "resonance_yarn")
@@ -58,7 +61,9 @@ class Demo:
 
     def run(self, *cmd) -> None:
         env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env, check=True)
+        code = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env).returncode
+        if code:  # the stage printed its error line above
+            raise TrainingError(f"{cmd[0]} exited with status {code}; rerun to resume from the stages done")
 
     # -------------------------------------------------------------------------------------- stages
     def data(self) -> None:
@@ -150,19 +155,23 @@ class Demo:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="run_demo.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/demo", help="output directory")
     p.add_argument("--nproc", type=int, default=2, help="processes for training (torchrun)")
     args = p.parse_args(argv)
-    demo = Demo(Path(args.out).resolve(), args.nproc)
-    start = time.time()
-    demo.stage("data", demo.data)
-    demo.stage("pretrain", demo.pretrain)
-    for kind in VARIANTS[1:]:
-        demo.stage(f"extend_{kind}", lambda kind=kind: demo.extend(kind))
-    demo.stage("evaluate", demo.evaluate)
-    demo.stage("posgen", demo.posgen)
-    demo.report()
+    with guard(PROG):
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+        check_output_dir(args.out, "--out")
+        demo = Demo(Path(args.out).resolve(), args.nproc)
+        start = time.time()
+        demo.stage("data", demo.data)
+        demo.stage("pretrain", demo.pretrain)
+        for kind in VARIANTS[1:]:
+            demo.stage(f"extend_{kind}", lambda kind=kind: demo.extend(kind))
+        demo.stage("evaluate", demo.evaluate)
+        demo.stage("posgen", demo.posgen)
+        demo.report()
     print(f"\ndemo finished in {time.time() - start:.0f} s; results in {demo.out}:")
     for name in ("report.json", "report.md", "perplexity.png", f"posgen_{POSGEN_TASK}.png"):
         print(f"  {demo.out / name}")

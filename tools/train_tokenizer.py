@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
     iter_training_texts,
     train_tokenizer,
 )
+from megatron_resonance.errors import UserError
 
 PROG = "train_tokenizer.py"
 
@@ -39,20 +40,18 @@ def build_parser() -> ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     inputs = [s for s in args.input.split(",") if s]
-    for path in inputs:
-        if not os.path.isfile(path):
-            fail(f"{PROG}: error: input not found: {path}")
-        if os.path.getsize(path) == 0:
-            fail(f"{PROG}: error: input is empty: {path}")
-    if args.vocab_size < 300:
-        fail(f"{PROG}: error: --vocab-size must be >= 300 (259 byte/special pieces), got {args.vocab_size}")
-    if os.path.exists(f"{args.model_prefix}.model") and not args.overwrite:
-        fail(f"{PROG}: error: output exists: {args.model_prefix}.model (pass --overwrite to replace it)")
-    try:
+    with guard(PROG):
+        for path in inputs:
+            if not os.path.isfile(path):
+                raise UserError(f"input not found: {path}")
+            if os.path.getsize(path) == 0:
+                raise UserError(f"input is empty: {path}")
+        if args.vocab_size < 300:
+            raise UserError(f"--vocab-size must be >= 300 (259 byte/special pieces), got {args.vocab_size}")
+        if os.path.exists(f"{args.model_prefix}.model") and not args.overwrite:
+            raise UserError(f"output exists: {args.model_prefix}.model (pass --overwrite to replace it)")
         model = train_tokenizer(inputs, args.model_prefix, vocab_size=args.vocab_size, json_key=args.json_key,
                                 max_sentences=args.max_sentences)
-    except (UsageError, ValueError) as err:
-        fail(f"{PROG}: error: {err}")
     tok = Tokenizer(model)
     chars = tokens = docs = exact = 0
     for text in iter_training_texts(inputs, args.json_key):

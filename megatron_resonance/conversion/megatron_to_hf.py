@@ -64,8 +64,6 @@ def convert_megatron_to_hf(
         ckpt = checkpoint_layout.resolve_checkpoint(load)
         checkpoint_layout.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before megatron reads it
         cfg = checkpoint_layout.read_model_config(ckpt)
-    except checkpoint_layout.CheckpointError as e:
-        raise ConversionError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{ckpt}: unreadable {checkpoint_layout.CONFIG_FILE} ({e})") from None
     reference_dir = hf_reference or hf_assets.default_reference(load, ckpt)
@@ -95,8 +93,8 @@ def convert_megatron_to_hf(
             # of a training checkpoint) is not requested and not read
             try:
                 checkpointing.load_checkpoint(ckpt, [model])
-            except checkpoint_layout.CheckpointError as e:  # damaged files, non-finite weights
-                raise ConversionError(str(e)) from None
+            except checkpoint_layout.CheckpointError:  # damaged files, non-finite weights: its own line
+                raise
             except Exception as e:  # megatron's CheckingError, torch DCP errors: name what is wrong, in one line
                 raise ConversionError(f"{ckpt}: cannot load the model from it ({one_line(e)})") from None
 

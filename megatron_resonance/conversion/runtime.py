@@ -74,19 +74,3 @@ def use_single_process_env() -> None:
     for key in ("SLURM_PROCID", "MASTER_PORT"):
         os.environ.pop(key, None)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-
-
-def run_tool(prog: str, convert) -> int:
-    """The converters' ``main`` body: single-process environment, ``convert()`` -> its report's summary;
-    a ConversionError is one error line (exit 2), Ctrl-C leaves ``--save`` unchanged (exit 130)."""
-    from megatron_resonance.cli import fail
-
-    use_single_process_env()
-    try:
-        report = convert()
-    except ConversionError as err:
-        fail(f"{prog}: error: {err}")
-    except KeyboardInterrupt:
-        fail(f"{prog}: interrupted; --save unchanged", 130)
-    print(report.summary(), flush=True)
-    return 0

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from megatron_resonance import atomic
+from megatron_resonance.cli import check_output_dir
+from megatron_resonance.errors import ConfigError, DataError
 
 DEFAULT_VALID_FRACTION = 0.05
 DEFAULT_MAX_TRAIN_BYTES = 4_000_000
@@ -80,7 +82,7 @@ def list_stdlib_sources(root: Optional[Path] = None, min_bytes: int = DEFAULT_MI
     """
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
-        raise FileNotFoundError(f"standard-library directory not found: {root}")
+        raise DataError(f"standard-library directory not found: {root}")
     found = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
@@ -168,14 +170,15 @@ def build_stdlib_corpus(
         The manifest (also written as ``manifest.json``), with per-split paths, counts and file lists.
     """
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+        raise ConfigError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    check_output_dir(output_dir, "output directory")
     root = Path(root) if root is not None else stdlib_root()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, valid = select_files(list_stdlib_sources(root, min_bytes), valid_fraction, max_train_bytes,
                                 max_valid_bytes)
     if not train or not valid:
-        raise ValueError(
+        raise DataError(
             f"no {'training' if not train else 'validation'} documents selected from {root} "
             f"(raise the byte caps or lower min_bytes)"
         )

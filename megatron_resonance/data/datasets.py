@@ -34,7 +34,8 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from megatron_resonance.cli import UsageError, check_output_dir
+from megatron_resonance.cli import check_output_dir, one_line
+from megatron_resonance.errors import UserError
 
 Prefixes = Union[str, Sequence[str]]
 
@@ -116,7 +117,7 @@ def writable(path: str) -> bool:
     try:
         check_output_dir(path, "")
         return True
-    except UsageError:
+    except UserError:
         return False
 
 
@@ -125,7 +126,7 @@ def index_cache_dir(first_prefix: str, fallback: Optional[str] = None) -> str:
     the data is on a read-only place (a shared dataset mount), ``fallback`` (the trainer's ``<save>/index-cache``:
     shared storage that every rank of a multi-node job sees), else the user's cache directory
     (``$XDG_CACHE_HOME`` or ``~/.cache``, ``megatron_resonance/index-cache``). Every rank decides alike
-    (``os.access`` on the same paths); rank 0 prints one line when it falls back. UsageError with one line
+    (``os.access`` on the same paths); rank 0 prints one line when it falls back. UserError with one line
     when no place can be written."""
     beside = os.path.join(os.path.dirname(os.path.abspath(first_prefix)), "index-cache")
     if writable(beside):
@@ -135,8 +136,8 @@ def index_cache_dir(first_prefix: str, fallback: Optional[str] = None) -> str:
             _say(f"[data] {os.path.dirname(beside)} is not writable: the dataset index cache goes to {place} "
                  "(--data-cache-path sets it)")
             return place
-    raise UsageError(f"{os.path.dirname(beside)} is not writable and neither is "
-                     f"{fallback or _user_cache_dir()}: give --data-cache-path a writable directory")
+    raise UserError(f"{os.path.dirname(beside)} is not writable and neither is "
+                    f"{fallback or _user_cache_dir()}: give --data-cache-path a writable directory")
 
 
 def _drop_unreadable(cache_dir: str) -> None:
@@ -152,8 +153,7 @@ def _drop_unreadable(cache_dir: str) -> None:
             numpy.load(os.path.join(cache_dir, name), mmap_mode="r", allow_pickle=True)
         except (ValueError, EOFError, OSError) as e:
             key = name.split("-", 1)[0] + "-"
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            _say(f"[data] {os.path.join(cache_dir, name)} is damaged ({reason}): building its indices again")
+            _say(f"[data] {os.path.join(cache_dir, name)} is damaged ({one_line(e)}): building its indices again")
             for other in os.listdir(cache_dir):
                 if other.startswith(key):
                     with contextlib.suppress(FileNotFoundError):
@@ -256,7 +256,7 @@ def build_gpt_datasets(
 
     Raises:
         ValueError: inconsistent arguments. FileNotFoundError: a prefix without ``.bin``/``.idx``.
-        UsageError: no writable place for the index cache.
+        UserError: no writable place for the index cache.
     """
     with warnings.catch_warnings():  # megatron.core's import warns about missing TE/Apex
         warnings.simplefilter("ignore")

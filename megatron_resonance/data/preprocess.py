@@ -33,8 +33,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_resonance.cli import UsageError, check_output_dir, jsonl_records
+from megatron_resonance.cli import check_output_dir, jsonl_records
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_resonance.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -78,41 +79,41 @@ class PreprocessStats:
 
 
 def check_inputs(inputs: Sequence) -> List[Path]:
-    """The input paths; raises :class:`UsageError` for none, a missing one or an empty one."""
+    """The input paths; raises :class:`UserError` for none, a missing one or an empty one."""
     paths = [Path(p) for p in inputs if str(p)]
     if not paths:
-        raise UsageError("no input files given")
+        raise UserError("no input files given")
     for path in paths:
         if not path.exists():
-            raise UsageError(f"input not found: {path}")
+            raise UserError(f"input not found: {path}")
         if not path.is_file():
-            raise UsageError(f"input is not a file: {path}")
+            raise UserError(f"input is not a file: {path}")
         if path.stat().st_size == 0:
-            raise UsageError(f"input is empty: {path}")
+            raise UserError(f"input is empty: {path}")
     return paths
 
 
 def iter_documents(paths: Sequence[Path], json_key: str = "text") -> Iterator[str]:
-    """Documents in order; raises :class:`UsageError` on undecodable text, bad JSON, a missing key or a text
+    """Documents in order; raises :class:`UserError` on undecodable text, bad JSON, a missing key or a text
     with a lone surrogate."""
     for path in paths:
         if path.suffix not in JSONL_SUFFIXES:
             try:
                 yield path.read_bytes().decode("utf-8")
             except UnicodeDecodeError as err:
-                raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             continue
         for lineno, record in jsonl_records(path):
             if not isinstance(record, dict) or json_key not in record:
-                raise UsageError(f"{path}:{lineno}: no key {json_key!r} (set --json-key)")
+                raise UserError(f"{path}:{lineno}: no key {json_key!r} (set --json-key)")
             text = record[json_key]
             if not isinstance(text, str):
-                raise UsageError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
+                raise UserError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
             try:  # JSON's "\ud800" (half a UTF-16 pair) decodes to a str that no tokenizer can encode
                 text.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise UsageError(f"{path}:{lineno}: {json_key!r} is not Unicode text (a lone surrogate "
-                                 f"{text[err.start]!r} at character {err.start})") from None
+                raise UserError(f"{path}:{lineno}: {json_key!r} is not Unicode text (a lone surrogate "
+                                f"{text[err.start]!r} at character {err.start})") from None
             yield text
 
 
@@ -184,22 +185,22 @@ def preprocess(
         log: where the final summary line goes (None: nowhere).
 
     Returns:
-        Counts and throughput. Raises :class:`megatron_resonance.cli.UsageError` on bad input, before
+        Counts and throughput. Raises :class:`megatron_resonance.cli.UserError` on bad input, before
         anything is written, or, for bad content found while reading, before the output is replaced.
     """
     if workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {workers}")
+        raise UserError(f"--workers must be >= 1, got {workers}")
     paths = check_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_model)
     if append_eod and tokenizer.eos_id is None:
-        raise UsageError(f"the tokenizer {tokenizer_model} has no EOS token to end documents with (pass --no-eod)")
+        raise UserError(f"the tokenizer {tokenizer_model} has no EOS token to end documents with (pass --no-eod)")
     if str(output_prefix).endswith(("/", os.sep)) or Path(output_prefix).is_dir():
-        raise UsageError(f"output prefix is a directory, expected a path prefix: {output_prefix}")
+        raise UserError(f"output prefix is a directory, expected a path prefix: {output_prefix}")
     bin_path, idx_path = output_paths(output_prefix)
     check_output_dir(bin_path.parent, "output prefix", output_prefix)  # under a file, or unwritable
     existing = [str(p) for p in (bin_path, idx_path) if p.exists()]
     if existing and not overwrite:
-        raise UsageError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
+        raise UserError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
     bin_path.parent.mkdir(parents=True, exist_ok=True)
 
     # imported after the checks, so that they fail fast, and before the clock starts (seconds)
@@ -237,7 +238,7 @@ def preprocess(
             documents += 1
             tokens += n
         if documents == 0:
-            raise UsageError(f"no non-empty documents in {', '.join(map(str, paths))}")
+            raise UserError(f"no non-empty documents in {', '.join(map(str, paths))}")
         builder.finalize(str(tmp_idx))
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)

@@ -33,7 +33,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import sentencepiece as spm
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.cli import one_line
+from megatron_resonance.errors import DataError, UserError
 
 DEFAULT_VOCAB_SIZE = 2048
 #: training sentences are documents cut at line ends into pieces of at most this many characters
@@ -59,7 +60,7 @@ def tokenizer_kind(path) -> str:
             return "huggingface"
         if (path / "tokenizer.model").is_file():
             return "sentencepiece"
-        raise ValueError(f"no tokenizer in {path}: expected {HF_TOKENIZER_FILE} (Hugging Face) or tokenizer.model "
+        raise DataError(f"no tokenizer in {path}: expected {HF_TOKENIZER_FILE} (Hugging Face) or tokenizer.model "
                          "(SentencePiece)")
     if path.suffix == ".json":
         return "huggingface"
@@ -89,7 +90,7 @@ class Tokenizer:
 
     Raises:
         FileNotFoundError: nothing at ``model_path``.
-        ValueError: it is neither kind of tokenizer, or it cannot be loaded (one line).
+        DataError: it is neither kind of tokenizer, or it cannot be loaded (one line).
     """
 
     def __init__(self, model_path):
@@ -107,7 +108,7 @@ class Tokenizer:
         try:
             self.sp.Load(str(model))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"not a SentencePiece model (nor a Hugging Face {HF_TOKENIZER_FILE}): {self.path} "
+            raise DataError(f"not a SentencePiece model (nor a Hugging Face {HF_TOKENIZER_FILE}): {self.path} "
                              f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})"
                              ) from None
 
@@ -154,7 +155,7 @@ class Tokenizer:
             ids = list(self.hf.encode(text, add_special_tokens=False))
         for wanted, name, token in ((bos, "BOS", self.bos_id), (eos, "EOS", self.eos_id)):
             if wanted and token is None:
-                raise ValueError(f"the tokenizer {self.path} has no {name} token")
+                raise DataError(f"the tokenizer {self.path} has no {name} token")
         if bos:
             ids = [self.bos_id] + ids
         if eos:
@@ -189,7 +190,7 @@ def _load_hf(path: Path):
             warnings.simplefilter("ignore")
             import transformers
     except ImportError:
-        raise ValueError(f"{path}: a Hugging Face tokenizer needs transformers (pip install -e '.[hf]')") from None
+        raise DataError(f"{path}: a Hugging Face tokenizer needs transformers (pip install -e '.[hf]')") from None
     directory = path if path.is_dir() else path.parent
     with_config = path.is_dir() or (path.name == HF_TOKENIZER_FILE and any(
         (directory / name).is_file() for name in HF_CONFIG_FILES))
@@ -200,22 +201,23 @@ def _load_hf(path: Path):
             return transformers.AutoTokenizer.from_pretrained(str(directory))
         return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     except Exception as err:  # noqa: BLE001 - any loader failure is one error line
-        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"not a Hugging Face tokenizer (nor a SentencePiece model): {path} ({line})") from None
+        raise DataError(f"not a Hugging Face tokenizer (nor a SentencePiece model): {path} ({one_line(err)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
 def load_tokenizer(path, what: str = "tokenizer") -> Tokenizer:
     """:class:`Tokenizer` with a missing or unreadable tokenizer as one-line
-    :class:`~megatron_resonance.cli.UsageError` (``what`` names it, e.g. the flag). Loaded once per process
+    :class:`~megatron_resonance.errors.DataError` (``what`` names it, e.g. the flag). Loaded once per process
     while its files are unchanged (the evaluation checks ``--tokenizer`` first, then uses it)."""
     try:
         return _cached_tokenizer(os.path.abspath(path), _stamp(Path(path)))
     except FileNotFoundError as err:
-        raise UsageError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
-    except ValueError as err:
-        raise UsageError(str(err) if what == "tokenizer" else f"{what}: {err}") from None
+        raise DataError(str(err) if what == "tokenizer" else f"{what} {path}: no such file or directory") from None
+    except DataError as err:
+        if what == "tokenizer":
+            raise
+        raise DataError(f"{what}: {err}") from None
 
 
 def _stamp(path: Path) -> tuple:
@@ -245,7 +247,7 @@ def _line_chunks(text: str, max_chars: int = TRAIN_CHUNK_CHARS) -> Iterator[str]
 def iter_training_texts(inputs: Sequence, json_key: str = "text") -> Iterator[str]:
     """Documents of ``inputs``: JSONL files (``.jsonl``/``.json``, one ``{json_key: ...}`` per line) or
     plain text files (one document each); read like ``preprocess`` reads them, with its
-    :class:`~megatron_resonance.cli.UsageError` naming the file and line of bad content."""
+    :class:`~megatron_resonance.cli.UserError` naming the file and line of bad content."""
     from megatron_resonance.data.preprocess import iter_documents
 
     return iter_documents([Path(p) for p in inputs], json_key)
@@ -295,7 +297,7 @@ def train_tokenizer(
         The path of the ``.model`` file.
 
     Raises:
-        ValueError: no text, or a vocabulary too large for the corpus (SentencePiece's message).
+        DataError: no text, or a vocabulary too large for the corpus (SentencePiece's message).
     """
     model_path = Path(f"{model_prefix}.model")
     bad_input = []
@@ -304,7 +306,7 @@ def train_tokenizer(
         try:
             for text in iter_training_texts(inputs, json_key):
                 yield from _line_chunks(text)
-        except UsageError as err:  # SentencePiece would report it as its own failure
+        except UserError as err:  # SentencePiece would report it as its own failure
             bad_input.append(err)
             raise
 
@@ -317,7 +319,7 @@ def train_tokenizer(
     except RuntimeError as err:
         if bad_input:
             raise bad_input[0] from None
-        raise ValueError(f"SentencePiece training failed: {str(err).strip().splitlines()[-1]}") from None
+        raise DataError(f"SentencePiece training failed: {str(err).strip().splitlines()[-1]}") from None
     if bad_input:
         raise bad_input[0]
     model_path.parent.mkdir(parents=True, exist_ok=True)  # after training: bad input leaves nothing behind

@@ -9,7 +9,8 @@ import dataclasses
 import os
 from typing import Callable, List, Optional
 
-from megatron_resonance.cli import UsageError, check_output_dir
+from megatron_resonance.cli import check_output_dir
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.loading import DTYPES, Runtime
 from megatron_resonance.evaluation.resolve import ModelSpec
 from megatron_resonance.megatron import distributed
@@ -25,16 +26,16 @@ class _AppendModel(argparse.Action):
 
 
 def parse_lengths(text: str) -> List[int]:
-    """``"128,256,512"`` -> ``[128, 256, 512]`` (sorted, unique); UsageError for anything else."""
+    """``"128,256,512"`` -> ``[128, 256, 512]`` (sorted, unique); UserError for anything else."""
     lengths = []
     for item in text.split(","):
         item = item.strip()
         try:
             value = int(item)
         except ValueError:
-            raise UsageError(f"--lengths {text!r}: {item!r} is not an integer (expected e.g. 128,256,512)") from None
+            raise UserError(f"--lengths {text!r}: {item!r} is not an integer (expected e.g. 128,256,512)") from None
         if value < 2:
-            raise UsageError(f"--lengths {text!r}: a length must be >= 2 tokens, got {value}")
+            raise UserError(f"--lengths {text!r}: a length must be >= 2 tokens, got {value}")
         lengths.append(value)
     return sorted(set(lengths))
 
@@ -70,7 +71,7 @@ def models_from_args(args: argparse.Namespace) -> List[ModelSpec]:
     specs = [dataclasses.replace(s) for s in (getattr(args, "models", None) or [])]
     names = getattr(args, "name", None) or []
     if len(names) > len(specs):
-        raise UsageError(f"{len(names)} --name for {len(specs)} model(s)")
+        raise UserError(f"{len(names)} --name for {len(specs)} model(s)")
     for spec, name in zip(specs, names):
         spec.name = name
     return specs
@@ -114,10 +115,10 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 
 def prepare_out(out: str) -> None:
-    """Create the output directory (rank 0); UsageError when it cannot be."""
+    """Create the output directory (rank 0); UserError when it cannot be."""
     check_output_dir(out, "--out")
     if distributed.is_rank0():
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"--out {out}: cannot create it ({e.strerror})") from None
+            raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None

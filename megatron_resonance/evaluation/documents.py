@@ -21,8 +21,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_resonance.cli import UsageError, jsonl_records
+from megatron_resonance.cli import jsonl_records, one_line
 from megatron_resonance.data.tokenizer import Tokenizer
+from megatron_resonance.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -33,18 +34,18 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def data_kind(data: Optional[str]) -> str:
-    """``default``, ``jsonl`` or ``indexed``; raises UsageError for a path that is neither."""
+    """``default``, ``jsonl`` or ``indexed``; raises UserError for a path that is neither."""
     if data is None:
         return "default"
     if data.endswith(JSONL_SUFFIXES):
         if not os.path.isfile(data):
-            raise UsageError(f"--data {data}: file not found")
+            raise UserError(f"--data {data}: file not found")
         return "jsonl"
     prefix = _indexed_prefix(data)
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
-            raise UsageError(f"--data {data}: not a JSONL file and {prefix + ext} not found (expected an "
-                             "indexed-dataset prefix PATH of PATH.bin/PATH.idx)")
+            raise UserError(f"--data {data}: not a JSONL file and {prefix + ext} not found (expected an "
+                            "indexed-dataset prefix PATH of PATH.bin/PATH.idx)")
     return "indexed"
 
 
@@ -67,7 +68,7 @@ def needs_tokenizer(data: Optional[str]) -> bool:
 def _jsonl(path: str) -> Iterator[dict]:
     for number, obj in jsonl_records(path, "--data "):
         if not isinstance(obj, dict) or not ("tokens" in obj or "text" in obj):
-            raise UsageError(f"--data {path}:{number}: expected an object with \"tokens\" or \"text\"")
+            raise UserError(f"--data {path}:{number}: expected an object with \"tokens\" or \"text\"")
         yield obj
 
 
@@ -90,7 +91,7 @@ def load_documents(data: Optional[str], tokenizer: Optional[Tokenizer] = None) -
         return _indexed_documents(_indexed_prefix(data), tokenizer.eos_id if tokenizer else None)
     if kind == "default":
         if tokenizer is None:
-            raise UsageError("the default data (held-out standard-library files) is text: pass --tokenizer")
+            raise UserError("the default data (held-out standard-library files) is text: pass --tokenizer")
         return [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in default_texts()]
     docs = []
     for number, obj in enumerate(_jsonl(data), 1):
@@ -98,10 +99,10 @@ def load_documents(data: Optional[str], tokenizer: Optional[Tokenizer] = None) -
             try:
                 docs.append(np.asarray(obj["tokens"], dtype=np.int64).reshape(-1))
             except (TypeError, ValueError):
-                raise UsageError(f"--data {data}: document {number}: \"tokens\" must be a list of ids") from None
+                raise UserError(f"--data {data}: document {number}: \"tokens\" must be a list of ids") from None
         else:
             if tokenizer is None:
-                raise UsageError(f"--data {data} holds text: pass --tokenizer (no tokenizer found with the model)")
+                raise UserError(f"--data {data} holds text: pass --tokenizer (no tokenizer found with the model)")
             docs.append(np.asarray(tokenizer.encode(str(obj["text"])), dtype=np.int64))
     return docs
 
@@ -115,7 +116,7 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
 
     for ext in (".bin", ".idx"):  # megatron cannot map an empty file
         if os.path.getsize(prefix + ext) == 0:
-            raise UsageError(f"--data {prefix}: {prefix}{ext} is empty (no documents)")
+            raise UserError(f"--data {prefix}: {prefix}{ext} is empty (no documents)")
     # made in two steps to keep hold of it: megatron's __del__ of a dataset (or bin reader) whose __init__
     # failed raises AttributeError, a dozen lines of "Exception ignored in" after the error line at exit
     dataset = IndexedDataset.__new__(IndexedDataset)
@@ -124,7 +125,7 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
     except Exception as e:  # noqa: BLE001 - a corrupt index is one error line
         for name in ("bin_reader", "index"):
             dataset.__dict__.setdefault(name, None)
-        raise UsageError(f"--data {prefix}: unreadable indexed dataset ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--data {prefix}: unreadable indexed dataset ({one_line(e)})") from None
     docs = []
     for i in range(len(dataset)):
         seq = np.asarray(dataset[i], dtype=np.int64)
@@ -141,14 +142,14 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
 
 
 def check_token_range(docs: Sequence[np.ndarray], vocab_size: int, where: str) -> None:
-    """UsageError when a document holds an id outside ``[0, vocab_size)``."""
+    """UserError when a document holds an id outside ``[0, vocab_size)``."""
     from megatron_resonance.data.checks import id_outside_vocab
 
     for i, doc in enumerate(docs):
         bad = id_outside_vocab(doc.min(), doc.max(), vocab_size) if len(doc) else None
         if bad is not None:
-            raise UsageError(f"{where}: document {i} holds token id {bad} outside the model's vocabulary "
-                             f"(size {vocab_size})")
+            raise UserError(f"{where}: document {i} holds token id {bad} outside the model's vocabulary "
+                            f"(size {vocab_size})")
 
 
 # ----------------------------------------------------------------------------------------------------------

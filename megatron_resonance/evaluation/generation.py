@@ -16,7 +16,7 @@ the embedding table are never chosen), so a Megatron checkpoint and its Hugging 
 
 ``hf_decoder(model)`` is ``model.generate(do_sample=False)`` with transformers' own cache.
 
-Context parallelism (CP > 1) is refused with a ``UsageError``: megatron's static inference feeds the
+Context parallelism (CP > 1) is refused with a ``UserError``: megatron's static inference feeds the
 model whole sequences and single decode tokens, while our context-parallel attention needs each CP rank's
 load-balanced half-chunks of one sequence. Virtual pipeline stages are refused too (megatron's inference
 wrapper runs one model chunk per rank). Data-parallel replicas decode independently: give each its own
@@ -31,22 +31,22 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.scoring import real_vocabulary
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> List[List[int]]:
-    """The prompts as lists of ints; one ``UsageError`` line for an empty prompt, an id outside the real
+    """The prompts as lists of ints; one ``UserError`` line for an empty prompt, an id outside the real
     vocabulary or a negative ``max_new_tokens``."""
     if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens {max_new_tokens}: must be >= 0")
+        raise UserError(f"max_new_tokens {max_new_tokens}: must be >= 0")
     checked = []
     for i, prompt in enumerate(prompts):
         ids = [int(t) for t in prompt]
         if not ids:
-            raise UsageError(f"prompt {i} is empty: generation needs at least one token")
+            raise UserError(f"prompt {i} is empty: generation needs at least one token")
         if min(ids) < 0 or max(ids) >= vocab_size:
-            raise UsageError(f"prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}")
+            raise UserError(f"prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}")
         checked.append(ids)
     return checked
 
@@ -110,11 +110,11 @@ def megatron_decoder(model_chunks: List[torch.nn.Module]) -> BatchDecoder:
     from megatron.core import parallel_state as ps
 
     if ps.get_context_parallel_world_size() > 1:
-        raise UsageError("generation runs at context-parallel-size 1 (megatron's static inference decodes "
-                         "whole sequences on one rank); use TP or PP to split the model")
+        raise UserError("generation runs at context-parallel-size 1 (megatron's static inference decodes "
+                        "whole sequences on one rank); use TP or PP to split the model")
     if len(model_chunks) != 1:
-        raise UsageError("generation runs without virtual pipeline stages (megatron's inference wrapper "
-                         "takes one model chunk per rank)")
+        raise UserError("generation runs without virtual pipeline stages (megatron's inference wrapper "
+                        "takes one model chunk per rank)")
     return functools.partial(_megatron_batch, model_chunks[0])
 
 

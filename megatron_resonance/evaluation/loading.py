@@ -16,7 +16,8 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from megatron_resonance.cli import UsageError, library_warnings_quiet
+from megatron_resonance.cli import library_warnings_quiet
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.resolve import ResolvedModel
 from megatron_resonance.evaluation.scoring import TokenScores
 from megatron_resonance.megatron import distributed
@@ -53,35 +54,35 @@ class Runtime:
         parallelism, a length it cannot split."""
         tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
         if tp < 1 or pp < 1 or cp < 1 or self.micro_batch_size < 1:
-            raise UsageError("--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size "
-                             "and --micro-batch-size must be >= 1")
+            raise UserError("--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size "
+                            "and --micro-batch-size must be >= 1")
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
+            raise UserError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
         if any(m.spec.kind == "megatron" for m in models):
             from megatron_resonance.megatron.llama import resolve_spec
 
             try:
                 resolve_spec(self.transformer_impl)
             except (ValueError, RuntimeError) as e:
-                raise UsageError(str(e)) from None
+                raise UserError(str(e)) from None
         world = distributed.world_size_from_env()
         if any(m.spec.kind == "hf" for m in models) and world > 1:
-            raise UsageError("--hf models run in one process (no torchrun); use --load for a Megatron checkpoint")
+            raise UserError("--hf models run in one process (no torchrun); use --load for a Megatron checkpoint")
         if world % (tp * pp * cp):
-            raise UsageError(f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
+            raise UserError(f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
         for length in lengths if cp > 1 else ():
             if length % (2 * cp):
-                raise UsageError(f"--lengths: {length} is not divisible by 2 x context-parallel-size = {2 * cp}")
+                raise UserError(f"--lengths: {length} is not divisible by 2 x context-parallel-size = {2 * cp}")
         for m in models:
             if m.spec.kind != "megatron":
                 continue
             try:
                 m.llama.check_parallel(tp)
             except ValueError as e:
-                raise UsageError(f"{m.name}: {e}") from None
+                raise UserError(f"{m.name}: {e}") from None
             if m.llama.num_layers % pp:
-                raise UsageError(f"{m.name}: pipeline-model-parallel-size {pp} does not divide num_layers "
-                                 f"{m.llama.num_layers}")
+                raise UserError(f"{m.name}: pipeline-model-parallel-size {pp} does not divide num_layers "
+                                f"{m.llama.num_layers}")
 
 
 def initialize(runtime: Runtime) -> None:
@@ -199,7 +200,7 @@ def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Li
     try:
         checkpointing.load_checkpoint(model.directory, chunks)
     except checkpoint_layout.CheckpointError as e:
-        raise UsageError(f"--load {model.spec.path}: {e}") from None
+        raise UserError(f"--load {model.spec.path}: {e}") from None
     return llama.for_inference(chunks)
 
 
@@ -235,7 +236,7 @@ def open_scorer(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Iter
 
 def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
                  max_memory_gb: Optional[float] = None, generate: bool = False) -> None:
-    """UsageError when a forward pass at ``length`` (``generate``: decoding up to ``length``) would not fit
+    """UserError when a forward pass at ``length`` (``generate``: decoding up to ``length``) would not fit
     for one of ``models`` (see ``memory``)."""
     from megatron_resonance.evaluation.memory import check_fits
 

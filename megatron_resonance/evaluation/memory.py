@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.errors import UserError
 from megatron_resonance.layout_planner import propose_forward
 from megatron_resonance.planning import HEADROOM, Layout, ModelShape, forward_estimate
 
@@ -57,7 +57,7 @@ def available_bytes(max_memory_gb: Optional[float] = None, processes: Optional[i
     return int(psutil.virtual_memory().available * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / max(1, share))
 
 
-class DoesNotFit(UsageError):
+class DoesNotFit(UserError):
     """A length that does not fit; ``layout`` is where it would (None: nowhere up to 64 processes). The
     tools add the command that runs it (:meth:`with_command`)."""
 
@@ -130,4 +130,4 @@ def proposing(prog: str, argv: Optional[Sequence[str]]):
     try:
         yield
     except DoesNotFit as e:
-        raise UsageError(e.with_command(prog, sys.argv[1:] if argv is None else argv)) from None
+        raise UserError(e.with_command(prog, sys.argv[1:] if argv is None else argv)) from None

@@ -40,8 +40,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_resonance.cli import UsageError
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, loading
 from megatron_resonance.evaluation.command_line import RunOptions
 from megatron_resonance.evaluation.loading import Scorer
@@ -86,7 +86,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, *, add_bos: bool = False):
         if add_bos and tokenizer.bos_id is None:
-            raise UsageError("--add-bos: the tokenizer has no BOS token")
+            raise UserError("--add-bos: the tokenizer has no BOS token")
         self.tokenizer = tokenizer
         self.bos = [tokenizer.bos_id] if add_bos else []
         self.intro = tokenizer.encode(INTRO)
@@ -99,7 +99,7 @@ class PromptBuilder:
         for k in range(1, len(tail)):
             if self.tokenizer.decode(tail[-k:]).strip() == key:
                 return tail[:-k], tail[-k:]
-        raise UsageError(f"the tokenizer merges the key {key} with the question text; cannot score it")
+        raise UserError(f"the tokenizer merges the key {key} with the question text; cannot score it")
 
     def fixed_tokens(self, key: str = "12345") -> int:
         """Tokens of everything but the filler: the shortest possible prompt."""
@@ -109,13 +109,13 @@ class PromptBuilder:
 
     def build(self, length: int, depth: float, key: str) -> PasskeyPrompt:
         if not 0.0 <= depth <= 1.0:
-            raise UsageError(f"depth {depth} is outside [0, 1]")
+            raise UserError(f"depth {depth} is outside [0, 1]")
         needle = self.tokenizer.encode(NEEDLE.format(key=key))
         question, answer = self.question_and_answer(key)
         filler_count = length - len(self.bos) - len(self.intro) - len(needle) - len(question) - len(answer)
         if filler_count < 0:
-            raise UsageError(f"length {length} is shorter than the passkey prompt without filler "
-                             f"({length - filler_count} tokens)")
+            raise UserError(f"length {length} is shorter than the passkey prompt without filler "
+                            f"({length - filler_count} tokens)")
         repeats = -(-filler_count // len(self.filler_unit)) if filler_count else 0
         filler = (self.filler_unit * repeats)[:filler_count]
         before = round(depth * filler_count)
@@ -198,9 +198,9 @@ def parse_depths(text: str) -> List[float]:
         try:
             value = float(item)
         except ValueError:
-            raise UsageError(f"--depths {text!r}: {item.strip()!r} is not a number") from None
+            raise UserError(f"--depths {text!r}: {item.strip()!r} is not a number") from None
         if not 0.0 <= value <= 1.0:
-            raise UsageError(f"--depths {text!r}: {value:g} is outside [0, 1]")
+            raise UserError(f"--depths {text!r}: {value:g} is outside [0, 1]")
         depths.append(value)
     return sorted(set(depths))
 
@@ -223,22 +223,22 @@ def run(
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
     if trials < 1:
-        raise UsageError(f"--trials {trials}: must be >= 1")
+        raise UserError(f"--trials {trials}: must be >= 1")
     if not depths:
-        raise UsageError("--depths: need at least one depth")
+        raise UserError("--depths: need at least one depth")
     (resolved,) = resolve_all([model], options.tokenizer)
     runtime.check([resolved], lengths)
     if resolved.tokenizer is None:
-        raise UsageError(f"passkey prompts are text and no tokenizer is stored with {resolved.name}: pass --tokenizer")
+        raise UserError(f"passkey prompts are text and no tokenizer is stored with {resolved.name}: pass --tokenizer")
     builder = PromptBuilder(load_tokenizer(resolved.tokenizer), add_bos=add_bos)
     shortest = builder.fixed_tokens()
     if lengths[0] < shortest:
-        raise UsageError(f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "
-                         f"({shortest} tokens with this tokenizer)")
+        raise UserError(f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "
+                        f"({shortest} tokens with this tokenizer)")
     loading.check_memory([resolved], runtime, lengths[-1], options.max_memory_gb)
     if max(builder.build(shortest + len(builder.filler_unit), 0.5, "12345").tokens) >= resolved.vocab_size:
-        raise UsageError(f"the tokenizer {resolved.tokenizer} gives ids beyond {resolved.name}'s vocabulary "
-                         f"({resolved.vocab_size})")
+        raise UserError(f"the tokenizer {resolved.tokenizer} gives ids beyond {resolved.name}'s vocabulary "
+                        f"({resolved.vocab_size})")
     if out:
         command_line.prepare_out(out)
 

@@ -42,8 +42,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_resonance.cli import ArgumentParser, UsageError, check_output_dir
+from megatron_resonance.cli import ArgumentParser, check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, loading
 from megatron_resonance.evaluation import documents as docs_lib
 from megatron_resonance.evaluation.command_line import RunOptions
@@ -162,7 +163,7 @@ def run(
 ) -> dict:
     """Evaluate ``models`` at ``lengths`` and (rank 0) write the report into ``options.out``; returns the report.
 
-    Raises UsageError (one line) for bad input, before any model is loaded. Megatron models need
+    Raises UserError (one line) for bad input, before any model is loaded. Megatron models need
     ``torch.distributed`` launched as the layout in ``options.runtime`` asks (single process by default)."""
     options = options or RunOptions()
     runtime, out, say = options.runtime, options.out, options.say
@@ -170,11 +171,11 @@ def run(
     # ---------------------------------------------------------------- check
     lengths = sorted(set(int(L) for L in lengths))
     if not lengths or lengths[0] < 2:
-        raise UsageError("--lengths: need lengths of at least 2 tokens")
+        raise UserError("--lengths: need lengths of at least 2 tokens")
     if stride is not None and not 1 <= stride <= lengths[0]:
-        raise UsageError(f"--stride {stride}: must be between 1 and the shortest length {lengths[0]}")
+        raise UserError(f"--stride {stride}: must be between 1 and the shortest length {lengths[0]}")
     if max_documents is not None and max_documents < 1:
-        raise UsageError(f"--max-documents {max_documents}: must be >= 1")
+        raise UserError(f"--max-documents {max_documents}: must be >= 1")
     resolved = resolve_all(models, options.tokenizer)
     runtime.check(resolved, lengths)
     loading.check_memory(resolved, runtime, lengths[-1], options.max_memory_gb)
@@ -218,26 +219,26 @@ def run(
 def model_documents(resolved: Sequence[ResolvedModel], data: Optional[str],
                     add_bos: bool) -> Dict[str, List[np.ndarray]]:
     """Each model's documents (``--data``, tokenized with its tokenizer where the data is text); models
-    sharing a tokenizer (or token data) share the arrays. UsageError for data no model can read."""
+    sharing a tokenizer (or token data) share the arrays. UserError for data no model can read."""
     text = docs_lib.needs_tokenizer(data)
     what = f"--data {data}" if data else "the default data (held-out standard-library files)"
     cache: Dict[Optional[str], List[np.ndarray]] = {}
     out = {}
     for m in resolved:
         if (text or add_bos) and m.tokenizer is None:
-            raise UsageError(f"{what} is text and no tokenizer is stored with {m.name}: pass --tokenizer"
-                             if text else f"--add-bos needs a tokenizer: none is stored with {m.name}")
+            raise UserError(f"{what} is text and no tokenizer is stored with {m.name}: pass --tokenizer"
+                            if text else f"--add-bos needs a tokenizer: none is stored with {m.name}")
         key = m.tokenizer if (text or add_bos or docs_lib.data_kind(data) == "indexed") else None
         if key not in cache:
             tok = load_tokenizer(key) if key else None
             found = docs_lib.load_documents(data, tok)
             if add_bos:
                 if tok.bos_id is None:
-                    raise UsageError(f"--add-bos: the tokenizer {key} has no BOS token")
+                    raise UserError(f"--add-bos: the tokenizer {key} has no BOS token")
                 found = [np.concatenate([[tok.bos_id], d]).astype(np.int64) for d in found]
             cache[key] = found
         if not cache[key]:
-            raise UsageError(f"{what} holds no documents")
+            raise UserError(f"{what} holds no documents")
         docs_lib.check_token_range(cache[key], m.vocab_size, f"{what} for {m.name}")
         out[m.name] = cache[key]
     return out

@@ -21,8 +21,9 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.cli import one_line
 from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.hf import config as hf_config
 
@@ -105,12 +106,12 @@ def hf_tokenizer(directory: str) -> Optional[str]:
 
 
 def resolve(spec: ModelSpec, tokenizer: Optional[str] = None) -> ResolvedModel:
-    """Read ``spec``'s configuration; UsageError with one line for a bad path or an unreadable config."""
+    """Read ``spec``'s configuration; UserError with one line for a bad path or an unreadable config."""
     if spec.kind not in KINDS:
-        raise UsageError(f"unknown model kind {spec.kind!r}")
+        raise UserError(f"unknown model kind {spec.kind!r}")
     if not os.path.exists(spec.path):
         flag = "--load" if spec.kind == "megatron" else "--hf"
-        raise UsageError(f"{flag} {spec.path}: no such file or directory")
+        raise UserError(f"{flag} {spec.path}: no such file or directory")
     name = spec.name or default_name(spec)
     if tokenizer is not None:
         load_tokenizer(tokenizer, "--tokenizer")  # one line for a path that is no tokenizer, before any model
@@ -126,19 +127,18 @@ def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> R
     try:
         ckpt = checkpoint_layout.resolve_checkpoint(spec.path)
     except checkpoint_layout.CheckpointError as e:
-        raise UsageError(f"--load {spec.path}: {e}") from None
+        raise UserError(f"--load {spec.path}: {e}") from None
     config_path = os.path.join(ckpt, checkpoint_layout.CONFIG_FILE)
     try:
         with open(config_path) as f:
             stored = json.load(f)
         cfg = LlamaConfig.from_dict(dict(stored["model"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--load {spec.path}: cannot read the model config {config_path} ({reason})") from None
+        raise UserError(f"--load {spec.path}: cannot read the model config {config_path} ({one_line(e)})") from None
     try:
         checkpoint_layout.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
     except checkpoint_layout.CheckpointError as e:
-        raise UsageError(f"--load {spec.path}: {e}") from None
+        raise UserError(f"--load {spec.path}: {e}") from None
     return ResolvedModel(
         spec=spec,
         name=name,
@@ -159,8 +159,7 @@ def _resolve_hf(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> Resolve
             config = json.load(f)
         shape = ModelShape(**hf_config.model_sizes(config))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--hf {spec.path}: cannot read the model config {path} ({reason})") from None
+        raise UserError(f"--hf {spec.path}: cannot read the model config {path} ({one_line(e)})") from None
     try:
         rope_cfg = hf_config.from_hf(config).rope
         rope, original = rope_cfg.to_dict(), rope_cfg.original_max_position
@@ -182,11 +181,11 @@ def _resolve_hf(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> Resolve
 
 def resolve_all(specs: Sequence[ModelSpec], tokenizer: Optional[str] = None) -> List[ResolvedModel]:
     if not specs:
-        raise UsageError("no model: give --load MEGATRON_DIR or --hf HF_DIR")
+        raise UserError("no model: give --load MEGATRON_DIR or --hf HF_DIR")
     models = [resolve(s, tokenizer) for s in specs]
     seen = set()
     for m in models:
         if m.name in seen:
-            raise UsageError(f"two models are named {m.name!r}: pass --name for each model")
+            raise UserError(f"two models are named {m.name!r}: pass --name for each model")
         seen.add(m.name)
     return models

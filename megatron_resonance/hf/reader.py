@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from huggingface_hub import constants
 
-from megatron_resonance.cli import first_line
+from megatron_resonance.cli import one_line
 from megatron_resonance.conversion.errors import ConversionError
 
 SAFETENSORS_INDEX = constants.SAFETENSORS_INDEX_FILE
@@ -34,7 +34,7 @@ def read_json(path: str, what: str) -> dict:
     except FileNotFoundError:
         raise ConversionError(f"{path}: no {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: unreadable {what} ({first_line(e)})") from None
+        raise ConversionError(f"{path}: unreadable {what} ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: unreadable {what} (not a JSON object)")
     return data
@@ -109,7 +109,7 @@ class HFCheckpoint:
             try:
                 handle = safe_open(path, framework="pt", device="cpu")
             except Exception as e:  # SafetensorsError, OSError: truncated, garbage, unreadable
-                raise ConversionError(f"{path}: unreadable safetensors file ({first_line(e)})") from None
+                raise ConversionError(f"{path}: unreadable safetensors file ({one_line(e)})") from None
         else:
             handle = self._load_bin(path)
             if not self._bin_mmap[name]:
@@ -190,7 +190,7 @@ class HFCheckpoint:
         try:
             tensor = handle.get_tensor(key) if self.format == "safetensors" else handle[key]
         except Exception as e:
-            raise ConversionError(f"{self.file(key)}: cannot read {key} ({first_line(e)})") from None
+            raise ConversionError(f"{self.file(key)}: cannot read {key} ({one_line(e)})") from None
         unread = self._unread.setdefault(name, {k for k, f in self.weight_map.items() if f == name})
         unread.discard(key)
         if not unread:

@@ -73,28 +73,6 @@ def read_model_config(path: str) -> LlamaConfig:
     return LlamaConfig.from_dict(read_config(path)["model"])
 
 
-def first_line(e: BaseException) -> str:
-    """One line for an exception: torch DCP's CheckpointException (a BaseException holding each rank's
-    failure and traceback) by its first rank's cause; megatron's CheckpointingException whole (the keys it
-    names are on the lines after the first); others by the first line of their message."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
-    if isinstance(e, CheckpointingException):
-        return f"{type(e).__name__}: {one_line(e)}"
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        if isinstance(first, tuple) and first and isinstance(first[0], BaseException):
-            return first_line(first[0])
-        if isinstance(first, BaseException):
-            return first_line(first)
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    if len(line) > 160 and ". " in line:  # torch.load's zip errors go on for several sentences
-        line = line.split(". ")[0]
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
-
-
 def _read_json(path: str, require: Optional[str] = None) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing")
@@ -102,7 +80,7 @@ def _read_json(path: str, require: Optional[str] = None) -> Dict[str, Any]:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable ({one_line(e)})") from None
     if not isinstance(data, dict) or (require and not isinstance(data.get(require), dict)):
         raise CheckpointError(f"{path}: not a checkpoint's {os.path.basename(path)} (no {require or 'object'})")
     return data
@@ -130,7 +108,7 @@ def verify_checkpoint(ckpt_dir: str) -> None:
         metadata = FileSystemReader(ckpt_dir).read_metadata()
         storage = dict(metadata.storage_data or {})
     except Exception as e:  # noqa: BLE001 - pickle, EOF, zip errors of a truncated or damaged file
-        raise CheckpointError(f"{metadata_path}: unreadable ({first_line(e)})") from None
+        raise CheckpointError(f"{metadata_path}: unreadable ({one_line(e)})") from None
     needed: Dict[str, int] = {}
     for info in storage.values():
         end = int(info.offset) + int(info.length)
@@ -150,7 +128,7 @@ def verify_checkpoint(ckpt_dir: str) -> None:
     try:
         torch.load(common, map_location="cpu", weights_only=True)  # what megatron's common strategy does
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{common}: unreadable ({first_line(e)})") from None
+        raise CheckpointError(f"{common}: unreadable ({one_line(e)})") from None
 
 
 def iterations_in(root: str) -> List[int]:

@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_resonance import atomic
+from megatron_resonance.cli import one_line
 from megatron_resonance.megatron import compat, distributed
 from megatron_resonance.megatron.checkpoint_layout import (
     CONFIG_FILE,
     TRACKER,
     CheckpointError,
-    first_line,
     iteration_dir,
     read_config,
     read_latest_iteration,
@@ -171,7 +171,7 @@ def save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)
         free = shutil.disk_usage(root).free / 2**20
         raise CheckpointError(
-            f"saving iteration {iteration} in {root} failed ({free:.1f} MiB free there): {first_line(e)}"
+            f"saving iteration {iteration} in {root} failed ({free:.1f} MiB free there): {one_line(e)}"
         ) from None
     dist.barrier()
     if dist.get_rank() == 0:
@@ -244,7 +244,7 @@ def place_adam_steps(optimizer) -> None:
 def _load_errors(ckpt: str):
     """megatron's CheckpointingException, torch DCP's CheckpointException (a BaseException, which
     ``except Exception`` misses) and the unpickling/reading errors of damaged files, as one CheckpointError
-    line naming the checkpoint and the cause (:func:`checkpoint_layout.first_line`)."""
+    line naming the checkpoint and the cause (:func:`cli.one_line`)."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -253,7 +253,7 @@ def _load_errors(ckpt: str):
     # RuntimeError, ValueError: torch.load's zip reader, tensors of the wrong size
     except (CheckpointingException, CheckpointException, pickle.UnpicklingError, EOFError, OSError,
             RuntimeError, ValueError) as e:  # fmt: skip
-        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({first_line(e)})") from None
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({one_line(e)})") from None
 
 
 def load_checkpoint(

@@ -7,17 +7,15 @@ can re-initialize with another layout.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import re
-import sys
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.cli import UsageError, fail
+from megatron_resonance.cli import is_rank0
 from megatron_resonance.megatron import cpu_compat, cpu_speed
 
 
@@ -167,25 +165,6 @@ def shutdown() -> None:
 def device() -> torch.device:
     """Where this rank's tensors for the model and collectives live: the current CUDA device, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def is_rank0() -> bool:
-    """Rank 0 of the process group, or before there is one, of the launch (torchrun's or srun's rank)."""
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
-@contextlib.contextmanager
-def exit_on_error(prog: str, *errors: type):
-    """An exception of ``errors`` (default: UsageError) inside the block ends the tool as bad input:
-    ``<prog>: error: <message>`` from rank 0 only, exit status 2 on every rank."""
-    try:
-        yield
-    except errors or (UsageError,) as e:
-        if is_rank0():
-            fail(f"{prog}: error: {e}")
-        sys.exit(2)
 
 
 def print_rank0(*args, **kwargs) -> None:

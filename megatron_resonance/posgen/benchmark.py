@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_resonance import atomic, environment
+from megatron_resonance.errors import ConfigError, TrainingError
 from megatron_resonance.posgen.cell import load_splits, run_cell
 from megatron_resonance.posgen.presets import TRAINED_KINDS, Preset
 from megatron_resonance.posgen.report import cell_path, write_report
@@ -37,7 +38,7 @@ def check_stored_settings(out: str, preset: Preset) -> None:
         with open(path) as f:
             stored = json.load(f)
         if stored.get("fingerprint") != json.loads(json.dumps(preset.fingerprint())):
-            raise ValueError(
+            raise ConfigError(
                 f"{out} holds a benchmark run with other settings (preset {stored.get('preset')!r}); "
                 "use another --out"
             )
@@ -49,14 +50,14 @@ def cell_name(cell) -> str:
 
 
 def parse_cell(name: str, preset: Preset) -> tuple:
-    """The cell a :func:`cell_name` string names; ValueError if it is not one of the preset's."""
+    """The cell a :func:`cell_name` string names; ConfigError if it is not one of the preset's."""
     try:
         task, seed, kind = name.split(":")
         cell = (task, int(seed), kind)
     except ValueError:
         cell = None
     if cell not in preset.cells():
-        raise ValueError(f"{name!r} is not a cell of this run (task:seed:kind, e.g. {cell_name(preset.cells()[0])})")
+        raise ConfigError(f"{name!r} is not a cell of this run (task:seed:kind, e.g. {cell_name(preset.cells()[0])})")
     return cell
 
 
@@ -130,7 +131,7 @@ def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
     ``worker``). Cells are dealt round-robin (they cost the same); each worker gets
     :func:`environment.threads_per_process` CPU threads, and on a GPU machine all of them share the one device. A worker
     that fails leaves the others running to the end; the finished cells are kept, so a rerun of the same
-    command runs only what is missing. Raises RuntimeError naming the failed workers.
+    command runs only what is missing. Raises TrainingError naming the failed workers.
     """
     todo = prepare_output(out, preset)
     threads, _ = environment.threads_per_process(workers)
@@ -164,7 +165,7 @@ def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
     failed = [f"worker {k + 1} (exit {c})" for k, c in enumerate(codes) if c]
     if failed:
         missing = [cell_name(c) for c in todo if not os.path.isfile(cell_path(out, *c))]
-        raise RuntimeError(f"{', '.join(failed)} failed; {len(missing)} cell(s) not run: {' '.join(missing)}; "
+        raise TrainingError(f"{', '.join(failed)} failed; {len(missing)} cell(s) not run: {' '.join(missing)}; "
                            "rerun the same command to run them")
     print(f"[posgen] {len(todo)} cell(s) run in {wall:.0f} s by {len(shares)} worker(s); report in "
           f"{out}/report.md", flush=True)

@@ -29,6 +29,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.presets import EVALUATED_AS, Preset
 from megatron_resonance.posgen.splits import make_reference_split, make_split
@@ -256,7 +257,7 @@ def build_training(preset: Preset, kind: str, seed: int) -> Training:
     dp = ps.get_data_parallel_world_size()
     micro = preset.micro_batch_size or preset.global_batch_size // dp
     if preset.global_batch_size % (micro * dp):
-        raise ValueError(f"global batch {preset.global_batch_size} is not a multiple of micro-batch {micro} x DP {dp}")
+        raise ConfigError(f"global batch {preset.global_batch_size} is not a multiple of micro-batch {micro} x DP {dp}")
     cfg = run_config(preset, kind, seed, micro)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -14,23 +14,17 @@ log line; under plain ``torchrun`` the worker also writes it to torchrun's error
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
 import tempfile
-import time
 from typing import Callable, Dict, List, Optional
 
 from megatron_resonance import environment
-from megatron_resonance.cli import ArgumentParser, UsageError, fail
+from megatron_resonance.cli import LAUNCHER_ENV, ArgumentParser, fail, guard, report
 from megatron_resonance.megatron import distributed
-from megatron_resonance.megatron.checkpoint_layout import CheckpointError
 from megatron_resonance.training import preemption
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
-
-#: set by this launcher for its workers: they leave printing their error line to it
-_LAUNCHER_ENV = "MEGATRON_RESONANCE_LAUNCHER"
 
 
 def make_parser(prog: str, description: str) -> ArgumentParser:
@@ -76,7 +70,7 @@ def main(
     args = make_parser(prog, description).parse_args(argv)
     from megatron_resonance.training import trainer, validation
 
-    try:
+    with guard(prog):
         try:
             cfg = make_config(args)
         except (ValueError, TypeError) as e:  # a field the config dataclasses reject
@@ -103,10 +97,6 @@ def main(
         trainer.run(cfg)
         finished.append(True)
         distributed.shutdown()
-    except (ConfigError, CheckpointError, UsageError) as e:  # UsageError: e.g. no writable index cache
-        _report(f"{prog}: error: {e}", 2)
-    except trainer.TrainingError as e:
-        _report(f"{prog}: error: {e}", 1)
     return 0
 
 
@@ -127,28 +117,10 @@ def _give_up(prog: str, signum: int, cfg: Config, finished: list) -> int:
     c = cfg.checkpoint
     who = "another rank did not answer (hung, stopped or gone), or the work in flight took longer"
     try:
-        _report(gave_up_line(prog, signum, c.signal_save_timeout, who, trainer.latest_note(c.save)), 1)
+        report(gave_up_line(prog, signum, c.signal_save_timeout, who, trainer.latest_note(c.save)), 1)
     except SystemExit:
         pass
     return 1
-
-
-def _report(line: str, status: int) -> None:
-    """Print ``line`` (rank 0 of the launch) and exit ``status``; under torchrun also write it to this worker's
-    error file (torchrun's report shows it; this module's launcher prints it instead of the worker)."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        try:
-            with open(error_file, "w") as f:
-                stamp = str(int(time.time()))
-                info = {"py_callstack": line, "timestamp": stamp, "exit_status": status}
-                json.dump({"message": {"message": line, "extraInfo": info}}, f)
-        except OSError:
-            error_file = None
-    if distributed.is_rank0():
-        if not (error_file and os.environ.get(_LAUNCHER_ENV)):
-            fail(line, status)
-    sys.exit(status)
 
 
 def run_torchrun(
@@ -179,7 +151,7 @@ def run_torchrun(
         preemption.install()
         preemption.forward_to_children(deadline=signal_deadline, killed=killed)
         handled, blocked = "SIGINT,SIGHUP,SIGQUIT", preemption.block_for_children()
-    os.environ[_LAUNCHER_ENV] = "1"
+    os.environ[LAUNCHER_ENV] = "1"
     # torchrun copies the failed worker's error file to its own (and complains in the log without one)
     error_dir = tempfile.TemporaryDirectory(prefix="torchrun-errors-")
     os.environ.setdefault("TORCHELASTIC_ERROR_FILE", os.path.join(error_dir.name, "error.json"))
@@ -217,7 +189,7 @@ def run_torchrun(
             line = f"{prog}: error: worker rank {rank} exited with status {failure.exitcode} (its output is above)"
         fail(line, status)
     finally:
-        os.environ.pop(_LAUNCHER_ENV, None)
+        os.environ.pop(LAUNCHER_ENV, None)
         if os.environ.get("TORCHELASTIC_ERROR_FILE", "").startswith(error_dir.name):
             del os.environ["TORCHELASTIC_ERROR_FILE"]
         error_dir.cleanup()

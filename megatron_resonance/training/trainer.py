@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.errors import TrainingError  # noqa: F401 - imported from here by callers
+from megatron_resonance.errors import TrainingError
 from megatron_resonance.hf import assets as hf_assets
 from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, save_lock
 from megatron_resonance.megatron.distributed import print_rank0

@@ -1,5 +1,5 @@
 """Everything that can be checked before processes talk to each other: the config's own rules, the data, the
-output directories and the checkpoints a run starts from, each with one clear line (ConfigError).
+output directories and the checkpoints a run starts from, each with one clear line (a UserError).
 :func:`resolve_and_validate` is what every start does, in the launcher and in each worker.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron_resonance.cli import UsageError, check_output_dir
-from megatron_resonance.data.checks import DataError, check_training_data
+from megatron_resonance.cli import check_output_dir
+from megatron_resonance.data.checks import check_training_data
 from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.megatron import checkpoint_layout, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
@@ -40,7 +40,7 @@ def resolve_and_validate(cfg: Config, world_size: int) -> Start:
 
 
 def validate(cfg: Config, world_size: int, start: Optional[Start] = None) -> Start:
-    """Raise ConfigError with one clear line for a run that cannot start: the config's own rules
+    """Raise a UserError with one clear line for a run that cannot start: the config's own rules
     (``config_checks.check``), then what it names on disk (data, output directories, checkpoints). Returns
     ``start``, or the :class:`Start` decided here when not given."""
     check(cfg, world_size)
@@ -51,10 +51,7 @@ def validate(cfg: Config, world_size: int, start: Optional[Start] = None) -> Sta
     for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir),
                        ("--data-cache-path", d.data_cache_path)):
         if path:
-            try:
-                check_output_dir(path, flag)
-            except UsageError as e:
-                raise ConfigError(str(e)) from None
+            check_output_dir(path, flag)
     if cfg.checkpoint.save:
         _check_save_contents(cfg)
     if cfg.checkpoint.load and not has_checkpoint(cfg.checkpoint.load):
@@ -95,14 +92,11 @@ def _check_dataset(cfg: Config) -> None:
     split part it builds without tokens (its epoch count would never end), ids within the model's vocabulary
     (``data/checks.py``)."""
     d = cfg.data
-    try:
-        check_training_data(
-            d.data_path, d.valid_data_path, split=d.split, with_validation=cfg.training.eval_iters > 0,
-            seq_length=d.seq_length, vocab_size=cfg.model.vocab_size, cache_dir=d.data_cache_path,
-            fallback_cache_dir=fallback_cache_dir(cfg), log=print_rank0,
-        )  # fmt: skip
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    check_training_data(
+        d.data_path, d.valid_data_path, split=d.split, with_validation=cfg.training.eval_iters > 0,
+        seq_length=d.seq_length, vocab_size=cfg.model.vocab_size, cache_dir=d.data_cache_path,
+        fallback_cache_dir=fallback_cache_dir(cfg), log=print_rank0,
+    )  # fmt: skip
 
 
 def _check_same_model(what: str, path: str, cfg: Config, fields: Optional[tuple]) -> None:
@@ -135,11 +129,8 @@ def _tokenizer_vocab(cfg: Config) -> Optional[Start]:
 
 def load_data_tokenizer(path: str):
     """The ``--tokenizer-model`` (SentencePiece or Hugging Face), which must have an EOS (the documents' end);
-    ConfigError with one line otherwise. Loaded once per process (validation, then the datasets)."""
-    try:
-        tokenizer = load_tokenizer(path)
-    except UsageError as e:
-        raise ConfigError(str(e)) from None
+    a UserError with one line otherwise. Loaded once per process (validation, then the datasets)."""
+    tokenizer = load_tokenizer(path)
     if tokenizer.eos_id is None:
         raise ConfigError(f"tokenizer {path} has no EOS token (the end-of-document id the datasets cut at)")
     return tokenizer

@@ -11,9 +11,9 @@ import warnings
 import numpy as np
 import pytest
 
-from megatron_resonance.cli import UsageError
 from megatron_resonance.data.preprocess import preprocess
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_kind
+from megatron_resonance.errors import UserError
 from tests.data.test_preprocess import _assert_one_error_line, _main
 from tests.hf_tokenizers import (
     BPE_VOCAB,
@@ -102,7 +102,7 @@ def test_not_a_tokenizer_is_one_error_line(hf_dir, tmp_path):
     for path, message in cases.items():
         with pytest.raises(ValueError, match=message):
             Tokenizer(path)
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(UserError, match=message):
             load_tokenizer(path)
         src = tmp_path / "doc.txt"
         src.write_text("hello")

@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import pytest
 
-from megatron_resonance.cli import UsageError
 from megatron_resonance.data.preprocess import preprocess, token_dtype
+from megatron_resonance.errors import UserError
 from tests.launch import REPO
 
 with warnings.catch_warnings():
@@ -92,7 +92,7 @@ def test_existing_output_is_refused_unless_overwrite(inputs, tiny_tokenizer, tmp
     prefix = tmp_path / "ds"
     preprocess([inputs["txt"]], prefix, tiny_tokenizer.path, progress=False, log=None)
     before = (tmp_path / "ds.bin").read_bytes()
-    with pytest.raises(UsageError, match="output exists"):
+    with pytest.raises(UserError, match="output exists"):
         preprocess([inputs["jsonl"]], prefix, tiny_tokenizer.path, progress=False, log=None)
     assert (tmp_path / "ds.bin").read_bytes() == before
     preprocess([inputs["jsonl"]], prefix, tiny_tokenizer.path, overwrite=True, progress=False, log=None)
@@ -189,7 +189,7 @@ def test_bad_content_found_while_reading_replaces_nothing(inputs, tiny_tokenizer
     before = [(tmp_path / f"existing{ext}").read_bytes() for ext in (".bin", ".idx")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UserError, match=message):
         preprocess([inputs["jsonl"], bad] if key == "text" else [inputs["jsonl"]], prefix, tiny_tokenizer.path,
                    json_key=key, overwrite=True, workers=2, progress=False, log=None)
     assert [(tmp_path / f"existing{ext}").read_bytes() for ext in (".bin", ".idx")] == before
@@ -199,7 +199,7 @@ def test_bad_content_found_while_reading_replaces_nothing(inputs, tiny_tokenizer
 def test_only_empty_documents(tiny_tokenizer, tmp_path):
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"text": ""}\n\n{"text": ""}\n')
-    with pytest.raises(UsageError, match="no non-empty documents"):
+    with pytest.raises(UserError, match="no non-empty documents"):
         preprocess([blank], tmp_path / "ds", tiny_tokenizer.path, progress=False, log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.jsonl"]
 
@@ -238,6 +238,6 @@ def test_cli_output_prefix_under_a_file_or_unwritable(inputs, tiny_tokenizer, tm
 def test_input_that_is_not_utf8_names_the_line_and_byte(tiny_tokenizer, tmp_path):
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(UsageError, match=r"latin1.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 28 "):
+    with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 28 "):
         preprocess([bad], tmp_path / "ds", tiny_tokenizer.path, progress=False, log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]

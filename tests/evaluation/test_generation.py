@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.generation import check_prompts, cut_at_stop
 from tests.evaluation.conftest import GENERATION_NEW_TOKENS, GENERATION_PROMPT_LENGTHS
 
@@ -67,5 +67,5 @@ def test_cut_at_stop_keeps_the_first_stop_id():
     ([[1]], -1, "max_new_tokens -1"),
 ])
 def test_bad_generation_input(prompts, new, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UserError, match=message):
         check_prompts(prompts, new, 400)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_resonance.cli import UsageError
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.passkey import INTRO, NEEDLE, QUESTION, PromptBuilder, passkey
 
 
@@ -42,7 +42,7 @@ def test_prompt_too_short_is_a_usage_error(tokenizer):
     builder = PromptBuilder(tokenizer)
     shortest = builder.fixed_tokens()
     assert len(builder.build(shortest, 0.5, "12345").tokens) == shortest
-    with pytest.raises(UsageError, match="shorter than the passkey prompt"):
+    with pytest.raises(UserError, match="shorter than the passkey prompt"):
         builder.build(shortest - 1, 0.5, "12345")
 
 

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from megatron_resonance.cli import UsageError
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.ruler import (
     NEEDLE_TASKS,
     SINGLE_NEEDLE_TASKS,
@@ -175,30 +175,30 @@ def _one_line(excinfo) -> str:
 
 
 def test_bad_input_is_one_line(tok, tmp_path):
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         build_samples("niah_single_4", tok, 2000)
     assert "niah_single_4" in _one_line(e) and "niah_single_1, niah_single_2" in str(e.value)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         build_samples("niah_single_1", tok, 100)
     assert "length 100 is too short for niah_single_1" in _one_line(e)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         build_samples("niah_single_1", tok, 2000, depths=[1.5])
     assert "1.5" in _one_line(e)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         build_samples("niah_single_1", tok, 2000, chat_template=True)
     assert "no chat template" in _one_line(e)
 
     short = tmp_path / "short.txt"
     short.write_text("A short text. It has two sentences.\n" * 20)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         build_samples("niah_single_2", tok, 2000, haystack=load_haystack(str(short)))
     assert f"haystack {short} holds 140 words" in _one_line(e) and "short of the length 2000" in str(e.value)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         build_samples("niah_single_2", tok, 2000, haystack=load_haystack(str(bad)))
     assert f"haystack {bad}: line 2" in _one_line(e)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         load_haystack(str(tmp_path / "missing.txt"))
     assert "no such file" in _one_line(e)
 

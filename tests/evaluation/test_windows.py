@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.command_line import parse_lengths
 from megatron_resonance.evaluation.documents import load_documents, select, windows
 from megatron_resonance.evaluation.memory import ModelShape, forward_bytes
@@ -66,17 +66,17 @@ def test_jsonl_tokens_and_errors(tmp_path):
     path.write_text(json.dumps({"tokens": [1, 2, 3]}) + "\n\n" + json.dumps({"tokens": [4]}) + "\n")
     assert [d.tolist() for d in load_documents(str(path))] == [[1, 2, 3], [4]]
     path.write_text(json.dumps({"text": "abc"}) + "\n")
-    with pytest.raises(UsageError, match="holds text: pass --tokenizer"):
+    with pytest.raises(UserError, match="holds text: pass --tokenizer"):
         load_documents(str(path))
     path.write_text("{oops\n")
-    with pytest.raises(UsageError, match=r"d.jsonl:1: not a JSON line"):
+    with pytest.raises(UserError, match=r"d.jsonl:1: not a JSON line"):
         load_documents(str(path))
 
 
 def test_parse_lengths():
     assert parse_lengths("512, 128,256,128") == [128, 256, 512]
     for bad in ("", "a", "128,", "1", "-5", "1.5"):
-        with pytest.raises(UsageError):
+        with pytest.raises(UserError):
             parse_lengths(bad)
 
 

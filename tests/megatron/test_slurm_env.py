@@ -97,11 +97,11 @@ def test_training_validates_against_the_srun_world(srun_task):
 
 
 def test_evaluation_validates_against_the_srun_world(srun_task):
-    from megatron_resonance.cli import UsageError
+    from megatron_resonance.errors import UserError
     from megatron_resonance.evaluation.loading import Runtime
 
     srun_task(2)
     Runtime(tensor_model_parallel_size=2).check([])  # a 2-task srun at TP=2 is fine
     srun_task(3)
-    with pytest.raises(UsageError, match=r"world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1"):
+    with pytest.raises(UserError, match=r"world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1"):
         Runtime(tensor_model_parallel_size=2).check([])

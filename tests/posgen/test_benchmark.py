@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from megatron_resonance.errors import TrainingError
 from megatron_resonance.posgen.cell import BOS, model_inputs, sample_order
 from megatron_resonance.posgen.presets import PRESETS, TRAINED_KINDS, VARIANTS
 from megatron_resonance.posgen.splits import make_split
@@ -153,7 +154,7 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
                 "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
                 "    json.dump(record, open(path, 'w'))\n"]
 
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(TrainingError) as e:
         benchmark.run_workers(preset, out, 2, worker_argv)
     # cells are dealt round-robin: worker 1 had rope of both seeds, worker 2 resonance
     assert seen == {"1/2": [("recursive", 0, "rope"), ("recursive", 1, "rope")],
@@ -166,7 +167,7 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
     assert report["id_accuracy"]["recursive"]["rope"]["n"] == 0
     # the rerun deals out only what is missing
     seen.clear()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TrainingError):
         benchmark.run_workers(preset, out, 2, worker_argv)
     assert seen == {"1/2": [("recursive", 0, "rope")], "2/2": [("recursive", 1, "rope")]}
 

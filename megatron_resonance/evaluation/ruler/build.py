@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from megatron_resonance.cli import UsageError
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.passkey import DEFAULT_DEPTHS
 from megatron_resonance.evaluation.ruler.haystack import Haystack, load_haystack
 from megatron_resonance.evaluation.ruler.tasks import (
@@ -78,7 +78,7 @@ class _Prompt:
 
     def __init__(self, tokenizer, add_bos: bool, chat_template: bool):
         if add_bos and tokenizer.bos_id is None:
-            raise UsageError(f"add_bos: the tokenizer {tokenizer.path} has no BOS token")
+            raise UserError(f"add_bos: the tokenizer {tokenizer.path} has no BOS token")
         self.tokenizer = tokenizer
         self.before = self.after = ""
         if chat_template:
@@ -103,11 +103,11 @@ def _chat_wrapping(tokenizer) -> tuple:
     """The tokenizer's chat template around one user message, split at the message: (before, after)."""
     hf = getattr(tokenizer, "hf", None)
     if hf is None or not getattr(hf, "chat_template", None):
-        raise UsageError(f"--chat-template: the tokenizer {tokenizer.path} has no chat template")
+        raise UserError(f"--chat-template: the tokenizer {tokenizer.path} has no chat template")
     rendered = hf.apply_chat_template([{"role": "user", "content": _CHAT_SLOT}], tokenize=False,
                                       add_generation_prompt=True)
     if rendered.count(_CHAT_SLOT) != 1:
-        raise UsageError(f"--chat-template: the chat template of {tokenizer.path} does not show the user message as is")
+        raise UserError(f"--chat-template: the chat template of {tokenizer.path} does not show the user message as is")
     before, after = rendered.split(_CHAT_SLOT)
     return before, after
 
@@ -177,16 +177,16 @@ def _generator(task: str, rng: random.Random, length: int, depth: Optional[float
 
 def _check(task: str, length: int, samples: int, depths: Sequence[float]) -> None:
     if task not in TASKS:
-        raise UsageError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
+        raise UserError(f"unknown RULER task {task!r}; known: {', '.join(TASKS)}")
     if length < 1:
-        raise UsageError(f"length {length}: must be >= 1")
+        raise UserError(f"length {length}: must be >= 1")
     if samples < 1:
-        raise UsageError(f"samples {samples}: must be >= 1")
+        raise UserError(f"samples {samples}: must be >= 1")
     if not depths:
-        raise UsageError("--depths: need at least one depth")
+        raise UserError("--depths: need at least one depth")
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad:
-        raise UsageError(f"--depths: {bad[0]:g} is outside [0, 1]")
+        raise UserError(f"--depths: {bad[0]:g} is outside [0, 1]")
 
 
 def build_samples(task: str, tokenizer, length: int, *, samples: int = 1, seed: int = 0,
@@ -205,7 +205,7 @@ def build_samples(task: str, tokenizer, length: int, *, samples: int = 1, seed: 
             prefix after the assistant turn's start; otherwise RULER's "base" template (no wrapping).
 
     Raises:
-        UsageError: unknown task, bad arguments, a length below the task's fixed text, a haystack too short
+        UserError: unknown task, bad arguments, a length below the task's fixed text, a haystack too short
             for ``length``, no chat template (one line each).
     """
     _check(task, length, samples, depths)
@@ -248,8 +248,8 @@ def _fit_sample(task: str, generator: Generator, prompt: _Prompt, length: int,
         hi = 8 * length + 64
     n = _largest_fitting(lambda m: len(encode(m)), lo, hi, length)
     if n is None:
-        raise UsageError(f"length {length} is too short for {task}: its prompt with the least haystack is "
-                         f"{len(encode(lo))} tokens with this tokenizer")
+        raise UserError(f"length {length} is too short for {task}: its prompt with the least haystack is "
+                        f"{len(encode(lo))} tokens with this tokenizer")
     tokens, parts = encode(n), generator.render(n)
     missing = length - len(tokens)
     if not missing:

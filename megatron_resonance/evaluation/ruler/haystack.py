@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from megatron_resonance.cli import UsageError
 from megatron_resonance.data.corpus import EXCLUDED_DIRS, EXCLUDED_PREFIXES, stdlib_root
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.passkey import FILLER
 
 #: RULER's noise haystack: one unit is the whole five-sentence string
@@ -83,10 +83,10 @@ def _file_documents(path: Path) -> Iterator[str]:
                 record = json.loads(line)
                 text = record["text"]
             except (ValueError, KeyError, TypeError):
-                raise UsageError(f"--haystack {path}: line {number} is not a JSON object with a \"text\" string"
-                                 ) from None
+                raise UserError(f"--haystack {path}: line {number} is not a JSON object with a \"text\" string"
+                                ) from None
             if not isinstance(text, str):
-                raise UsageError(f"--haystack {path}: line {number}: \"text\" is not a string")
+                raise UserError(f"--haystack {path}: line {number}: \"text\" is not a string")
             yield text
 
 
@@ -109,11 +109,11 @@ class Haystack:
                 self.words.extend(document.split())
         return len(self.words)
 
-    def too_short(self, task: str, length: int, prompt_tokens: int) -> UsageError:
+    def too_short(self, task: str, length: int, prompt_tokens: int) -> UserError:
         """The one-line error of a text that cannot fill ``length`` tokens: the prompt of ``task`` with all
         of it is ``prompt_tokens`` long."""
-        return UsageError(f"--haystack {self.name} holds {len(self.words)} words: the {task} prompt with all of them "
-                          f"is {prompt_tokens} tokens, short of the length {length}")
+        return UserError(f"--haystack {self.name} holds {len(self.words)} words: the {task} prompt with all of them "
+                         f"is {prompt_tokens} tokens, short of the length {length}")
 
     def __repr__(self) -> str:
         return f"Haystack({self.name!r})"
@@ -126,7 +126,7 @@ def load_haystack(path: Optional[str] = None) -> Haystack:
         return Haystack(f"<standard-library docstrings of {stdlib_root()}>", _stdlib_documents())
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"--haystack {path}: no such file")
+        raise UserError(f"--haystack {path}: no such file")
     return Haystack(str(path), _file_documents(file))
 
 
@@ -135,7 +135,7 @@ def _wonderwords() -> Tuple[List[str], List[str], List[str]]:
     try:
         from wonderwords import random_word
     except ImportError:
-        raise UsageError("the RULER tasks need the wonderwords word lists: pip install wonderwords") from None
+        raise UserError("the RULER tasks need the wonderwords word lists: pip install wonderwords") from None
     lists = [random_word._get_words_from_text_file(f"{name}list.txt") for name in ("noun", "adjective", "verb")]
     return tuple(sorted(set(words)) for words in lists)
 

@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_resonance.cli import UsageError, check_output_dir
+from megatron_resonance.cli import check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation import command_line, loading
 from megatron_resonance.evaluation.command_line import RunOptions
 from megatron_resonance.evaluation.loading import Scorer
@@ -59,8 +60,8 @@ def parse_tasks(text: Optional[str]) -> List[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
-        raise UsageError(f"--tasks: unknown task {', '.join(unknown) or repr(text)}; the tasks are "
-                         f"{', '.join(TASKS)}")
+        raise UserError(f"--tasks: unknown task {', '.join(unknown) or repr(text)}; the tasks are "
+                        f"{', '.join(TASKS)}")
     return [t for t in TASKS if t in names]
 
 
@@ -161,7 +162,7 @@ def run(
 ) -> dict:
     """RULER on ``models`` at ``lengths``; (rank 0) writes the report into ``options.out``; returns it.
 
-    UsageError (one line) for bad input before any model is loaded: an unknown task, a length the prompt
+    UserError (one line) for bad input before any model is loaded: an unknown task, a length the prompt
     text cannot fit into or memory cannot hold, a haystack too short, a tokenizer that is not the model's."""
     options = options or RunOptions()
     runtime, out, say = options.runtime, options.out, options.say
@@ -170,24 +171,24 @@ def run(
     lengths = sorted(set(int(L) for L in lengths))
     tasks = list(tasks or TASKS)
     if samples < 1:
-        raise UsageError(f"--samples {samples}: must be >= 1")
+        raise UserError(f"--samples {samples}: must be >= 1")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     if perplexity_documents < 0:
-        raise UsageError(f"--perplexity-documents {perplexity_documents}: must be >= 0")
+        raise UserError(f"--perplexity-documents {perplexity_documents}: must be >= 0")
     if not depths:
-        raise UsageError("--depths: need at least one depth")
+        raise UserError("--depths: need at least one depth")
     resolved = resolve_all(models, options.tokenizer)
     runtime.check(resolved, lengths)
     if runtime.context_parallel_size > 1:
-        raise UsageError("--context-parallel-size: RULER answers by greedy decoding, which runs without context "
-                         "parallelism (megatron's static inference); use --tensor-model-parallel-size or "
-                         "--pipeline-model-parallel-size for long prompts")
+        raise UserError("--context-parallel-size: RULER answers by greedy decoding, which runs without context "
+                        "parallelism (megatron's static inference); use --tensor-model-parallel-size or "
+                        "--pipeline-model-parallel-size for long prompts")
     longest = lengths[-1] + max(budget(task, max_new_tokens) for task in tasks)
     loading.check_memory(resolved, runtime, longest, options.max_memory_gb, generate=True)
     for m in resolved:
         if m.tokenizer is None:
-            raise UsageError(f"RULER prompts are text and no tokenizer is stored with {m.name}: pass --tokenizer")
+            raise UserError(f"RULER prompts are text and no tokenizer is stored with {m.name}: pass --tokenizer")
     if out:
         check_output_dir(out, "--out")
     haystack_text = load_haystack(haystack)
@@ -254,12 +255,12 @@ def run(
 def check_tokenizer(model: ResolvedModel, tokenizer, plan: Sequence[Sample] = ()) -> None:
     """One line when the tokenizer cannot be the model's: a larger vocabulary, or prompt ids beyond it."""
     if tokenizer.vocab_size > model.vocab_size:
-        raise UsageError(f"the tokenizer {model.tokenizer} has {tokenizer.vocab_size} tokens, more than "
-                         f"{model.name}'s vocabulary ({model.vocab_size}): it is not this model's tokenizer")
+        raise UserError(f"the tokenizer {model.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+                        f"{model.name}'s vocabulary ({model.vocab_size}): it is not this model's tokenizer")
     top = max((max(s.tokens) for s in plan), default=-1)
     if top >= model.vocab_size:
-        raise UsageError(f"the tokenizer {model.tokenizer} gives id {top}, beyond {model.name}'s vocabulary "
-                         f"({model.vocab_size})")
+        raise UserError(f"the tokenizer {model.tokenizer} gives id {top}, beyond {model.name}'s vocabulary "
+                        f"({model.vocab_size})")
 
 
 def average_table(report: dict) -> str:

@@ -88,10 +88,10 @@ def generate_run(run: dict, prompts: list, max_new_tokens: int) -> dict:
     ``full_forward``, per prompt, whether each new token is the arg-max of a forward without a cache over
     everything before it (``scorer.scores``' greedy match); ``stopped``, the same generation with a stop id
     (the middle token of the first prompt's continuation); ``ranks_agree``, every rank got the same tokens.
-    A ``UsageError`` is recorded as ``error``."""
+    A ``UserError`` is recorded as ``error``."""
     import torch.distributed as dist
 
-    from megatron_resonance.cli import UsageError
+    from megatron_resonance.errors import UserError
     from megatron_resonance.evaluation import loading, resolve
 
     model = resolve.resolve(resolve.ModelSpec(run["kind"], run["path"]))
@@ -103,7 +103,7 @@ def generate_run(run: dict, prompts: list, max_new_tokens: int) -> dict:
     with loading.open_scorer(model, runtime, longest) as scorer:
         try:
             tokens = scorer.generate(prompts, max_new_tokens)
-        except UsageError as e:
+        except UserError as e:
             return {"error": str(e)}
         full = [scorer.scores(torch.tensor([p + t])).greedy[0, len(p) - 1:].tolist() for p, t in zip(prompts, tokens)]
         stop = tokens[0][len(tokens[0]) // 2]

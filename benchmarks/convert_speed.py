@@ -47,9 +47,14 @@ def make_model(path: Path, args) -> None:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -65,8 +70,9 @@ def timed(cmd) -> tuple:
     """(wall seconds, stdout, peak RSS in bytes) of ``cmd`` run to completion in a fresh process."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err,
-                                env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=out, stderr=err, env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+        )
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (Linux: ru_maxrss in KiB)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -80,13 +86,22 @@ def timed(cmd) -> tuple:
 def tool_run(tool: str, load: Path, save: Path, extra=()) -> dict:
     shutil.rmtree(save, ignore_errors=True)
     subprocess.run(["sync"])
-    wall, out, rss = timed([sys.executable, REPO / "tools" / tool, "--load", load, "--save", save, "--no-progress",
-                            *extra])
+    wall, out, rss = timed(
+        [sys.executable, REPO / "tools" / tool, "--load", load, "--save", save, "--no-progress", *extra]
+    )
     m = SUMMARY.search(out)
     tensors, gb, seconds, rate, setup = int(m[1]), float(m[2]), float(m[3]), float(m[4]), float(m[5])
-    return {"process_wall_s": wall, "tool_s": seconds, "setup_s": setup, "gb": gb, "tool_gb_per_s": rate,
-            "gb_per_s_without_setup": gb / (seconds - setup), "process_gb_per_s": gb / wall, "tensors": tensors,
-            "peak_rss_gb": rss / 1e9}
+    return {
+        "process_wall_s": wall,
+        "tool_s": seconds,
+        "setup_s": setup,
+        "gb": gb,
+        "tool_gb_per_s": rate,
+        "gb_per_s_without_setup": gb / (seconds - setup),
+        "process_gb_per_s": gb / wall,
+        "tensors": tensors,
+        "peak_rss_gb": rss / 1e9,
+    }
 
 
 def copy_run(src: Path, copy: Path, then_sync: bool) -> float:
@@ -138,8 +153,9 @@ def main() -> None:
             wall = copy_run(src, copy, then_sync)
             runs[key].append({"wall_s": wall, "gb_per_s": on_disk / 1e9 / wall})
         runs["hf_to_megatron"].append(tool_run("convert_hf_to_megatron.py", src, megatron))
-        runs["megatron_to_hf"].append(tool_run("convert_megatron_to_hf.py", megatron, back,
-                                               ["--max-shard-size", args.shard_size]))
+        runs["megatron_to_hf"].append(
+            tool_run("convert_megatron_to_hf.py", megatron, back, ["--max-shard-size", args.shard_size])
+        )
     cp, cp_sync, imp, exp = (medians(runs[k]) for k in runs)
     cp_wall, cp_sync_wall = cp["wall_s"], cp_sync["wall_s"]
 
@@ -154,27 +170,40 @@ def main() -> None:
     exact = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     result = {
-        "model": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab",
-                                                  "dtype")},
-        "weights_gb": nbytes / 1e9, "safetensors_files": len(files), "safetensors_gb_on_disk": on_disk / 1e9,
-        "repeat": args.repeat, "cp_r": cp, "cp_r_sync": cp_sync,
-        "hf_to_megatron": imp, "megatron_to_hf": exp, "roundtrip_bit_exact": exact,
+        "model": {
+            k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "dtype")
+        },
+        "weights_gb": nbytes / 1e9,
+        "safetensors_files": len(files),
+        "safetensors_gb_on_disk": on_disk / 1e9,
+        "repeat": args.repeat,
+        "cp_r": cp,
+        "cp_r_sync": cp_sync,
+        "hf_to_megatron": imp,
+        "megatron_to_hf": exp,
+        "roundtrip_bit_exact": exact,
         "machine": describe(),
         "load_average": os.getloadavg(),
     }
     (work / "convert_speed.json").write_text(json.dumps(result, indent=2))
-    print(f"model: {result['model']} -> {nbytes / 1e9:.3f} GB in {len(files)} safetensors shards; "
-          f"{result['machine']['hardware']}; load average {result['load_average'][0]:.1f}")
+    print(
+        f"model: {result['model']} -> {nbytes / 1e9:.3f} GB in {len(files)} safetensors shards; "
+        f"{result['machine']['hardware']}; load average {result['load_average'][0]:.1f}"
+    )
     print(f"medians of {args.repeat} run(s)")
-    print("| step | wall s (process) | GB/s (process) | tool's own s | tool GB/s | setup s | GB/s w/o setup "
-          "| peak RSS GB |")
+    print(
+        "| step | wall s (process) | GB/s (process) | tool's own s | tool GB/s | setup s | GB/s w/o setup "
+        "| peak RSS GB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print(f"| cp -r | {cp_wall:.2f} | {cp['gb_per_s']:.2f} | | | | | |")
     print(f"| cp -r && sync | {cp_sync_wall:.2f} | {cp_sync['gb_per_s']:.2f} | | | | | |")
     for name, r in (("hf -> megatron", imp), ("megatron -> hf", exp)):
-        print(f"| {name} | {r['process_wall_s']:.2f} | {r['process_gb_per_s']:.2f} | {r['tool_s']:.2f} | "
-              f"{r['tool_gb_per_s']:.2f} | {r['setup_s']:.2f} | {r['gb_per_s_without_setup']:.2f} | "
-              f"{r['peak_rss_gb']:.2f} |")
+        print(
+            f"| {name} | {r['process_wall_s']:.2f} | {r['process_gb_per_s']:.2f} | {r['tool_s']:.2f} | "
+            f"{r['tool_gb_per_s']:.2f} | {r['setup_s']:.2f} | {r['gb_per_s_without_setup']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} |"
+        )
     print(f"round trip bit-exact: {exact}")
     if not args.keep:
         for d in (src, copy, megatron, back):

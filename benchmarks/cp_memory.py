@@ -30,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODEL = dict(num_layers=2, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=16, num_query_groups=4,
-             vocab_size=256)
+MODEL = dict(
+    num_layers=2, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=16, num_query_groups=4, vocab_size=256
+)
 
 
 def _rss_bytes() -> int:
@@ -50,8 +51,11 @@ def worker(length: int, steps: int) -> dict:
 
     cp = int(os.environ.get("WORLD_SIZE", "1"))
     distributed.initialize(context_parallel_size=cp, seed=0)
-    cfg = llama.LlamaConfig(**MODEL, max_position_embeddings=length,
-                            rope=RopeConfig(kind="resonance_yarn", factor=4.0, original_max_position=length // 4))
+    cfg = llama.LlamaConfig(
+        **MODEL,
+        max_position_embeddings=length,
+        rope=RopeConfig(kind="resonance_yarn", factor=4.0, original_max_position=length // 4),
+    )
     (model,) = llama.build_model(cfg, spec="local", seq_length=length, per_token_loss=True)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, MODEL["vocab_size"], (1, length + 1), generator=g)
@@ -77,28 +81,47 @@ def worker(length: int, steps: int) -> dict:
     step()  # the untimed first step (its peak counts: the steps are alike)
     times = [step() for _ in range(steps)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    record = {"rank": dist.get_rank(), "cp": cp, "length": length, "local_tokens": length // cp,
-              "rss_before_step": before, "peak_rss": peak, "step_peak": peak - before,
-              "step_seconds": statistics.median(times), "threads": torch.get_num_threads()}
+    record = {
+        "rank": dist.get_rank(),
+        "cp": cp,
+        "length": length,
+        "local_tokens": length // cp,
+        "rss_before_step": before,
+        "peak_rss": peak,
+        "step_peak": peak - before,
+        "step_seconds": statistics.median(times),
+        "threads": torch.get_num_threads(),
+    }
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, record)
     return gathered
 
 
 def launch(cp: int, length: int, steps: int, threads: int) -> list:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     args = [__file__, "--worker", "--lengths", str(length), "--steps", str(steps)]
     if cp == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cp}", "--master-addr=127.0.0.1",
-               f"--master-port={29700 + length % 97}", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={cp}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={29700 + length % 97}",
+            *args,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("[cp_memory] "))
-    return json.loads(line[len("[cp_memory] "):])
+    return json.loads(line[len("[cp_memory] ") :])
 
 
 def main(argv=None) -> None:
@@ -118,12 +141,16 @@ def main(argv=None) -> None:
     for length in args.lengths:
         ranks = {cp: launch(cp, length, args.steps, args.threads) for cp in (1, 2)}
         one, two = ranks[1][0], max(ranks[2], key=lambda r: r["peak_rss"])
-        results["runs"].append({
-            "length": length, "cp1": ranks[1], "cp2": ranks[2],
-            "peak_rss_ratio": two["peak_rss"] / one["peak_rss"],
-            "step_peak_ratio": two["step_peak"] / one["step_peak"],
-            "step_time_ratio": max(r["step_seconds"] for r in ranks[2]) / one["step_seconds"],
-        })
+        results["runs"].append(
+            {
+                "length": length,
+                "cp1": ranks[1],
+                "cp2": ranks[2],
+                "peak_rss_ratio": two["peak_rss"] / one["peak_rss"],
+                "step_peak_ratio": two["step_peak"] / one["step_peak"],
+                "step_time_ratio": max(r["step_seconds"] for r in ranks[2]) / one["step_seconds"],
+            }
+        )
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

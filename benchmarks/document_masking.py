@@ -74,12 +74,15 @@ def run_option(args) -> dict:
     option = args.run
 
     if option == "segments":
+
         def attend(q, k, v):
             return document_attention(q, k, v, DocumentLayout(document_ids=doc))
     elif option == "causal":
+
         def attend(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif option == "dense":
+
         def attend(q, k, v):
             i = torch.arange(args.tokens, device=device)
             mask = (doc[0][:, None] == doc[0][None, :]) & (i[:, None] >= i[None, :])
@@ -119,8 +122,13 @@ def run_option(args) -> dict:
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else (_rss_kib() - rss_before) / 1024
     torch.save(out.cpu(), args.out)
-    return {"option": option, "seconds": min(times), "median_seconds": statistics.median(times), "peak_mib": peak,
-            "device": device}
+    return {
+        "option": option,
+        "seconds": min(times),
+        "median_seconds": statistics.median(times),
+        "peak_mib": peak,
+        "device": device,
+    }
 
 
 def main(argv=None) -> None:
@@ -150,10 +158,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for option in args.options.split(","):
             out = os.path.join(tmp, f"{option}.pt")
-            cmd = [sys.executable, __file__, "--run", option, "--out", out] + [
-                f"--{k.replace('_', '-')}={getattr(args, k)}"
-                for k in ("tokens", "documents", "heads", "groups", "head_dim", "repeat", "seed")
-            ] + (["--forward-only"] if args.forward_only else [])
+            cmd = (
+                [sys.executable, __file__, "--run", option, "--out", out]
+                + [
+                    f"--{k.replace('_', '-')}={getattr(args, k)}"
+                    for k in ("tokens", "documents", "heads", "groups", "head_dim", "repeat", "seed")
+                ]
+                + (["--forward-only"] if args.forward_only else [])
+            )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 rows.append({"option": option, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
@@ -165,17 +177,21 @@ def main(argv=None) -> None:
             if "out" in r and reference:
                 r["max_abs_diff_vs_segments"] = float((torch.load(r["out"]) - torch.load(reference)).abs().max())
             r.pop("out", None)
-    print(f"{args.tokens} tokens, {args.documents} documents, {args.heads} heads / {args.groups} groups, "
-          f"head dim {args.head_dim}, fp32 {'forward' if args.forward_only else 'forward + backward'}, "
-          f"best and median of {args.repeat}")
+    print(
+        f"{args.tokens} tokens, {args.documents} documents, {args.heads} heads / {args.groups} groups, "
+        f"head dim {args.head_dim}, fp32 {'forward' if args.forward_only else 'forward + backward'}, "
+        f"best and median of {args.repeat}"
+    )
     print("| option | seconds (best) | median | peak MiB | max abs diff vs segments |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['option']} | failed: {r['error'][:80]} | | | |")
         else:
             diff = r.get("max_abs_diff_vs_segments")
-            print(f"| {r['option']} | {r['seconds']:.3f} | {r['median_seconds']:.3f} | {r['peak_mib']:.0f} | "
-                  f"{'' if diff is None else f'{diff:.1e}'} |")
+            print(
+                f"| {r['option']} | {r['seconds']:.3f} | {r['median_seconds']:.3f} | {r['peak_mib']:.0f} | "
+                f"{'' if diff is None else f'{diff:.1e}'} |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -57,10 +57,16 @@ def build(args, root: Path):
 
     distributed.initialize(1, 1, seed=0)
     cfg = llama.LlamaConfig(
-        num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=args.heads,
-        num_query_groups=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=4 * 512,
-        rope=RopeConfig(kind="resonance_yarn", factor=4.0, original_max_position=512,
-                        head_dim=args.hidden // args.heads),
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        ffn_hidden_size=args.ffn,
+        num_attention_heads=args.heads,
+        num_query_groups=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4 * 512,
+        rope=RopeConfig(
+            kind="resonance_yarn", factor=4.0, original_max_position=512, head_dim=args.hidden // args.heads
+        ),
     )
     (model,) = llama.build_model(cfg, spec="local")
     torch.manual_seed(0)
@@ -70,9 +76,20 @@ def build(args, root: Path):
                 p.normal_(0, 0.04)
     checkpointing.save_checkpoint(str(root / "ckpt"), 1, [model], cfg, run_config={})
     del model
-    subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--load", str(root / "ckpt"),
-                    "--save", str(root / "hf"), "--no-progress"], check=True, cwd=REPO,
-                   env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert_megatron_to_hf.py"),
+            "--load",
+            str(root / "ckpt"),
+            "--save",
+            str(root / "hf"),
+            "--no-progress",
+        ],
+        check=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"),
+    )
     return root / "ckpt", root / "hf"
 
 
@@ -96,11 +113,15 @@ def main(argv=None) -> dict:
         ckpt, hf = build(args, Path(tmp))
         prompt = torch.randint(0, args.vocab, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
         runtime = loading.Runtime(dtype="float32")
-        models = {"megatron": resolve.resolve(resolve.ModelSpec("megatron", str(ckpt))),
-                  "transformers": resolve.resolve(resolve.ModelSpec("hf", str(hf)))}
+        models = {
+            "megatron": resolve.resolve(resolve.ModelSpec("megatron", str(ckpt))),
+            "transformers": resolve.resolve(resolve.ModelSpec("hf", str(hf))),
+        }
         length = args.prompt + args.new
-        with loading.open_scorer(models["megatron"], runtime, length) as meg, \
-                loading.open_scorer(models["transformers"], runtime, length) as hf_scorer:
+        with (
+            loading.open_scorer(models["megatron"], runtime, length) as meg,
+            loading.open_scorer(models["transformers"], runtime, length) as hf_scorer,
+        ):
             scorers = {"megatron": meg, "transformers": hf_scorer}
             modes = {"megatron": contextlib.nullcontext, "transformers": cpu_speed.suspended}
             tokens = {}
@@ -119,15 +140,23 @@ def main(argv=None) -> dict:
         for clock, i in (("cpu", 0), ("wall", 1)):
             prefill = statistics.median(r[i] for r in t["prefill"])
             full = statistics.median(r[i] for r in t["full"])
-            row[clock] = {"prefill_s": prefill, "total_s": full,
-                          "decode_tokens_per_s": (args.new - 1) / (full - prefill)}
+            row[clock] = {
+                "prefill_s": prefill,
+                "total_s": full,
+                "decode_tokens_per_s": (args.new - 1) / (full - prefill),
+            }
         rows[key] = row
-    ratio = {clock: rows["megatron"][clock]["decode_tokens_per_s"] / rows["transformers"][clock]["decode_tokens_per_s"]
-             for clock in ("cpu", "wall")}
+    ratio = {
+        clock: rows["megatron"][clock]["decode_tokens_per_s"] / rows["transformers"][clock]["decode_tokens_per_s"]
+        for clock in ("cpu", "wall")
+    }
     report = {
-        "environment": describe(), "load_average": os.getloadavg(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": rows,
-        "decode_ratio": ratio, "same_tokens": tokens["megatron"] == tokens["transformers"],
+        "environment": describe(),
+        "load_average": os.getloadavg(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": rows,
+        "decode_ratio": ratio,
+        "same_tokens": tokens["megatron"] == tokens["transformers"],
     }
     print(f"| path | clock | prefill ({args.prompt} tokens) s | {args.new} new tokens s | decode tokens/s |")
     print("|---|---|---|---|---|")
@@ -135,8 +164,10 @@ def main(argv=None) -> dict:
         for clock in ("cpu", "wall"):
             r = row[clock]
             print(f"| {key} | {clock} | {r['prefill_s']:.3f} | {r['total_s']:.3f} | {r['decode_tokens_per_s']:.1f} |")
-    print(f"decode megatron / transformers: {ratio['cpu']:.2f} (CPU time), {ratio['wall']:.2f} (wall); same tokens: "
-          f"{report['same_tokens']}; load average {report['load_average'][0]:.1f}")
+    print(
+        f"decode megatron / transformers: {ratio['cpu']:.2f} (CPU time), {ratio['wall']:.2f} (wall); same tokens: "
+        f"{report['same_tokens']}; load average {report['load_average'][0]:.1f}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return report

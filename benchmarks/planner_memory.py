@@ -29,8 +29,9 @@ from megatron_resonance.planning import Layout, ModelShape, training_estimate  #
 
 MiB = 2**20
 #: 4 layers, head dim 32, GQA 8:4: activations dominate at a few thousand tokens
-SHAPE = ModelShape(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8, num_query_groups=4,
-                   vocab_size=2048)
+SHAPE = ModelShape(
+    num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8, num_query_groups=4, vocab_size=2048
+)
 BASELINE_LENGTH = 256
 #: (length, TP, recomputation, CP)
 SETTINGS = [
@@ -39,16 +40,29 @@ SETTINGS = [
     (4096, 2, "selective", 1), (4096, 1, "none", 2), (8192, 1, "none", 2), (8192, 1, "full", 2),
 ]  # fmt: skip
 QUICK = [(4096, 1, "full", 1), (4096, 2, "selective", 1), (8192, 1, "none", 2)]
-_PARENT = ("import resource, subprocess, sys\n"
-           "rc = subprocess.run(sys.argv[1:]).returncode\n"
-           "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
-           "sys.exit(rc)\n")
+_PARENT = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
+    "sys.exit(rc)\n"
+)
 
 
 def model_flags(shape: ModelShape = SHAPE) -> List[str]:
-    return ["--num-layers", str(shape.num_layers), "--hidden-size", str(shape.hidden_size),
-            "--ffn-hidden-size", str(shape.ffn_hidden_size), "--num-attention-heads", str(shape.num_attention_heads),
-            "--num-query-groups", str(shape.num_query_groups), "--vocab-size", str(shape.vocab_size)]
+    return [
+        "--num-layers",
+        str(shape.num_layers),
+        "--hidden-size",
+        str(shape.hidden_size),
+        "--ffn-hidden-size",
+        str(shape.ffn_hidden_size),
+        "--num-attention-heads",
+        str(shape.num_attention_heads),
+        "--num-query-groups",
+        str(shape.num_query_groups),
+        "--vocab-size",
+        str(shape.vocab_size),
+    ]
 
 
 def recompute_flags(recompute: str) -> List[str]:
@@ -62,8 +76,9 @@ def recompute_flags(recompute: str) -> List[str]:
 def peak_rss(cmd: List[str], env: Optional[Dict[str, str]] = None, timeout: int = 600) -> float:
     """Run ``cmd``; the peak RSS in bytes of its largest descendant process. RuntimeError with the output
     when it fails."""
-    proc = subprocess.run([sys.executable, "-c", _PARENT, *cmd], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PARENT, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KIB")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -71,12 +86,37 @@ def peak_rss(cmd: List[str], env: Optional[Dict[str, str]] = None, timeout: int 
 
 
 def train_command(length: int, tp: int, recompute: str = "none", cp: int = 1) -> List[str]:
-    return [sys.executable, str(REPO / "pretrain" / "pretrain_llama.py"), "--nproc-per-node", str(tp * cp),
-            "--context-parallel-size", str(cp),
-            *model_flags(), "--max-position-embeddings", str(max(length, 8192)), "--mock-data",
-            "--seq-length", str(length), "--micro-batch-size", "1", "--global-batch-size", "1",
-            "--tensor-model-parallel-size", str(tp), "--train-iters", "2", "--eval-iters", "0",
-            "--log-interval", "1", "--lr", "1e-4", "--min-lr", "1e-5", *recompute_flags(recompute)]
+    return [
+        sys.executable,
+        str(REPO / "pretrain" / "pretrain_llama.py"),
+        "--nproc-per-node",
+        str(tp * cp),
+        "--context-parallel-size",
+        str(cp),
+        *model_flags(),
+        "--max-position-embeddings",
+        str(max(length, 8192)),
+        "--mock-data",
+        "--seq-length",
+        str(length),
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "1",
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--train-iters",
+        "2",
+        "--eval-iters",
+        "0",
+        "--log-interval",
+        "1",
+        "--lr",
+        "1e-4",
+        "--min-lr",
+        "1e-5",
+        *recompute_flags(recompute),
+    ]
 
 
 def estimate(length: int, tp: int, recompute: str = "none", cp: int = 1) -> float:
@@ -104,8 +144,7 @@ def child_env(mmap_threshold: bool = True) -> Dict[str, str]:
 
 def import_rss(env: Dict[str, str]) -> float:
     """Peak RSS of a process that only imports torch, megatron-core and the trainer (for reference)."""
-    return peak_rss([sys.executable, "-c", "import torch, megatron.core, megatron_resonance.training.trainer"],
-                    env=env)
+    return peak_rss([sys.executable, "-c", "import torch, megatron.core, megatron_resonance.training.trainer"], env=env)
 
 
 def measure(settings, env=None, log=print) -> List[dict]:
@@ -120,12 +159,22 @@ def measure(settings, env=None, log=print) -> List[dict]:
         peak = peak_rss(train_command(length, tp, recompute, cp), env=env)
         est = estimate(length, tp, recompute, cp)
         measured = peak - fixed[tp, cp]
-        row = dict(length=length, tp=tp, cp=cp, recompute=recompute, peak_mib=peak / MiB,
-                   fixed_mib=fixed[tp, cp] / MiB, measured_mib=measured / MiB, estimate_mib=est / MiB,
-                   error=(est - measured) / measured)
+        row = dict(
+            length=length,
+            tp=tp,
+            cp=cp,
+            recompute=recompute,
+            peak_mib=peak / MiB,
+            fixed_mib=fixed[tp, cp] / MiB,
+            measured_mib=measured / MiB,
+            estimate_mib=est / MiB,
+            error=(est - measured) / measured,
+        )
         rows.append(row)
-        log(f"L={length} TP={tp} CP={cp} {recompute}: peak {row['peak_mib']:.0f} MiB, measured "
-            f"{row['measured_mib']:.0f}, estimate {row['estimate_mib']:.0f} ({row['error']:+.1%})")
+        log(
+            f"L={length} TP={tp} CP={cp} {recompute}: peak {row['peak_mib']:.0f} MiB, measured "
+            f"{row['measured_mib']:.0f}, estimate {row['estimate_mib']:.0f} ({row['error']:+.1%})"
+        )
     return rows
 
 
@@ -135,8 +184,10 @@ def markdown(rows: List[dict], imported: float) -> str:
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['length']} | {r['tp']} | {r['cp']} | {r['recompute']} | {r['peak_mib']:.0f} | "
-                     f"{r['fixed_mib']:.0f} | {r['measured_mib']:.0f} | {r['estimate_mib']:.0f} | {r['error']:+.1%} |")
+        lines.append(
+            f"| {r['length']} | {r['tp']} | {r['cp']} | {r['recompute']} | {r['peak_mib']:.0f} | "
+            f"{r['fixed_mib']:.0f} | {r['measured_mib']:.0f} | {r['estimate_mib']:.0f} | {r['error']:+.1%} |"
+        )
     lines.append("")
     lines.append(f"Import alone (torch, megatron-core, the trainer): {imported / MiB:.0f} MiB peak RSS.")
     return "\n".join(lines)
@@ -146,8 +197,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the test's settings only")
     p.add_argument("--out", help="write the markdown table here")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="glibc's default (dynamic) mmap threshold instead of MMAP_THRESHOLD")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="glibc's default (dynamic) mmap threshold instead of MMAP_THRESHOLD",
+    )
     args = p.parse_args(argv)
     env = child_env(mmap_threshold=not args.default_malloc)
     imported = import_rss(env)

@@ -53,8 +53,7 @@ def one_copy(preset_name: str, steps: int, warmup: int) -> dict:
 def concurrent(preset_name: str, processes: int, steps: int, warmup: int) -> dict:
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--preset", preset_name, "--steps", str(steps), "--warmup", str(warmup),
-           "--copy"]
+    cmd = [sys.executable, __file__, "--preset", preset_name, "--steps", str(steps), "--warmup", str(warmup), "--copy"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     copies = []
     for p in procs:

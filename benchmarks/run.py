@@ -268,7 +268,7 @@ def _round_orders(n: int) -> list:
         return False
 
     assert extend(), n
-    return [calls[i:i + n] for i in range(0, length, n)]
+    return [calls[i : i + n] for i in range(0, length, n)]
 
 
 def _interleaved_times(steps: dict, warmup: int, repeats: int, sync=lambda: None) -> dict:
@@ -315,8 +315,13 @@ def _initialize() -> None:
 
 #: (processes, rounds per process) of the CPU comparison, full and --quick
 CPU_PROCESSES = {False: (5, 12), True: (2, 8)}
-CPU_RATIOS = ("resonance_overhead_ratio", "train_vs_hf_ratio", "train_vs_hf_ratio_model_only",
-              "resonance_overhead_ratio_of_medians", "train_vs_hf_ratio_of_medians")
+CPU_RATIOS = (
+    "resonance_overhead_ratio",
+    "train_vs_hf_ratio",
+    "train_vs_hf_ratio_model_only",
+    "resonance_overhead_ratio_of_medians",
+    "train_vs_hf_ratio_of_medians",
+)
 
 
 def cpu_training(quick: bool, workdir: Path) -> dict:
@@ -328,15 +333,28 @@ def cpu_training(quick: bool, workdir: Path) -> dict:
     runs = []
     for i in range(processes):
         out = workdir / f"cpu_process_{i}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--skip", "precision,gpu,convert",
-               "--cpu-rounds", str(rounds), "--out", str(out), "--workdir", str(workdir)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--skip",
+            "precision,gpu,convert",
+            "--cpu-rounds",
+            str(rounds),
+            "--out",
+            str(out),
+            "--workdir",
+            str(workdir),
+        ]
         proc = subprocess.run(cmd + (["--quick"] if quick else []), cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
             raise RuntimeError(f"CPU comparison process {i + 1} of {processes} failed (exit {proc.returncode})")
         runs.append(json.loads(out.read_text()))
-        print(f"[bench] cpu: process {i + 1}/{processes}: " + ", ".join(
-            f"{key} {runs[-1][key]:.3f}" for key in CPU_RATIOS[:3]), flush=True)
+        print(
+            f"[bench] cpu: process {i + 1}/{processes}: "
+            + ", ".join(f"{key} {runs[-1][key]:.3f}" for key in CPU_RATIOS[:3]),
+            flush=True,
+        )
     result = {key: statistics.median(r[key] for r in runs) for key in CPU_RATIOS}
     result.update({f"{key}_by_process": [r[key] for r in runs] for key in CPU_RATIOS[:3]})
     result["train_tokens_per_s"] = {
@@ -371,9 +389,15 @@ def cpu_training_here(quick: bool, rounds: int) -> dict:
         "train_tokens_per_s": {k: tokens / v for k, v in medians.items()},
         "train_rounds": len(times["rope"]),
         "train_shape": {
-            "layers": model_cfg.num_layers, "hidden": model_cfg.hidden_size, "ffn": model_cfg.ffn_hidden_size,
-            "heads": model_cfg.num_attention_heads, "kv_heads": model_cfg.num_query_groups,
-            "vocab": model_cfg.padded_vocab_size(), "seq": seq, "batch": batch, "dtype": "fp32",
+            "layers": model_cfg.num_layers,
+            "hidden": model_cfg.hidden_size,
+            "ffn": model_cfg.ffn_hidden_size,
+            "heads": model_cfg.num_attention_heads,
+            "kv_heads": model_cfg.num_query_groups,
+            "vocab": model_cfg.padded_vocab_size(),
+            "seq": seq,
+            "batch": batch,
+            "dtype": "fp32",
             "threads": torch.get_num_threads(),
         },
     }
@@ -428,8 +452,10 @@ def gpu_throughput(quick: bool) -> dict:
         "gpu_matmul_tflops_measured": measured,
         "gpu_by_spec": {},
     }
-    print(f"[bench] gpu: specs {out['gpu_specs']} (default {default}); matmul {measured:.0f} TFLOP/s "
-          f"(datasheet {peak})", flush=True)
+    print(
+        f"[bench] gpu: specs {out['gpu_specs']} (default {default}); matmul {measured:.0f} TFLOP/s (datasheet {peak})",
+        flush=True,
+    )
     for seq in GPU_LENGTHS:
         length = f"{seq // 1024}k"
         model_cfg = dataclasses.replace(shape, max_position_embeddings=seq)
@@ -461,8 +487,11 @@ def gpu_throughput(quick: bool) -> dict:
                         "mfu": tflops / peak if peak else None,
                         "mfu_vs_measured_matmul": tflops / measured,
                     }
-                    print(f"[bench] gpu {length} {spec} {kind}: {seq / seconds:,.0f} tok/s, {tflops:.0f} TFLOP/s"
-                          + (f", MFU {100 * tflops / peak:.1f} %" if peak else ""), flush=True)
+                    print(
+                        f"[bench] gpu {length} {spec} {kind}: {seq / seconds:,.0f} tok/s, {tflops:.0f} TFLOP/s"
+                        + (f", MFU {100 * tflops / peak:.1f} %" if peak else ""),
+                        flush=True,
+                    )
                 result["resonance_overhead_ratio"] = _paired_ratio(times["resonance_yarn"], times["rope"])
                 result["peak_memory_gib_two_models"] = torch.cuda.max_memory_allocated() / 2**30
                 result["seconds_with_warmup"] = time.perf_counter() - start
@@ -534,9 +563,16 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()  # the CPU path comparison needs a machine without CUDA
     sections = [
         ("precision", lambda: angle_errors()),
-        ("gpu", lambda: gpu_throughput(args.quick)) if on_gpu else ("cpu", lambda: (
-            cpu_training(args.quick, workdir) if args.cpu_rounds is None
-            else cpu_training_here(args.quick, args.cpu_rounds))),
+        ("gpu", lambda: gpu_throughput(args.quick))
+        if on_gpu
+        else (
+            "cpu",
+            lambda: (
+                cpu_training(args.quick, workdir)
+                if args.cpu_rounds is None
+                else cpu_training_here(args.quick, args.cpu_rounds)
+            ),
+        ),
         ("convert", lambda: conversion(args.quick, workdir)),
     ]
     if not on_gpu:
@@ -549,8 +585,12 @@ def main(argv=None) -> int:
         results.update(fn())
         print(f"[bench] {name}: {time.time() - start:.0f} s", flush=True)
         out.write_text(json.dumps(results, indent=2))
-    for key in CPU_RATIOS[:3] + ("angle_error_rad_at_1m", "megatron_core_angle_error_rad_at_1m", "convert_gb_per_s",
-                                 "copy_gb_per_s"):
+    for key in CPU_RATIOS[:3] + (
+        "angle_error_rad_at_1m",
+        "megatron_core_angle_error_rad_at_1m",
+        "convert_gb_per_s",
+        "copy_gb_per_s",
+    ):
         if key in results:
             print(f"{key:>38}: {results[key]:.4g}")
     print(f"results written to {out}")

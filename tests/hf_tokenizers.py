@@ -43,22 +43,32 @@ def train_byte_level_bpe(directory, *, bpe_vocab: int = BPE_VOCAB, config: bool 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     words = random_words()
-    texts = stdlib_texts() + [" ".join(words[i:i + 1000]) for i in range(0, len(words), 1000)] * 2
+    texts = stdlib_texts() + [" ".join(words[i : i + 1000]) for i in range(0, len(words), 1000)] * 2
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab, min_frequency=2, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
     assert tok.get_vocab_size() == bpe_vocab, tok.get_vocab_size()
     tok.add_special_tokens(SPECIALS)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bpe_vocab)])
     tok.save(str(directory / "tokenizer.json"))
     if config:
-        (directory / "tokenizer_config.json").write_text(json.dumps({
-            "bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": True, "model_max_length": 1 << 20,
-        }, indent=1) + "\n")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "bos_token": BOS,
+                    "eos_token": EOS,
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "clean_up_tokenization_spaces": True,
+                    "model_max_length": 1 << 20,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return directory
 
 

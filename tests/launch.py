@@ -26,15 +26,13 @@ def child_env(**overrides) -> dict:
     """``os.environ`` for a worker: this repository first on PYTHONPATH, ahead of what was there (where
     ``make gpu-check`` puts the megatron-core it installed), one OpenMP thread, no warnings."""
     path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path), PYTHONWARNINGS="ignore",
-                **overrides)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path), PYTHONWARNINGS="ignore", **overrides)
 
 
 def run_command(cmd, timeout: int, env=None) -> subprocess.CompletedProcess:
     """``cmd`` from the repository root with :func:`child_env` (plus ``env``); raises AssertionError with the
     output on failure."""
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"

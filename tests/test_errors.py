@@ -37,29 +37,43 @@ ENTRY_DIRS = ("tools", "pretrain", "finetune")
 #: ``{tmp}`` is a fresh directory holding ``file`` (a regular file)
 BAD_INPUT = {
     "tools/build_corpus.py": (["--output-dir", "{tmp}/out", "--valid-fraction", "2"], "valid_fraction"),
-    "tools/check_pipeline.py": (["--hf-model", "{tmp}/nothing", "--work-dir", "{tmp}/work", "--eval-lengths",
-                                 "64"], "{tmp}/nothing"),
+    "tools/check_pipeline.py": (
+        ["--hf-model", "{tmp}/nothing", "--work-dir", "{tmp}/work", "--eval-lengths", "64"],
+        "{tmp}/nothing",
+    ),
     "tools/convert_hf_to_megatron.py": (["--load", "{tmp}/nothing", "--save", "{tmp}/out"], "{tmp}/nothing"),
     "tools/convert_megatron_to_hf.py": (["--load", "{tmp}/nothing", "--save", "{tmp}/out"], "{tmp}/nothing"),
-    "tools/eval_passkey.py": (["--load", "{tmp}/nothing", "--lengths", "64", "--trials", "1", "--out",
-                               "{tmp}/eval"], "{tmp}/nothing"),
-    "tools/eval_perplexity.py": (["--load", "{tmp}/nothing", "--lengths", "64", "--data", "{tmp}/file", "--out",
-                                  "{tmp}/eval"], "{tmp}/nothing"),
-    "tools/eval_ruler.py": (["--load", "{tmp}/nothing", "--lengths", "64", "--samples", "1", "--out",
-                             "{tmp}/eval"], "{tmp}/nothing"),
+    "tools/eval_passkey.py": (
+        ["--load", "{tmp}/nothing", "--lengths", "64", "--trials", "1", "--out", "{tmp}/eval"],
+        "{tmp}/nothing",
+    ),
+    "tools/eval_perplexity.py": (
+        ["--load", "{tmp}/nothing", "--lengths", "64", "--data", "{tmp}/file", "--out", "{tmp}/eval"],
+        "{tmp}/nothing",
+    ),
+    "tools/eval_ruler.py": (
+        ["--load", "{tmp}/nothing", "--lengths", "64", "--samples", "1", "--out", "{tmp}/eval"],
+        "{tmp}/nothing",
+    ),
     "tools/gpu_check.py": (["--out", "{tmp}/out", "--budget", "0"], "--budget must be positive"),
     "tools/gpu_wheels.py": (["fetch", "--manifest", "{tmp}/nothing.json"], "{tmp}/nothing.json"),
     "tools/plan_layout.py": (["--load", "{tmp}/nothing", "--seq-length", "64"], "{tmp}/nothing"),
     "tools/posgen_benchmark.py": (["--preset", "smoke", "--out", "{tmp}/out", "--workers", "0"], "--workers"),
-    "tools/posgen_generate.py": (["--task", "recursive", "--split", "train", "--num-sequences", "0", "--length",
-                                  "8", "--out", "{tmp}/x.jsonl"], "--num-sequences"),
+    "tools/posgen_generate.py": (
+        ["--task", "recursive", "--split", "train", "--num-sequences", "0", "--length", "8", "--out", "{tmp}/x.jsonl"],
+        "--num-sequences",
+    ),
     "tools/prepare_data.py": (["--output-dir", "{tmp}/out", "--vocab-size", "10"], "--vocab-size"),
-    "tools/preprocess_data.py": (["--input", "{tmp}/nothing.jsonl", "--output-prefix", "{tmp}/out",
-                                  "--tokenizer-model", "{tmp}/nothing.model"], "{tmp}/nothing"),
+    "tools/preprocess_data.py": (
+        ["--input", "{tmp}/nothing.jsonl", "--output-prefix", "{tmp}/out", "--tokenizer-model", "{tmp}/nothing.model"],
+        "{tmp}/nothing",
+    ),
     "tools/rope_report.py": (["--head-dim", "3"], "--head-dim"),
     "tools/run_demo.py": (["--out", "{tmp}/file/demo"], "{tmp}/file"),
-    "tools/train_tokenizer.py": (["--input", "{tmp}/nothing.jsonl", "--model-prefix", "{tmp}/spm"],
-                                 "{tmp}/nothing.jsonl"),
+    "tools/train_tokenizer.py": (
+        ["--input", "{tmp}/nothing.jsonl", "--model-prefix", "{tmp}/spm"],
+        "{tmp}/nothing.jsonl",
+    ),
     "pretrain/pretrain_llama.py": (["--config", "{tmp}/nothing.yaml"], "{tmp}/nothing.yaml"),
     "finetune/extend_context.py": (["--load", "{tmp}/nothing", "--mock-data"], "{tmp}/nothing"),
 }
@@ -104,8 +118,9 @@ def bad_input_runs(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE", cli.LAUNCHER_ENV):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, json.dumps(cases)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, __file__, json.dumps(cases)], capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -165,8 +180,14 @@ def test_a_bug_is_not_a_user_error():
     with pytest.raises(KeyError):
         guarded(KeyError("bug"))
     script = "from megatron_resonance import cli\nwith cli.guard('tool.py'):\n    {}['missing']\n"
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "KeyError: 'missing'" in proc.stderr
     assert "tool.py: error" not in proc.stderr
@@ -174,7 +195,9 @@ def test_a_bug_is_not_a_user_error():
 
 def test_ctrl_c():
     assert guarded(KeyboardInterrupt(), interrupted="interrupted; --save unchanged") == (
-        130, "tool.py: interrupted; --save unchanged\n")
+        130,
+        "tool.py: interrupted; --save unchanged\n",
+    )
     with pytest.raises(KeyboardInterrupt):
         guarded(KeyboardInterrupt())
 

@@ -54,8 +54,10 @@ def _bench_module():
     return module
 
 
-@pytest.mark.parametrize("names", [("rope", "hf"), ("rope", "resonance_yarn", "hf"),
-                                   ("rope", "resonance_yarn", "model_only", "hf"), tuple("abcde")])
+@pytest.mark.parametrize(
+    "names",
+    [("rope", "hf"), ("rope", "resonance_yarn", "hf"), ("rope", "resonance_yarn", "model_only", "hf"), tuple("abcde")],
+)
 def test_rounds_let_each_step_follow_each_other_equally_often(names):
     """The step after another model's pays for its caches: the interleaving must not put that on one step."""
     from collections import Counter
@@ -67,7 +69,7 @@ def test_rounds_let_each_step_follow_each_other_equally_often(names):
     times = bench._interleaved_times(steps, warmup=0, repeats=repeats)
     assert {k: len(v) for k, v in times.items()} == {k: repeats for k in names}
     for start in range(0, len(calls), len(names)):
-        assert sorted(calls[start:start + len(names)]) == sorted(names)  # a round runs every step once
+        assert sorted(calls[start : start + len(names)]) == sorted(names)  # a round runs every step once
     follows = Counter(zip(calls, calls[1:]))
     assert all(before != after for before, after in follows)  # never right after itself
     for after in steps:

@@ -75,16 +75,51 @@ def pipeline(tmp_path_factory) -> Pipeline:
     # 2. conversions, through the tools
     commands = []
     for name in tiny_models.SOURCES:
-        commands.append(["hf_to_megatron", ["--load", str(p.src[name]), "--save", str(p.megatron[name]),
-                                            "--no-progress"]])
-        commands.append(["megatron_to_hf", ["--load", str(p.megatron[name]), "--save", str(p.export[name]),
-                                            "--max-shard-size", "100KB", "--no-progress"]])
+        commands.append(
+            ["hf_to_megatron", ["--load", str(p.src[name]), "--save", str(p.megatron[name]), "--no-progress"]]
+        )
+        commands.append(
+            [
+                "megatron_to_hf",
+                [
+                    "--load",
+                    str(p.megatron[name]),
+                    "--save",
+                    str(p.export[name]),
+                    "--max-shard-size",
+                    "100KB",
+                    "--no-progress",
+                ],
+            ]
+        )
     commands += [
-        ["hf_to_megatron", ["--load", str(p.src["gqa"]), "--save", str(p.megatron[EXTENDED]), "--rope-kind",
-                            "resonance_yarn", "--rope-factor", "4", "--no-progress"]],
+        [
+            "hf_to_megatron",
+            [
+                "--load",
+                str(p.src["gqa"]),
+                "--save",
+                str(p.megatron[EXTENDED]),
+                "--rope-kind",
+                "resonance_yarn",
+                "--rope-factor",
+                "4",
+                "--no-progress",
+            ],
+        ],
         ["megatron_to_hf", ["--load", str(p.megatron[EXTENDED]), "--save", str(p.export_longrope), "--no-progress"]],
-        ["megatron_to_hf", ["--load", str(p.megatron[EXTENDED] / "iter_0000000"), "--save", str(p.export_custom),
-                            "--rope-format", "custom", "--no-progress"]],
+        [
+            "megatron_to_hf",
+            [
+                "--load",
+                str(p.megatron[EXTENDED] / "iter_0000000"),
+                "--save",
+                str(p.export_custom),
+                "--rope-format",
+                "custom",
+                "--no-progress",
+            ],
+        ],
         # an exported resonance model comes back with its plan (read from the recorded keys)
         ["hf_to_megatron", ["--load", str(p.export_longrope), "--save", str(p.reimported), "--no-progress"]],
         # a checkpoint that lacks a tensor its config implies (untied config, tied weights): refused
@@ -107,9 +142,20 @@ def pipeline(tmp_path_factory) -> Pipeline:
 
         # 4. the resonance export in a process with transformers alone; the custom-format export here
         plan, out = p.root / "hf_plan_stock.json", p.root / "hf_stock.json"
-        plan.write_text(json.dumps({"jobs": [{"name": EXTENDED, "model": str(p.export_longrope),
-                                              "tokens": str(p.tokens_extended),
-                                              "out": str(p.root / "hf_stock_logits.pt")}]}))
+        plan.write_text(
+            json.dumps(
+                {
+                    "jobs": [
+                        {
+                            "name": EXTENDED,
+                            "model": str(p.export_longrope),
+                            "tokens": str(p.tokens_extended),
+                            "out": str(p.root / "hf_stock_logits.pt"),
+                        }
+                    ]
+                }
+            )
+        )
         python(WORKERS / "hf_logits.py", plan, out)
         p.hf_stock = json.loads(out.read_text())
         p.hf_stock["logits"] = torch.load(p.root / "hf_stock_logits.pt")

@@ -87,9 +87,16 @@ def make_case(case: str, src: Path, tmp: Path) -> Path:
     elif case == "unsupported_rope_type":
         _edit_config(bad, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     elif case == "foreign_longrope":
-        _edit_config(bad, rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                           "long_factor": [2.0] * 8, "original_max_position_embeddings": 64,
-                                           "rope_theta": 10000.0})
+        _edit_config(
+            bad,
+            rope_parameters={
+                "rope_type": "longrope",
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 10000.0,
+            },
+        )
     elif case == "no_config":
         (bad / "config.json").unlink()
     elif case == "unreadable_config":
@@ -106,7 +113,7 @@ IMPORT_CASES = {
     "non_llama_model_type": "model_type 'gpt2' is not a LLaMA model",
     "missing_shard": "missing shard(s) named in model.safetensors.index.json",
     "shape_mismatch": "shape mismatch for model.layers.0.mlp.gate_proj.weight: [96, 64] in the checkpoint, "
-                      "[128, 64] expected",
+    "[128, 64] expected",
     "corrupt_safetensors": "unreadable safetensors file",
     "truncated_safetensors": "unreadable safetensors file",
     "unsafe_pickle": "refused to unpickle with weights_only=True",
@@ -150,20 +157,28 @@ def save(tmp_path) -> Path:
 def test_import_refuses(case, good_source, tmp_path, save, capsys):
     bad = make_case(case, good_source, tmp_path)
     tool = load_tool("hf_to_megatron")
-    line = expect_failure(tool, ["--load", str(bad), "--save", str(save), "--overwrite", "--no-progress"], capsys,
-                          save, IMPORT_CASES[case])
+    line = expect_failure(
+        tool,
+        ["--load", str(bad), "--save", str(save), "--overwrite", "--no-progress"],
+        capsys,
+        save,
+        IMPORT_CASES[case],
+    )
     print(line)
     if case == "unsafe_pickle":
         assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("extra, match", [
-    ([], "is not empty (pass --overwrite to replace it)"),
-    (["--overwrite", "--rope-factor", "4"], "--rope-factor needs --rope-kind"),
-    (["--overwrite", "--rope-kind", "yarn", "--rope-factor", "0.5"], "factor must be"),
-    (["--overwrite", "--rope-kind", "bogus"], "invalid choice: 'bogus'"),
-    (["--overwrite", "--dtype", "int8"], "invalid choice: 'int8'"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ([], "is not empty (pass --overwrite to replace it)"),
+        (["--overwrite", "--rope-factor", "4"], "--rope-factor needs --rope-kind"),
+        (["--overwrite", "--rope-kind", "yarn", "--rope-factor", "0.5"], "factor must be"),
+        (["--overwrite", "--rope-kind", "bogus"], "invalid choice: 'bogus'"),
+        (["--overwrite", "--dtype", "int8"], "invalid choice: 'int8'"),
+    ],
+)
 def test_import_refuses_bad_options(extra, match, good_source, save, capsys):
     tool = load_tool("hf_to_megatron")
     expect_failure(tool, ["--load", str(good_source), "--save", str(save), *extra], capsys, save, match)
@@ -180,17 +195,32 @@ def test_export_refuses(tmp_path, save, capsys):
     tool = load_tool("megatron_to_hf")
     empty = tmp_path / "empty"
     empty.mkdir()
-    expect_failure(tool, ["--load", str(empty), "--save", str(save), "--overwrite"], capsys, save,
-                   "no checkpoint at")
-    expect_failure(tool, ["--load", str(tmp_path / "nowhere"), "--save", str(save), "--overwrite"], capsys, save,
-                   "the path does not exist")
+    expect_failure(tool, ["--load", str(empty), "--save", str(save), "--overwrite"], capsys, save, "no checkpoint at")
+    expect_failure(
+        tool,
+        ["--load", str(tmp_path / "nowhere"), "--save", str(save), "--overwrite"],
+        capsys,
+        save,
+        "the path does not exist",
+    )
     (empty / "latest_checkpointed_iteration.txt").write_text("3")
-    expect_failure(tool, ["--load", str(empty), "--save", str(save), "--overwrite"], capsys, save,
-                   "missing or incomplete")
-    expect_failure(tool, ["--load", str(empty), "--save", str(save), "--max-shard-size", "lots", "--overwrite"],
-                   capsys, save, "unreadable size 'lots'")
-    expect_failure(tool, ["--load", str(empty), "--save", str(save), "--rope-format", "yaml"], capsys, save,
-                   "invalid choice: 'yaml'")
+    expect_failure(
+        tool, ["--load", str(empty), "--save", str(save), "--overwrite"], capsys, save, "missing or incomplete"
+    )
+    expect_failure(
+        tool,
+        ["--load", str(empty), "--save", str(save), "--max-shard-size", "lots", "--overwrite"],
+        capsys,
+        save,
+        "unreadable size 'lots'",
+    )
+    expect_failure(
+        tool,
+        ["--load", str(empty), "--save", str(save), "--rope-format", "yaml"],
+        capsys,
+        save,
+        "invalid choice: 'yaml'",
+    )
 
 
 def test_real_command_line(good_source, tmp_path, save):
@@ -199,7 +229,10 @@ def test_real_command_line(good_source, tmp_path, save):
     before = snapshot(save)
     proc = subprocess.run(
         [sys.executable, TOOLS / "convert_hf_to_megatron.py", "--load", bad, "--save", save, "--overwrite"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert proc.returncode == 2, proc.stderr

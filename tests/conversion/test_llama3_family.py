@@ -32,11 +32,28 @@ pytestmark = pytest.mark.slow
 
 VOCAB = BPE_VOCAB + len(SPECIALS)  # 65,856
 BOS, EOS = BPE_VOCAB, BPE_VOCAB + 1
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64, "rope_theta": 500000.0}
-ARCH = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=BOS,
-            eos_token_id=EOS, tie_word_embeddings=False, rope_parameters=LLAMA3)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 500000.0,
+}
+ARCH = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    tie_word_embeddings=False,
+    rope_parameters=LLAMA3,
+)
 TARGET = 256
 LENGTHS = "64,256"
 REL = 1e-4
@@ -46,11 +63,14 @@ EVAL_WORKER = REPO / "tests" / "evaluation" / "workers" / "run_tools.py"
 
 def _run(*cmd, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *map(str, cmd)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -89,37 +109,101 @@ def pipeline(tmp_path_factory):
         times[name] = time.perf_counter() - t
         return out
 
-    step("convert", TOOLS / "convert_hf_to_megatron.py", "--load", p["source"], "--save", p["megatron"],
-         "--no-progress")
+    step(
+        "convert", TOOLS / "convert_hf_to_megatron.py", "--load", p["source"], "--save", p["megatron"], "--no-progress"
+    )
     prefix = p["data"] / "train_text_document"
     # the tokenizer.json the importer kept with the checkpoint
-    step("preprocess", TOOLS / "preprocess_data.py", "--input", p["train"], "--output-prefix", prefix,
-         "--tokenizer", p["megatron"] / "hf" / "tokenizer.json", "--no-progress")
+    step(
+        "preprocess",
+        TOOLS / "preprocess_data.py",
+        "--input",
+        p["train"],
+        "--output-prefix",
+        prefix,
+        "--tokenizer",
+        p["megatron"] / "hf" / "tokenizer.json",
+        "--no-progress",
+    )
     p["prefix"] = prefix
     p["extend_stdout"] = step(
-        "extend", REPO / "finetune" / "extend_context.py", "--nproc-per-node", "1", "--load", p["megatron"],
-        "--rope-kind", "llama3", "--resonance", "--seq-length", TARGET, "--micro-batch-size", "1",
-        "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-3", "--min-lr", "1e-3", "--log-interval", "1",
-        "--eval-iters", "1", "--data-path", prefix, "--valid-data-path", prefix,
-        "--tokenizer-model", p["megatron"] / "hf", "--save", p["extended"],
+        "extend",
+        REPO / "finetune" / "extend_context.py",
+        "--nproc-per-node",
+        "1",
+        "--load",
+        p["megatron"],
+        "--rope-kind",
+        "llama3",
+        "--resonance",
+        "--seq-length",
+        TARGET,
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "3",
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-3",
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "1",
+        "--data-path",
+        prefix,
+        "--valid-data-path",
+        prefix,
+        "--tokenizer-model",
+        p["megatron"] / "hf",
+        "--save",
+        p["extended"],
     ).stdout
     # no --hf-reference: the source's files were carried into the extended checkpoint
-    step("export", TOOLS / "convert_megatron_to_hf.py", "--load", p["extended"], "--save", p["export"],
-         "--no-progress")
+    step("export", TOOLS / "convert_megatron_to_hf.py", "--load", p["extended"], "--save", p["export"], "--no-progress")
 
     # evaluation: text (tokenized by the tokenizer found with each model), every tool's main in one process
     p["eval_text"] = root / "eval.jsonl"
     p["eval_text"].write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     runs = {
-        "perplexity": ("perplexity", ["--load", p["megatron"], "--name", "converted", "--hf", p["source"], "--name",
-                                      "source", "--load", p["extended"], "--name", "extended", "--hf", p["export"],
-                                      "--name", "export", "--data", p["eval_text"], "--lengths", LENGTHS]),
+        "perplexity": (
+            "perplexity",
+            [
+                "--load",
+                p["megatron"],
+                "--name",
+                "converted",
+                "--hf",
+                p["source"],
+                "--name",
+                "source",
+                "--load",
+                p["extended"],
+                "--name",
+                "extended",
+                "--hf",
+                p["export"],
+                "--name",
+                "export",
+                "--data",
+                p["eval_text"],
+                "--lengths",
+                LENGTHS,
+            ],
+        ),
         "indexed": ("perplexity", ["--load", p["extended"], "--data", prefix, "--lengths", LENGTHS]),
         "passkey": ("passkey", ["--load", p["extended"], "--lengths", "160,256", "--trials", "2", "--depths", "0,1"]),
         "passkey_hf": ("passkey", ["--hf", p["export"], "--lengths", "160,256", "--trials", "2", "--depths", "0,1"]),
     }
-    plan = {"setup": None, "commands": [[tool, [*map(str, argv), "--out", str(p["eval"] / key), "--no-progress"]]
-                                        for key, (tool, argv) in runs.items()]}
+    plan = {
+        "setup": None,
+        "commands": [
+            [tool, [*map(str, argv), "--out", str(p["eval"] / key), "--no-progress"]]
+            for key, (tool, argv) in runs.items()
+        ],
+    }
     (root / "plan.json").write_text(json.dumps(plan))
     step("evaluate", EVAL_WORKER, root / "plan.json", root / "results.json")
     results = json.loads((root / "results.json").read_text())["commands"]
@@ -144,8 +228,7 @@ def test_converter_keeps_the_tokenizer_and_the_llama3_plan(pipeline):
     stored = json.loads((pipeline["megatron"] / "iter_0000000" / "megatron_resonance.json").read_text())["model"]
     assert stored["vocab_size"] == VOCAB and stored["num_query_groups"] == 2
     rope = stored["rope"]
-    assert (rope["kind"], rope["base"], rope["factor"], rope["original_max_position"]) == (
-        "llama3", 500000.0, 8.0, 64)
+    assert (rope["kind"], rope["base"], rope["factor"], rope["original_max_position"]) == ("llama3", 500000.0, 8.0, 64)
 
 
 def test_token_ids_above_65535_round_trip_through_bin_idx(pipeline):
@@ -169,7 +252,11 @@ def test_extension_keeps_the_llama3_plan_and_the_hf_files(pipeline):
     stored = json.loads((pipeline["extended"] / "iter_0000003" / "megatron_resonance.json").read_text())
     rope = stored["model"]["rope"]
     assert (rope["kind"], rope["resonance"], rope["original_max_position"], rope["base"]) == (
-        "llama3", True, 64, 500000.0)
+        "llama3",
+        True,
+        64,
+        500000.0,
+    )
     assert rope["factor"] == pytest.approx(8.0 * TARGET / 128)
     assert stored["model"]["max_position_embeddings"] >= TARGET
     assert stored["run"]["data"]["tokenizer_model"] == str(pipeline["megatron"] / "hf")
@@ -193,8 +280,12 @@ def test_tokenizer_found_with_each_model_encodes_as_the_source(pipeline):
 
     models = pipeline["reports"]["perplexity"]["models"]
     found = {name: m["tokenizer"] for name, m in models.items()}
-    assert found == {"converted": str(pipeline["megatron"] / "hf"), "source": str(pipeline["source"]),
-                     "extended": str(pipeline["extended"] / "hf"), "export": str(pipeline["export"])}
+    assert found == {
+        "converted": str(pipeline["megatron"] / "hf"),
+        "source": str(pipeline["source"]),
+        "extended": str(pipeline["extended"] / "hf"),
+        "export": str(pipeline["export"]),
+    }
     auto = _auto(pipeline["source"])
     text = pipeline["texts"][0]
     expected = auto.encode(text, add_special_tokens=False)

@@ -84,7 +84,11 @@ def test_extension_plan_is_recorded(pipeline):
     rope = meta["model"]["rope"]
     assert meta["model"]["max_position_embeddings"] == EXTENDED_SEQ
     assert (rope["kind"], rope["factor"], rope["original_max_position"], rope["resonance"]) == (
-        "resonance_yarn", 4.0, 64, True)
+        "resonance_yarn",
+        4.0,
+        64,
+        True,
+    )
     # re-importing the portable export recovers the plan exactly
     back = json.loads((pipeline.reimported / "iter_0000000" / "megatron_resonance.json").read_text())
     assert back["model"] == meta["model"]

@@ -24,10 +24,10 @@ def test_qkv_is_grouped_per_query_group():
     rows = qkv[:, 0]
     per_group = 6 * hd
     for g in range(2):
-        block = rows[g * per_group:(g + 1) * per_group]
-        assert torch.equal(block[: 4 * hd], q[g * 4 * hd:(g + 1) * 4 * hd, 0])
-        assert torch.equal(block[4 * hd: 5 * hd], k[g * hd:(g + 1) * hd, 0])
-        assert torch.equal(block[5 * hd:], v[g * hd:(g + 1) * hd, 0])
+        block = rows[g * per_group : (g + 1) * per_group]
+        assert torch.equal(block[: 4 * hd], q[g * 4 * hd : (g + 1) * 4 * hd, 0])
+        assert torch.equal(block[4 * hd : 5 * hd], k[g * hd : (g + 1) * hd, 0])
+        assert torch.equal(block[5 * hd :], v[g * hd : (g + 1) * hd, 0])
     # the Hugging Face -> Megatron formula: per query group, its q heads, then its k and v
     design = torch.cat([q.view(2, 4 * hd, h), k.view(2, hd, h), v.view(2, hd, h)], 1).view(-1, h)
     assert torch.equal(qkv, design)
@@ -37,8 +37,12 @@ def test_qkv_is_grouped_per_query_group():
 def test_transforms_are_exact_inverses(name):
     g = torch.Generator().manual_seed(0)
     hd, h, f = CFG.head_dim, CFG.hidden_size, CFG.ffn_hidden_size
-    shapes = {"copy": [(h, h)], "qkv": [(8 * hd, h), (2 * hd, h), (2 * hd, h)], "gate_up": [(f, h), (f, h)],
-              "vocab": [(300, h)]}[name]
+    shapes = {
+        "copy": [(h, h)],
+        "qkv": [(8 * hd, h), (2 * hd, h), (2 * hd, h)],
+        "gate_up": [(f, h), (f, h)],
+        "vocab": [(300, h)],
+    }[name]
     hf = tuple(torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes)
     t = TRANSFORMS[name]
     megatron = t.to_megatron(hf, CFG)
@@ -58,8 +62,12 @@ def test_key_map_covers_the_model(tied):
     assert len(params) == 1 + 3 * 6 + 1 + (0 if tied else 1)
     hf = [k for p in params for k in p.hf]
     assert len(hf) == len(set(hf)) == 1 + 3 * 9 + 1 + (0 if tied else 1)
-    assert hf[:4] == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                      "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    assert hf[:4] == [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+    ]
     shapes = key_map.hf_shapes(cfg)
     assert shapes["model.layers.2.self_attn.k_proj.weight"] == (cfg.num_query_groups * cfg.head_dim, cfg.hidden_size)
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (cfg.hidden_size, cfg.ffn_hidden_size)

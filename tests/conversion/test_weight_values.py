@@ -30,8 +30,12 @@ INF_KEY = "model.layers.0.self_attn.k_proj.weight"  # packed with q and v
 BIG_KEY = "model.norm.weight"
 HUGE_KEY = "model.embed_tokens.weight"  # padded to the Megatron vocabulary
 #: the float16 tensors of the mixed source (every other tensor is bfloat16)
-FLOAT16_KEYS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight",
-                "model.layers.1.mlp.down_proj.weight", "model.norm.weight")
+FLOAT16_KEYS = (
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.1.mlp.down_proj.weight",
+    "model.norm.weight",
+)
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -100,12 +104,12 @@ def runs(tmp_path_factory):
         save.mkdir()
         (save / "keep.txt").write_text("precious")
         out[case] = {"src": src, "save": save, "before": snapshot(save)}
-        commands.append(["hf_to_megatron", ["--load", str(src), "--save", str(save), "--overwrite",
-                                            "--no-progress", *extra]])
+        commands.append(
+            ["hf_to_megatron", ["--load", str(src), "--save", str(save), "--overwrite", "--no-progress", *extra]]
+        )
     # what the mixed source became, read back through the exporter (stored dtype: bfloat16)
     export = root / "mixed" / "export"
-    commands.append(["megatron_to_hf", ["--load", str(out["mixed"]["save"]), "--save", str(export),
-                                        "--no-progress"]])
+    commands.append(["megatron_to_hf", ["--load", str(out["mixed"]["save"]), "--save", str(export), "--no-progress"]])
     plan, results = root / "plan.json", root / "results.json"
     plan.write_text(json.dumps({"commands": commands}))
     python(WORKERS / "convert_all.py", plan, results, timeout=300)
@@ -132,29 +136,37 @@ def _shard(src: Path, key: str) -> str:
 
 def test_nan_is_refused(runs):
     line = _refused(runs["nan"])
-    assert line == (f"{PROG}: error: {_shard(runs['nan']['src'], NAN_KEY)}: tensor {NAN_KEY} holds 2 non-finite "
-                    "values (NaN): refusing to import")
+    assert line == (
+        f"{PROG}: error: {_shard(runs['nan']['src'], NAN_KEY)}: tensor {NAN_KEY} holds 2 non-finite "
+        "values (NaN): refusing to import"
+    )
 
 
 def test_inf_is_refused(runs):
     line = _refused(runs["inf"])
-    assert line == (f"{PROG}: error: {_shard(runs['inf']['src'], INF_KEY)}: tensor {INF_KEY} holds 1 non-finite "
-                    "value (Inf): refusing to import")
+    assert line == (
+        f"{PROG}: error: {_shard(runs['inf']['src'], INF_KEY)}: tensor {INF_KEY} holds 1 non-finite "
+        "value (Inf): refusing to import"
+    )
 
 
 def test_value_beyond_the_target_dtype_is_refused(runs):
     """float16 would store 1e5 as Inf: refused, naming the way out."""
     line = _refused(runs["beyond_float16"])
-    assert line == (f"{PROG}: error: {_shard(runs['beyond_float16']['src'], BIG_KEY)}: tensor {BIG_KEY} holds a "
-                    "value of magnitude 1e+05, beyond float16's range (Inf once converted): refusing to import; "
-                    "--dtype float32 or bfloat16 holds it")
+    assert line == (
+        f"{PROG}: error: {_shard(runs['beyond_float16']['src'], BIG_KEY)}: tensor {BIG_KEY} holds a "
+        "value of magnitude 1e+05, beyond float16's range (Inf once converted): refusing to import; "
+        "--dtype float32 or bfloat16 holds it"
+    )
 
 
 def test_value_no_load_accepts_is_refused(runs):
     """What checkpointing.check_finite refuses at every load is refused here, not blamed on the checkpoint later."""
     line = _refused(runs["huge"])
-    assert line == (f"{PROG}: error: {_shard(runs['huge']['src'], HUGE_KEY)}: tensor {HUGE_KEY} holds a value of "
-                    "magnitude 3e+25, beyond any trained weight (a corrupted file): refusing to import")
+    assert line == (
+        f"{PROG}: error: {_shard(runs['huge']['src'], HUGE_KEY)}: tensor {HUGE_KEY} holds a value of "
+        "magnitude 3e+25, beyond any trained weight (a corrupted file): refusing to import"
+    )
 
 
 def test_mixed_dtypes_are_converted_with_one_line(runs):
@@ -163,15 +175,16 @@ def test_mixed_dtypes_are_converted_with_one_line(runs):
     assert r["status"] == 0, r
     assert r["stderr"] == ""
     source = tiny_models.read_hf_tensors(run["src"])
-    changes = {k: (source[k].to(torch.bfloat16).float() - source[k].float()).abs().max().item()
-               for k in FLOAT16_KEYS}
+    changes = {k: (source[k].to(torch.bfloat16).float() - source[k].float()).abs().max().item() for k in FLOAT16_KEYS}
     worst = max(changes, key=changes.get)
     assert changes[worst] > 0  # float16 values that bfloat16 cannot hold: the line has something to say
     lines = r["stdout"].strip().splitlines()
     assert len(lines) == 2 and "GB/s" in lines[1], r["stdout"]
-    assert lines[0] == (f"{run['src']}: the weights mix dtypes (bfloat16 and float16); all are stored as "
-                        f"bfloat16 (most of the bytes): 4 float16 tensors converted, largest absolute change "
-                        f"{changes[worst]:.2g} (in {worst}); --dtype float32 keeps every value")
+    assert lines[0] == (
+        f"{run['src']}: the weights mix dtypes (bfloat16 and float16); all are stored as "
+        f"bfloat16 (most of the bytes): 4 float16 tensors converted, largest absolute change "
+        f"{changes[worst]:.2g} (in {worst}); --dtype float32 keeps every value"
+    )
     # what is stored is what the line says: the float16 tensors rounded to bfloat16, the others as they were
     assert run["export_result"]["status"] == 0, run["export_result"]
     exported = tiny_models.read_hf_tensors(run["export"])

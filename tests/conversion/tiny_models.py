@@ -28,15 +28,23 @@ ARCH = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "rope_theta": 10000.0}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "original_max_position_embeddings": 16,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "rope_theta": 10000.0,
+}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
 
 #: name -> (config overrides, layout). Layouts: safetensors | safetensors_sharded | bin_sharded
 SOURCES = {
     "gqa": (dict(tie_word_embeddings=False), "safetensors_sharded"),
-    "tied_llama3_bin": (dict(tie_word_embeddings=True, rope_parameters=LLAMA3, max_position_embeddings=128),
-                        "bin_sharded"),
+    "tied_llama3_bin": (
+        dict(tie_word_embeddings=True, rope_parameters=LLAMA3, max_position_embeddings=128),
+        "bin_sharded",
+    ),
     "yarn": (dict(tie_word_embeddings=False, rope_parameters=YARN), "safetensors"),
 }
 #: stand-ins for tokenizer files: the converters copy them byte for byte
@@ -72,7 +80,7 @@ def save_bin_sharded(model, path: Path, shards: int = 3) -> None:
     weight_map = {}
     for i in range(shards):
         file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        chunk = {k: state[k] for k in keys[i * per:(i + 1) * per]}
+        chunk = {k: state[k] for k in keys[i * per : (i + 1) * per]}
         torch.save(chunk, path / file)
         weight_map.update({k: file for k in chunk})
     total = sum(v.numel() * v.element_size() for v in state.values())

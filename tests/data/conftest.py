@@ -18,8 +18,7 @@ TINY_VOCAB = 512
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """Manifest of a ~150 KB train / ~40 KB valid corpus from this machine's standard library."""
-    return build_stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_train_bytes=150_000,
-                               max_valid_bytes=40_000)
+    return build_stdlib_corpus(tmp_path_factory.mktemp("corpus"), max_train_bytes=150_000, max_valid_bytes=40_000)
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +39,3 @@ def tool_main(name, *args):
         except SystemExit as exit_:
             status = exit_.code
     return status, err.getvalue()
-

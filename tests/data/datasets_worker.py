@@ -1,6 +1,6 @@
 """torchrun worker for test_datasets.py: build GPT datasets under gloo and report what every rank sees.
 
-    torchrun --nproc-per-node 2 tests/data/datasets_worker.py OUT_DIR DATA_DIR SEQ_LENGTH
+torchrun --nproc-per-node 2 tests/data/datasets_worker.py OUT_DIR DATA_DIR SEQ_LENGTH
 """
 
 from __future__ import annotations
@@ -34,18 +34,30 @@ if __name__ == "__main__":
     init_process_group()
     rank = dist.get_rank()
     tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
-    common = dict(seq_length=seq_length, seed=1234, train_samples=40, valid_samples=8, vocab_size=tok.vocab_size,
-                  eod_id=tok.eos_id)
+    common = dict(
+        seq_length=seq_length,
+        seed=1234,
+        train_samples=40,
+        valid_samples=8,
+        vocab_size=tok.vocab_size,
+        eod_id=tok.eos_id,
+    )
     report = {}
 
     train, valid = build_gpt_datasets(
-        **common, tokenizer_name="tokenizer.model", train_data_prefix=os.path.join(data_dir, "train"),
-        valid_data_prefix=os.path.join(data_dir, "valid"), cache_dir=os.path.join(out_dir, "cache"),
+        **common,
+        tokenizer_name="tokenizer.model",
+        train_data_prefix=os.path.join(data_dir, "train"),
+        valid_data_prefix=os.path.join(data_dir, "valid"),
+        cache_dir=os.path.join(out_dir, "cache"),
     )
     report["per_split"] = dict(train=describe(train), valid=describe(valid))
 
     train, valid = build_gpt_datasets(
-        **common, tokenizer_name="tokenizer.model", data_prefix=[os.path.join(data_dir, "train")], split="90,10,0",
+        **common,
+        tokenizer_name="tokenizer.model",
+        data_prefix=[os.path.join(data_dir, "train")],
+        split="90,10,0",
         cache_dir=os.path.join(out_dir, "cache"),
     )
     report["blend_split"] = dict(train=describe(train), valid=describe(valid))

@@ -19,8 +19,7 @@ SEQ = 64
 @pytest.fixture(scope="module")
 def default_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("default-data")
-    data = prepare_default_data(d, vocab_size=TINY_VOCAB, max_train_bytes=120_000, max_valid_bytes=30_000,
-                                log=None)
+    data = prepare_default_data(d, vocab_size=TINY_VOCAB, max_train_bytes=120_000, max_valid_bytes=30_000, log=None)
     return d, data
 
 
@@ -30,8 +29,9 @@ def test_prepare_default_data_writes_and_then_reuses(default_data):
     assert data.train_tokens > data.valid_tokens > 0
     stamp = (d / "prepare.json").stat().st_mtime_ns
     lines = []
-    again = prepare_default_data(d, vocab_size=TINY_VOCAB, max_train_bytes=120_000, max_valid_bytes=30_000,
-                                 log=lines.append)
+    again = prepare_default_data(
+        d, vocab_size=TINY_VOCAB, max_train_bytes=120_000, max_valid_bytes=30_000, log=lines.append
+    )
     assert again == data and lines == [f"reusing the prepared data in {d}"]
     assert (d / "prepare.json").stat().st_mtime_ns == stamp
 
@@ -65,8 +65,10 @@ def test_prepare_data_output_dir_that_cannot_be_written(tmp_path, where):
     (tmp_path / "a_file").write_text("not a directory\n")
     out, message = {
         "file": (tmp_path / "a_file", f"output directory {tmp_path / 'a_file'}: exists and is not a directory"),
-        "under a file": (tmp_path / "a_file" / "data",
-                         f"output directory {tmp_path / 'a_file' / 'data'}: {tmp_path / 'a_file'} is a file"),
+        "under a file": (
+            tmp_path / "a_file" / "data",
+            f"output directory {tmp_path / 'a_file' / 'data'}: {tmp_path / 'a_file'} is a file",
+        ),
         "unwritable": ("/proc/self/data", "output directory /proc/self/data: /proc/self is not writable"),
     }[where]
     if where == "unwritable" and os.access("/proc/self", os.W_OK):

@@ -23,8 +23,9 @@ def data(tmp_path_factory):
 
 def _build(data, mock: bool = False, **flags):
     source = dict(mock=True) if mock else dict(train_data_prefix=str(data), cache_dir=str(data.parent / "cache"))
-    train, _ = build_gpt_datasets(seq_length=SEQ, seed=1, train_samples=16, valid_samples=0, vocab_size=256,
-                                  eod_id=EOD, **source, **flags)
+    train, _ = build_gpt_datasets(
+        seq_length=SEQ, seed=1, train_samples=16, valid_samples=0, vocab_size=256, eod_id=EOD, **source, **flags
+    )
     return train
 
 

@@ -62,8 +62,10 @@ def _cached(cache: Path, affix: str):
 def test_read_only_data_trains_with_the_cache_under_save(read_only, tmp_path):
     save = tmp_path / "ckpt"
     proc = run(PRETRAIN, *RUN, "--data-path", read_only / "train", "--train-iters", 2, "--save", save, nproc=1)
-    line = (f"[data] {read_only} is not writable: the dataset index cache goes to {save / 'index-cache'} "
-            "(--data-cache-path sets it)")
+    line = (
+        f"[data] {read_only} is not writable: the dataset index cache goes to {save / 'index-cache'} "
+        "(--data-cache-path sets it)"
+    )
     assert proc.stdout.splitlines().count(line) == 1, proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert (save / "iter_0000002").is_dir()
@@ -78,8 +80,10 @@ def test_jobs_that_start_together_share_one_cache(tmp_path):
     data.mkdir()
     write_dataset(data / "train")
     args = [*RUN, "--data-path", data / "train", "--train-iters", 1_000_000, "--exit-interval", 1]
-    jobs = [Job([*args, "--save", tmp_path / f"ckpt{i}"], tmp_path / f"job{i}.log", nproc=nproc)
-            for i, nproc in enumerate((2, 1, 1))]
+    jobs = [
+        Job([*args, "--save", tmp_path / f"ckpt{i}"], tmp_path / f"job{i}.log", nproc=nproc)
+        for i, nproc in enumerate((2, 1, 1))
+    ]
     codes = [job.finish(timeout=240) for job in jobs]
     assert codes == [0, 0, 0], "\n\n".join(f"exit {c}:\n{j.output[-3000:]}" for c, j in zip(codes, jobs))
     assert len(_cached(data / "index-cache", "GPTDataset-train-shuffle_index.npy")) == 1
@@ -112,8 +116,9 @@ def test_a_truncated_cache_file_is_built_again_and_a_cache_being_written_is_wait
     with open(shuffle.parent / INDEX_CACHE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         job = Job([*args, "--save", tmp_path / "third"], tmp_path / "third.log", nproc=1)
-        job.wait_for(lambda: "[data] waiting for another job building the dataset index cache" in job.output,
-                     "the waiting line")
+        job.wait_for(
+            lambda: "[data] waiting for another job building the dataset index cache" in job.output, "the waiting line"
+        )
         shuffle.write_bytes(whole)
     assert job.finish() == 0, job.output[-3000:]
     assert f"[data] waiting for another job building the dataset index cache in {shuffle.parent}\n" in job.output

@@ -72,8 +72,7 @@ def test_token_dtype_matches_megatron():
 
 
 def test_no_eod(inputs, tiny_tokenizer, tmp_path):
-    preprocess([inputs["jsonl"]], tmp_path / "ds", tiny_tokenizer.path, append_eod=False, progress=False,
-               log=None)
+    preprocess([inputs["jsonl"]], tmp_path / "ds", tiny_tokenizer.path, append_eod=False, progress=False, log=None)
     ds = _read(tmp_path / "ds")
     assert [list(ds[i]) for i in range(len(ds))] == [tiny_tokenizer.encode(t) for t in inputs["expected"][:-1]]
 
@@ -82,8 +81,15 @@ def test_worker_count_does_not_change_the_output(small_corpus, tiny_tokenizer, t
     out = {}
     for workers in (1, 2):
         prefix = tmp_path / f"w{workers}"
-        preprocess([small_corpus.train.path], prefix, tiny_tokenizer.path, workers=workers, chunksize=2,
-                   progress=False, log=None)
+        preprocess(
+            [small_corpus.train.path],
+            prefix,
+            tiny_tokenizer.path,
+            workers=workers,
+            chunksize=2,
+            progress=False,
+            log=None,
+        )
         out[workers] = [(prefix.parent / (prefix.name + ext)).read_bytes() for ext in (".bin", ".idx")]
     assert out[1] == out[2]
 
@@ -106,8 +112,9 @@ def test_existing_output_is_refused_unless_overwrite(inputs, tiny_tokenizer, tmp
 def _run(*args):
     """The tool as a subprocess (used where it exits before megatron.core's slow import)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 def _main(*args):
@@ -125,8 +132,16 @@ def _main(*args):
 
 
 def test_cli_writes_and_reports_throughput(inputs, tiny_tokenizer, tmp_path):
-    proc = _main("--input", f"{inputs['jsonl']},{inputs['txt']}", "--output-prefix", tmp_path / "ds",
-                 "--tokenizer-model", tiny_tokenizer.path, "--workers", "2")
+    proc = _main(
+        "--input",
+        f"{inputs['jsonl']},{inputs['txt']}",
+        "--output-prefix",
+        tmp_path / "ds",
+        "--tokenizer-model",
+        tiny_tokenizer.path,
+        "--workers",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
     assert "documents" in proc.stdout and "tokens/s" in proc.stdout
@@ -144,13 +159,16 @@ def test_cli_bad_input_is_one_line_and_nothing_is_overwritten(inputs, tiny_token
     model = tiny_tokenizer.path
     cases = {
         "missing input": (["--input", tmp_path / "nope.jsonl", "--tokenizer-model", model], "input not found"),
-        "empty input": (["--input", f"{inputs['jsonl']},{empty}", "--tokenizer-model", model],
-                        "input is empty"),
-        "missing tokenizer": (["--input", inputs["jsonl"], "--tokenizer-model", tmp_path / "no.model"],
-                              "tokenizer model not found"),
+        "empty input": (["--input", f"{inputs['jsonl']},{empty}", "--tokenizer-model", model], "input is empty"),
+        "missing tokenizer": (
+            ["--input", inputs["jsonl"], "--tokenizer-model", tmp_path / "no.model"],
+            "tokenizer model not found",
+        ),
         "existing output": (["--input", inputs["jsonl"], "--tokenizer-model", model], "output exists"),
-        "no workers": (["--input", inputs["jsonl"], "--tokenizer-model", model, "--workers", "0"],
-                       "--workers must be >= 1"),
+        "no workers": (
+            ["--input", inputs["jsonl"], "--tokenizer-model", model, "--workers", "0"],
+            "--workers must be >= 1",
+        ),
         "missing argument": (["--input", inputs["jsonl"]], "required"),
     }
     for i, (name, (args, message)) in enumerate(cases.items()):
@@ -159,7 +177,8 @@ def test_cli_bad_input_is_one_line_and_nothing_is_overwritten(inputs, tiny_token
         _assert_one_error_line(proc, message, name)
         assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before, name
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("existing")) == [
-        "existing.bin", "existing.idx"
+        "existing.bin",
+        "existing.idx",
     ]
 
 
@@ -177,12 +196,14 @@ def _assert_one_error_line(proc, message, name=""):
         ('{"text": "ok"}\n{"body": "x"}\n', "text", "bad.jsonl:2: no key 'text'"),
         ('{"text": "ok"}\n', "body", "docs.jsonl:1: no key 'body'"),
         ('{"text": 3}\n', "text", "'text' is int, not a string"),
-        ('{"text": "ok"}\n{"text": "a\\ud800b"}\n', "text",
-         r"bad.jsonl:2: 'text' is not Unicode text \(a lone surrogate '\\ud800' at character 1\)"),
+        (
+            '{"text": "ok"}\n{"text": "a\\ud800b"}\n',
+            "text",
+            r"bad.jsonl:2: 'text' is not Unicode text \(a lone surrogate '\\ud800' at character 1\)",
+        ),
     ],
 )
-def test_bad_content_found_while_reading_replaces_nothing(inputs, tiny_tokenizer, tmp_path, content, key,
-                                                          message):
+def test_bad_content_found_while_reading_replaces_nothing(inputs, tiny_tokenizer, tmp_path, content, key, message):
     """Even with overwrite=True and worker processes, the old dataset survives a failed run."""
     prefix = tmp_path / "existing"
     preprocess([inputs["txt"]], prefix, tiny_tokenizer.path, progress=False, log=None)
@@ -190,8 +211,16 @@ def test_bad_content_found_while_reading_replaces_nothing(inputs, tiny_tokenizer
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
     with pytest.raises(UserError, match=message):
-        preprocess([inputs["jsonl"], bad] if key == "text" else [inputs["jsonl"]], prefix, tiny_tokenizer.path,
-                   json_key=key, overwrite=True, workers=2, progress=False, log=None)
+        preprocess(
+            [inputs["jsonl"], bad] if key == "text" else [inputs["jsonl"]],
+            prefix,
+            tiny_tokenizer.path,
+            json_key=key,
+            overwrite=True,
+            workers=2,
+            progress=False,
+            log=None,
+        )
     assert [(tmp_path / f"existing{ext}").read_bytes() for ext in (".bin", ".idx")] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "existing.bin", "existing.idx"]
 
@@ -230,8 +259,9 @@ def test_cli_output_prefix_under_a_file_or_unwritable(inputs, tiny_tokenizer, tm
     _assert_one_error_line(proc, f"output prefix {under_file}: {tmp_path / 'somefile.txt'} is a file, not a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile.txt"]
     if not os.access("/proc/self", os.W_OK):
-        proc = _main("--input", inputs["jsonl"], "--output-prefix", "/proc/self/out", "--tokenizer-model",
-                     tiny_tokenizer.path)
+        proc = _main(
+            "--input", inputs["jsonl"], "--output-prefix", "/proc/self/out", "--tokenizer-model", tiny_tokenizer.path
+        )
         _assert_one_error_line(proc, "output prefix /proc/self/out: /proc/self is not writable")
 
 

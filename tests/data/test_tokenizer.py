@@ -61,9 +61,20 @@ def test_loads_a_llama_style_model(tmp_path, small_corpus):
     proto = io.BytesIO()
     texts = [line for line in open(small_corpus.train.path, encoding="utf-8")][:3]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=proto, model_type="bpe", vocab_size=400,
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        sentence_iterator=iter(texts),
+        model_writer=proto,
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
         max_sentence_length=1 << 20,
     )
     path = tmp_path / "tokenizer.model"
@@ -86,8 +97,9 @@ def test_missing_or_bad_model_file(tmp_path):
 
 def test_training_is_deterministic(small_corpus, tiny_tokenizer, tmp_path):
     """Same pieces and scores for any thread count (the .model file also records num_threads)."""
-    again = Tokenizer(train_tokenizer([small_corpus.train.path], tmp_path / "again", vocab_size=TINY_VOCAB,
-                                      num_threads=2))
+    again = Tokenizer(
+        train_tokenizer([small_corpus.train.path], tmp_path / "again", vocab_size=TINY_VOCAB, num_threads=2)
+    )
 
     def pieces(tok):
         return [(tok.sp.id_to_piece(i), tok.sp.get_score(i)) for i in range(tok.vocab_size)]
@@ -110,8 +122,8 @@ def test_train_tokenizer_bad_input_names_the_file_and_line(tmp_path, content, me
     """One line naming the input file and line (not SentencePiece's internals); nothing written."""
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
-    status, err = tool_main("train_tokenizer.py", "--input", bad, "--model-prefix", tmp_path / "out" / "spm",
-                             "--vocab-size", "300")
+    status, err = tool_main(
+        "train_tokenizer.py", "--input", bad, "--model-prefix", tmp_path / "out" / "spm", "--vocab-size", "300"
+    )
     assert status == 2 and err.strip() == f"train_tokenizer.py: error: {tmp_path / message}", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
-

@@ -78,8 +78,11 @@ class Session:
         """The report of run ``key``; fails with the run's stderr when it did not exit 0."""
         record = self.commands[key]
         if record["status"] not in (0, None):
-            pytest.fail(f"run {key} ({record['tool']} {' '.join(record['argv'])}) exited {record['status']}:\n"
-                        f"{record['stderr']}", pytrace=False)
+            pytest.fail(
+                f"run {key} ({record['tool']} {' '.join(record['argv'])}) exited {record['status']}:\n"
+                f"{record['stderr']}",
+                pytrace=False,
+            )
         return json.loads((self.out[key] / "report.json").read_text())
 
 
@@ -102,20 +105,50 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
     s = Session(tmp_path_factory.mktemp("evaluation"))
     s.tokenizer = tokenizer_model
     rng = np.random.default_rng(0)
-    s.tokens.write_text("".join(json.dumps({"tokens": rng.integers(0, VOCAB, n).tolist()}) + "\n"
-                                for n in DOC_LENGTHS))
+    s.tokens.write_text("".join(json.dumps({"tokens": rng.integers(0, VOCAB, n).tolist()}) + "\n" for n in DOC_LENGTHS))
     texts = [stdlib_text(n)[:chars] for n, chars in zip(STDLIB_FILES, [150, 600, 1500, 3000, 5000])]
     s.text.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
     common = ["--data", s.tokens, "--lengths", ",".join(map(str, LENGTHS))]
     passkey = ["--lengths", PASSKEY_LENGTHS, "--trials", "2", "--depths", "0,0.5,1"]
-    ruler = ["--tokenizer", s.tokenizer, "--lengths", RULER_LENGTHS, "--samples", "2", "--depths", "0,1",
-             "--max-new-tokens", "8", "--perplexity-documents", "2"]
+    ruler = [
+        "--tokenizer",
+        s.tokenizer,
+        "--lengths",
+        RULER_LENGTHS,
+        "--samples",
+        "2",
+        "--depths",
+        "0,1",
+        "--max-new-tokens",
+        "8",
+        "--perplexity-documents",
+        "2",
+    ]
     ruler_subset = ["--tasks", RULER_PARALLEL_TASKS]  # the parallel layouts answer a few tasks of each family
     single = {
         "both": ("perplexity", ["--load", s.ckpt, "--hf", s.hf, *common]),
-        "stride": ("perplexity", ["--load", s.ckpt, "--hf", s.hf, "--name", "meg", "--name", "hf", "--data", s.tokens,
-                                  "--lengths", "32,64", "--stride", "8", "--micro-batch-size", "3"]),
+        "stride": (
+            "perplexity",
+            [
+                "--load",
+                s.ckpt,
+                "--hf",
+                s.hf,
+                "--name",
+                "meg",
+                "--name",
+                "hf",
+                "--data",
+                s.tokens,
+                "--lengths",
+                "32,64",
+                "--stride",
+                "8",
+                "--micro-batch-size",
+                "3",
+            ],
+        ),
         "text": ("perplexity", ["--load", s.ckpt, "--data", s.text, "--lengths", "16,64"]),
         "indexed": ("perplexity", ["--load", s.ckpt, "--data", s.indexed, "--lengths", "16,64"]),
         "default": ("perplexity", ["--load", s.ckpt, "--lengths", "32", "--max-documents", "2", "--seed", "3"]),
@@ -125,36 +158,60 @@ def session(tmp_path_factory, tokenizer_model) -> Session:
     }
     parallel = {
         "tp2": ("perplexity", ["--load", s.ckpt, *common, "--tensor-model-parallel-size", "2"]),
-        "pp2": ("perplexity", ["--load", s.ckpt, *common, "--pipeline-model-parallel-size", "2",
-                               "--micro-batch-size", "2"]),
+        "pp2": (
+            "perplexity",
+            ["--load", s.ckpt, *common, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2"],
+        ),
         "dp2": ("perplexity", ["--load", s.ckpt, *common]),
         "cp2": ("perplexity", ["--load", s.ckpt, *common, "--context-parallel-size", "2"]),
         "passkey_pp2": ("passkey", ["--load", s.ckpt, *passkey, "--pipeline-model-parallel-size", "2"]),
         "passkey_cp2": ("passkey", ["--load", s.ckpt, *passkey, "--context-parallel-size", "2"]),
-        "ruler_pp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, *ruler_subset,
-                                "--pipeline-model-parallel-size", "2"]),
+        "ruler_pp2": (
+            "ruler",
+            ["--load", s.ckpt, "--name", "meg", *ruler, *ruler_subset, "--pipeline-model-parallel-size", "2"],
+        ),
         "ruler_dp2": ("ruler", ["--load", s.ckpt, "--name", "meg", *ruler, *ruler_subset, "--micro-batch-size", "2"]),
     }
     generation_prompts = [rng.integers(0, VOCAB, n).tolist() for n in GENERATION_PROMPT_LENGTHS]
     generation = {
         "single": {"megatron": {"kind": "megatron", "path": str(s.ckpt)}, "hf": {"kind": "hf", "path": str(s.hf)}},
-        "parallel": {"tp2": {"kind": "megatron", "path": str(s.ckpt), "tp": 2},
-                     "pp2": {"kind": "megatron", "path": str(s.ckpt), "pp": 2},
-                     "cp2": {"kind": "megatron", "path": str(s.ckpt), "cp": 2}},
+        "parallel": {
+            "tp2": {"kind": "megatron", "path": str(s.ckpt), "tp": 2},
+            "pp2": {"kind": "megatron", "path": str(s.ckpt), "pp": 2},
+            "cp2": {"kind": "megatron", "path": str(s.ckpt), "cp": 2},
+        },
     }
     setup = {
-        "root": str(s.ckpt), "hf": str(s.hf), "tokenizer": str(s.tokenizer), "vocab_size": VOCAB,
+        "root": str(s.ckpt),
+        "hf": str(s.hf),
+        "tokenizer": str(s.tokenizer),
+        "vocab_size": VOCAB,
         "rope": {"kind": "yarn", "factor": 2.0, "original_max_position": 32},
-        "tokens": str(s.tokens), "lengths": LENGTHS, "text": str(s.text), "indexed": str(s.indexed),
+        "tokens": str(s.tokens),
+        "lengths": LENGTHS,
+        "text": str(s.text),
+        "indexed": str(s.indexed),
     }
     for name, runs, extra in (("single", single, {"setup": setup}), ("parallel", parallel, {})):
         plan, results = s.root / f"plan_{name}.json", s.root / f"results_{name}.json"
-        plan.write_text(json.dumps({**extra, "commands": _plan_commands(s, runs), "generation": {
-            "prompts": generation_prompts, "max_new_tokens": GENERATION_NEW_TOKENS, "runs": generation[name]}}))
+        plan.write_text(
+            json.dumps(
+                {
+                    **extra,
+                    "commands": _plan_commands(s, runs),
+                    "generation": {
+                        "prompts": generation_prompts,
+                        "max_new_tokens": GENERATION_NEW_TOKENS,
+                        "runs": generation[name],
+                    },
+                }
+            )
+        )
         if name == "single":
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-            proc = subprocess.run([sys.executable, WORKER, plan, results], cwd=REPO, env=env, capture_output=True,
-                                  text=True, timeout=600)
+            proc = subprocess.run(
+                [sys.executable, WORKER, plan, results], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+            )
             if proc.returncode != 0:
                 raise AssertionError(f"{WORKER} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
         else:

@@ -61,11 +61,14 @@ def test_cut_at_stop_keeps_the_first_stop_id():
     assert cut_at_stop([5, 6], []) == [5, 6]
 
 
-@pytest.mark.parametrize("prompts, new, message", [
-    ([[]], 4, "prompt 0 is empty"),
-    ([[1], [400]], 4, "prompt 1 has token ids outside the vocabulary 0..399"),
-    ([[1]], -1, "max_new_tokens -1"),
-])
+@pytest.mark.parametrize(
+    "prompts, new, message",
+    [
+        ([[]], 4, "prompt 0 is empty"),
+        ([[1], [400]], 4, "prompt 1 has token ids outside the vocabulary 0..399"),
+        ([[1]], -1, "max_new_tokens -1"),
+    ],
+)
 def test_bad_generation_input(prompts, new, message):
     with pytest.raises(UserError, match=message):
         check_prompts(prompts, new, 400)

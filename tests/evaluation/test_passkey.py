@@ -22,17 +22,18 @@ def test_prompt_has_length_and_key_at_depth(tokenizer, length, depth, add_bos):
     prompt = PromptBuilder(tokenizer, add_bos=add_bos).build(length, depth, key)
     tokens = prompt.tokens
     assert len(tokens) == length
-    assert tokens[prompt.needle_start:prompt.needle_end] == tokenizer.encode(NEEDLE.format(key=key))
+    assert tokens[prompt.needle_start : prompt.needle_end] == tokenizer.encode(NEEDLE.format(key=key))
     head = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(INTRO)
-    assert tokens[:len(head)] == head and prompt.filler_start == len(head)
+    assert tokens[: len(head)] == head and prompt.filler_start == len(head)
     filler_before = prompt.needle_start - prompt.filler_start
     assert filler_before == round(depth * prompt.filler_tokens)
     assert abs(filler_before / prompt.filler_tokens - depth) <= 0.5 / prompt.filler_tokens + 1e-12
     question, answer = PromptBuilder(tokenizer).question_and_answer(key)
-    assert prompt.answer == answer and tokens[prompt.answer_start - len(question):prompt.answer_start] == question
+    assert prompt.answer == answer and tokens[prompt.answer_start - len(question) : prompt.answer_start] == question
     assert tokenizer.decode(question).strip() == QUESTION
-    assert prompt.filler_tokens == length - len(head) - (prompt.needle_end - prompt.needle_start) - len(
-        question) - len(answer)
+    assert prompt.filler_tokens == length - len(head) - (prompt.needle_end - prompt.needle_start) - len(question) - len(
+        answer
+    )
     assert tokenizer.decode(prompt.answer).strip() == key
     text = tokenizer.decode(tokens)
     assert text.count(key) == 3 and text.rstrip().endswith(f"The pass key is {key}")

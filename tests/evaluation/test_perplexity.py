@@ -89,7 +89,7 @@ def test_stride_equals_sliding_window_reference(session, hf_model):
         for doc in (d for d in _docs(session.tokens) if len(d) >= L):
             starts = sorted({min(k, len(doc) - L) for k in range(0, len(doc), stride)})
             scored = {}
-            for start, window in zip(starts, _hf_nll(hf_model, [doc[s:s + L] for s in starts]).tolist()):
+            for start, window in zip(starts, _hf_nll(hf_model, [doc[s : s + L] for s in starts]).tolist()):
                 for j, value in enumerate(window):
                     scored.setdefault(start + j + 1, value)
             assert sorted(scored) == list(range(1, len(doc)))

@@ -42,16 +42,16 @@ def test_report_follows_from_the_predictions(session):
         for task, by_length in scores.items():
             for L, value in by_length.items():
                 mine = [r for k, r in records.items() if k[:3] == (name, task, int(L))]
-                assert value == pytest.approx(sum(string_match_all(r["prediction"], r["outputs"]) for r in mine)
-                                              / len(mine))
+                assert value == pytest.approx(
+                    sum(string_match_all(r["prediction"], r["outputs"]) for r in mine) / len(mine)
+                )
         for L, average in report["average"][name].items():
             assert average == pytest.approx(sum(scores[t][L] for t in TASKS) / len(TASKS))
         assert report["overall"][name] == pytest.approx(sum(report["average"][name].values()) / 2)
         needle = report["needle"][name]
         assert set(needle) == {"1800", "2600"} and all(set(by) <= {"0", "1"} for by in needle.values())
         single = [r for k, r in records.items() if k[0] == name and k[1] in SINGLE_NEEDLE_TASKS and k[2] == 1800]
-        assert sum(needle["1800"][f"{r['depth']:g}"] for r in single) == pytest.approx(
-            sum(r["score"] for r in single))
+        assert sum(needle["1800"][f"{r['depth']:g}"] for r in single) == pytest.approx(sum(r["score"] for r in single))
     # perplexity at the original training length (32 tokens), the same on both backends
     meg, hf = report["perplexity"]["meg"], report["perplexity"]["hf"]
     assert meg["length"] == hf["length"] == 32 and meg["documents"] == 2
@@ -64,8 +64,9 @@ def test_report_follows_from_the_predictions(session):
 
 def test_parallel_layouts_answer_as_one_process(session):
     tasks = RULER_PARALLEL_TASKS.split(",")
-    single = {k[1:]: r["answer_tokens"] for k, r in predictions(session, "ruler").items()
-              if k[0] == "meg" and k[1] in tasks}
+    single = {
+        k[1:]: r["answer_tokens"] for k, r in predictions(session, "ruler").items() if k[0] == "meg" and k[1] in tasks
+    }
     for key in ("ruler_pp2", "ruler_dp2"):
         other = {k[1:]: r["answer_tokens"] for k, r in predictions(session, key).items()}
         assert other == single and len(other) == len(tasks) * 2 * 2, key

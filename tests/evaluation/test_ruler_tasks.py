@@ -25,8 +25,19 @@ from megatron_resonance.evaluation.ruler import (
 #: the test tokenizer has 400 pieces, so a prompt takes ~3x the tokens of LLaMA's; cwe's fixed text
 #: (a solved example and the shortest list) needs ~1600 of them
 LENGTHS = (1800, 2600, 3600)
-RULER_ORDER = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+RULER_ORDER = [
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +53,11 @@ def haystack():
 @pytest.fixture(scope="module")
 def built(tok, haystack):
     """Two samples of every task at every length, depths 0 and 1."""
-    return {(task, length): build_samples(task, tok, length, samples=2, seed=3, depths=[0.0, 1.0],
-                                          haystack=haystack)
-            for task in TASKS for length in LENGTHS}
+    return {
+        (task, length): build_samples(task, tok, length, samples=2, seed=3, depths=[0.0, 1.0], haystack=haystack)
+        for task in TASKS
+        for length in LENGTHS
+    }
 
 
 def test_the_task_names_are_rulers_in_its_order():
@@ -89,7 +102,7 @@ def test_niah_needles_hold_the_answers(tok, built):
             by_key = {}
             for key, value in needles:
                 by_key.setdefault(key, []).append(value)
-            question = text[text.rindex("What "):]
+            question = text[text.rindex("What ") :]
             queried = [k for k in by_key if k in question]
             assert len(queried) == a["num_needle_q"], (task, queried)
             assert sorted(v for k in queried for v in by_key[k]) == sorted(s.outputs)
@@ -117,8 +130,8 @@ def test_vt_chain_resolves_to_the_outputs(tok, built):
     for length in LENGTHS:
         for s in built[("vt", length)]:
             text = _text(tok, s)
-            value = re.search(r"assigned the value (\d+) in the text above", text[text.rindex("Question:"):])[1]
-            task_part = text[text.rindex("Memorize and track"):]
+            value = re.search(r"assigned the value (\d+) in the text above", text[text.rindex("Question:") :])[1]
+            task_part = text[text.rindex("Memorize and track") :]
             assigned = dict(re.findall(r"VAR ([A-Z]+) = (VAR [A-Z]+|\d+)", task_part))
             holds = {name for name, rhs in assigned.items() if rhs == value}
             while True:
@@ -127,8 +140,10 @@ def test_vt_chain_resolves_to_the_outputs(tok, built):
                     break
                 holds |= more
             assert sorted(holds) == sorted(s.outputs) and len(s.outputs) == 5
-            assert s.answer_prefix.startswith(" Answer: According to the chain(s) of variable assignment in the "
-                                              f"text above, 5 variables are assigned the value {value}")
+            assert s.answer_prefix.startswith(
+                " Answer: According to the chain(s) of variable assignment in the "
+                f"text above, 5 variables are assigned the value {value}"
+            )
             assert text.count("Memorize and track") == 2  # the solved example first
 
 
@@ -136,7 +151,7 @@ def test_cwe_outputs_are_the_most_common_words(tok, built):
     for length in LENGTHS:
         for s in built[("cwe", length)]:
             text = _text(tok, s)
-            listing = text[text.rindex("Memorize the ones that appear most often.\n"):text.rindex("\nQuestion:")]
+            listing = text[text.rindex("Memorize the ones that appear most often.\n") : text.rindex("\nQuestion:")]
             counts = Counter(re.findall(r"\d+\. (\S+)", listing))
             assert len(s.outputs) == 10
             floor = min(counts[w] for w in s.outputs)
@@ -147,7 +162,7 @@ def test_fwe_outputs_are_the_most_frequent_coded_words(tok, built):
     for length in LENGTHS:
         for s in built[("fwe", length)]:
             text = _text(tok, s)
-            coded = text[text.index("coded words. ") + 13:text.rindex("\nQuestion:")].split()
+            coded = text[text.index("coded words. ") + 13 : text.rindex("\nQuestion:")].split()
             counts = Counter(w for w in coded if w != "...")
             ranked = [counts[w] for w in s.outputs]
             assert ranked == sorted(ranked, reverse=True) and ranked[-1] >= 1
@@ -157,8 +172,10 @@ def test_fwe_outputs_are_the_most_frequent_coded_words(tok, built):
 
 def test_string_match_all_as_ruler():
     assert string_match_all(" 7391023.", ["7391023"]) == 1.0
-    assert string_match_all("The numbers are 1111111, 2222222 and 4444444", ["1111111", "2222222", "3333333",
-                                                                               "4444444"]) == 0.75
+    assert (
+        string_match_all("The numbers are 1111111, 2222222 and 4444444", ["1111111", "2222222", "3333333", "4444444"])
+        == 0.75
+    )
     assert string_match_all("VAR abcde, VAR FGHIJ", ["ABCDE", "FGHIJ", "KLMNO"]) == pytest.approx(2 / 3)
     assert string_match_all("", ["1"]) == 0.0
     assert string_match_all("12\x0034", ["1234"]) == 0.0  # a control character breaks the match
@@ -223,17 +240,29 @@ def chat_tokenizer(tmp_path_factory):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     texts = [tasks.NIAH_TEMPLATE, tasks.NIAH_ANSWER, tasks.NEEDLE, tasks.FWE_TEMPLATE] * 20
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                            "<|eot_id|>"])
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    bpe.add_special_tokens(
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    )
     bpe.save(str(directory / "tokenizer.json"))
-    template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": template,
-        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|end_of_text|>",
+                "chat_template": template,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
     return load_tokenizer(directory)
 
 

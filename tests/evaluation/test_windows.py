@@ -81,8 +81,14 @@ def test_parse_lengths():
 
 
 def test_memory_estimate_grows_and_shards():
-    shape = ModelShape(num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
-                       num_query_groups=32, vocab_size=32000)
+    shape = ModelShape(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_attention_heads=32,
+        num_query_groups=32,
+        vocab_size=32000,
+    )
     assert 6.5e9 < shape.parameters < 6.9e9  # LLaMA-2 7B
     short, long = (forward_bytes(shape, L, dtype_bytes=2) for L in (4096, 32768))
     assert long > short > shape.parameters * 2

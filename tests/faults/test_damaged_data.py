@@ -92,7 +92,8 @@ CASES = {
         f"and 201 document indices need 4042; {FIX_DATA}",
     ),
     ".idx empty": (
-        ["--data-path", "{d}/idx_empty"], f"dataset {{d}}/idx_empty: {{d}}/idx_empty.idx is empty; {FIX_DATA}"
+        ["--data-path", "{d}/idx_empty"],
+        f"dataset {{d}}/idx_empty: {{d}}/idx_empty.idx is empty; {FIX_DATA}",
     ),
     ".idx of something else": (
         ["--data-path", "{d}/idx_foreign"],
@@ -118,7 +119,8 @@ CASES = {
         "{d}/bin_short.bin is cut short",
     ),
     "a blend with a damaged prefix": (
-        ["--data-path", "0.7 {d}/good 0.3 {d}/bin_half"], "{d}/bin_half.bin is cut short"
+        ["--data-path", "0.7 {d}/good 0.3 {d}/bin_half"],
+        "{d}/bin_half.bin is cut short",
     ),
     "a blend with an id beyond the vocabulary": (
         ["--data-path", "{d}/good {d}/other_tokenizer"],

@@ -36,7 +36,8 @@ def assert_same_training_state(saved: dict, loaded: dict) -> None:
             assert same, f"Adam state {i} '{key}' differs after the load"
     assert saved["scheduler_steps"] == loaded["scheduler_steps"], "scheduler steps differ"
     assert abs(saved["next_loss"] - loaded["next_loss"]) <= DEVICE_LOSS_RTOL * abs(saved["next_loss"]), (
-        f"next loss {saved['next_loss']} ({saved['device']}) vs {loaded['next_loss']} ({loaded['device']})")
+        f"next loss {saved['next_loss']} ({saved['device']}) vs {loaded['next_loss']} ({loaded['device']})"
+    )
 
 
 #: (loss rtol, tensor tolerance) of ``local_compiled`` against ``local`` from the same weights and batch. fp32:
@@ -59,7 +60,8 @@ def assert_compiled_matches_eager(results: dict, tensors: dict) -> None:
     assert compiled["dynamo"]["graph_breaks"] == 0, f"the compiled layers break into pieces: {compiled['dynamo']}"
     assert compiled["dynamo"]["unique_graphs"] <= 2, f"one graph (no-grad and training) serves every layer: {compiled}"
     assert abs(compiled["loss"] - eager["loss"]) <= loss_rtol * abs(eager["loss"]), (
-        f"loss {compiled['loss']} compiled vs {eager['loss']} eager")
+        f"loss {compiled['loss']} compiled vs {eager['loss']} eager"
+    )
     a, b = tensors["local"], tensors["local_compiled"]
     assert sorted(a) == sorted(b)
     for name in a:

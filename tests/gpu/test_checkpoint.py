@@ -35,8 +35,13 @@ def test_checkpoint_check_on_cpu(tmp_path):
 
 
 def test_checkpoint_check_fails_on_what_it_guards():
-    state = {"device": "cpu", "weights": {"w": torch.ones(3)}, "scheduler_steps": 32, "next_loss": 3.0,
-             "adam": [{"param": torch.ones(3), "exp_avg": torch.zeros(3), "step": torch.tensor(8.0)}]}
+    state = {
+        "device": "cpu",
+        "weights": {"w": torch.ones(3)},
+        "scheduler_steps": 32,
+        "next_loss": 3.0,
+        "adam": [{"param": torch.ones(3), "exp_avg": torch.zeros(3), "step": torch.tensor(8.0)}],
+    }
     same = {**state, "weights": {"w": torch.ones(3)}}
     checks.assert_same_training_state(state, same)
     for broken, message in (

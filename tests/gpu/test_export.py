@@ -21,8 +21,10 @@ LOGITS_ATOL = 1e-4
 def _round_trip(root, src, device: str, *plan) -> tuple:
     """HF ``src`` -> Megatron -> HF through the converters on ``device``; (megatron dir, export dir)."""
     megatron, export = root / f"megatron_{device}", root / f"export_{device}"
-    commands = [["hf_to_megatron", ["--load", str(src), "--save", str(megatron), *plan, "--no-progress"]],
-                ["megatron_to_hf", ["--load", str(megatron), "--save", str(export), "--no-progress"]]]
+    commands = [
+        ["hf_to_megatron", ["--load", str(src), "--save", str(megatron), *plan, "--no-progress"]],
+        ["megatron_to_hf", ["--load", str(megatron), "--save", str(export), "--no-progress"]],
+    ]
     plan_file, results = root / f"convert_{device}.json", root / f"convert_{device}_results.json"
     plan_file.write_text(json.dumps({"commands": commands}))
     python(WORKERS / "convert_all.py", plan_file, results, env=DEVICE_ENV[device])
@@ -43,14 +45,27 @@ def test_resonance_yarn_logits_on_cuda_match_the_hf_export(tmp_path):
     megatron, export = _round_trip(tmp_path, src, "cpu", "--rope-kind", "resonance_yarn", "--rope-factor", "4")
 
     plan = tmp_path / "megatron_plan.json"
-    plan.write_text(json.dumps({"jobs": [{"name": "resonance_yarn", "checkpoint": str(megatron),
-                                          "tokens": str(tokens)}]}))
+    plan.write_text(
+        json.dumps({"jobs": [{"name": "resonance_yarn", "checkpoint": str(megatron), "tokens": str(tokens)}]})
+    )
     python(WORKERS / "megatron_logits.py", plan, tmp_path, "tp1")  # one process, on the GPU (fp32)
     ours = torch.load(tmp_path / "resonance_yarn.tp1.pt")
 
     plan, out = tmp_path / "hf_plan.json", tmp_path / "hf.json"
-    plan.write_text(json.dumps({"jobs": [{"name": "resonance_yarn", "model": str(export), "tokens": str(tokens),
-                                          "out": str(tmp_path / "hf_logits.pt")}]}))
+    plan.write_text(
+        json.dumps(
+            {
+                "jobs": [
+                    {
+                        "name": "resonance_yarn",
+                        "model": str(export),
+                        "tokens": str(tokens),
+                        "out": str(tmp_path / "hf_logits.pt"),
+                    }
+                ]
+            }
+        )
+    )
     python(WORKERS / "hf_logits.py", plan, out)
     stock = json.loads(out.read_text())
     theirs = torch.load(tmp_path / "hf_logits.pt")

@@ -33,8 +33,13 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def _make(*args, timeout=120):
-    return subprocess.run(["make", "--no-print-directory", *args, f"GPU_PYTHON={sys.executable}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["make", "--no-print-directory", *args, f"GPU_PYTHON={sys.executable}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _check_results_format(out: Path) -> dict:
@@ -72,8 +77,9 @@ def test_dry_run_through_make(tmp_path):
         for token in files:
             path = Path(token) if os.path.isabs(token) else REPO / token
             if token.endswith(".whl"):  # a bundle file: named by the manifest, there or not
-                assert path.parent == gpu_wheels.BUNDLE and path.name in {w["file"] for w in
-                                                                          gpu_wheels.load_manifest()["wheels"]}
+                assert path.parent == gpu_wheels.BUNDLE and path.name in {
+                    w["file"] for w in gpu_wheels.load_manifest()["wheels"]
+                }
             else:
                 assert path.is_file(), f"{step['step']}: {token} does not exist"
     tests = next(p["command"] for p in results["plan"] if p["step"] == "tests")
@@ -107,10 +113,20 @@ def test_plan_check_finds_what_went_missing(tmp_path, monkeypatch):
 
 
 def test_bundle_states(tmp_path):
-    manifest = {**gpu_wheels.load_manifest(), "wheels": [
-        {"file": f"{name}-1.0-py3-none-any.whl", "name": name, "version": "1.0", "requires": [],
-         "sha256": gpu_wheels.hashlib.sha256(name.encode()).hexdigest(), "bytes": len(name)} for name in ("aa", "bb")
-    ]}
+    manifest = {
+        **gpu_wheels.load_manifest(),
+        "wheels": [
+            {
+                "file": f"{name}-1.0-py3-none-any.whl",
+                "name": name,
+                "version": "1.0",
+                "requires": [],
+                "sha256": gpu_wheels.hashlib.sha256(name.encode()).hexdigest(),
+                "bytes": len(name),
+            }
+            for name in ("aa", "bb")
+        ],
+    }
     assert gpu_wheels.check_bundle(tmp_path, manifest)[0] == "not downloaded"
     (tmp_path / "aa-1.0-py3-none-any.whl").write_bytes(b"aa")
     with pytest.raises(gpu_wheels.BundleError, match="incomplete: bb-1.0"):
@@ -140,17 +156,21 @@ def test_manifest_covers_what_the_gpu_machine_lacks():
     assert sum(w["bytes"] for w in manifest["wheels"]) < 40 * 2**20  # carried within the 64 MiB working tree
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "--out DIR is required (make gpu-check OUT=dir)"),
-    (["--out", "{tmp}/o", "--budget", "0"], "--budget must be positive"),
-    (["--out", "{tmp}/o", "--workdir", "{tmp}"], "not empty"),
-    (["--out", "{tmp}/file"], "exists and is not a directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--out DIR is required (make gpu-check OUT=dir)"),
+        (["--out", "{tmp}/o", "--budget", "0"], "--budget must be positive"),
+        (["--out", "{tmp}/o", "--workdir", "{tmp}"], "not empty"),
+        (["--out", "{tmp}/file"], "exists and is not a directory"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "file").write_text("x")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), *args], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gpu_check.py"), *args], capture_output=True, text=True, timeout=60
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("gpu_check.py: error: ") and message in lines[0]
@@ -174,8 +194,24 @@ def test_junit_results_of_a_pytest_run(tmp_path):
         "@pytest.mark.skip(reason='no TE here')\ndef test_skipped():\n    pass\n"
     )
     xml = tmp_path / "report.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
-                    "--junitxml", str(xml), "test_tier.py"], cwd=tmp_path, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "junit_family=xunit1",
+            "--junitxml",
+            str(xml),
+            "test_tier.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
     results = gpu_check.junit_results(xml)
     assert (results["passed"], results["failed"], results["skipped"], results["error"]) == (1, 1, 1, 0)
     assert results["layer_spec"] == "local"
@@ -196,10 +232,15 @@ def test_benchmark_results_of_the_last_h200_run():
 
 def _posgen_cells() -> list:
     """Two cells as the slice records them: validation after each of 3 epochs of 79 steps (10,000 / 128)."""
+
     def cell(kind, warmup, step_s):
         history = [{"iteration": it, "seconds": warmup + it * step_s} for it in (79, 157, 235)]
-        return {"task": "recursive", "seed": 0, "trained_as": kind,
-                "train": {"iterations": 235, "seconds": history[-1]["seconds"] + 1, "history": history}}
+        return {
+            "task": "recursive",
+            "seed": 0,
+            "trained_as": kind,
+            "train": {"iterations": 235, "seconds": history[-1]["seconds"] + 1, "history": history},
+        }
 
     return [cell("rope", 20.0, 0.05), cell("resonance", 30.0, 0.04)]
 
@@ -225,29 +266,73 @@ def test_results_of_a_complete_run_render(tmp_path):
     """The results of a run in which every step worked, written as a GPU run writes them."""
     check = gpu_check.Check(tmp_path, tmp_path / "work", sys.executable, 480, False, gpu_wheels.load_manifest())
     demo = json.loads((RESULTS / "demo_report.json").read_text())
-    machine = {"date": "2026-12-01T00:00:00+00:00", "commit": "abc1234", "hardware": "NVIDIA H200", "python": "3.12.3",
-               "torch": "2.11.0+cu130", "megatron_core": "0.16.1", "threads": 16, "cuda_available": True,
-               "cuda": "13.0", "transformers": "5.17.0", "transformer_engine": "not importable (ImportError)",
-               "layer_spec": "local"}
-    cases = [{"test": "tests.gpu.test_training::test_bf16_steps_follow_fp32", "outcome": "passed", "seconds": 9.0,
-              "message": ""}]
+    machine = {
+        "date": "2026-12-01T00:00:00+00:00",
+        "commit": "abc1234",
+        "hardware": "NVIDIA H200",
+        "python": "3.12.3",
+        "torch": "2.11.0+cu130",
+        "megatron_core": "0.16.1",
+        "threads": 16,
+        "cuda_available": True,
+        "cuda": "13.0",
+        "transformers": "5.17.0",
+        "transformer_engine": "not importable (ImportError)",
+        "layer_spec": "local",
+    }
+    cases = [
+        {
+            "test": "tests.gpu.test_training::test_bf16_steps_follow_fp32",
+            "outcome": "passed",
+            "seconds": 9.0,
+            "message": "",
+        }
+    ]
     check.sections = {
         "environment": {"status": "ok", "seconds": 9.0, "install": {"status": "ok"}, "machine": machine},
-        "tests": {"status": "ok", "seconds": 80.0, "passed": 1, "failed": 0, "error": 0, "skipped": 0,
-                  "layer_spec": "local", "cases": cases},
-        "benchmark": {"status": "ok", "seconds": 70.0,
-                      **gpu_check.benchmark_results(json.loads((RESULTS / "gpu_h200.json").read_text()))},
-        "demo": {"status": "ok", "seconds": 170.0, **{k: demo.get(k) for k in ("perplexity", "lengths", "posgen",
-                                                                               "stage_seconds")}},
-        "posgen": {"status": "ok", "seconds": 60.0, "slice": " ".join(gpu_check.POSGEN_SLICE), "note": "a slice",
-                   "wall_seconds": 50.0, **gpu_check.posgen_projection(_posgen_cells(), 2, 30, 11_719)},
+        "tests": {
+            "status": "ok",
+            "seconds": 80.0,
+            "passed": 1,
+            "failed": 0,
+            "error": 0,
+            "skipped": 0,
+            "layer_spec": "local",
+            "cases": cases,
+        },
+        "benchmark": {
+            "status": "ok",
+            "seconds": 70.0,
+            **gpu_check.benchmark_results(json.loads((RESULTS / "gpu_h200.json").read_text())),
+        },
+        "demo": {
+            "status": "ok",
+            "seconds": 170.0,
+            **{k: demo.get(k) for k in ("perplexity", "lengths", "posgen", "stage_seconds")},
+        },
+        "posgen": {
+            "status": "ok",
+            "seconds": 60.0,
+            "slice": " ".join(gpu_check.POSGEN_SLICE),
+            "note": "a slice",
+            "wall_seconds": 50.0,
+            **gpu_check.posgen_projection(_posgen_cells(), 2, 30, 11_719),
+        },
     }
     assert check.finish() == 0
     results = _check_results_format(tmp_path)
     assert results["status"] == "ok" and not results["dry_run"]
     markdown = (tmp_path / "results.md").read_text()
-    for text in ("NVIDIA H200", "59,093", "| 4k | rope |", "1 passed, 0 failed", "layer spec local",
-                 f"{demo['perplexity']['rope']['512']:.2f}", "steps/s per cell", "## Plan"):
+    for text in (
+        "NVIDIA H200",
+        "59,093",
+        "| 4k | rope |",
+        "1 passed, 0 failed",
+        "layer spec local",
+        f"{demo['perplexity']['rope']['512']:.2f}",
+        "steps/s per cell",
+        "## Plan",
+    ):
         assert text in markdown, text
 
 
@@ -255,8 +340,10 @@ def test_a_failed_step_is_recorded_and_the_next_runs(tmp_path):
     check = gpu_check.Check(tmp_path, tmp_path / "work", sys.executable, 60, False, gpu_wheels.load_manifest())
     py = sys.executable
     pid_file = tmp_path / "grandchild.pid"
-    sleeper = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
-               f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    sleeper = (
+        f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+        f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
     failing = gpu_check.Step("a", "tests", [py, "-c", "import sys; print('boom'); sys.exit(3)"], 30, min_s=0)
     hanging = gpu_check.Step("b", "benchmark", [py, "-c", sleeper], 3, min_s=0)
     working = gpu_check.Step("c", "demo", [py, "-c", "print('fine')"], 30, min_s=0, collect=lambda: {"answer": 42})
@@ -283,8 +370,13 @@ def test_a_gpu_run_on_a_cpu_machine_stops_after_the_environment(tmp_path):
     """Without --dry-run on a machine without CUDA: the machine is described (the GPU run's own code), found
     to have no GPU, and nothing else runs."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--out", str(out), "--workdir",
-                           str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     results = _check_results_format(out)
     environment = results["sections"]["environment"]
@@ -325,12 +417,12 @@ def test_benchmark_of_every_layer_spec_renders(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
     raw = bench.gpu_throughput(quick=True)
-    assert {(s, n) for s, n, _, _ in built} == {(s, n) for s in ("local", "local_compiled", "te")
-                                                for n in (4096, 32768)}
+    assert {(s, n) for s, n, _, _ in built} == {
+        (s, n) for s in ("local", "local_compiled", "te") for n in (4096, 32768)
+    }
     assert all(bf16 for *_, bf16 in built) and {k for _, _, k, _ in built} == {"rope", "resonance_yarn"}
     assert raw["gpu_spec"] == "local" and raw["gpu_specs"] == ["local", "local_compiled", "te"]
-    assert raw["gpu_by_spec"]["local_compiled"]["32k"] == {
-        "error": "RuntimeError: Failed to find C compiler."}
+    assert raw["gpu_by_spec"]["local_compiled"]["32k"] == {"error": "RuntimeError: Failed to find C compiler."}
     assert raw["gpu_4k_rope"] == raw["gpu_by_spec"]["local"]["4k"]["rope"]  # the default spec, as before
     b = gpu_check.benchmark_results(raw)
     assert set(b["by_spec"]) == {"local", "local_compiled", "te"} and set(b["by_length"]) == {"4k", "32k"}
@@ -339,6 +431,10 @@ def test_benchmark_of_every_layer_spec_renders(tmp_path, monkeypatch):
     check.sections["benchmark"] = {"status": "ok", "seconds": 200.0, **b}
     check.write()
     markdown = (tmp_path / "results.md").read_text()
-    for text in ("| local_compiled | 4k | rope |", "| te | 32k | resonance_yarn |", "local_compiled 32k: failed",
-                 "| local_compiled | 32k | failed: RuntimeError: Failed to find C compiler. |"):
+    for text in (
+        "| local_compiled | 4k | rope |",
+        "| te | 32k | resonance_yarn |",
+        "local_compiled 32k: failed",
+        "| local_compiled | 32k | failed: RuntimeError: Failed to find C compiler. |",
+    ):
         assert text in markdown, text

@@ -31,8 +31,10 @@ def test_fused_rope_matches_unfused(dtype):
     generator = torch.Generator(device="cuda").manual_seed(0)
     t = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, device="cuda", generator=generator).to(dtype)
     upstream = torch.randn(t.shape, device="cuda", generator=generator).to(dtype)
-    paths = {"fused": lambda x: fused(x, freqs, interleaved=False),  # megatron's two branches
-             "unfused": lambda x: rope_utils._apply_rotary_pos_emb_bshd(x, freqs, rotary_interleaved=False)}
+    paths = {
+        "fused": lambda x: fused(x, freqs, interleaved=False),  # megatron's two branches
+        "unfused": lambda x: rope_utils._apply_rotary_pos_emb_bshd(x, freqs, rotary_interleaved=False),
+    }
     results = {}
     for name, apply in paths.items():
         x = t.clone().requires_grad_(True)

@@ -28,19 +28,34 @@ PLANS = {
     "linear": RopeConfig(kind="linear", head_dim=HEAD_DIM, factor=4.0, original_max_position=4096),
     "ntk": RopeConfig(kind="ntk", head_dim=HEAD_DIM, factor=4.0, original_max_position=4096),
     "yarn": RopeConfig(kind="yarn", head_dim=HEAD_DIM, base=500000.0, factor=8.0, original_max_position=4096),
-    "yarn_m": RopeConfig(kind="yarn", head_dim=HEAD_DIM, factor=8.0, original_max_position=4096,
-                         attention_factor=1.3, beta_fast=16.0, beta_slow=2.0),
+    "yarn_m": RopeConfig(
+        kind="yarn",
+        head_dim=HEAD_DIM,
+        factor=8.0,
+        original_max_position=4096,
+        attention_factor=1.3,
+        beta_fast=16.0,
+        beta_slow=2.0,
+    ),
     "llama3": RopeConfig(kind="llama3", head_dim=HEAD_DIM, base=500000.0, factor=8.0, original_max_position=8192),
     "resonance": RopeConfig(kind="resonance", head_dim=HEAD_DIM, original_max_position=4096),
     "resonance_yarn": RopeConfig(kind="resonance_yarn", head_dim=HEAD_DIM, factor=8.0, original_max_position=4096),
-    "resonance_llama3": RopeConfig(kind="llama3", resonance=True, head_dim=HEAD_DIM, factor=8.0,
-                                   original_max_position=4096),
+    "resonance_llama3": RopeConfig(
+        kind="llama3", resonance=True, head_dim=HEAD_DIM, factor=8.0, original_max_position=4096
+    ),
 }
 
 
 def model_config(rope: RopeConfig) -> LlamaConfig:
-    return LlamaConfig(num_layers=1, hidden_size=4 * HEAD_DIM, num_attention_heads=4, num_query_groups=2,
-                       vocab_size=300, max_position_embeddings=rope.target_max_position, rope=rope)
+    return LlamaConfig(
+        num_layers=1,
+        hidden_size=4 * HEAD_DIM,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=300,
+        max_position_embeddings=rope.target_max_position,
+        rope=rope,
+    )
 
 
 def transformers_rope(config: dict):
@@ -112,30 +127,45 @@ def test_edited_resonance_config_is_refused():
 
 
 def test_reference_config_keeps_its_fields_and_rope_encoding():
-    reference = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 7,
-                 "max_position_embeddings": 16384, "rope_theta": 500000.0,
-                 "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}}
+    reference = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bos_token_id": 7,
+        "max_position_embeddings": 16384,
+        "rope_theta": 500000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+    }
     rope = RopeConfig(kind="yarn", head_dim=HEAD_DIM, base=500000.0, factor=4.0, original_max_position=4096)
     out = hf_config.export_config(model_config(rope), torch.float32, reference=reference)
     assert out["bos_token_id"] == 7 and out["rope_scaling"] == reference["rope_scaling"]
     assert out["rope_parameters"]["rope_type"] == "yarn" and out["rope_parameters"]["rope_theta"] == 500000.0
     # a changed plan is re-encoded, never mixed with the reference's stale rope keys
-    extended = RopeConfig(kind="resonance_yarn", head_dim=HEAD_DIM, base=500000.0, factor=8.0,
-                          original_max_position=4096)
+    extended = RopeConfig(
+        kind="resonance_yarn", head_dim=HEAD_DIM, base=500000.0, factor=8.0, original_max_position=4096
+    )
     out = hf_config.export_config(model_config(extended), torch.float32, reference=reference)
     assert out["rope_scaling"]["rope_type"] == "longrope" and out["max_position_embeddings"] == 32768
     assert out["bos_token_id"] == 7
 
 
-@pytest.mark.parametrize("config, match", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "not a LLaMA model"),
-    ({"model_type": "gpt2"}, "not a LLaMA model"),
-    ({}, "neither architectures nor model_type"),
-    ({"model_type": "llama", "attention_bias": True}, "attention_bias=True is not supported"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "not a LLaMA model"),
+        ({"model_type": "gpt2"}, "not a LLaMA model"),
+        ({}, "neither architectures nor model_type"),
+        ({"model_type": "llama", "attention_bias": True}, "attention_bias=True is not supported"),
+    ],
+)
 def test_check_llama_refuses(config, match):
-    base = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, vocab_size=300,
-                max_position_embeddings=64)
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
     with pytest.raises(ConversionError, match=match):
         hf_config.check_llama({**base, **config}, "config.json")
 

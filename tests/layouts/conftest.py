@@ -115,8 +115,9 @@ class Runs:
     def megatron(self, layout: str) -> dict:
         def make():
             save = self.root / f"megatron_{layout}"
-            proc = run(PRETRAIN, *RUN, *LAYOUTS[layout], "--save", save,
-                       extra_env={"MEGATRON_RESONANCE_CPU_SPEED": "0"})
+            proc = run(
+                PRETRAIN, *RUN, *LAYOUTS[layout], "--save", save, extra_env={"MEGATRON_RESONANCE_CPU_SPEED": "0"}
+            )
             return {"save": save, "stdout": proc.stdout, "layout": layout}
 
         return self.once(("megatron", layout), make)
@@ -160,23 +161,42 @@ class Runs:
                 ["megatron_to_hf", ["--load", str(extended[k]), "--save", str(exports[k]), "--no-progress"]]
                 for k in extended
             ]}))  # fmt: skip
-            proc = subprocess.run([sys.executable, CONVERT_ALL, plan, results], cwd=REPO, env=env(),
-                                  capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, CONVERT_ALL, plan, results],
+                cwd=REPO,
+                env=env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 0, f"{CONVERT_ALL} exited {proc.returncode}\n{proc.stderr[-6000:]}"
             conversions = dict(zip(extended, json.loads(results.read_text())))
 
             rng = np.random.default_rng(0)
             data = root / "tokens.jsonl"
-            data.write_text("".join(json.dumps({"tokens": rng.integers(0, VOCAB, n).tolist()}) + "\n"
-                                    for n in (40, 64, 70, 100, 130)))
+            data.write_text(
+                "".join(
+                    json.dumps({"tokens": rng.integers(0, VOCAB, n).tolist()}) + "\n" for n in (40, 64, 70, 100, 130)
+                )
+            )
             models = []
             for k in extended:
                 models += ["--load", extended[k], "--name", f"megatron_{k}"]
                 if conversions[k]["status"] == 0:
                     models += ["--hf", exports[k], "--name", f"hf_{k}"]
             out = root / "perplexity"
-            run(EVAL, *models, "--data", data, "--lengths", ",".join(map(str, EVAL_LENGTHS)), "--out", out,
-                "--no-progress", nproc=0)
+            run(
+                EVAL,
+                *models,
+                "--data",
+                data,
+                "--lengths",
+                ",".join(map(str, EVAL_LENGTHS)),
+                "--out",
+                out,
+                "--no-progress",
+                nproc=0,
+            )
             report = json.loads((out / "report.json").read_text())
             return {"conversions": conversions, "report": report, "exports": exports}
 

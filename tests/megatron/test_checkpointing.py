@@ -87,8 +87,11 @@ def test_rng_state_from_the_other_kind_of_device_keeps_this_runs_seeds(saved_on_
     monkeypatch.setattr(torch.cuda, "set_rng_state", cuda_loaded.append)
     philox, twister = torch.zeros(16, dtype=torch.uint8), torch.get_rng_state()
     generator = philox if saved_on_gpu else twister
-    state = {"cpu": torch.get_rng_state(), "cuda": philox if saved_on_gpu else None,
-             "tracker": {"model-parallel-rng": generator}}
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": philox if saved_on_gpu else None,
+        "tracker": {"model-parallel-rng": generator},
+    }
     expected = torch.rand(3)
     for here_gpu in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: here_gpu)

@@ -37,9 +37,7 @@ def test_attention_output_and_input_gradients_equal_cp1(results):
 
 
 def test_attention_refuses_a_group_of_another_size(results):
-    assert results["attention"]["wrong_group_refused"] == (
-        "the context-parallel group has 2 ranks, the config says 4"
-    )
+    assert results["attention"]["wrong_group_refused"] == ("the context-parallel group has 2 ranks, the config says 4")
 
 
 @pytest.mark.parametrize("kind", ["rope", "yarn", "resonance_yarn"])

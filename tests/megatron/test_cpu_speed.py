@@ -101,7 +101,6 @@ def test_suspended_takes_the_mode_off_and_back(model_checks):
     assert record["speed_off"] == [depth, True]  # cpu_speed off: megatron's code runs under the mode
 
 
-
 def test_one_rank_collectives_skip_gloo(model_checks):
     """DP=1 (or TP=1, ...) collectives are the identity or a copy: cpu_speed runs them in place, without
     gloo's worker thread and buffers (benchmarks/results/2026-11-26_cpu_training.md: ~1.5x training
@@ -141,8 +140,10 @@ def test_the_model_with_speed_on_and_off_matches(model_checks):
     record = model_checks["check_speed_switch_in_model"]
     assert record["switches"] == {"speed": [True, "SwiGLU"], "megatron": [False, "function"]}
     # every norm (the layers' two and the final one)
-    assert record["norms"] == {"speed": ["megatron_resonance.megatron.local_ops.RMSNorm"],
-                               "megatron": ["torch.nn.modules.normalization.RMSNorm"]}
+    assert record["norms"] == {
+        "speed": ["megatron_resonance.megatron.local_ops.RMSNorm"],
+        "megatron": ["torch.nn.modules.normalization.RMSNorm"],
+    }
     assert record["same_state_dict_keys"]
     assert record["logits_rel"] < 1e-5 and record["grads_rel"] < 1e-5, record
 

@@ -142,8 +142,14 @@ def test_local_norm_marks_its_weight_for_sequence_parallelism(sequence_parallel,
     megatron's ``finalize_model_grads`` all-reduces its gradient over TP (megatron's torch wrapper refuses)."""
     from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
-                               tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        normalization="RMSNorm",
+        tensor_model_parallel_size=2,
+        sequence_parallel=sequence_parallel,
+    )
     norm = LocalNorm(config, 8, eps=1e-5, normalization="RMSNorm", rms_norm=rms_norm)
     assert type(norm) is rms_norm and norm.eps == 1e-5
     assert norm.weight.sequence_parallel is sequence_parallel

@@ -71,9 +71,11 @@ def test_plans_for_the_documented_cases():
     # every cheaper layout tried does not fit
     assert all(not c.fits for c in eight.tried if c.cost < eight.chosen.cost)
     line = layout_planner.sbatch_line(eight, load="ckpt/llama3-8b")
-    assert line == ('LOAD=ckpt/llama3-8b TP=2 PP=1 CP=8 GPUS_PER_NODE=8 TRAIN_ARGS="--seq-length 131072 '
-                    '--micro-batch-size 1 --global-batch-size 64 --sequence-parallel" sbatch --nodes=8 '
-                    'slurm/extend_context.sbatch')
+    assert line == (
+        'LOAD=ckpt/llama3-8b TP=2 PP=1 CP=8 GPUS_PER_NODE=8 TRAIN_ARGS="--seq-length 131072 '
+        '--micro-batch-size 1 --global-batch-size 64 --sequence-parallel" sbatch --nodes=8 '
+        "slurm/extend_context.sbatch"
+    )
 
 
 def test_recomputation_when_nothing_else_fits():
@@ -81,8 +83,10 @@ def test_recomputation_when_nothing_else_fits():
     two = plan(ModelShape(16, 2048, 5632, 16, 16, 32000), 65536, Hardware(1, 1, 80))
     assert two.chosen.layout.recompute == "full" and two.chosen.layout.model_parallel == 1
     assert "recomputation" in two.why
-    assert "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1" in \
-        layout_planner.sbatch_line(two)
+    assert (
+        "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
+        in layout_planner.sbatch_line(two)
+    )
 
 
 def test_the_preset_layouts_fit_by_the_planner():
@@ -99,8 +103,14 @@ def test_the_preset_layouts_fit_by_the_planner():
 
 
 def _plan(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PLAN), *map(str, args)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(PLAN), *map(str, args)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +122,35 @@ def sources(tmp_path_factory):
     ckpt = root / "ckpt"
     (ckpt / "iter_0000000").mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("0")
-    cfg = LlamaConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
-                      num_query_groups=32, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_attention_heads=32,
+        num_query_groups=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     (ckpt / "iter_0000000" / "megatron_resonance.json").write_text(json.dumps({"model": cfg.to_dict()}))
     add_dist_files(ckpt / "iter_0000000")
     hf = root / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=32, hidden_size=4096,
-        intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-        max_position_embeddings=8192, rope_theta=500000.0)))
+    (hf / "config.json").write_text(
+        json.dumps(
+            dict(
+                architectures=["LlamaForCausalLM"],
+                model_type="llama",
+                num_hidden_layers=32,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                vocab_size=128256,
+                max_position_embeddings=8192,
+                rope_theta=500000.0,
+            )
+        )
+    )
     return ckpt, hf
 
 
@@ -130,8 +159,14 @@ def test_command_line_checkpoint_hf_and_preset(sources):
     out = _plan("--load", ckpt, "--seq-length", 32768, "--nodes", 1, "--gpus-per-node", 8, "--gpu-memory-gb", 80)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for expected in ("layout         TP=2 PP=1 CP=2 DP=2, sequence parallel", "recomputation  none",
-                     "tokens/step    262,144", "memory/GPU", "why", f"LOAD={ckpt} TP=2 PP=1 CP=2 GPUS_PER_NODE=8"):
+    for expected in (
+        "layout         TP=2 PP=1 CP=2 DP=2, sequence parallel",
+        "recomputation  none",
+        "tokens/step    262,144",
+        "memory/GPU",
+        "why",
+        f"LOAD={ckpt} TP=2 PP=1 CP=2 GPUS_PER_NODE=8",
+    ):
         assert expected in text, text
     out = _plan("--hf", hf, "--seq-length", 131072, "--nodes", 8, "--json")
     assert out.returncode == 0, out.stderr
@@ -146,21 +181,28 @@ def test_command_line_checkpoint_hf_and_preset(sources):
     assert got["sbatch"].startswith(f"CONFIG={preset} LOAD=CKPT TP=4 PP=1 CP=1")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "llama2-7b", "--seq-length", 1048576, "--nodes", 1],
-     "no layout fits length 1048576 on 1 x 8 GPUs of 80 GiB (70.2 GiB usable): tried 40 layouts (TP 1,2,4,8, "
-     "CP 1,2,4,8, PP 1,2,4,8, recomputation none/full); closest: TP=8 x PP=1 x CP=1 x DP=1, full "
-     "recomputation at"),
-    (["--seq-length", 4096], "no model: give --load MEGATRON_DIR, --hf HF_DIR or --model"),
-    (["--config", "configs/llama2_7b_4k_to_32k_resonance_yarn.yaml"], "sets no model shape"),
-    (["--model", "llama2-7b"], "no target length: give --seq-length"),
-    (["--model", "llama2-7b", "--seq-length", 0], "--seq-length must be an integer >= 1, got 0"),
-    (["--model", "llama2-7b", "--seq-length", 4096, "--gpu-memory-gb", -1], "--gpu-memory-gb must be > 0"),
-    (["--model", "llama2-7b", "--seq-length", 4096, "--global-batch-size", 3, "--micro-batch-size", 2],
-     "--global-batch-size 3 is not a multiple of --micro-batch-size 2"),
-    (["--load", "/no/such/ckpt", "--seq-length", 4096], "--load /no/such/ckpt: no such file or directory"),
-    (["--model", "llama2-7b", "--hf", "/tmp", "--seq-length", 4096], "give one model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--model", "llama2-7b", "--seq-length", 1048576, "--nodes", 1],
+            "no layout fits length 1048576 on 1 x 8 GPUs of 80 GiB (70.2 GiB usable): tried 40 layouts (TP 1,2,4,8, "
+            "CP 1,2,4,8, PP 1,2,4,8, recomputation none/full); closest: TP=8 x PP=1 x CP=1 x DP=1, full "
+            "recomputation at",
+        ),
+        (["--seq-length", 4096], "no model: give --load MEGATRON_DIR, --hf HF_DIR or --model"),
+        (["--config", "configs/llama2_7b_4k_to_32k_resonance_yarn.yaml"], "sets no model shape"),
+        (["--model", "llama2-7b"], "no target length: give --seq-length"),
+        (["--model", "llama2-7b", "--seq-length", 0], "--seq-length must be an integer >= 1, got 0"),
+        (["--model", "llama2-7b", "--seq-length", 4096, "--gpu-memory-gb", -1], "--gpu-memory-gb must be > 0"),
+        (
+            ["--model", "llama2-7b", "--seq-length", 4096, "--global-batch-size", 3, "--micro-batch-size", 2],
+            "--global-batch-size 3 is not a multiple of --micro-batch-size 2",
+        ),
+        (["--load", "/no/such/ckpt", "--seq-length", 4096], "--load /no/such/ckpt: no such file or directory"),
+        (["--model", "llama2-7b", "--hf", "/tmp", "--seq-length", 4096], "give one model"),
+    ],
+)
 def test_bad_input_is_one_line(args, message):
     out = _plan(*args)
     assert out.returncode == 2 and out.stdout == ""
@@ -177,30 +219,45 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
     ckpt, hf = sources
     perplexity, passkey = load_tool("eval_perplexity"), load_tool("eval_passkey")
     # LLaMA-2 7B in fp32 at 16K: 25 GiB of weights and 6 of logits at TP=1; 30 GiB per process fits at TP=2
-    argv = ["--load", str(ckpt), "--lengths", "4096,16384", "--max-memory-gb", "30", "--out", str(tmp_path / "o"),
-            "--tensor-model-parallel-size", "1"]
+    argv = [
+        "--load",
+        str(ckpt),
+        "--lengths",
+        "4096,16384",
+        "--max-memory-gb",
+        "30",
+        "--out",
+        str(tmp_path / "o"),
+        "--tensor-model-parallel-size",
+        "1",
+    ]
     with pytest.raises(SystemExit) as info:
         perplexity.main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"length 16384 does not fit for {ckpt.name}: a forward pass needs about" in err
-    assert "per process at TP=1 x CP=1 (micro-batch 1), memory available 30.0 GiB; fits at TP=2 x CP=1: " \
-           f"torchrun --nproc-per-node 2 tools/eval_perplexity.py --load {ckpt} --lengths 4096,16384 " \
-           f"--max-memory-gb 30 --out {tmp_path / 'o'} --tensor-model-parallel-size 2" in err, err
+    assert (
+        "per process at TP=1 x CP=1 (micro-batch 1), memory available 30.0 GiB; fits at TP=2 x CP=1: "
+        f"torchrun --nproc-per-node 2 tools/eval_perplexity.py --load {ckpt} --lengths 4096,16384 "
+        f"--max-memory-gb 30 --out {tmp_path / 'o'} --tensor-model-parallel-size 2" in err
+    ), err
     assert not (tmp_path / "o").exists()
     # a Hugging Face model: the Megatron conversion's layout (passkey's main has the same wrapper; its
     # tokenizer is checked first)
     with pytest.raises(SystemExit):
         perplexity.main(["--hf", str(hf), "--lengths", "65536", "--max-memory-gb", "30", "--out", "p"])
     err = capsys.readouterr().err
-    assert "its Megatron conversion (tools/convert_hf_to_megatron.py --save CKPT) fits at TP=8 x CP=1: torchrun " \
-           "--nproc-per-node 8 tools/eval_perplexity.py --load CKPT --lengths 65536 --max-memory-gb 30 --out p " \
-           "--tensor-model-parallel-size 8" in err, err
+    assert (
+        "its Megatron conversion (tools/convert_hf_to_megatron.py --save CKPT) fits at TP=8 x CP=1: torchrun "
+        "--nproc-per-node 8 tools/eval_perplexity.py --load CKPT --lengths 65536 --max-memory-gb 30 --out p "
+        "--tensor-model-parallel-size 8" in err
+    ), err
     assert "memory" in passkey.main.__code__.co_names
     # RULER decodes: the key/value cache counts, and no CP layout is proposed (generation runs without CP)
     with pytest.raises(SystemExit):
-        load_tool("eval_ruler").main(["--load", str(ckpt), "--lengths", "65536", "--samples", "1",
-                                      "--max-memory-gb", "30", "--out", "r"])
+        load_tool("eval_ruler").main(
+            ["--load", str(ckpt), "--lengths", "65536", "--samples", "1", "--max-memory-gb", "30", "--out", "r"]
+        )
     err = capsys.readouterr().err
     assert f"generation up to 65664 tokens does not fit for {ckpt.name}: it needs about 123.8 GiB" in err, err
     assert "fits at TP=8 x CP=1: torchrun --nproc-per-node 8 tools/eval_ruler.py" in err, err
@@ -216,24 +273,41 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"recompute_granularity": "some"}, "unknown --recompute-granularity 'some'; expected one of full, selective"),
-    ({"recompute_granularity": "full"}, "--recompute-granularity full needs --recompute-method uniform or block"),
-    ({"recompute_granularity": "full", "recompute_method": "uniform"},
-     "--recompute-num-layers must be between 1 and the 4 layers of a pipeline stage, got None"),
-    ({"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 3},
-     "--recompute-num-layers must be between 1 and the 2 layers of a pipeline stage, got 3"),
-    ({"recompute_granularity": "selective", "recompute_num_layers": 1}, "--recompute-granularity selective takes no "
-                                                                  "--recompute-method"),
-    ({"recompute_method": "uniform"}, "--recompute-method/--recompute-num-layers need --recompute-granularity full"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"recompute_granularity": "some"}, "unknown --recompute-granularity 'some'; expected one of full, selective"),
+        ({"recompute_granularity": "full"}, "--recompute-granularity full needs --recompute-method uniform or block"),
+        (
+            {"recompute_granularity": "full", "recompute_method": "uniform"},
+            "--recompute-num-layers must be between 1 and the 4 layers of a pipeline stage, got None",
+        ),
+        (
+            {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 3},
+            "--recompute-num-layers must be between 1 and the 2 layers of a pipeline stage, got 3",
+        ),
+        (
+            {"recompute_granularity": "selective", "recompute_num_layers": 1},
+            "--recompute-granularity selective takes no --recompute-method",
+        ),
+        (
+            {"recompute_method": "uniform"},
+            "--recompute-method/--recompute-num-layers need --recompute-granularity full",
+        ),
+    ],
+)
 def test_recompute_flags_are_checked_in_one_line(flags, message):
     from megatron_resonance.training.config import ConfigError, from_dict
     from megatron_resonance.training.config_checks import check
 
     pp = 2 if flags.get("recompute_method") == "block" else 1
-    cfg = from_dict({"model": {"num_layers": 4}, "data": {"mock_data": True, "global_batch_size": 8},
-                     "parallel": {"pipeline_model_parallel_size": pp, **flags}})
+    cfg = from_dict(
+        {
+            "model": {"num_layers": 4},
+            "data": {"mock_data": True, "global_batch_size": 8},
+            "parallel": {"pipeline_model_parallel_size": pp, **flags},
+        }
+    )
     with pytest.raises(ConfigError, match="^" + __import__("re").escape(message)):
         check(cfg, world_size=pp)
 
@@ -243,5 +317,4 @@ def test_recompute_flags_reach_the_transformer_config():
 
     assert recompute_settings(ParallelConfig()) == {}
     p = ParallelConfig(recompute_granularity="full", recompute_method="block", recompute_num_layers=2)
-    assert recompute_settings(p) == dict(recompute_granularity="full", recompute_method="block",
-                                         recompute_num_layers=2)
+    assert recompute_settings(p) == dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2)

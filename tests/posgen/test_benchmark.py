@@ -31,7 +31,11 @@ def run_tool(*args, timeout=600, env=None):
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **(env or {}))
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, str(TOOL), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, str(TOOL), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     return proc, time.time() - start
@@ -123,8 +127,9 @@ def test_smoke_run_learns_reports_and_resumes(tmp_path):
     lost = out / "cells" / "recursive" / "seed0" / "resonance.json"
     by_worker = json.loads(lost.read_text())
     lost.unlink()
-    proc, _ = run_tool("--preset", "smoke", "--out", out, "--tasks", "recursive", "--seeds", "1",
-                       env={"OMP_NUM_THREADS": "1"})
+    proc, _ = run_tool(
+        "--preset", "smoke", "--out", out, "--tasks", "recursive", "--seeds", "1", env={"OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "2 cells, 1 already done" in proc.stdout and "[posgen 1/1] recursive seed 0 resonance" in proc.stdout
     assert json.loads(lost.read_text())["variants"] == by_worker["variants"]
@@ -149,18 +154,26 @@ def test_failed_worker_keeps_the_others_cells_and_names_what_is_missing(tmp_path
         if worker == "1/2":
             return [sys.executable, "-c", "import sys; sys.exit(3)"]
         records = {cell_path(out, *c): _fake_cell(preset, *c, 0.9, 0.3) for c in cells}
-        return [sys.executable, "-c", "import json, os, sys\n"
-                f"for path, record in {records!r}.items():\n"
-                "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
-                "    json.dump(record, open(path, 'w'))\n"]
+        return [
+            sys.executable,
+            "-c",
+            "import json, os, sys\n"
+            f"for path, record in {records!r}.items():\n"
+            "    os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+            "    json.dump(record, open(path, 'w'))\n",
+        ]
 
     with pytest.raises(TrainingError) as e:
         benchmark.run_workers(preset, out, 2, worker_argv)
     # cells are dealt round-robin: worker 1 had rope of both seeds, worker 2 resonance
-    assert seen == {"1/2": [("recursive", 0, "rope"), ("recursive", 1, "rope")],
-                    "2/2": [("recursive", 0, "resonance"), ("recursive", 1, "resonance")]}
-    assert str(e.value) == ("worker 1 (exit 3) failed; 2 cell(s) not run: recursive:0:rope recursive:1:rope; "
-                            "rerun the same command to run them")
+    assert seen == {
+        "1/2": [("recursive", 0, "rope"), ("recursive", 1, "rope")],
+        "2/2": [("recursive", 0, "resonance"), ("recursive", 1, "resonance")],
+    }
+    assert str(e.value) == (
+        "worker 1 (exit 3) failed; 2 cell(s) not run: recursive:0:rope recursive:1:rope; "
+        "rerun the same command to run them"
+    )
     report = json.loads((tmp_path / "report.json").read_text())
     assert not report["complete"] and len(report["cells"]) == 2
     assert report["id_accuracy"]["recursive"]["resonance"]["n"] == 2
@@ -177,8 +190,24 @@ def test_paper_preset_runs_in_bf16_workers_through_the_entry_point(tmp_path):
     """The GPU command's plumbing on CPU: the paper's model in bf16, one step per cell, two worker processes,
     small evaluation splits (``--set``); the report records the paper's settings with the overrides."""
     out = tmp_path / "paper"
-    proc, _ = run_tool("--preset", "paper", "--tasks", "recursive", "--seeds", "1", "--epochs", "0.0128", "--bf16",
-                       "--set", "test_sequences=8", "validation_sequences=8", "--workers", "2", "--out", out)
+    proc, _ = run_tool(
+        "--preset",
+        "paper",
+        "--tasks",
+        "recursive",
+        "--seeds",
+        "1",
+        "--epochs",
+        "0.0128",
+        "--bf16",
+        "--set",
+        "test_sequences=8",
+        "validation_sequences=8",
+        "--workers",
+        "2",
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "| 1 steps each | 2 worker process(es)" in proc.stdout
     report = json.loads((out / "report.json").read_text())

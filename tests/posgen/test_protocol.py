@@ -72,14 +72,34 @@ def test_clean_protocol_is_unchanged():
     the clean fingerprint is the one the stored small run was made with, so stored clean cells are reused."""
     cfg = rope_config(SMALL, "yarn")
     assert (cfg.factor, cfg.original_max_position, cfg.beta_fast, cfg.beta_slow, cfg.correction_length) == (
-        4.0, 64, 32.0, 1.0, None)
-    assert rope_config(SMALL, "rope") == rope_config(REFERENCE, "rope") == RopeConfig(
-        kind="rope", head_dim=32, original_max_position=64)
+        4.0,
+        64,
+        32.0,
+        1.0,
+        None,
+    )
+    assert (
+        rope_config(SMALL, "rope")
+        == rope_config(REFERENCE, "rope")
+        == RopeConfig(kind="rope", head_dim=32, original_max_position=64)
+    )
     assert scored_vocab_size(SMALL) == VOCAB_SIZE and scored_vocab_size(REFERENCE) == MODEL_VOCAB_SIZE
     settings = json.loads((REPO / "benchmarks/results/posgen_small/report.json").read_text())["settings"]
-    stored = {k: v for k, v in settings.items()
-              if k not in ("name", "tasks", "seeds", "eval_batch_size", "validation_interval", "micro_batch_size",
-                           "bf16", "protocol")}
+    stored = {
+        k: v
+        for k, v in settings.items()
+        if k
+        not in (
+            "name",
+            "tasks",
+            "seeds",
+            "eval_batch_size",
+            "validation_interval",
+            "micro_batch_size",
+            "bf16",
+            "protocol",
+        )
+    }
     assert SMALL.fingerprint() == stored
 
 
@@ -117,8 +137,9 @@ def test_bad_protocol_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "argument --protocol: invalid choice: 'paper'" in err[0]
     with pytest.raises(SystemExit) as e:
-        tool.main(["--preset", "smoke", "--out", "/nonexistent/x", "--protocol", "reference",
-                   "--set", "test_sequences=950"])
+        tool.main(
+            ["--preset", "smoke", "--out", "/nonexistent/x", "--protocol", "reference", "--set", "test_sequences=950"]
+        )
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "posgen_benchmark.py: error: --protocol reference: the reference protocol takes validation and test rows "

@@ -41,8 +41,13 @@ def test_report_gives_paired_intervals_and_band_plot(tmp_path):
     preset = dataclasses.replace(PRESETS["smoke"], seeds=3)
     ood = {"rope": [0.20, 0.30, 0.25], "resonance": [0.26, 0.33, 0.31]}
     _store(tmp_path, preset, "recursive", {k: [0.98] * 3 for k in TRAINED_KINDS}, ood)
-    run_info = {"wall_seconds": 90.0, "cells_run": 6, "processes": 2, "threads_per_process": 1,
-                "how": "2 worker processes"}
+    run_info = {
+        "wall_seconds": 90.0,
+        "cells_run": 6,
+        "processes": 2,
+        "threads_per_process": 1,
+        "how": "2 worker processes",
+    }
     written = report.write_report(str(tmp_path), preset, run_info)
     assert written["complete"] and written["last_run"] == run_info
     ours = written["paired_difference"]["ood_accuracy"]["recursive"]["resonance - rope"]
@@ -69,8 +74,10 @@ def test_learned_counts_the_trained_models_at_the_threshold_in_distribution(tmp_
     _store(tmp_path, preset, "semi_recursive", {k: [0.53, 0.52, 0.53] for k in TRAINED_KINDS}, ood)
     written = report.write_report(str(tmp_path), preset)
     assert written["learned_threshold"] == report.LEARNED == 0.95
-    assert written["learned"]["recursive"] == {"rope": {"seeds": [0, 1], "of": 3},
-                                               "resonance": {"seeds": [0, 1, 2], "of": 3}}
+    assert written["learned"]["recursive"] == {
+        "rope": {"seeds": [0, 1], "of": 3},
+        "resonance": {"seeds": [0, 1, 2], "of": 3},
+    }
     assert written["learned"]["semi_recursive"]["rope"] == {"seeds": [], "of": 3}
     md = (tmp_path / "report.md").read_text()
     assert "| recursive | 2 of 3 | 3 of 3 |" in md and "| semi_recursive | 0 of 3 | 0 of 3 |" in md
@@ -78,8 +85,9 @@ def test_learned_counts_the_trained_models_at_the_threshold_in_distribution(tmp_
 
 def test_a_missing_cell_leaves_the_report_incomplete(tmp_path):
     preset = dataclasses.replace(PRESETS["smoke"], seeds=2)
-    _store(tmp_path, preset, "recursive", {k: [0.98, 0.97] for k in TRAINED_KINDS},
-           {k: [0.3, 0.4] for k in TRAINED_KINDS})
+    _store(
+        tmp_path, preset, "recursive", {k: [0.98, 0.97] for k in TRAINED_KINDS}, {k: [0.3, 0.4] for k in TRAINED_KINDS}
+    )
     (tmp_path / "cells" / "recursive" / "seed1" / "rope.json").unlink()
     written = report.write_report(str(tmp_path), preset)
     assert not written["complete"] and len(written["cells"]) == 3

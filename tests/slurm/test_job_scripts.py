@@ -12,6 +12,7 @@ GPUs).
 
 What needs GPUs or separate hosts (NCCL, TP/CP at 32K, pyxis) is only checked by the dry run here.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,11 @@ def submit(local_slurm, script: str, cwd: Path, *sbatch_args: str, **variables: 
     selects CPU mode: GPUS_PER_NODE defaults to the job's --gpus-per-node."""
     proc = subprocess.run(
         ["sbatch", "--parsable", "--gpus-per-node=0", *sbatch_args, str(SLURM / script)],
-        env=cpu_env(local_slurm, **variables), cwd=cwd, capture_output=True, text=True, timeout=60,
+        env=cpu_env(local_slurm, **variables),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip().split(";")[0])
@@ -88,7 +93,12 @@ def pretrained(local_slurm, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("pretrain")
     save = work / "checkpoint"
     job_id = submit(
-        local_slurm, "pretrain.sbatch", work, NPROC_PER_NODE="1", MOCK_DATA="1", SAVE=str(save),
+        local_slurm,
+        "pretrain.sbatch",
+        work,
+        NPROC_PER_NODE="1",
+        MOCK_DATA="1",
+        SAVE=str(save),
         TRAIN_ARGS=f"{TINY_MODEL} --seq-length 32 {STEPS} --train-iters 4 --lr-warmup-iters 1",
     )
     finished_ok(local_slurm, job_id, work, timeout=300)
@@ -113,8 +123,14 @@ def test_pretrain_job_worker_uses_the_cores_of_its_node(local_slurm, pretrained)
 def test_extend_context_cpu_leaves_checkpoint(local_slurm, pretrained, tmp_path):
     save = tmp_path / "extended"
     job_id = submit(
-        local_slurm, "extend_context.sbatch", tmp_path, LOAD=str(pretrained), SAVE=str(save), MOCK_DATA="1",
-        TP="2", TRAIN_ARGS=f"{EXTEND_STEPS} --train-iters 3",
+        local_slurm,
+        "extend_context.sbatch",
+        tmp_path,
+        LOAD=str(pretrained),
+        SAVE=str(save),
+        MOCK_DATA="1",
+        TP="2",
+        TRAIN_ARGS=f"{EXTEND_STEPS} --train-iters 3",
     )
     finished_ok(local_slurm, job_id, tmp_path, timeout=300)
 
@@ -153,7 +169,12 @@ def test_preemption_signal_saves_requeues_and_resumes_without_gaps(local_slurm, 
     # 200 steps: ~20 s on a loaded 2-core machine, enough left for the signal's ~0.5 s trip on a fast one.
     save, iters = tmp_path / "extended", 200
     job_id = submit(
-        local_slurm, "extend_context.sbatch", tmp_path, LOAD=str(pretrained), SAVE=str(save), MOCK_DATA="1",
+        local_slurm,
+        "extend_context.sbatch",
+        tmp_path,
+        LOAD=str(pretrained),
+        SAVE=str(save),
+        MOCK_DATA="1",
         TRAIN_ARGS=f"{EXTEND_STEPS} --train-iters {iters}",
     )
     # once the trainer is stepping (its signal handler is installed)
@@ -174,7 +195,8 @@ def test_repeated_warning_is_logged_once_and_counted(tmp_path):
     needed: the signal is repeated every SIGNAL_REPEAT (1 s; the watcher wakes every 2 s), one log line says
     so, and the step's last line counts the repeats."""
     script = tmp_path / "watch.sh"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         set -euo pipefail
         REPO={REPO} SIGNAL_REPEAT=1 REQUEUE_MARGIN=60 MAX_REQUEUES=0
         source "$REPO/slurm/common.sh"
@@ -182,7 +204,8 @@ def test_repeated_warning_is_logged_once_and_counted(tmp_path):
         MR_KIND=watch SLURM_JOB_ID=0 RUN_DIR={tmp_path} SAVE={tmp_path}/save MR_ENV=()
         MR_CMD=(bash -c 'trap "" USR1; sleep 6')
         mr_run_training
-        """))
+        """)
+    )
     proc = subprocess.Popen(["bash", str(script)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while "# command" not in ((tmp_path / "launch.log").read_text() if (tmp_path / "launch.log").exists() else ""):
@@ -194,8 +217,11 @@ def test_repeated_warning_is_logged_once_and_counted(tmp_path):
     assert proc.returncode == 1, err  # MAX_REQUEUES=0: not requeued
     assert err.count("SIGUSR1 again") == 1, err
     assert "training still running: SIGUSR1 again (and every 1s while it runs; not logged)" in err
-    repeats = re.search(r"training step ended with status 0; checkpoint at iteration none; SIGUSR1 repeated (\d+) "
-                        r"time\(s\)", err)
+    repeats = re.search(
+        r"training step ended with status 0; checkpoint at iteration none; SIGUSR1 repeated (\d+) "
+        r"time\(s\)",
+        err,
+    )
     assert repeats and int(repeats.group(1)) >= 2, err
 
 
@@ -204,8 +230,15 @@ def tiny_hf_llama(path: Path) -> None:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
@@ -215,12 +248,23 @@ def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     """What only a real GPU cluster runs: 4 nodes x 8 GPUs, pyxis container, NCCL settings."""
     env = {k: v for k, v in local_slurm.env.items() if k != "OMP_NUM_THREADS"}
     env = {
-        **env, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_CPUS_ON_NODE": "96",
-        "LOAD": "ckpt/llama2-7b", "DATA_PATH": "/data/pg19_text_document", "MASTER_PORT": "29500",
-        "CONTAINER": "nvcr.io#nvidia/pytorch:24.07-py3", "CONTAINER_MOUNTS": "/data:/data",
+        **env,
+        "DRY_RUN": "1",
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_NODELIST": "gpu[07-10]",
+        "SLURM_CPUS_ON_NODE": "96",
+        "LOAD": "ckpt/llama2-7b",
+        "DATA_PATH": "/data/pg19_text_document",
+        "MASTER_PORT": "29500",
+        "CONTAINER": "nvcr.io#nvidia/pytorch:24.07-py3",
+        "CONTAINER_MOUNTS": "/data:/data",
     }
     proc = subprocess.run(
-        ["bash", str(SLURM / "extend_context.sbatch")], env=env, cwd=tmp_path, capture_output=True, text=True,
+        ["bash", str(SLURM / "extend_context.sbatch")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
@@ -228,10 +272,16 @@ def test_dry_run_prints_the_multi_node_launch(local_slurm, tmp_path):
     for part in (
         "srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=96",
         "--container-image=nvcr.io#nvidia/pytorch:24.07-py3",
-        "/data:/data", "--nnodes=4 --nproc-per-node=8", "--rdzv-backend=static", "--rdzv-endpoint=gpu07:29500",
+        "/data:/data",
+        "--nnodes=4 --nproc-per-node=8",
+        "--rdzv-backend=static",
+        "--rdzv-endpoint=gpu07:29500",
         "--node-rank=",
-        f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml", f"--load {tmp_path}/ckpt/llama2-7b",
-        "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_DEBUG=WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        f"--config {REPO}/configs/llama2_7b_4k_to_32k_resonance_yarn.yaml",
+        f"--load {tmp_path}/ckpt/llama2-7b",
+        "CUDA_DEVICE_MAX_CONNECTIONS=1",
+        "NCCL_DEBUG=WARN",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
         "OMP_NUM_THREADS=12",  # 96 CPUs / 8 workers
     ):
         assert part in cmd, (part, cmd)
@@ -277,7 +327,8 @@ def test_two_node_torchrun_ranks_follow_node_ids_and_meet_at_node_addr(local_slu
     (tmp_path / "probe.py").write_text(PROBE)
     python = slow_first_node_python(tmp_path / "python")
     script = tmp_path / "probe.sbatch"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         #SBATCH --job-name=probe --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/%x-%j.out
         set -euo pipefail
@@ -286,7 +337,8 @@ def test_two_node_torchrun_ranks_follow_node_ids_and_meet_at_node_addr(local_slu
         mr_init probe
         mr_torchrun_command {tmp_path}/probe.py {out}
         mr_run
-        """))
+        """)
+    )
     job_id = local_slurm.sbatch(script, cwd=tmp_path)
     finished_ok(local_slurm, job_id, tmp_path, timeout=180)
 
@@ -302,8 +354,16 @@ def two_node_extend(local_slurm, pretrained, tmp_path, save: Path, train_args: s
     """extend_context.sbatch on both nodes, one torchrun worker per node, the two pipeline stages on
     different nodes."""
     return submit(
-        local_slurm, "extend_context.sbatch", tmp_path, "--nodes=2", LOAD=str(pretrained), SAVE=str(save),
-        MOCK_DATA="1", NPROC_PER_NODE="1", PP="2", TRAIN_ARGS=f"{EXTEND_STEPS} {train_args}",
+        local_slurm,
+        "extend_context.sbatch",
+        tmp_path,
+        "--nodes=2",
+        LOAD=str(pretrained),
+        SAVE=str(save),
+        MOCK_DATA="1",
+        NPROC_PER_NODE="1",
+        PP="2",
+        TRAIN_ARGS=f"{EXTEND_STEPS} {train_args}",
     )
 
 
@@ -344,7 +404,8 @@ def test_srun_direct_launch_two_tasks_tensor_parallel_trains_and_saves(local_slu
     the batch script itself (SLURM_PROCID=0, SLURM_NTASKS=2, but no step) stays a one-process run."""
     save = tmp_path / "checkpoint"
     script = tmp_path / "direct.sbatch"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         #SBATCH --job-name=direct --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/%x-%j.out
         set -euo pipefail
@@ -353,7 +414,8 @@ def test_srun_direct_launch_two_tasks_tensor_parallel_trains_and_saves(local_slu
         print(d.world_size_from_env())' > batch_world_size.txt
         srun --kill-on-bad-exit=1 {sys.executable} {REPO}/pretrain/pretrain_llama.py --mock-data \\
           --tensor-model-parallel-size 2 {TINY_MODEL} --seq-length 32 {STEPS} --train-iters 3 --save {save}
-        """))
+        """)
+    )
     job_id = local_slurm.sbatch(script, cwd=tmp_path)
     finished_ok(local_slurm, job_id, tmp_path, timeout=300)
 

@@ -124,8 +124,9 @@ def test_memory_is_consumable_and_each_node_has_its_share(local_slurm, tmp_path)
 
     too_big = wrap("true", f"--mem={real + 1}", check=False)
     assert too_big.returncode != 0, too_big.stdout
-    assert re.search(r"node configuration is not available|Memory specification can not be satisfied",
-                     too_big.stderr), too_big.stderr
+    assert re.search(
+        r"node configuration is not available|Memory specification can not be satisfied", too_big.stderr
+    ), too_big.stderr
 
     big = f"--mem={real * 6 // 10}"  # two of these overcommit the node
     first, second = (int(wrap(command, "--nodelist=n1", big).stdout.split(";")[0]) for command in ("sleep 4", "true"))

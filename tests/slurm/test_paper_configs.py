@@ -40,8 +40,13 @@ def fake_checkpoint(root: Path, model: str) -> Path:
     from tests.fake_checkpoint import add_dist_files
 
     stored = dict(
-        LLAMA2[model], vocab_size=32000, max_position_embeddings=4096, norm_epsilon=1e-5, tie_word_embeddings=False,
-        init_method_std=0.02, make_vocab_size_divisible_by=128,
+        LLAMA2[model],
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        norm_epsilon=1e-5,
+        tie_word_embeddings=False,
+        init_method_std=0.02,
+        make_vocab_size_divisible_by=128,
         rope=dict(kind="rope", base=10000.0, original_max_position=4096, factor=1.0),
     )
     (root / "iter_0000000").mkdir(parents=True)
@@ -59,8 +64,15 @@ def memory_per_gpu_gb(cfg, world: int) -> float:
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     dp = world // (tp * pp * cp)
     micro = d.global_batch_size // (d.micro_batch_size * dp)
-    layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=p.sequence_parallel,
-                    micro_batch_size=d.micro_batch_size, num_microbatches=micro)
+    layout = Layout(
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        dp=dp,
+        sequence_parallel=p.sequence_parallel,
+        micro_batch_size=d.micro_batch_size,
+        num_microbatches=micro,
+    )
     return training_estimate(ModelShape.from_llama(cfg.model), d.seq_length, layout).total / GB
 
 

@@ -36,14 +36,23 @@ TRAIN = "--seq-length 64 --micro-batch-size 1 --global-batch-size 2 --train-iter
 
 def pipeline_env(local_slurm, hf: Path, work: Path, **variables: str) -> dict:
     return cpu_env(
-        local_slurm, GPUS_PER_NODE="0", NPROC_PER_NODE="1", HF_MODEL=str(hf), WORK_DIR=str(work), EXTEND_CONFIG="",
-        MOCK_DATA="1", TRAIN_ARGS=TRAIN, EVAL_LENGTHS="32,64", **variables,
+        local_slurm,
+        GPUS_PER_NODE="0",
+        NPROC_PER_NODE="1",
+        HF_MODEL=str(hf),
+        WORK_DIR=str(work),
+        EXTEND_CONFIG="",
+        MOCK_DATA="1",
+        TRAIN_ARGS=TRAIN,
+        EVAL_LENGTHS="32,64",
+        **variables,
     )
 
 
 def submit_pipeline(env: dict, cwd: Path, **variables: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT)], env={**env, **variables}, cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        ["bash", str(SCRIPT)], env={**env, **variables}, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def stage_lines(stdout: str) -> dict:
@@ -74,8 +83,9 @@ def finished(local_slurm, tmp_path_factory):
     hf, work = root / "hf_tiny", root / "work"
     tiny_hf_llama(hf)
     data = root / "tokens.jsonl"
-    data.write_text("".join(json.dumps({"tokens": [(7 * d + 3 * i) % 256 for i in range(80)]}) + "\n"
-                            for d in range(3)))
+    data.write_text(
+        "".join(json.dumps({"tokens": [(7 * d + 3 * i) % 256 for i in range(80)]}) + "\n" for d in range(3))
+    )
     python = failing_once_python(root / "python", root / "failed-once")
     env = pipeline_env(local_slurm, hf, work, EVAL_DATA=str(data), PYTHON=str(python))
 
@@ -92,8 +102,18 @@ def finished(local_slurm, tmp_path_factory):
     resubmitted = job_ids(second.stdout)
     if "eval" in resubmitted:
         local_slurm.wait(resubmitted["eval"], timeout=600)
-    return dict(root=root, hf=hf, work=work, env=env, first=first, again=again, states=states, second=second,
-                resubmitted=resubmitted, local_slurm=local_slurm)
+    return dict(
+        root=root,
+        hf=hf,
+        work=work,
+        env=env,
+        first=first,
+        again=again,
+        states=states,
+        second=second,
+        resubmitted=resubmitted,
+        local_slurm=local_slurm,
+    )
 
 
 def test_failed_pipeline_resubmitted_completes_running_each_earlier_stage_once(finished):
@@ -158,15 +178,17 @@ def test_rerun_redoes_changed_evaluation_a_damaged_export_and_a_longer_extension
         f.truncate(shard.stat().st_size // 2)
     damaged = submit_pipeline({**env, "WORK_DIR": str(work)}, tmp_path, DRY_RUN="1")
     assert damaged.returncode == 0, damaged.stderr
-    assert stage_lines(damaged.stdout) == {"convert": "skip", "extend": "skip", "export": "replace",
-                                           "eval": "replace"}
+    assert stage_lines(damaged.stdout) == {"convert": "skip", "extend": "skip", "export": "replace", "eval": "replace"}
     assert "unreadable safetensors" in damaged.stdout
 
-    longer = submit_pipeline({**env, "WORK_DIR": str(work)}, tmp_path, DRY_RUN="1",
-                             TRAIN_ARGS=TRAIN.replace("--train-iters 2", "--train-iters 3"))
+    longer = submit_pipeline(
+        {**env, "WORK_DIR": str(work)},
+        tmp_path,
+        DRY_RUN="1",
+        TRAIN_ARGS=TRAIN.replace("--train-iters 2", "--train-iters 3"),
+    )
     assert longer.returncode == 0, longer.stderr
-    assert stage_lines(longer.stdout) == {"convert": "skip", "extend": "resume", "export": "replace",
-                                          "eval": "replace"}
+    assert stage_lines(longer.stdout) == {"convert": "skip", "extend": "resume", "export": "replace", "eval": "replace"}
     assert "from iteration 2 of 3" in longer.stdout
 
 
@@ -218,41 +240,83 @@ def test_every_documented_variable_reaches_the_job_it_configures(local_slurm, tm
     import torch
     import transformers
 
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, torch_dtype=torch.float32,
-    )).save_pretrained(hf)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+            torch_dtype=torch.float32,
+        )
+    ).save_pretrained(hf)
     data = write_dataset(tmp_path / "train", documents(40, 100, vocab_size=vocab))
     config = tmp_path / "extend.yaml"
     config.write_text("training:\n  eval_iters: 1\n")
     work, w = tmp_path / "work", str(tmp_path / "work")
     values = {
-        "HF_MODEL": str(hf), "WORK_DIR": w, "CONVERT_DTYPE": "bfloat16", "EXTEND_CONFIG": str(config),
-        "ROPE_KIND": "yarn", "DATA_PATH": str(data), "MOCK_DATA": "1", "TOKENIZER_MODEL": str(tokenizer),
+        "HF_MODEL": str(hf),
+        "WORK_DIR": w,
+        "CONVERT_DTYPE": "bfloat16",
+        "EXTEND_CONFIG": str(config),
+        "ROPE_KIND": "yarn",
+        "DATA_PATH": str(data),
+        "MOCK_DATA": "1",
+        "TOKENIZER_MODEL": str(tokenizer),
         "TRAIN_ARGS": "--seq-length 64 --micro-batch-size 1 --global-batch-size 2 --train-iters 7",
-        "TP": "1", "PP": "2", "CP": "1", "NODES": "2", "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1",
-        "GPU_MEMORY_GB": "80", "EXPORT_DTYPE": "float16", "ROPE_FORMAT": "custom", "EVAL_LENGTHS": "32,64",
-        "EVAL_DATA": f"{data}", "EVAL_BASELINE": "1", "EVAL_ARGS": "--max-documents 3", "OVERWRITE": "1",
-        "PYTHON": sys.executable, "SBATCH_ARGS": "--comment=every", "CONVERT_SBATCH_ARGS": "--comment=conv",
-        "EXTEND_SBATCH_ARGS": "--time=00:30:00", "EVAL_SBATCH_ARGS": "--mem=4G", "JOB_PREFIX": "tst",
+        "TP": "1",
+        "PP": "2",
+        "CP": "1",
+        "NODES": "2",
+        "GPUS_PER_NODE": "0",
+        "NPROC_PER_NODE": "1",
+        "GPU_MEMORY_GB": "80",
+        "EXPORT_DTYPE": "float16",
+        "ROPE_FORMAT": "custom",
+        "EVAL_LENGTHS": "32,64",
+        "EVAL_DATA": f"{data}",
+        "EVAL_BASELINE": "1",
+        "EVAL_ARGS": "--max-documents 3",
+        "OVERWRITE": "1",
+        "PYTHON": sys.executable,
+        "SBATCH_ARGS": "--comment=every",
+        "CONVERT_SBATCH_ARGS": "--comment=conv",
+        "EXTEND_SBATCH_ARGS": "--time=00:30:00",
+        "EVAL_SBATCH_ARGS": "--mem=4G",
+        "JOB_PREFIX": "tst",
         "DRY_RUN": "1",
     }
     # where each variable must show (job: text); GPU_MEMORY_GB: GPU mode's memory check (not a job's)
     expected = {
         "HF_MODEL": [("convert", f"--load {hf}"), ("export", f"--hf-reference {hf}"), ("eval", f"--hf {hf} ")],
-        "WORK_DIR": [("convert", f"--save {w}/megatron"), ("extend", f"--load {w}/megatron --save {w}/extended"),
-                     ("export", f"--load {w}/extended --save {w}/hf"), ("eval", f"--out {w}/eval"),
-                     ("eval", f"--output={w}/logs/")],
-        "CONVERT_DTYPE": [("convert", "--dtype bfloat16")], "EXTEND_CONFIG": [("extend", f"--config {config}")],
-        "ROPE_KIND": [("extend", "--rope-kind yarn")], "DATA_PATH": [("extend", f"--data-path {data}")],
-        "MOCK_DATA": [("extend", "--mock-data")], "TOKENIZER_MODEL": [("extend", f"--tokenizer-model {tokenizer}")],
-        "TRAIN_ARGS": [("extend", "--train-iters 7")], "TP": [("extend", "--tensor-model-parallel-size 1")],
-        "PP": [("extend", "--pipeline-model-parallel-size 2")], "CP": [("extend", "--context-parallel-size 1")],
+        "WORK_DIR": [
+            ("convert", f"--save {w}/megatron"),
+            ("extend", f"--load {w}/megatron --save {w}/extended"),
+            ("export", f"--load {w}/extended --save {w}/hf"),
+            ("eval", f"--out {w}/eval"),
+            ("eval", f"--output={w}/logs/"),
+        ],
+        "CONVERT_DTYPE": [("convert", "--dtype bfloat16")],
+        "EXTEND_CONFIG": [("extend", f"--config {config}")],
+        "ROPE_KIND": [("extend", "--rope-kind yarn")],
+        "DATA_PATH": [("extend", f"--data-path {data}")],
+        "MOCK_DATA": [("extend", "--mock-data")],
+        "TOKENIZER_MODEL": [("extend", f"--tokenizer-model {tokenizer}")],
+        "TRAIN_ARGS": [("extend", "--train-iters 7")],
+        "TP": [("extend", "--tensor-model-parallel-size 1")],
+        "PP": [("extend", "--pipeline-model-parallel-size 2")],
+        "CP": [("extend", "--context-parallel-size 1")],
         "NODES": [("extend", "--nodes=2"), ("extend", "--nnodes=2")],
         "GPUS_PER_NODE": [(job, "--gpus-per-node=0") for job in ("extend", "eval")] + [("extend", "cpu x 1")],
-        "NPROC_PER_NODE": [("extend", "--nproc-per-node=1")], "GPU_MEMORY_GB": [],
-        "EXPORT_DTYPE": [("export", "--dtype float16")], "ROPE_FORMAT": [("export", "--rope-format custom")],
-        "EVAL_LENGTHS": [("eval", "--lengths 32\\,64")], "EVAL_DATA": [("eval", f"--data {data}")],
+        "NPROC_PER_NODE": [("extend", "--nproc-per-node=1")],
+        "GPU_MEMORY_GB": [],
+        "EXPORT_DTYPE": [("export", "--dtype float16")],
+        "ROPE_FORMAT": [("export", "--rope-format custom")],
+        "EVAL_LENGTHS": [("eval", "--lengths 32\\,64")],
+        "EVAL_DATA": [("eval", f"--data {data}")],
         "EVAL_BASELINE": [("eval", "--name original --name extended")],
         "EVAL_ARGS": [("eval", "--max-documents 3")],
         "OVERWRITE": [("convert", "--overwrite"), ("export", "--overwrite")],
@@ -260,8 +324,10 @@ def test_every_documented_variable_reaches_the_job_it_configures(local_slurm, tm
         + [("extend", f"mr-node {sys.executable}")],
         "SBATCH_ARGS": [(job, "--comment=every") for job in STAGES],
         "CONVERT_SBATCH_ARGS": [("convert", "--comment=conv"), ("export", "--comment=conv")],
-        "EXTEND_SBATCH_ARGS": [("extend", "--time=00:30:00")], "EVAL_SBATCH_ARGS": [("eval", "--mem=4G")],
-        "JOB_PREFIX": [(job, f"--job-name=tst-{job}") for job in STAGES], "DRY_RUN": [],
+        "EXTEND_SBATCH_ARGS": [("extend", "--time=00:30:00")],
+        "EVAL_SBATCH_ARGS": [("eval", "--mem=4G")],
+        "JOB_PREFIX": [(job, f"--job-name=tst-{job}") for job in STAGES],
+        "DRY_RUN": [],
     }
     assert sorted(documented_variables()) == sorted(values) == sorted(expected)
     work.mkdir()
@@ -269,8 +335,14 @@ def test_every_documented_variable_reaches_the_job_it_configures(local_slurm, tm
     (work / "megatron" / "old").write_text("")
     (work / "hf").mkdir()
     (work / "hf" / "old").write_text("")
-    proc = subprocess.run(["bash", str(SCRIPT)], env={**local_slurm.env, **values}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)],
+        env={**local_slurm.env, **values},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     jobs = {name.split("-", 1)[1]: text for name, text in dry_run_jobs(proc.stdout).items()}
     assert sorted(jobs) == sorted(STAGES), proc.stdout

@@ -343,8 +343,11 @@ def test_document_flags_with_transformer_engine(monkeypatch, files, flags):
     monkeypatch.setattr(config_checks, "resolve_spec", lambda spec: "te")
     proc = launch_in_process(monkeypatch, PRETRAIN, [*TINY_RUN, *ITERS, *flags])
     positional = " ".join(f for f in flags if f != "--eod-mask-loss")
-    assert_one_error_line(proc, "pretrain_llama.py",
-                          f"{positional}: document masking needs the local attention (--transformer-impl local)")
+    assert_one_error_line(
+        proc,
+        "pretrain_llama.py",
+        f"{positional}: document masking needs the local attention (--transformer-impl local)",
+    )
     assert proc.launched == []
 
 
@@ -370,7 +373,9 @@ def test_threads_per_process_shares_the_cores_and_the_users_value_wins():
     from megatron_resonance.environment import threads_line, threads_per_process
 
     assert threads_per_process(2, 8, "SLURM_CPUS_ON_NODE", environ={}) == (
-        4, "8 cores from SLURM_CPUS_ON_NODE / 2 processes")
+        4,
+        "8 cores from SLURM_CPUS_ON_NODE / 2 processes",
+    )
     assert threads_per_process(1, 3, environ={}) == (3, "3 cores from the CPU affinity / 1 process")
     assert threads_per_process(8, 2, environ={})[0] == 1  # more workers than cores: at least one each
     assert threads_per_process(3, 8, environ={})[0] == 2  # rounded down: no oversubscription

@@ -27,8 +27,16 @@ RTOL = 1e-5
 KINDS = {
     "rope": [],
     "yarn": ["--rope-kind", "yarn", "--rope-factor", "4", "--original-max-position", "8"],
-    "resonance_yarn": ["--rope-kind", "resonance_yarn", "--rope-factor", "4", "--original-max-position", "8",
-                       "--rotary-base", "5000"],
+    "resonance_yarn": [
+        "--rope-kind",
+        "resonance_yarn",
+        "--rope-factor",
+        "4",
+        "--original-max-position",
+        "8",
+        "--rotary-base",
+        "5000",
+    ],
 }
 #: run name -> (rope kind, layout flags, processes, environment)
 RUNS = {
@@ -37,7 +45,11 @@ RUNS = {
     "yarn_cp2": ("yarn", ["--context-parallel-size", "2"], 2, {"MEGATRON_RESONANCE_CPU_SPEED": "0"}),
     "resonance_yarn_cp2": ("resonance_yarn", ["--context-parallel-size", "2"], 2, {}),
     "resonance_yarn_tp2_cp2": (
-        "resonance_yarn", ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"], 4, {}),
+        "resonance_yarn",
+        ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"],
+        4,
+        {},
+    ),
 }
 
 
@@ -51,8 +63,19 @@ def cp_runs(tmp_path_factory):
             kind, layout, nproc, extra_env = RUNS[name]
             save = root / name
             try:
-                proc = run(PRETRAIN, *TINY_RUN, *INIT, *KINDS[kind], *layout, "--train-iters", ITERS, "--save", save,
-                           nproc=nproc, extra_env=extra_env)
+                proc = run(
+                    PRETRAIN,
+                    *TINY_RUN,
+                    *INIT,
+                    *KINDS[kind],
+                    *layout,
+                    "--train-iters",
+                    ITERS,
+                    "--save",
+                    save,
+                    nproc=nproc,
+                    extra_env=extra_env,
+                )
                 done[name] = {"save": save, "stdout": proc.stdout}
             except AssertionError as e:
                 done[name] = {"error": str(e)}

@@ -142,8 +142,11 @@ def test_llama3_source_keeps_its_scaling(tmp_path, capsys):
 def test_scaled_source_is_not_switched_silently(tmp_path):
     rope = dict(kind="llama3", original_max_position=16, factor=8.0)
     src = write_pretrained(tmp_path / "llama3", max_position_embeddings=128, rope=rope)
-    with pytest.raises(ConfigError, match=r"already carries llama3 rope scaling \(factor 8 over original length "
-                       r"16\); resonance_yarn would drop it: extend it with --rope-kind llama3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"already carries llama3 rope scaling \(factor 8 over original length "
+        r"16\); resonance_yarn would drop it: extend it with --rope-kind llama3",
+    ):
         make_config("--load", src, "--seq-length", 512)  # the default kind, resonance_yarn
     with pytest.raises(ConfigError, match="does not extend the stored length 128"):
         make_config("--load", src, "--seq-length", 128, "--rope-kind", "llama3")

@@ -31,8 +31,9 @@ def test_tokenizer_vocabulary_without_a_checkpoint(tokenizer):
     from megatron_resonance.training import launch
     from megatron_resonance.training.config import config_from_args
 
-    cfg = config_from_args(launch.make_parser("x", "").parse_args(["--mock-data", "--tokenizer-model",
-                                                                   str(tokenizer / "tokenizer.json")]))
+    cfg = config_from_args(
+        launch.make_parser("x", "").parse_args(["--mock-data", "--tokenizer-model", str(tokenizer / "tokenizer.json")])
+    )
     validation._tokenizer_vocab(cfg)
     assert cfg.model.vocab_size == BPE + len(SPECIALS)
 
@@ -40,6 +41,9 @@ def test_tokenizer_vocabulary_without_a_checkpoint(tokenizer):
 def test_tokenizer_larger_than_the_checkpoint_is_refused(tokenizer, tmp_path):
     src = write_pretrained(tmp_path / "src", vocab_size=BPE)  # fewer rows than the tokenizer has ids
     cfg = make_config("--load", src, "--seq-length", 64, "--tokenizer-model", tokenizer, "--mock-data")
-    with pytest.raises(ConfigError, match=rf"--load {src} is another model: vocab_size {BPE} \(this run: "
-                                          rf"{BPE + len(SPECIALS)}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"--load {src} is another model: vocab_size {BPE} \(this run: "
+        rf"{BPE + len(SPECIALS)}\)",
+    ):
         validation.resolve_and_validate(cfg, 1)

@@ -1,6 +1,6 @@
 """The benchmark's model-only step and its megatron trainer step on one tiny model: prints their losses.
 
-    torchrun --nproc-per-node 1 model_only_step.py
+torchrun --nproc-per-node 1 model_only_step.py
 """
 
 import importlib.util

@@ -51,8 +51,9 @@ def main(plan_path: str, results_path: str) -> None:
             except Exception:
                 status = "exception"
                 err.write(traceback.format_exc())
-        results.append({"tool": tool, "argv": argv, "status": status, "stdout": out.getvalue(),
-                        "stderr": err.getvalue()[-4000:]})
+        results.append(
+            {"tool": tool, "argv": argv, "status": status, "stdout": out.getvalue(), "stderr": err.getvalue()[-4000:]}
+        )
         print(tool, " ".join(argv), "->", status, out.getvalue().strip().splitlines()[-1:], flush=True)
     Path(results_path).write_text(json.dumps(results, indent=1))
 

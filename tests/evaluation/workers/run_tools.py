@@ -95,8 +95,11 @@ def generate_run(run: dict, prompts: list, max_new_tokens: int) -> dict:
     from megatron_resonance.evaluation import loading, resolve
 
     model = resolve.resolve(resolve.ModelSpec(run["kind"], run["path"]))
-    runtime = loading.Runtime(tensor_model_parallel_size=run.get("tp", 1),
-                              pipeline_model_parallel_size=run.get("pp", 1), context_parallel_size=run.get("cp", 1))
+    runtime = loading.Runtime(
+        tensor_model_parallel_size=run.get("tp", 1),
+        pipeline_model_parallel_size=run.get("pp", 1),
+        context_parallel_size=run.get("cp", 1),
+    )
     if run["kind"] == "megatron":
         loading.initialize(runtime)
     longest = max(map(len, prompts)) + max_new_tokens
@@ -105,15 +108,20 @@ def generate_run(run: dict, prompts: list, max_new_tokens: int) -> dict:
             tokens = scorer.generate(prompts, max_new_tokens)
         except UserError as e:
             return {"error": str(e)}
-        full = [scorer.scores(torch.tensor([p + t])).greedy[0, len(p) - 1:].tolist() for p, t in zip(prompts, tokens)]
+        full = [scorer.scores(torch.tensor([p + t])).greedy[0, len(p) - 1 :].tolist() for p, t in zip(prompts, tokens)]
         stop = tokens[0][len(tokens[0]) // 2]
         stopped = scorer.generate(prompts, max_new_tokens, stop_ids=[stop])
     gathered = [tokens]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, tokens)
-    return {"tokens": tokens, "full_forward": full, "stop": stop, "stopped": stopped,
-            "ranks_agree": all(g == tokens for g in gathered)}
+    return {
+        "tokens": tokens,
+        "full_forward": full,
+        "stop": stop,
+        "stopped": stopped,
+        "ranks_agree": all(g == tokens for g in gathered),
+    }
 
 
 def main(plan_path: str, results_path: str) -> None:
@@ -143,8 +151,15 @@ def main(plan_path: str, results_path: str) -> None:
             except Exception:
                 status = "exception"
                 err.write(traceback.format_exc())
-        results["commands"].append({"tool": tool, "argv": argv, "status": status, "stdout": out.getvalue()[-3000:],
-                                    "stderr": err.getvalue()[-6000:]})
+        results["commands"].append(
+            {
+                "tool": tool,
+                "argv": argv,
+                "status": status,
+                "stdout": out.getvalue()[-3000:],
+                "stderr": err.getvalue()[-6000:],
+            }
+        )
         if rank0:
             print(tool, " ".join(argv), "->", status, flush=True)
     generation = plan.get("generation") or {}

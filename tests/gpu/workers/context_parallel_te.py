@@ -23,8 +23,10 @@ import torch.distributed as dist
 from tests.tiny_llama import tiny_llama
 
 SEQ, BATCH = 1024, 2
-TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-            "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+TE_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 
 def model_config():
@@ -79,8 +81,13 @@ def main() -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    result = {"te_vs_ours": rel(te, ours), "ours_vs_cp1": rel(ours, whole), "te_vs_cp1": rel(te, whole),
-              "logits_max_abs": float(whole.abs().max()), "shape": list(ours.shape)}
+    result = {
+        "te_vs_ours": rel(te, ours),
+        "ours_vs_cp1": rel(ours, whole),
+        "te_vs_cp1": rel(te, whole),
+        "logits_max_abs": float(whole.abs().max()),
+        "shape": list(ours.shape),
+    }
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=2)

@@ -24,8 +24,15 @@ def config(recompute: str):
     from megatron_resonance.megatron.llama import LlamaConfig
     from megatron_resonance.training.config import Config, DataConfig
 
-    model = LlamaConfig(num_layers=4, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=16,
-                        num_query_groups=4, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    model = LlamaConfig(
+        num_layers=4,
+        hidden_size=1024,
+        ffn_hidden_size=2816,
+        num_attention_heads=16,
+        num_query_groups=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+    )
     cfg = Config(model=model, data=DataConfig(seq_length=SEQ, micro_batch_size=1, global_batch_size=1, mock_data=True))
     if recompute == "full":
         cfg.parallel.recompute_granularity, cfg.parallel.recompute_method = "full", "uniform"
@@ -50,8 +57,12 @@ def measure(recompute: str) -> dict:
     built = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     tokens = torch.randint(0, VOCAB, (1, SEQ + 1))
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, SEQ),
-             "position_ids": torch.arange(SEQ)[None]}
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(1, SEQ),
+        "position_ids": torch.arange(SEQ)[None],
+    }
 
     def data():
         while True:
@@ -64,12 +75,23 @@ def measure(recompute: str) -> dict:
     peak = torch.cuda.max_memory_allocated()
     spec = resolve_spec(cfg.parallel.transformer_impl)
     shape = ModelShape.from_llama(cfg.model)
-    est = training_estimate(shape, SEQ, Layout(recompute=recompute, sequence_parallel=False), bf16=True,
-                            spec="te" if spec == "te" else "local")
+    est = training_estimate(
+        shape,
+        SEQ,
+        Layout(recompute=recompute, sequence_parallel=False),
+        bf16=True,
+        spec="te" if spec == "te" else "local",
+    )
     del chunks, optimizer
     distributed.destroy()
-    return {"recompute": recompute, "spec": spec, "built_bytes": built, "peak_bytes": peak,
-            "estimate_parts": est.parts, "estimate_bytes": est.total}
+    return {
+        "recompute": recompute,
+        "spec": spec,
+        "built_bytes": built,
+        "peak_bytes": peak,
+        "estimate_parts": est.parts,
+        "estimate_bytes": est.total,
+    }
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ class Run:
         self.data = batches()
 
     def step(self) -> float:
-        loss, _, update_ok = self.step_module.train_step(self.forward_backward, self.data, self.chunks,
-                                                         self.optimizer, self.scheduler, self.cfg, num_microbatches=1)
+        loss, _, update_ok = self.step_module.train_step(
+            self.forward_backward, self.data, self.chunks, self.optimizer, self.scheduler, self.cfg, num_microbatches=1
+        )
         assert update_ok, "the optimizer skipped the update"
         return float(loss)
 
@@ -75,10 +76,12 @@ class Run:
         from megatron_resonance.megatron.llama import resolve_spec
 
         layer = self.gpt().decoder.layers[0]
-        return {"resolved": resolve_spec(self.cfg.parallel.transformer_impl),
-                "core_attention": type(layer.self_attention.core_attention).__name__,
-                "linear_qkv": type(layer.self_attention.linear_qkv).__name__,
-                "apply_rope_fusion": bool(self.gpt().config.apply_rope_fusion)}
+        return {
+            "resolved": resolve_spec(self.cfg.parallel.transformer_impl),
+            "core_attention": type(layer.self_attention.core_attention).__name__,
+            "linear_qkv": type(layer.self_attention.linear_qkv).__name__,
+            "apply_rope_fusion": bool(self.gpt().config.apply_rope_fusion),
+        }
 
     def state(self) -> dict:
         """Weights, per-parameter Adam state and the scheduler's count, as CPU tensors."""
@@ -119,8 +122,15 @@ def save(ckpt: str, out: str) -> None:
     run = Run(cfg, bf16=False, seed=SEED)
     for _ in range(STEPS):
         run.step()
-    checkpointing.save_checkpoint(ckpt, STEPS, run.chunks, cfg.model, optimizer=run.optimizer,
-                                  scheduler=run.scheduler, run_config={"world_size": dist.get_world_size()})
+    checkpointing.save_checkpoint(
+        ckpt,
+        STEPS,
+        run.chunks,
+        cfg.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        run_config={"world_size": dist.get_world_size()},
+    )
     state = run.state()
     torch.save({"device": device(), **state, "next_loss": run.step()}, out)
 

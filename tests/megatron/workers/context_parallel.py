@@ -68,8 +68,9 @@ def check_attention() -> dict:
     reference_config.context_parallel_size = 1
 
     def build(c):
-        return SDPAAttention(c, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
-                             softmax_scale=0.3)
+        return SDPAAttention(
+            c, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", softmax_scale=0.3
+        )
 
     g = torch.Generator().manual_seed(1)
     q = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, generator=g)
@@ -92,8 +93,7 @@ def check_attention() -> dict:
         record[f"grad_{name}"] = rel(mine.grad, on_this_rank(theirs.grad))
     record = max_over_ranks(record)
     record["local_shape"] = list(out.shape)
-    record["reference_is_causal"] = bool(rel(ref_out[:8], build(reference_config)(
-        q[:8], k[:8], v[:8], None)) < 1e-6)
+    record["reference_is_causal"] = bool(rel(ref_out[:8], build(reference_config)(q[:8], k[:8], v[:8], None)) < 1e-6)
     wrong = copy.copy(config)
     wrong.context_parallel_size = 4
     try:
@@ -145,9 +145,11 @@ def check_models() -> dict:
     for kind in KINDS:
         ref_logits, ref_grads, weights = run_model(kind, 1, tokens)
         logits, grads, _ = run_model(kind, 2, tokens, weights)
-        record = {"logits": rel(logits, on_this_rank(ref_logits, 1)),
-                  "grads": max(rel(grads[n], ref_grads[n]) for n in ref_grads),
-                  "logits_max_abs": float(ref_logits.abs().max())}
+        record = {
+            "logits": rel(logits, on_this_rank(ref_logits, 1)),
+            "grads": max(rel(grads[n], ref_grads[n]) for n in ref_grads),
+            "logits_max_abs": float(ref_logits.abs().max()),
+        }
         out[kind] = max_over_ranks(record)
         out[kind]["num_params"] = len(ref_grads)
     return out

@@ -53,12 +53,18 @@ def packed_batch(reset_position_ids: bool = True, reset_attention_mask: bool = T
         rows.append(torch.cat(row))
         docs.append(row)
     tokens = torch.stack(rows)
-    positions = torch.stack([
-        _get_ltor_masks_and_position_ids(t, EOD, reset_position_ids, reset_attention_mask, True, False)[2]
-        for t in tokens
-    ])
-    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(tokens.shape),
-             "position_ids": positions}
+    positions = torch.stack(
+        [
+            _get_ltor_masks_and_position_ids(t, EOD, reset_position_ids, reset_attention_mask, True, False)[2]
+            for t in tokens
+        ]
+    )
+    batch = {
+        "tokens": tokens,
+        "labels": torch.roll(tokens, -1, 1),
+        "loss_mask": torch.ones(tokens.shape),
+        "position_ids": positions,
+    }
     if reset_attention_mask:
         batch["document_ids"] = document_ids_from_tokens(tokens, EOD)
     return batch, docs
@@ -74,8 +80,12 @@ def logits_of(model, batch, reset_position_ids: bool) -> torch.Tensor:
 
 def alone(model, doc: torch.Tensor) -> torch.Tensor:
     """The document run by itself: positions 0..n-1, plain causal attention, no layout."""
-    batch = {"tokens": doc[None], "labels": doc[None], "loss_mask": torch.ones(1, len(doc)),
-             "position_ids": torch.arange(len(doc))[None]}
+    batch = {
+        "tokens": doc[None],
+        "labels": doc[None],
+        "loss_mask": torch.ones(1, len(doc)),
+        "position_ids": torch.arange(len(doc))[None],
+    }
     return logits_of(model, batch, reset_position_ids=False)[0]
 
 
@@ -98,13 +108,15 @@ def check_parity():
                 for doc in row:
                     ref = alone(model, doc)
                     refs.append(ref)
-                    diffs.append((packed[b, start:start + len(doc)] - ref).abs().max().item())
-                    crossing.append((unmasked[b, start:start + len(doc)] - ref).abs().max().item())
+                    diffs.append((packed[b, start : start + len(doc)] - ref).abs().max().item())
+                    crossing.append((unmasked[b, start : start + len(doc)] - ref).abs().max().item())
                     start += len(doc)
             tag = f"{kind}/cpu_speed={'on' if speed else 'off'}"
             torch.save({"weights": model.state_dict(), "alone": refs}, _saved(tag))
             out[tag] = {
-                "max_diff": max(diffs), "per_document": diffs, "flags_off_diff": crossing,
+                "max_diff": max(diffs),
+                "per_document": diffs,
+                "flags_off_diff": crossing,
                 "logit_scale": packed.abs().max().item(),
             }
     cpu_speed.set_enabled(True)
@@ -144,9 +156,12 @@ def check_gradients():
         start = 0
         for doc in row:
             n = len(doc)
-            single = {"tokens": doc[None], "labels": batch["labels"][b, start:start + n][None],
-                      "loss_mask": batch["loss_mask"][b, start:start + n][None],
-                      "position_ids": torch.arange(n)[None]}
+            single = {
+                "tokens": doc[None],
+                "labels": batch["labels"][b, start : start + n][None],
+                "loss_mask": batch["loss_mask"][b, start : start + n][None],
+                "position_ids": torch.arange(n)[None],
+            }
             output, loss_fn = forward_step(iter([single]), model)
             part, _, _ = loss_fn(output)
             part.backward()
@@ -178,7 +193,8 @@ def check_rotary_positions():
             table = rotary_angle_table(compute_frequencies(cfg.rope), SEQ, 0)
             expected = torch.cat([table, table], dim=-1)[batch["position_ids"].t()].unsqueeze(2)
             out[f"{kind}/mask={reset_attention_mask}"] = {
-                "shape": list(emb.shape), "exact": bool(torch.equal(emb, expected)),
+                "shape": list(emb.shape),
+                "exact": bool(torch.equal(emb, expected)),
                 "positions": batch["position_ids"][0].tolist(),
             }
         handle.remove()
@@ -218,8 +234,7 @@ def check_parity_cp2():
             model.load_state_dict(saved["weights"])
             batch, docs = packed_batch()
             with torch.no_grad():
-                local, _ = forward_step(iter([dict(batch)]), model, cp_size=2, score_vocab=256,
-                                        reset_position_ids=True)
+                local, _ = forward_step(iter([dict(batch)]), model, cp_size=2, score_vocab=256, reset_position_ids=True)
             parts = [torch.empty_like(local) for _ in range(2)]
             dist.all_gather(parts, local.contiguous())
             packed = torch.empty(local.shape[0], SEQ, local.shape[2])
@@ -229,7 +244,7 @@ def check_parity_cp2():
             for b, row in enumerate(docs):
                 start = 0
                 for doc in row:
-                    diffs.append((packed[b, start:start + len(doc)] - next(refs)).abs().max().item())
+                    diffs.append((packed[b, start : start + len(doc)] - next(refs)).abs().max().item())
                     start += len(doc)
             out[tag] = {"max_diff": max(diffs), "per_document": diffs}
     cpu_speed.set_enabled(True)

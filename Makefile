@@ -21,8 +21,11 @@ $(VENV)/.installed: setup.py
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff (pinned in setup.py's test extra: another release formats differently) checks and formats the Python.
+LINT_PATHS = megatron_resonance tests tools pretrain finetune benchmarks
 lint: install
-	$(VENV)/bin/ruff check megatron_resonance tests tools pretrain finetune benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 demo: install
 	$(PY) tools/run_demo.py --out $(OUT)

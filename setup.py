@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.57", "safetensors", "huggingface_hub>=0.23"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

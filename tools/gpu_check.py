@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -57,6 +58,7 @@ import gpu_wheels  # noqa: E402  (tools/gpu_wheels.py)
 
 from megatron_resonance import atomic  # noqa: E402
 from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # noqa: E402
+from megatron_resonance.environment import describe  # noqa: E402
 from megatron_resonance.errors import UserError  # noqa: E402
 
 PROG = "gpu_check.py"
@@ -110,11 +112,7 @@ def parallel_tier() -> List[str]:
 
 def describe_machine() -> dict:
     """The GPU machine as the steps see it (run in the GPU Python with the installed packages)."""
-    import importlib.metadata
-
     import torch
-
-    from megatron_resonance.environment import describe
 
     def version(dist: str) -> str:
         try:

@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_resonance import atomic
 from megatron_resonance.data.datasets import writable
 from megatron_resonance.errors import DataError  # noqa: F401 - imported from here by callers
 
@@ -241,8 +242,6 @@ def _read_cache(path: Optional[str]) -> dict:
 
 
 def _write_cache(path: str, records: dict) -> None:
-    from megatron_resonance import atomic
-
     try:
         atomic.write_json(path, records)
     except OSError:  # read-only data: no cache, the next start scans again

@@ -34,6 +34,8 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy
+
 from megatron_resonance.cli import check_output_dir, one_line
 from megatron_resonance.errors import UserError
 
@@ -144,8 +146,6 @@ def _drop_unreadable(cache_dir: str) -> None:
     """Remove cached ``.npy`` files that do not load (a job stopped while writing one leaves it truncated:
     megatron counts it as a cache hit and fails to map it), with every file of the same hash prefix (the
     same dataset's description and other indices), so megatron builds them again."""
-    import numpy
-
     for name in sorted(os.listdir(cache_dir)):
         if not name.endswith(".npy") or not os.path.exists(os.path.join(cache_dir, name)):
             continue

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_resonance.cli import check_output_dir, jsonl_records
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer
@@ -202,9 +203,6 @@ def preprocess(
     if existing and not overwrite:
         raise UserError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-
-    # imported after the checks, so that they fail fast, and before the clock starts (seconds)
-    from tqdm import tqdm
 
     with warnings.catch_warnings():  # megatron.core's import warns about missing TE/Apex
         warnings.simplefilter("ignore")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -184,8 +185,6 @@ def _load_hf(path: Path):
     """``transformers.AutoTokenizer`` over a directory with ``tokenizer.json``, or a ``tokenizer.json``: with the
     tokenizer config beside it when there is one (that names the special tokens), else the bare file."""
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import transformers

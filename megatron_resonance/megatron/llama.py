@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import typing
+import warnings
 from typing import List, Literal, Optional
 
 import torch
@@ -351,8 +352,6 @@ def compile_layers(model: torch.nn.Module) -> None:
     ``tp_group=None`` call), which would break each layer's graph around both such linears: dynamo is told
     to skip ``warnings.warn`` while tracing (process-wide; a compiled graph never runs Python warnings
     again anyway)."""
-    import warnings
-
     torch._dynamo.config.ignore_logging_functions.add(warnings.warn)
     for layer in model.decoder.layers:
         layer.compile(dynamic=False)

@@ -20,6 +20,9 @@ import sys
 import tempfile
 from typing import Callable, Dict, List, Optional
 
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
 from megatron_resonance import environment
 from megatron_resonance.cli import LAUNCHER_ENV, ArgumentParser, fail, guard, report
 from megatron_resonance.megatron import distributed
@@ -141,9 +144,6 @@ def run_torchrun(
     ``signal_deadline`` (the workers' ``--signal-save-timeout``): workers still alive that long (and
     ``preemption.KILL_GRACE``) after a signal are killed (a hung or stopped rank), and the line names them
     with ``latest_note()``, the checkpoint that stays ``latest``; exit 1."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default, where workers cannot be found (no /proc)
     blocked = contextlib.nullcontext()
     killed: Dict[int, str] = {}

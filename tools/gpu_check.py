@@ -61,6 +61,9 @@ from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # no
 from megatron_resonance.environment import describe  # noqa: E402
 from megatron_resonance.errors import UserError  # noqa: E402
 
+# torch, Transformer Engine and the modules that import torch are imported where a step needs them: the
+# script starts in any Python, and a missing one fails that step only.
+
 PROG = "gpu_check.py"
 SECTIONS = ("environment", "tests", "benchmark", "demo", "posgen")
 STATUSES = ("ok", "failed", "not run")

@@ -31,6 +31,8 @@ from megatron_resonance.megatron import distributed
 from megatron_resonance.posgen.presets import PRESETS, PROTOCOLS, with_settings
 from megatron_resonance.posgen.tasks import TASKS
 
+# posgen.benchmark (torch, sentencepiece) is imported after the arguments are parsed: --help runs without it.
+
 PROG = "posgen_benchmark.py"
 
 quiet_library_warnings()

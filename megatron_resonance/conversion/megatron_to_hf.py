@@ -34,6 +34,9 @@ from megatron_resonance.hf.reader import read_json
 from megatron_resonance.hf.writer import parse_size, write_sharded
 from megatron_resonance.megatron import checkpoint_layout, checkpointing
 
+# megatron.core (seconds to import) is imported inside the functions that use it: --help and the input checks run
+# without it.
+
 
 def convert_megatron_to_hf(
     load: str,

@@ -33,6 +33,9 @@ from megatron_resonance import atomic
 from megatron_resonance.data.datasets import writable
 from megatron_resonance.errors import DataError  # noqa: F401 - imported from here by callers
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the data checks run without it (and
+# without torch).
+
 #: megatron-core's ``_INDEX_HEADER`` and the fixed part of an ``.idx``: magic (9), version (8), dtype code (1),
 #: sequence count (8), document-index count (8)
 INDEX_MAGIC = b"MMIDIDX\x00\x00"

@@ -39,6 +39,10 @@ import numpy
 from megatron_resonance.cli import check_output_dir, one_line
 from megatron_resonance.errors import UserError
 
+# megatron.core, torch and this package's megatron layer (whose import checks megatron-core's
+# release) are imported inside the functions that build datasets: the data tools run without them;
+# data.checks is imported there too, since it imports this module (a cycle at module level).
+
 Prefixes = Union[str, Sequence[str]]
 
 #: in each index cache directory: rank 0 of a job holds an exclusive ``flock`` on it while it builds

@@ -38,6 +38,9 @@ from megatron_resonance.cli import check_output_dir, jsonl_records
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_resonance.errors import UserError
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the tool's --help and input checks
+# run without it.
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 

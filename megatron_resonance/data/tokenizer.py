@@ -37,6 +37,9 @@ import sentencepiece as spm
 from megatron_resonance.cli import one_line
 from megatron_resonance.errors import DataError, UserError
 
+# transformers (the optional ``hf`` extra) is imported where a Hugging Face tokenizer is loaded;
+# data.preprocess inside iter_training_texts, since it imports this module (a cycle at module level).
+
 DEFAULT_VOCAB_SIZE = 2048
 #: training sentences are documents cut at line ends into pieces of at most this many characters
 TRAIN_CHUNK_CHARS = 4096

@@ -28,6 +28,9 @@ from megatron_resonance.data.corpus import list_stdlib_sources, select_files, st
 from megatron_resonance.data.tokenizer import Tokenizer
 from megatron_resonance.errors import UserError
 
+# megatron.core (seconds to import) is imported inside the functions that use it: only an indexed-dataset input needs
+# it.
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 

@@ -37,6 +37,9 @@ from megatron_resonance.evaluation.scoring import real_vocabulary
 from megatron_resonance.megatron import cpu_speed
 from megatron_resonance.megatron.distributed import device as rank_device
 
+# megatron.core (seconds to import) is imported inside the functions that use it, and transformers (the optional
+# ``hf`` extra) where a Hugging Face model decodes: the evaluation tools' --help and input checks run without them.
+
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> List[List[int]]:
     """The prompts as lists of ints; one ``UserError`` line for an empty prompt, an id outside the real

@@ -27,6 +27,9 @@ from megatron_resonance.evaluation.scoring import TokenScores, hf_token_scores, 
 from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, llama
 from megatron_resonance.megatron.llama import resolve_spec
 
+# megatron.core (seconds to import) is imported inside the functions that use it, and transformers (the optional
+# ``hf`` extra) where a Hugging Face model loads: the evaluation tools' --help and input checks run without them.
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

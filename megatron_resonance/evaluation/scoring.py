@@ -23,6 +23,9 @@ import torch.distributed as dist
 from megatron_resonance.megatron.compat import batch_on_this_cp_rank
 from megatron_resonance.megatron.distributed import device as rank_device
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the evaluation tools' --help and
+# input checks run without it.
+
 
 @dataclasses.dataclass
 class TokenScores:

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 
 import numpy
 
+# megatron.core is imported inside the workarounds only: check_version runs before any of it is imported.
+
 #: (major, minor) releases this package is tested with, any patch release of each
 WINDOW: Tuple[Tuple[int, int], ...] = ((0, 15), (0, 16), (0, 19))
 #: the pip requirement for :data:`WINDOW` (setup.py's)

@@ -41,6 +41,9 @@ from torch.distributed import distributed_c10d as c10d
 
 from megatron_resonance.megatron import _private_torch, compat, cpu_compat, local_ops
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the tools' --help and input checks
+# run without it.
+
 #: ``MEGATRON_RESONANCE_CPU_SPEED=0`` runs megatron's own code paths on CPU
 ENV = "MEGATRON_RESONANCE_CPU_SPEED"
 

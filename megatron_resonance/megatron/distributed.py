@@ -20,6 +20,9 @@ import torch.distributed as dist
 from megatron_resonance.cli import is_rank0
 from megatron_resonance.megatron import cpu_compat, cpu_speed
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the tools' --help and input checks
+# run without it.
+
 
 def _env_from_slurm() -> None:
     """Map Slurm's per-task variables onto torchrun's when ``srun`` started the workers directly (one Slurm

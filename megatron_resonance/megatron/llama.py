@@ -26,6 +26,10 @@ from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import compat, cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
 
+# megatron.core (seconds to import) is imported inside the functions that use it (with megatron.rotary and
+# sdpa_attention, which import it): the tools' --help and config checks run without it; Transformer Engine (CUDA only)
+# where the te layer spec is resolved.
+
 #: layer specs: ``auto`` (TE when present, else local), Transformer Engine, the local one, the local one compiled
 Spec = Literal["auto", "te", "local", "local_compiled"]
 SPECS = typing.get_args(Spec)

@@ -52,6 +52,9 @@ from megatron_resonance.training.metrics import LossWindow
 from megatron_resonance.training.model import build_model_and_optimizer
 from megatron_resonance.training.step import eval_mode, train_step
 
+# megatron.core (seconds to import) is imported inside the functions that use it (with megatron.rotary, which imports
+# it): a cell's settings are checked before a model is built.
+
 BOS = VOCAB_SIZE
 """Token id of the beginning-of-sequence token (17): PosGen's 17 tokens plus this one."""
 MODEL_VOCAB_SIZE = VOCAB_SIZE + 1

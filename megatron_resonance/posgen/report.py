@@ -20,6 +20,9 @@ from megatron_resonance.posgen import stats
 from megatron_resonance.posgen.presets import PROTOCOLS, TRAINED_KINDS, VARIANTS, Preset
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
 
+# matplotlib (about a second to import) is imported where a figure is drawn, and posgen.cell
+# (megatron layer) where a YaRN scale is computed: the report reads and writes JSON without them.
+
 CELLS_DIR = "cells"
 PAIRS = (("resonance", "rope"), ("resonance_yarn", "yarn"))
 """The paired comparisons the report makes: (variant, baseline) with the same seed."""

@@ -29,6 +29,9 @@ from megatron_resonance.megatron import distributed
 from megatron_resonance.training import preemption
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
 
+# the trainer (and through it sentencepiece and megatron.core) is imported by the process that trains:
+# the launcher parses arguments and starts ranks without it.
+
 
 def make_parser(prog: str, description: str) -> ArgumentParser:
     parser = ArgumentParser(prog=prog, description=description)

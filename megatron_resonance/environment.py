@@ -9,6 +9,9 @@ import platform
 import subprocess
 from typing import Mapping, Optional, Tuple
 
+# torch and megatron.core (seconds to import) are imported inside describe/hardware: light tools import
+# this module.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -19,6 +19,8 @@ from typing import List, Optional
 from megatron_resonance.cli import ArgumentParser, guard, quiet_library_warnings
 from megatron_resonance.evaluation.command_line import parse_lengths
 
+# the pipeline (huggingface_hub, torch) is imported after the arguments are parsed: --help runs without it.
+
 PROG = "check_pipeline.py"
 
 

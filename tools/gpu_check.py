@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -57,7 +58,11 @@ import gpu_wheels  # noqa: E402  (tools/gpu_wheels.py)
 
 from megatron_resonance import atomic  # noqa: E402
 from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # noqa: E402
+from megatron_resonance.environment import describe  # noqa: E402
 from megatron_resonance.errors import UserError  # noqa: E402
+
+# torch, Transformer Engine and the modules that import torch are imported where a step needs them: the
+# script starts in any Python, and a missing one fails that step only.
 
 PROG = "gpu_check.py"
 SECTIONS = ("environment", "tests", "benchmark", "demo", "posgen")
@@ -110,11 +115,7 @@ def parallel_tier() -> List[str]:
 
 def describe_machine() -> dict:
     """The GPU machine as the steps see it (run in the GPU Python with the installed packages)."""
-    import importlib.metadata
-
     import torch
-
-    from megatron_resonance.environment import describe
 
     def version(dist: str) -> str:
         try:

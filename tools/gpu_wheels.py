@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script, also where the package is not installed
 from megatron_resonance.errors import UserError  # noqa: E402  (standard library only)
 
+# standard library only at import (see the docstring): packaging and the project's cli are imported where used.
+
 MANIFEST = REPO / "tools" / "gpu_wheels.json"
 BUNDLE = REPO / ".whl"
 PROG = "gpu_wheels.py"

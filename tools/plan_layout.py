@@ -23,6 +23,9 @@ from megatron_resonance import layout_planner, planning
 from megatron_resonance.cli import ArgumentParser, guard
 from megatron_resonance.errors import UserError
 
+# the config and evaluation modules (torch) are imported where a config file or
+# checkpoint is read: the planner itself runs without torch.
+
 PROG = "plan_layout.py"
 #: built-in shapes (Hugging Face config.json values)
 MODELS = {

@@ -28,7 +28,10 @@ import sys
 from megatron_resonance.cli import ArgumentParser, guard, quiet_library_warnings
 from megatron_resonance.errors import ConfigError, UserError
 from megatron_resonance.megatron import distributed
+from megatron_resonance.posgen.presets import PRESETS, PROTOCOLS, with_settings
 from megatron_resonance.posgen.tasks import TASKS
+
+# posgen.benchmark (torch, sentencepiece) is imported after the arguments are parsed: --help runs without it.
 
 PROG = "posgen_benchmark.py"
 
@@ -36,8 +39,6 @@ quiet_library_warnings()
 
 
 def build_parser() -> ArgumentParser:
-    from megatron_resonance.posgen.presets import PRESETS, PROTOCOLS
-
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--preset", required=True, choices=tuple(PRESETS),
                    help="paper (GPU), small (CPU hour), demo (make demo), smoke (tests)")
@@ -80,7 +81,6 @@ def worker_argv(argv, worker: str, cells) -> list:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_resonance.posgen.benchmark import parse_cell, run, run_workers
-    from megatron_resonance.posgen.presets import PRESETS, with_settings
 
     with guard(PROG):
         preset = PRESETS[args.preset]

@@ -15,6 +15,8 @@ from megatron_resonance.errors import UserError
 from megatron_resonance.rope.diagnostics import RopeReport, report
 from megatron_resonance.rope.frequencies import KINDS, RopeConfig, compute_frequencies
 
+# matplotlib (about a second to import) is imported where the figure is drawn.
+
 PROG = "rope_report.py"
 
 

@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 from megatron_resonance.cli import ArgumentParser, check_output_dir, guard  # noqa: E402
 from megatron_resonance.errors import TrainingError, UserError  # noqa: E402
 
+# data.prepare (sentencepiece) is imported when the stages run: --help runs without it.
+
 PROG = "run_demo.py"
 
 LENGTHS = (128, 256, 384, 512)

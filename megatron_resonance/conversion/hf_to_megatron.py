@@ -20,6 +20,7 @@ import time
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from megatron_resonance.conversion import key_map
 from megatron_resonance.conversion.errors import ConversionError
@@ -196,7 +197,6 @@ def convert_hf_to_megatron(
             drift = set(state) ^ {p.megatron for p in params}
             if drift:
                 raise RuntimeError(f"key map out of date with megatron's GPTModel: {sorted(drift)}")
-            from tqdm import tqdm
 
             changes = DtypeChanges(hf, [k for p in params for k in p.hf], target, chosen=dtype is not None)
             with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron",

@@ -20,6 +20,7 @@ import time
 from typing import Callable, Dict, Optional
 
 import torch
+from tqdm import tqdm
 
 from megatron_resonance.cli import one_line
 from megatron_resonance.conversion import key_map
@@ -31,6 +32,10 @@ from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf import rope as hf_rope
 from megatron_resonance.hf.reader import read_json
 from megatron_resonance.hf.writer import parse_size, write_sharded
+from megatron_resonance.megatron import checkpoint_layout, checkpointing
+
+# megatron.core (seconds to import) is imported inside the functions that use it: --help and the input checks run
+# without it.
 
 
 def convert_megatron_to_hf(
@@ -52,7 +57,6 @@ def convert_megatron_to_hf(
     carried over; default: the ``hf/`` directory the importer kept beside the checkpoint."""
     start = time.perf_counter()
     # ---------------------------------------------------------------- check
-    from megatron_resonance.megatron import checkpoint_layout, checkpointing
 
     if rope_format not in hf_rope.ROPE_FORMATS:
         raise ConversionError(f"unknown --rope-format {rope_format!r}; expected one of "
@@ -109,8 +113,6 @@ def convert_megatron_to_hf(
                     # written (views of it) or at once (copies: q/k/v, another dtype)
                     param.data = param.data.new_empty(0)
                 return pending.pop(name).to(out_dtype)
-
-            from tqdm import tqdm
 
             specs = [(k, shapes[k], out_dtype) for p in params for k in p.hf]
             total = sum(torch.Size(s).numel() * out_dtype.itemsize for _, s, _ in specs)

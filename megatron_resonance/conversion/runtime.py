@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 from megatron_resonance.cli import library_warnings_quiet
 from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.megatron import distributed, llama
 from megatron_resonance.megatron.llama import LlamaConfig
 
 
@@ -19,13 +22,9 @@ def single_process() -> Iterator[None]:
 
     The converters are single-process programs: inside a multi-rank job they refuse rather than have every
     rank write the same files."""
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise ConversionError("the converters run as one process; this process belongs to a multi-rank job")
     with library_warnings_quiet():
-        from megatron_resonance.megatron import distributed
-
         distributed.initialize(1, 1)
         try:
             yield
@@ -35,8 +34,6 @@ def single_process() -> Iterator[None]:
 
 def build_tp1_model(cfg: LlamaConfig, dtype: torch.dtype) -> torch.nn.Module:
     """The full (TP=1, PP=1) GPTModel on CPU, parameters allocated but not initialized: all get overwritten."""
-    from megatron_resonance.megatron import llama
-
     (model,) = llama.build_model(cfg, dtype=dtype, spec="local", initialize=False, device="cpu")
     return model
 
@@ -69,8 +66,6 @@ class ConversionReport:
 def use_single_process_env() -> None:
     """For the tools: this process is the whole job, whatever launcher variables it inherited (an ``srun``
     step or a torchrun shell would otherwise make it wait for ranks that never come)."""
-    import os
-
     for key in ("SLURM_PROCID", "MASTER_PORT"):
         os.environ.pop(key, None)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

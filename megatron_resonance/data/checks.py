@@ -29,8 +29,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_resonance import atomic
 from megatron_resonance.data.datasets import writable
 from megatron_resonance.errors import DataError  # noqa: F401 - imported from here by callers
+
+# megatron.core (seconds to import) is imported inside the functions that use it: the data checks run without it (and
+# without torch).
 
 #: megatron-core's ``_INDEX_HEADER`` and the fixed part of an ``.idx``: magic (9), version (8), dtype code (1),
 #: sequence count (8), document-index count (8)
@@ -241,8 +245,6 @@ def _read_cache(path: Optional[str]) -> dict:
 
 
 def _write_cache(path: str, records: dict) -> None:
-    from megatron_resonance import atomic
-
     try:
         atomic.write_json(path, records)
     except OSError:  # read-only data: no cache, the next start scans again

@@ -34,8 +34,14 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy
+
 from megatron_resonance.cli import check_output_dir, one_line
 from megatron_resonance.errors import UserError
+
+# megatron.core, torch and this package's megatron layer (whose import checks megatron-core's
+# release) are imported inside the functions that build datasets: the data tools run without them;
+# data.checks is imported there too, since it imports this module (a cycle at module level).
 
 Prefixes = Union[str, Sequence[str]]
 
@@ -144,8 +150,6 @@ def _drop_unreadable(cache_dir: str) -> None:
     """Remove cached ``.npy`` files that do not load (a job stopped while writing one leaves it truncated:
     megatron counts it as a cache hit and fails to map it), with every file of the same hash prefix (the
     same dataset's description and other indices), so megatron builds them again."""
-    import numpy
-
     for name in sorted(os.listdir(cache_dir)):
         if not name.endswith(".npy") or not os.path.exists(os.path.join(cache_dir, name)):
             continue

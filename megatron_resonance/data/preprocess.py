@@ -32,10 +32,14 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_resonance.cli import check_output_dir, jsonl_records
 from megatron_resonance.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_resonance.errors import UserError
+
+# megatron.core (seconds to import) is imported inside the functions that use it: the tool's --help and input checks
+# run without it.
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -202,9 +206,6 @@ def preprocess(
     if existing and not overwrite:
         raise UserError(f"output exists: {', '.join(existing)} (pass --overwrite to replace it)")
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-
-    # imported after the checks, so that they fail fast, and before the clock starts (seconds)
-    from tqdm import tqdm
 
     with warnings.catch_warnings():  # megatron.core's import warns about missing TE/Apex
         warnings.simplefilter("ignore")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -35,6 +36,9 @@ import sentencepiece as spm
 
 from megatron_resonance.cli import one_line
 from megatron_resonance.errors import DataError, UserError
+
+# transformers (the optional ``hf`` extra) is imported where a Hugging Face tokenizer is loaded;
+# data.preprocess inside iter_training_texts, since it imports this module (a cycle at module level).
 
 DEFAULT_VOCAB_SIZE = 2048
 #: training sentences are documents cut at line ends into pieces of at most this many characters
@@ -184,8 +188,6 @@ def _load_hf(path: Path):
     """``transformers.AutoTokenizer`` over a directory with ``tokenizer.json``, or a ``tokenizer.json``: with the
     tokenizer config beside it when there is one (that names the special tokens), else the bare file."""
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import transformers

@@ -17,13 +17,19 @@ window over each such document (see :func:`windows`).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_resonance.cli import jsonl_records, one_line
+from megatron_resonance.data.checks import id_outside_vocab
+from megatron_resonance.data.corpus import list_stdlib_sources, select_files, stdlib_root
 from megatron_resonance.data.tokenizer import Tokenizer
 from megatron_resonance.errors import UserError
+
+# megatron.core (seconds to import) is imported inside the functions that use it: only an indexed-dataset input needs
+# it.
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -74,8 +80,6 @@ def _jsonl(path: str) -> Iterator[dict]:
 
 def default_texts() -> List[str]:
     """The embedded default's held-out documents: the validation split of the standard-library corpus."""
-    from megatron_resonance.data.corpus import list_stdlib_sources, select_files, stdlib_root
-
     root = stdlib_root()
     _, valid = select_files(list_stdlib_sources(root))
     return [(root / src.relpath).read_bytes().decode("utf-8") for src in valid]
@@ -108,8 +112,6 @@ def load_documents(data: Optional[str], tokenizer: Optional[Tokenizer] = None) -
 
 
 def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -143,8 +145,6 @@ def _indexed_documents(prefix: str, eos_id: Optional[int]) -> List[np.ndarray]:
 
 def check_token_range(docs: Sequence[np.ndarray], vocab_size: int, where: str) -> None:
     """UserError when a document holds an id outside ``[0, vocab_size)``."""
-    from megatron_resonance.data.checks import id_outside_vocab
-
     for i, doc in enumerate(docs):
         bad = id_outside_vocab(doc.min(), doc.max(), vocab_size) if len(doc) else None
         if bad is not None:

@@ -30,9 +30,15 @@ import functools
 from typing import Callable, Dict, List, Sequence
 
 import torch
+import torch.distributed as dist
 
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.scoring import real_vocabulary
+from megatron_resonance.megatron import cpu_speed
+from megatron_resonance.megatron.distributed import device as rank_device
+
+# megatron.core (seconds to import) is imported inside the functions that use it, and transformers (the optional
+# ``hf`` extra) where a Hugging Face model decodes: the evaluation tools' --help and input checks run without them.
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> List[List[int]]:
@@ -123,14 +129,11 @@ def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_token
                     stop_ids: Sequence[int]) -> List[List[int]]:
     """[B, L] prompts of one length -> [B] lists of ``max_new_tokens`` greedy tokens (fewer when every row
     has generated a stop id)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
     from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
-    from megatron_resonance.megatron import cpu_speed
-    from megatron_resonance.megatron.distributed import device as rank_device
     from megatron_resonance.megatron.rotary import unwrap
 
     device = rank_device()

@@ -15,12 +15,20 @@ import gc
 from typing import Iterator, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
+import megatron_resonance.hf
 from megatron_resonance.cli import library_warnings_quiet
 from megatron_resonance.errors import UserError
+from megatron_resonance.evaluation.generation import greedy, hf_decoder, megatron_decoder
+from megatron_resonance.evaluation.memory import check_fits
 from megatron_resonance.evaluation.resolve import ResolvedModel
-from megatron_resonance.evaluation.scoring import TokenScores
-from megatron_resonance.megatron import distributed
+from megatron_resonance.evaluation.scoring import TokenScores, hf_token_scores, megatron_token_scores
+from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, llama
+from megatron_resonance.megatron.llama import resolve_spec
+
+# megatron.core (seconds to import) is imported inside the functions that use it, and transformers (the optional
+# ``hf`` extra) where a Hugging Face model loads: the evaluation tools' --help and input checks run without them.
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,8 +67,6 @@ class Runtime:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
         if any(m.spec.kind == "megatron" for m in models):
-            from megatron_resonance.megatron.llama import resolve_spec
-
             try:
                 resolve_spec(self.transformer_impl)
             except (ValueError, RuntimeError) as e:
@@ -135,15 +141,11 @@ class MegatronScorer(Scorer):
         self.dp_size = ps.get_data_parallel_world_size()
 
     def scores(self, tokens: torch.Tensor) -> TokenScores:
-        from megatron_resonance.evaluation.scoring import megatron_token_scores
-
         return megatron_token_scores(self.chunks, tokens, vocab_size=self.model.vocab_size,
                                      micro_batch_size=self.micro_batch_size)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> List[List[int]]:
-        from megatron_resonance.evaluation.generation import greedy, megatron_decoder
-
         return greedy(megatron_decoder(self.chunks), prompts, max_new_tokens=max_new_tokens,
                       vocab_size=self.model.vocab_size, stop_ids=stop_ids)
 
@@ -151,7 +153,6 @@ class MegatronScorer(Scorer):
         self.chunks = None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         if self.dp_size == 1:
@@ -172,17 +173,11 @@ class HFScorer(Scorer):
         self.batch_size = runtime.micro_batch_size
 
     def scores(self, tokens: torch.Tensor) -> TokenScores:
-        from megatron_resonance.evaluation.scoring import hf_token_scores
-        from megatron_resonance.megatron import cpu_speed
-
         with cpu_speed.suspended():
             return hf_token_scores(self.hf_model, tokens, vocab_size=self.model.vocab_size)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> List[List[int]]:
-        from megatron_resonance.evaluation.generation import greedy, hf_decoder
-        from megatron_resonance.megatron import cpu_speed
-
         with cpu_speed.suspended():
             return greedy(hf_decoder(self.hf_model), prompts, max_new_tokens=max_new_tokens,
                           vocab_size=self.model.vocab_size, stop_ids=stop_ids)
@@ -193,8 +188,6 @@ class HFScorer(Scorer):
 
 def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> List[torch.nn.Module]:
     """GPTModel chunks for this rank with the checkpoint's weights (resharded to this TP/PP), in eval mode."""
-    from megatron_resonance.megatron import checkpoint_layout, checkpointing, llama
-
     chunks = llama.build_model(model.llama, dtype=runtime.torch_dtype, spec=runtime.transformer_impl,
                                seq_length=max(seq_length, model.llama.max_position_embeddings), initialize=False)
     try:
@@ -206,8 +199,6 @@ def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Li
 
 def load_hf(model: ResolvedModel, runtime: Runtime) -> torch.nn.Module:
     import transformers
-
-    import megatron_resonance.hf
 
     megatron_resonance.hf.register()  # exports with --rope-format custom need the named rope type
     transformers.logging.set_verbosity_error()
@@ -238,8 +229,6 @@ def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
                  max_memory_gb: Optional[float] = None, generate: bool = False) -> None:
     """UserError when a forward pass at ``length`` (``generate``: decoding up to ``length``) would not fit
     for one of ``models`` (see ``memory``)."""
-    from megatron_resonance.evaluation.memory import check_fits
-
     for m in models:
         megatron = m.spec.kind == "megatron"
         check_fits(m.name, m.shape, length, micro_batch_size=runtime.micro_batch_size,

@@ -23,6 +23,7 @@ import shlex
 import sys
 from typing import Callable, Optional, Sequence
 
+import psutil
 import torch
 
 from megatron_resonance.errors import UserError
@@ -51,7 +52,6 @@ def available_bytes(max_memory_gb: Optional[float] = None, processes: Optional[i
         return int(max_memory_gb * GB)
     if torch.cuda.is_available():
         return int(torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0])
-    import psutil
 
     share = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return int(psutil.virtual_memory().available * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / max(1, share))

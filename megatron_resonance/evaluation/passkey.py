@@ -39,6 +39,7 @@ import random
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from megatron_resonance.data.tokenizer import load_tokenizer
 from megatron_resonance.errors import UserError
@@ -156,8 +157,6 @@ def evaluate_passkey(
 ) -> Dict[str, dict]:
     """Accuracy by length and depth, and the mean answer NLL (see the module docstring). Collective for
     Megatron scorers; every rank returns the same result."""
-    from tqdm import tqdm
-
     plan = {}
     for L in lengths:
         cells = [(d, t) for d in depths for t in range(trials)]

@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from megatron_resonance.cli import ArgumentParser, check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
@@ -107,8 +108,6 @@ def perplexity_by_length(
 
     Collective for Megatron scorers: every rank calls it with the same arguments; windows are split over
     data-parallel replicas and the sums added, so every rank returns the same result."""
-    from tqdm import tqdm
-
     plan = {}
     for L in lengths:
         used, skipped = docs_lib.select(documents, L, seed=seed, max_documents=max_documents)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence
 
+# matplotlib (about a second to import) is imported where a figure is drawn.
+
 
 def _pyplot():
     import matplotlib

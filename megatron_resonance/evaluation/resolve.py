@@ -26,6 +26,8 @@ from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.hf import config as hf_config
+from megatron_resonance.megatron import checkpoint_layout
+from megatron_resonance.megatron.llama import LlamaConfig
 
 KINDS = ("megatron", "hf")
 
@@ -121,9 +123,6 @@ def resolve(spec: ModelSpec, tokenizer: Optional[str] = None) -> ResolvedModel:
 
 
 def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> ResolvedModel:
-    from megatron_resonance.megatron import checkpoint_layout
-    from megatron_resonance.megatron.llama import LlamaConfig
-
     try:
         ckpt = checkpoint_layout.resolve_checkpoint(spec.path)
     except checkpoint_layout.CheckpointError as e:

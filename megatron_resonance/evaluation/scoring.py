@@ -18,6 +18,13 @@ import functools
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
+
+from megatron_resonance.megatron.compat import batch_on_this_cp_rank
+from megatron_resonance.megatron.distributed import device as rank_device
+
+# megatron.core (seconds to import) is imported inside the functions that use it: the evaluation tools' --help and
+# input checks run without it.
 
 
 @dataclasses.dataclass
@@ -56,8 +63,6 @@ def vocab_parallel_scores(
         vocab_size: the real vocabulary; ids at or above it (TP padding) are left out of the softmax.
         group: the tensor-parallel process group (None: the logits are the whole vocabulary).
     """
-    import torch.distributed as dist
-
     logits = real_vocabulary(logits.float(), vocab_size, vocab_start=vocab_start)
     shard = logits.shape[-1]
     parallel = group is not None and dist.get_world_size(group) > 1
@@ -107,7 +112,6 @@ def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, n
 def _forward_step(data_iterator, model, vocab_size: int):
     batch = next(data_iterator)
     if "targets" in batch:  # context parallelism: this rank's chunks of the sequence and of its targets
-        from megatron_resonance.megatron.compat import batch_on_this_cp_rank
 
         batch = batch_on_this_cp_rank(dict(batch))
         output = model(batch["tokens"], batch["position_ids"], None)
@@ -119,7 +123,6 @@ def _forward_step(data_iterator, model, vocab_size: int):
 def _gather_context_parallel(local: torch.Tensor, length: int) -> torch.Tensor:
     """[..., L / CP] scores of this rank's load-balanced chunks -> [..., L - 1] in sequence order (the last
     position, which predicts nothing, dropped), on every CP rank."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_resonance.megatron.sdpa_attention import load_balanced_order
@@ -154,13 +157,11 @@ def megatron_token_scores(
     row) and run through ``get_forward_backward_func()`` with ``forward_only=True``, so pipeline and
     interleaved schedules work. ``vocab_size`` is the real vocabulary (TP padding rows are excluded).
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [batch, length >= 2], got {tuple(tokens.shape)}")
-    from megatron_resonance.megatron.distributed import device as rank_device
 
     device = rank_device()
     rows, length = tokens.shape

@@ -21,6 +21,8 @@ from huggingface_hub import constants
 from megatron_resonance.cli import one_line
 from megatron_resonance.conversion.errors import ConversionError
 
+# safetensors (the optional ``hf`` extra) is imported where a checkpoint's tensors are read.
+
 SAFETENSORS_INDEX = constants.SAFETENSORS_INDEX_FILE
 SAFETENSORS_SINGLE = constants.SAFETENSORS_SINGLE_FILE
 BIN_SINGLE = constants.PYTORCH_WEIGHTS_NAME

@@ -33,6 +33,8 @@ import torch
 
 from megatron_resonance.rope import RopeConfig, compute_frequencies
 
+# transformers (the optional ``hf`` extra, seconds to import) is imported where its rope registry is used.
+
 CUSTOM_ROPE_TYPE = "megatron_resonance"
 ROPE_FORMATS = ("longrope", "custom")
 KIND_KEY = "megatron_resonance_rope_kind"

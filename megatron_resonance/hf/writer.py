@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE
+from safetensors.torch import save_file
 
 from megatron_resonance.conversion.errors import ConversionError
 
@@ -46,8 +48,6 @@ def parse_size(text: str) -> int:
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int):
     """huggingface_hub's ``StateDictSplit`` for tensors of these names, shapes and dtypes (none allocated)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in specs}
     return split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
 
@@ -62,8 +62,6 @@ def write_sharded(
     """Write the tensors ``specs`` names; ``produce(name)`` returns each (with the planned shape and dtype)
     when its shard is written; ``on_written(bytes)`` follows each shard. Returns the files written, the
     index last when there is one."""
-    from safetensors.torch import save_file
-
     planned = {name: (tuple(shape), dtype) for name, shape, dtype in specs}
 
     def checked(name: str) -> torch.Tensor:

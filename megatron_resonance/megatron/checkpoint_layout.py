@@ -25,6 +25,8 @@ from megatron_resonance.errors import CheckpointError  # noqa: F401 - imported f
 from megatron_resonance.megatron import compat
 from megatron_resonance.megatron.llama import LlamaConfig
 
+# torch.distributed.checkpoint (about a second to import) is imported where a checkpoint's metadata is read.
+
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "megatron_resonance.json"
 LOCK_FILE = ".megatron_resonance.lock"

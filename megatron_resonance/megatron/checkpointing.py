@@ -36,6 +36,9 @@ from megatron_resonance.megatron.checkpoint_layout import (
 )
 from megatron_resonance.megatron.llama import LlamaConfig
 
+# megatron.core (seconds to import) is imported inside the functions that use it, with torch.distributed.checkpoint and
+# megatron.rotary, which import it: the tools' --help and input checks run without it.
+
 FORMAT_VERSION = 1
 #: the distributed optimizer's state in model-parameter space, so a run resumes at another TP, PP, VPP or DP
 #: (megatron's ``dp_reshardable`` bucket layout reshards over DP only)

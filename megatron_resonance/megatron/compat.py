@@ -17,9 +17,15 @@ import ast
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
+import queue
 import sys
 from typing import Optional, Tuple
+
+import numpy
+
+# megatron.core is imported inside the workarounds only: check_version runs before any of it is imported.
 
 #: (major, minor) releases this package is tested with, any patch release of each
 WINDOW: Tuple[Tuple[int, int], ...] = ((0, 15), (0, 16), (0, 19))
@@ -106,8 +112,6 @@ def quiet_release_warnings() -> None:
     "fused_indices_to_multihot has reached end of life" (an experimental function of 0.11 it still uses;
     this package runs no MoE). 0.19.x: every ``GPTModel`` logs "GPTModel IS DEPRECATED ... use
     HybridModel" (its migration guide); a tool's one-line error would come with it. 0.16.x logs neither."""
-    import logging
-
     if installed_release() == (0, 15):
         logging.getLogger("megatron.core.utils").addFilter(_end_of_life)  # once: the same filter
     if installed_release() >= (0, 19):
@@ -148,8 +152,6 @@ def in_process_write_results_queue() -> None:
     after a periodic save: the job requeued from the save before). Saves here are synchronous (the writer
     reports from this process), so a plain queue does the same job without a process.
     """
-    import queue
-
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", ...) is None:
@@ -271,7 +273,6 @@ def mock_tokens_within_vocabulary() -> None:
     low_level = gpt_dataset.MockGPTLowLevelDataset
     if installed_release() != (0, 15) or getattr(low_level, "_within_vocabulary", False):
         return
-    import numpy
 
     def __getitem__(self, idx):
         length = self.sequence_lengths[idx]

@@ -29,6 +29,9 @@ import functools
 import torch
 from torch.overrides import TorchFunctionMode
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the tools' --help and input checks
+# run without it.
+
 _ENABLED = False
 _MODE = None
 

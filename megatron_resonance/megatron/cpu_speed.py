@@ -36,8 +36,13 @@ import types
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from megatron_resonance.megatron import _private_torch, compat, cpu_compat, local_ops
+
+# megatron.core (seconds to import) is imported inside the functions that use it: the tools' --help and input checks
+# run without it.
 
 #: ``MEGATRON_RESONANCE_CPU_SPEED=0`` runs megatron's own code paths on CPU
 ENV = "MEGATRON_RESONANCE_CPU_SPEED"
@@ -170,8 +175,6 @@ _ONE_RANK: dict = {}
 
 
 def _register_one_rank_collectives() -> None:
-    from torch.distributed import distributed_c10d as c10d
-
     def nothing(a):
         pass
 
@@ -191,8 +194,6 @@ def _register_one_rank_collectives() -> None:
 def _one_rank_collective(func, args, kwargs):
     """``func`` run here when its group has one rank, else through gloo. Inside ``_coalescing_manager``
     nothing is recorded, which the manager treats as "no work" (sync or async)."""
-    import torch.distributed as dist
-
     local, signature = _ONE_RANK[func]
     bound = signature.bind(*args, **(kwargs or {}))
     bound.apply_defaults()
@@ -233,7 +234,6 @@ def _lean_linear():
     global _LEAN_LINEAR
     if _LEAN_LINEAR is not None:
         return _LEAN_LINEAR
-    import torch.distributed as dist
     from megatron.core.tensor_parallel import layers
 
     base = layers.LinearWithGradAccumulationAndAsyncCommunication

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
+import subprocess
 from typing import Optional
 
 import torch
@@ -17,6 +19,9 @@ import torch.distributed as dist
 
 from megatron_resonance.cli import is_rank0
 from megatron_resonance.megatron import cpu_compat, cpu_speed
+
+# megatron.core (seconds to import) is imported inside the functions that use it: the tools' --help and input checks
+# run without it.
 
 
 def _env_from_slurm() -> None:
@@ -46,8 +51,6 @@ def _env_from_slurm() -> None:
 
 def _scontrol(*args: str) -> Optional[str]:
     """``scontrol ARGS`` stdout, or None where scontrol is missing or fails (a container without Slurm)."""
-    import subprocess
-
     try:
         proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -104,8 +107,6 @@ def init_process_group(timeout_minutes: float = 30) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

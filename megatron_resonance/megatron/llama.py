@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import typing
+import warnings
 from typing import List, Literal, Optional
 
 import torch
@@ -24,6 +25,10 @@ from megatron_resonance.config_fields import field, from_dict
 from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import compat, cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
+
+# megatron.core (seconds to import) is imported inside the functions that use it (with megatron.rotary and
+# sdpa_attention, which import it): the tools' --help and config checks run without it; Transformer Engine (CUDA only)
+# where the te layer spec is resolved.
 
 #: layer specs: ``auto`` (TE when present, else local), Transformer Engine, the local one, the local one compiled
 Spec = Literal["auto", "te", "local", "local_compiled"]
@@ -351,8 +356,6 @@ def compile_layers(model: torch.nn.Module) -> None:
     ``tp_group=None`` call), which would break each layer's graph around both such linears: dynamo is told
     to skip ``warnings.warn`` while tracing (process-wide; a compiled graph never runs Python warnings
     again anyway)."""
-    import warnings
-
     torch._dynamo.config.ignore_logging_functions.add(warnings.warn)
     for layer in model.decoder.layers:
         layer.compile(dynamic=False)

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 
 from megatron_resonance.megatron._private_torch import silu_backward_into, version
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the tools' --help and input checks
+# run without it.
+
 
 class _SwiGLUFunction(torch.autograd.Function):
     """[..., 2f] -> [..., f]: silu(x[..., :f]) * x[..., f:]."""

@@ -17,8 +17,10 @@ from typing import Iterable, Optional
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer import attention
 
 from megatron_resonance.megatron import compat, distributed
+from megatron_resonance.megatron.documents import DocumentLayout
 from megatron_resonance.rope import RopeConfig, compute_frequencies, rotary_angle_table
 
 
@@ -81,8 +83,6 @@ def _document_positions(gpt: torch.nn.Module):
     """Forward pre-hook of a GPTModel's decoder: with a ``documents.DocumentLayout`` carrying position ids
     as ``packed_seq_params``, the decoder's rotary angles are taken at those positions (megatron-core's
     rotary ignores ``position_ids``)."""
-    from megatron_resonance.megatron.documents import DocumentLayout
-
     def hook(module, args, kwargs):
         layout = kwargs.get("packed_seq_params")
         if not isinstance(layout, DocumentLayout) or layout.position_ids is None:
@@ -148,8 +148,6 @@ def cached_key_self_attention():
     The arithmetic is megatron's own ``apply_rotary_pos_emb`` with the arguments its forward passes, so the
     keys are the same numbers; training and dynamic batching take megatron's path unchanged.
     """
-    from megatron.core.transformer import attention
-
     class CachedKeySelfAttention(attention.SelfAttention):
         def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                             *args, **kwargs):

@@ -28,7 +28,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -61,8 +63,6 @@ class SDPAAttention(DotProductAttention):
         self.config = config
         self.cp_group = None
         if cp_size > 1:
-            from megatron.core import parallel_state as ps
-
             self.cp_group = getattr(pg_collection, "cp", None) or ps.get_context_parallel_group()
             if self.cp_group.size() != cp_size:
                 raise ValueError(f"the context-parallel group has {self.cp_group.size()} ranks, the config "
@@ -183,8 +183,6 @@ def all_gather_sequence(local: torch.Tensor, cp_group) -> torch.Tensor:
     """[s/CP, ...] load-balanced local part -> [s, ...] in sequence order, over the CP group; the backward
     reduce-scatters the gradient back to each rank's part (megatron's sequence-parallel gather, on the CP
     group, then a chunk permutation)."""
-    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
     cp = cp_group.size()
     gathered = gather_from_sequence_parallel_region(local, tensor_parallel_output_grad=True, group=cp_group)
     chunks = gathered.view(2 * cp, gathered.shape[0] // (2 * cp), *gathered.shape[1:])

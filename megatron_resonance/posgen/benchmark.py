@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from megatron_resonance import atomic, environment
 from megatron_resonance.errors import ConfigError, TrainingError
+from megatron_resonance.megatron import distributed
+from megatron_resonance.megatron.distributed import is_rank0, print_rank0
 from megatron_resonance.posgen.cell import load_splits, run_cell
 from megatron_resonance.posgen.presets import TRAINED_KINDS, Preset
 from megatron_resonance.posgen.report import cell_path, write_report
@@ -86,9 +88,6 @@ def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Se
     ``cells``/``worker``: this process is worker ``worker`` (``k/N``) of :func:`run_workers` and runs
     the given cells only; the parent writes the report, so a worker returns None.
     """
-    from megatron_resonance.megatron import distributed
-    from megatron_resonance.megatron.distributed import is_rank0, print_rank0
-
     check_stored_settings(out, preset)
     distributed.initialize(seed=0)
     if worker is None:

@@ -21,8 +21,10 @@ its argmax over the whole vocabulary.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import time
 from typing import Dict, Iterator, Optional
 
@@ -30,14 +32,28 @@ import torch
 import torch.distributed as dist
 
 from megatron_resonance.errors import ConfigError
+from megatron_resonance.evaluation.scoring import megatron_token_scores
 from megatron_resonance.megatron import distributed
+from megatron_resonance.megatron.distributed import print_rank0
+from megatron_resonance.megatron.llama import LlamaConfig
 from megatron_resonance.posgen.presets import EVALUATED_AS, Preset
 from megatron_resonance.posgen.splits import make_reference_split, make_split
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
+from megatron_resonance.rope import RopeConfig
+from megatron_resonance.training.config import (
+    Config,
+    DataConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
 from megatron_resonance.training.data_loop import sample_ranges
 from megatron_resonance.training.metrics import LossWindow
 from megatron_resonance.training.model import build_model_and_optimizer
 from megatron_resonance.training.step import eval_mode, train_step
+
+# megatron.core (seconds to import) is imported inside the functions that use it (with megatron.rotary, which imports
+# it): a cell's settings are checked before a model is built.
 
 BOS = VOCAB_SIZE
 """Token id of the beginning-of-sequence token (17): PosGen's 17 tokens plus this one."""
@@ -57,8 +73,6 @@ def rope_config(preset: Preset, variant: str):
     framing token in both lengths: s = (test_length + 1) / (train_length + 1), beta_fast = 2,
     beta_slow = 1, the correction range taken at test_length + 1; attention factor 0.1 ln s + 1 either way.
     """
-    from megatron_resonance.rope import RopeConfig
-
     common = dict(kind=variant, head_dim=preset.head_dim, base=preset.rotary_base)
     if variant not in ("yarn", "resonance_yarn"):
         return RopeConfig(**common, original_max_position=preset.train_length)
@@ -71,15 +85,6 @@ def rope_config(preset: Preset, variant: str):
 
 def run_config(preset: Preset, kind: str, seed: int, micro_batch_size: int):
     """The LLM path's ``training.config.Config`` for one PosGen training."""
-    from megatron_resonance.megatron.llama import LlamaConfig
-    from megatron_resonance.training.config import (
-        Config,
-        DataConfig,
-        OptimizerConfig,
-        ParallelConfig,
-        TrainingConfig,
-    )
-
     model = LlamaConfig(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
@@ -196,8 +201,6 @@ def position_accuracy(chunks, sequences: torch.Tensor, batch_size: int, vocab_si
     summed; any TP / PP layout."""
     from megatron.core import parallel_state as ps
 
-    from megatron_resonance.evaluation.scoring import megatron_token_scores
-
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     correct = torch.zeros(sequences.shape[1], dtype=torch.float64)
     mine = sequences[dp_rank::dp_size]
@@ -296,10 +299,6 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
     accuracy (validation rows are training rows; positions 4..train_length-1 do not depend on the length
     they are scored at, so validating at train_length scores what the reference scores at test length).
     """
-    import copy
-    import os
-
-    from megatron_resonance.megatron.distributed import print_rank0
     from megatron_resonance.megatron.rotary import install_rotary, unwrap
 
     select = preset.protocol == "reference"

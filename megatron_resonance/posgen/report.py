@@ -14,9 +14,14 @@ import json
 import os
 from typing import Dict, Optional, Sequence
 
+from megatron_resonance import atomic
+from megatron_resonance.environment import describe
 from megatron_resonance.posgen import stats
 from megatron_resonance.posgen.presets import PROTOCOLS, TRAINED_KINDS, VARIANTS, Preset
 from megatron_resonance.posgen.tasks import PREFIX_LENGTH, VOCAB_SIZE
+
+# matplotlib (about a second to import) is imported where a figure is drawn, and posgen.cell
+# (megatron layer) where a YaRN scale is computed: the report reads and writes JSON without them.
 
 CELLS_DIR = "cells"
 PAIRS = (("resonance", "rope"), ("resonance_yarn", "yarn"))
@@ -43,8 +48,6 @@ def build_report(out: str, preset: Preset) -> dict:
     seeds whose model learned the rule (``learned``); per task and variant the position curves' mean and
     std over seeds.
     """
-    from megatron_resonance.environment import describe
-
     report = {
         "preset": preset.name,
         "protocol": preset.protocol,
@@ -137,8 +140,6 @@ def write_report(out: str, preset: Preset, run_info: Optional[dict] = None) -> d
     ``run_info``: the last command that ran cells (``wall_seconds``, ``cells_run``, ``processes``,
     ``threads_per_process``, ``how``); None keeps the one the previous report recorded.
     """
-    from megatron_resonance import atomic
-
     report = build_report(out, preset)
     if run_info is None:
         try:

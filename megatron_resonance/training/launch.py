@@ -20,11 +20,17 @@ import sys
 import tempfile
 from typing import Callable, Dict, List, Optional
 
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
 from megatron_resonance import environment
 from megatron_resonance.cli import LAUNCHER_ENV, ArgumentParser, fail, guard, report
 from megatron_resonance.megatron import distributed
 from megatron_resonance.training import preemption
 from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
+
+# the trainer (and through it sentencepiece and megatron.core) is imported by the process that trains:
+# the launcher parses arguments and starts ranks without it.
 
 
 def make_parser(prog: str, description: str) -> ArgumentParser:
@@ -141,9 +147,6 @@ def run_torchrun(
     ``signal_deadline`` (the workers' ``--signal-save-timeout``): workers still alive that long (and
     ``preemption.KILL_GRACE``) after a signal are killed (a hung or stopped rank), and the line names them
     with ``latest_note()``, the checkpoint that stays ``latest``; exit 1."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default, where workers cannot be found (no /proc)
     blocked = contextlib.nullcontext()
     killed: Dict[int, str] = {}

@@ -17,6 +17,9 @@ from megatron_resonance import atomic
 from megatron_resonance.megatron import distributed
 from megatron_resonance.training.config import Config
 
+# torch.utils.tensorboard (tensorboard, a quarter second to import) is imported where the writer opens,
+# on rank 0 only.
+
 METRICS_FILE = "metrics.jsonl"
 
 

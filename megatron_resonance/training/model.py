@@ -14,6 +14,9 @@ from megatron_resonance.megatron import checkpointing
 from megatron_resonance.megatron.llama import build_model, for_training
 from megatron_resonance.training.config import Config, recompute_settings, warmup_iters
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the entry points' --help and config
+# checks run without it.
+
 
 def build_model_and_optimizer(cfg: Config, bf16: bool):
     """The model provider's chunks in the training wrapper (megatron DDP); megatron's optimizer (distributed

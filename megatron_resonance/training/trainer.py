@@ -42,6 +42,9 @@ from megatron_resonance.training.start import LOAD, WEIGHTS, Start
 from megatron_resonance.training.step import evaluate, train_step
 from megatron_resonance.training.validation import resolve_and_validate
 
+# megatron.core (seconds to import) is imported inside the functions that use it: the entry points' --help and config
+# checks run without it.
+
 
 @dataclasses.dataclass
 class TrainState:

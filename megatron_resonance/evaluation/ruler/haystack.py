@@ -28,6 +28,8 @@ from megatron_resonance.data.corpus import EXCLUDED_DIRS, EXCLUDED_PREFIXES, std
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.passkey import FILLER
 
+# wonderwords is imported where its word lists are first needed: a missing install is one line then.
+
 #: RULER's noise haystack: one unit is the whole five-sentence string
 NOISE = FILLER.strip()
 

@@ -29,6 +29,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from megatron_resonance.cli import check_output_dir
 from megatron_resonance.data.tokenizer import load_tokenizer
@@ -77,8 +78,6 @@ def build_all(tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, sample
     """Every sample of the run, in task, length, index order (a progress bar over task x length when it
     takes more than a few seconds: a long prompt takes up to a second to fit to its length; a bad input
     found at the first prompt stays one line)."""
-    from tqdm import tqdm
-
     out: List[Sample] = []
     with tqdm(total=len(tasks) * len(lengths), desc="ruler prompts", unit="task x length", dynamic_ncols=True,
               delay=3, disable=not (progress and distributed.is_rank0())) as bar:
@@ -95,8 +94,6 @@ def answer(scorer: Scorer, samples: Sequence[Sample], tokenizer, *, max_new_toke
            progress: bool = True) -> List[List[int]]:
     """Each sample's greedy answer tokens (EOS left out). Collective for Megatron scorers: samples are split
     over data-parallel replicas and the answers gathered, so every rank returns all of them."""
-    from tqdm import tqdm
-
     longest = max(budget(s.task, max_new_tokens) for s in samples)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     mine = list(range(len(samples)))[scorer.dp_rank::scorer.dp_size]

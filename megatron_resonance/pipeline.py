@@ -31,9 +31,8 @@ import os
 from typing import List, Optional, Sequence
 
 from megatron_resonance import layout_planner, planning
-from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.conversion.hf_to_megatron import check_source
-from megatron_resonance.errors import UserError
+from megatron_resonance.errors import CheckpointError, ConversionError, UserError
 from megatron_resonance.evaluation import perplexity
 from megatron_resonance.evaluation.memory import DoesNotFit, check_fits, forward_bytes
 from megatron_resonance.hf import config as hf_config
@@ -122,7 +121,7 @@ def converted(req: Request) -> Optional[str]:
         ckpt = checkpoint_layout.resolve_checkpoint(root)
         checkpoint_layout.verify_checkpoint(ckpt)
         run = checkpoint_layout.read_config(ckpt).get("run", {})
-    except checkpoint_layout.CheckpointError as e:
+    except CheckpointError as e:
         return str(e)
     source = run.get("converted_from")
     if source != os.path.abspath(req.hf_model):
@@ -205,7 +204,7 @@ def plan(req: Request) -> List[Stage]:
     target = cfg.training.train_iters
     try:
         done = None if rerun else extension_progress(req)
-    except checkpoint_layout.CheckpointError as e:
+    except CheckpointError as e:
         raise _problem("extend", e) from None
     if moved:
         stages.append(Stage("extend", "replace", f"{out}: its checkpoints, of the earlier conversion, are moved "

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from megatron_resonance import layout_planner, planning
 from megatron_resonance.cli import ArgumentParser, guard
-from megatron_resonance.errors import UserError
+from megatron_resonance.errors import ConfigError, UserError
 
 # the config and evaluation modules (torch) are imported where a config file or
 # checkpoint is read: the planner itself runs without torch.
@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
 def _config_data(path: Optional[str]) -> dict:
     if not path:
         return {}
-    from megatron_resonance.training.config import ConfigError, load_yaml
+    from megatron_resonance.training.config import load_yaml
 
     try:
         return load_yaml(path)

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from megatron_resonance.conversion import key_map
-from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
 from megatron_resonance.conversion.staging import StagedDirectory
+from megatron_resonance.errors import ConversionError
 from megatron_resonance.hf import assets as hf_assets
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.reader import HFCheckpoint

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from megatron_resonance.cli import one_line
 from megatron_resonance.conversion import key_map
-from megatron_resonance.conversion.errors import ConversionError
 from megatron_resonance.conversion.runtime import ConversionReport, build_tp1_model, single_process
 from megatron_resonance.conversion.staging import StagedDirectory
+from megatron_resonance.errors import CheckpointError, ConversionError
 from megatron_resonance.hf import assets as hf_assets
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf import rope as hf_rope
@@ -97,7 +97,7 @@ def convert_megatron_to_hf(
             # of a training checkpoint) is not requested and not read
             try:
                 checkpointing.load_checkpoint(ckpt, [model])
-            except checkpoint_layout.CheckpointError:  # damaged files, non-finite weights: its own line
+            except CheckpointError:  # damaged files, non-finite weights: its own line
                 raise
             except Exception as e:  # megatron's CheckingError, torch DCP errors: name what is wrong, in one line
                 raise ConversionError(f"{ckpt}: cannot load the model from it ({one_line(e)})") from None

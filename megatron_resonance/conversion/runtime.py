@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_resonance.cli import library_warnings_quiet
-from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.errors import ConversionError
 from megatron_resonance.megatron import distributed, llama
 from megatron_resonance.megatron.llama import LlamaConfig
 

@@ -13,7 +13,7 @@ import tempfile
 from typing import Sequence
 
 from megatron_resonance.atomic import fsync
-from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.errors import ConversionError
 
 
 def _inside(path: str, parent: str) -> bool:

@@ -31,7 +31,7 @@ import numpy as np
 
 from megatron_resonance import atomic
 from megatron_resonance.data.datasets import writable
-from megatron_resonance.errors import DataError  # noqa: F401 - imported from here by callers
+from megatron_resonance.errors import DataError
 
 # megatron.core (seconds to import) is imported inside the functions that use it: the data checks run without it (and
 # without torch).

@@ -19,12 +19,12 @@ import torch.distributed as dist
 
 import megatron_resonance.hf
 from megatron_resonance.cli import library_warnings_quiet
-from megatron_resonance.errors import UserError
+from megatron_resonance.errors import CheckpointError, UserError
 from megatron_resonance.evaluation.generation import greedy, hf_decoder, megatron_decoder
 from megatron_resonance.evaluation.memory import check_fits
 from megatron_resonance.evaluation.resolve import ResolvedModel
 from megatron_resonance.evaluation.scoring import TokenScores, hf_token_scores, megatron_token_scores
-from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, llama
+from megatron_resonance.megatron import checkpointing, cpu_speed, distributed, llama
 from megatron_resonance.megatron.llama import resolve_spec
 
 # megatron.core (seconds to import) is imported inside the functions that use it, and transformers (the optional
@@ -192,7 +192,7 @@ def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Li
                                seq_length=max(seq_length, model.llama.max_position_embeddings), initialize=False)
     try:
         checkpointing.load_checkpoint(model.directory, chunks)
-    except checkpoint_layout.CheckpointError as e:
+    except CheckpointError as e:
         raise UserError(f"--load {model.spec.path}: {e}") from None
     return llama.for_inference(chunks)
 

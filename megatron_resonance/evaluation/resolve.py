@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_resonance.cli import one_line
 from megatron_resonance.data.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
-from megatron_resonance.errors import UserError
+from megatron_resonance.errors import CheckpointError, UserError
 from megatron_resonance.evaluation.memory import ModelShape
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.megatron import checkpoint_layout
@@ -125,7 +125,7 @@ def resolve(spec: ModelSpec, tokenizer: Optional[str] = None) -> ResolvedModel:
 def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> ResolvedModel:
     try:
         ckpt = checkpoint_layout.resolve_checkpoint(spec.path)
-    except checkpoint_layout.CheckpointError as e:
+    except CheckpointError as e:
         raise UserError(f"--load {spec.path}: {e}") from None
     config_path = os.path.join(ckpt, checkpoint_layout.CONFIG_FILE)
     try:
@@ -136,7 +136,7 @@ def _resolve_megatron(spec: ModelSpec, name: str, tokenizer: Optional[str]) -> R
         raise UserError(f"--load {spec.path}: cannot read the model config {config_path} ({one_line(e)})") from None
     try:
         checkpoint_layout.verify_checkpoint(ckpt)  # a truncated or missing file: one line, before any model is built
-    except checkpoint_layout.CheckpointError as e:
+    except CheckpointError as e:
         raise UserError(f"--load {spec.path}: {e}") from None
     return ResolvedModel(
         spec=spec,

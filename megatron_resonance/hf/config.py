@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.errors import ConversionError
 from megatron_resonance.hf.rope import (
     KIND_KEY,
     PLAN_KEY,

@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import constants
 
 from megatron_resonance.cli import one_line
-from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.errors import ConversionError
 
 # safetensors (the optional ``hf`` extra) is imported where a checkpoint's tensors are read.
 

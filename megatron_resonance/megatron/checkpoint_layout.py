@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megatron_resonance.cli import one_line
-from megatron_resonance.errors import CheckpointError  # noqa: F401 - imported from here by callers
+from megatron_resonance.errors import CheckpointError
 from megatron_resonance.megatron import compat
 from megatron_resonance.megatron.llama import LlamaConfig
 

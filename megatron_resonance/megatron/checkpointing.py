@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from megatron_resonance import atomic
 from megatron_resonance.cli import one_line
+from megatron_resonance.errors import CheckpointError
 from megatron_resonance.megatron import compat, distributed
 from megatron_resonance.megatron.checkpoint_layout import (
     CONFIG_FILE,
     TRACKER,
-    CheckpointError,
     iteration_dir,
     read_config,
     read_latest_iteration,

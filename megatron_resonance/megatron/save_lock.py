@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 
 import torch.distributed as dist
 
-from megatron_resonance.megatron.checkpoint_layout import LOCK_FILE, CheckpointError
+from megatron_resonance.errors import CheckpointError
+from megatron_resonance.megatron.checkpoint_layout import LOCK_FILE
 from megatron_resonance.megatron.checkpointing import raise_on_every_rank
 
 

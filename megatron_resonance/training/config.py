@@ -16,7 +16,7 @@ import yaml
 
 from megatron_resonance import config_fields
 from megatron_resonance.config_fields import field
-from megatron_resonance.errors import ConfigError  # noqa: F401 - raised here, imported from here by callers
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron.llama import SPECS, LlamaConfig, Spec
 from megatron_resonance.rope import RopeConfig
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Optional
 
-from megatron_resonance.megatron.checkpoint_layout import CheckpointError, read_config
+from megatron_resonance.errors import CheckpointError, ConfigError
+from megatron_resonance.megatron.checkpoint_layout import read_config
 from megatron_resonance.megatron.distributed import print_rank0
 from megatron_resonance.rope import RopeConfig
-from megatron_resonance.training.config import Config, ConfigError, config_from_args, load_yaml, rope_settings_given
+from megatron_resonance.training.config import Config, config_from_args, load_yaml, rope_settings_given
 
 #: the paper's continued-pretraining recipe for LLaMA-2 (Wang et al., 2024, after YaRN)
 PAPER_DEFAULTS = {

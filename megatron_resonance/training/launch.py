@@ -25,9 +25,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from megatron_resonance import environment
 from megatron_resonance.cli import LAUNCHER_ENV, ArgumentParser, fail, guard, report
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import distributed
 from megatron_resonance.training import preemption
-from megatron_resonance.training.config import Config, ConfigError, add_config_arguments
+from megatron_resonance.training.config import Config, add_config_arguments
 
 # the trainer (and through it sentencepiece and megatron.core) is imported by the process that trains:
 # the launcher parses arguments and starts ranks without it.

@@ -10,8 +10,9 @@ import dataclasses
 import os
 from typing import Optional
 
+from megatron_resonance.errors import CheckpointError, ConfigError
 from megatron_resonance.megatron import checkpoint_layout
-from megatron_resonance.training.config import Config, ConfigError
+from megatron_resonance.training.config import Config
 
 #: what ``Start.how`` says
 RESUME, LOAD, WEIGHTS, SCRATCH = "resume", "load", "weights", "scratch"
@@ -62,7 +63,7 @@ def has_checkpoint(path: str) -> bool:
     try:
         checkpoint_layout.resolve_checkpoint(path)
         return True
-    except checkpoint_layout.CheckpointError:
+    except CheckpointError:
         return False
 
 
@@ -72,6 +73,6 @@ def load_source(cfg: Config) -> str:
     try:
         ckpt = checkpoint_layout.resolve_checkpoint(cfg.checkpoint.load)
         checkpoint_layout.verify_checkpoint(ckpt)
-    except checkpoint_layout.CheckpointError as e:
+    except CheckpointError as e:
         raise ConfigError(f"--load {cfg.checkpoint.load}: {e}") from None
     return ckpt

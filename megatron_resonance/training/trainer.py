@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_resonance.errors import TrainingError
+from megatron_resonance.errors import CheckpointError, TrainingError
 from megatron_resonance.hf import assets as hf_assets
 from megatron_resonance.megatron import checkpoint_layout, checkpointing, cpu_speed, distributed, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
@@ -166,7 +166,7 @@ class Job:
                 run_config={**cfg.to_dict(), "world_size": dist.get_world_size()},
                 train_state=dataclasses.asdict(self.state),
             )
-        except checkpoint_layout.CheckpointError as e:
+        except CheckpointError as e:
             raise TrainingError(f"{e}; {latest_note(save)}") from None
         self.last_saved = iteration = self.state.iteration
         print_rank0(f"[save] iteration {iteration} -> {checkpoint_layout.iteration_dir(save, iteration)}")

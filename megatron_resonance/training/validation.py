@@ -11,9 +11,10 @@ from typing import Optional
 from megatron_resonance.cli import check_output_dir
 from megatron_resonance.data.checks import check_training_data
 from megatron_resonance.data.tokenizer import load_tokenizer
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import checkpoint_layout, save_lock
 from megatron_resonance.megatron.distributed import print_rank0
-from megatron_resonance.training.config import Config, ConfigError
+from megatron_resonance.training.config import Config
 from megatron_resonance.training.config_checks import check
 from megatron_resonance.training.metrics import METRICS_FILE
 from megatron_resonance.training.start import RESUME, Start, decide_start, has_checkpoint

@@ -15,7 +15,7 @@ import transformers
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.errors import ConversionError
 from megatron_resonance.hf import config as hf_config
 from megatron_resonance.hf.config import from_hf
 from megatron_resonance.hf.rope import ROPE_FORMATS, rope_from_hf

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megatron_resonance.conversion.errors import ConversionError
+from megatron_resonance.errors import ConversionError
 from megatron_resonance.hf.reader import HFCheckpoint
 from megatron_resonance.hf.writer import parse_size, plan_shards, write_sharded
 

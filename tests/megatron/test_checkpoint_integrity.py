@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_resonance.errors import CheckpointError
 from megatron_resonance.megatron import checkpoint_layout, checkpointing
 from tests.training.conftest import PRETRAIN, REPO, TINY_RUN, env, run
 
@@ -40,7 +41,7 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 
 def error(ckpt: Path) -> str:
-    with pytest.raises(checkpoint_layout.CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:
         checkpoint_layout.verify_checkpoint(str(ckpt))
     message = str(info.value)
     assert "\n" not in message
@@ -86,7 +87,7 @@ def test_missing_file(copy, name):
 def test_load_reports_a_damaged_file_in_one_line(copy):
     """``load_checkpoint`` checks before megatron touches the files (no process group needed to fail)."""
     truncate(copy / ".metadata")
-    with pytest.raises(checkpoint_layout.CheckpointError, match=r"\.metadata: unreadable \(UnpicklingError"):
+    with pytest.raises(CheckpointError, match=r"\.metadata: unreadable \(UnpicklingError"):
         checkpointing.load_checkpoint(str(copy), [torch.nn.Linear(2, 2)])
 
 
@@ -103,7 +104,7 @@ def test_newest_usable_checkpoint_skips_a_damaged_latest(checkpoint, tmp_path):
     assert warning.startswith(f"[resume] {root}/iter_0000002 is unusable (common.pt: unreadable (")
     assert warning.endswith("); resuming from iter_0000001, the newest complete checkpoint")
     (root / "iter_0000001" / "megatron_resonance.json").unlink()
-    with pytest.raises(checkpoint_layout.CheckpointError, match="no earlier checkpoint in .* is complete"):
+    with pytest.raises(CheckpointError, match="no earlier checkpoint in .* is complete"):
         checkpoint_layout.newest_usable_checkpoint(str(root))
 
 
@@ -112,11 +113,11 @@ def test_check_finite_names_the_parameter():
     checkpointing.check_finite([model], "ckpt")
     with torch.no_grad():
         model[1].bias[0] = float("nan")
-    with pytest.raises(checkpoint_layout.CheckpointError, match=r"^ckpt: parameter 1.bias holds non-finite values"):
+    with pytest.raises(CheckpointError, match=r"^ckpt: parameter 1.bias holds non-finite values"):
         checkpointing.check_finite([model], "ckpt")
     with torch.no_grad():
         model[1].bias[0] = 3e36  # 0.02 with the exponent's top bit flipped
-    with pytest.raises(checkpoint_layout.CheckpointError, match=r"parameter 1.bias holds a value of magnitude 3e\+36"):
+    with pytest.raises(CheckpointError, match=r"parameter 1.bias holds a value of magnitude 3e\+36"):
         checkpointing.check_finite([model], "ckpt")
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from megatron_resonance.errors import CheckpointError
 from megatron_resonance.megatron import checkpoint_layout, checkpointing, compat, save_lock
 
 
@@ -135,9 +136,9 @@ def _holder(root, seconds: float = 60):
 def test_a_held_save_dir_is_refused_naming_the_holder(tmp_path, rank0):
     holder = _holder(tmp_path)
     try:
-        with pytest.raises(checkpoint_layout.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
+        with pytest.raises(CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
             save_lock.check_save_dir_free(str(tmp_path))
-        with pytest.raises(checkpoint_layout.CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
+        with pytest.raises(CheckpointError, match=rf"in use by another run \(pid {holder.pid} on "):
             with save_lock.hold_save_dir(str(tmp_path)):
                 pass
     finally:
@@ -148,7 +149,7 @@ def test_a_held_save_dir_is_refused_naming_the_holder(tmp_path, rank0):
     with save_lock.hold_save_dir(str(tmp_path)):
         text = (tmp_path / checkpoint_layout.LOCK_FILE).read_text()
         assert text.startswith(f"pid {os.getpid()} on ")
-        with pytest.raises(checkpoint_layout.CheckpointError, match=rf"\(pid {os.getpid()} on "):
+        with pytest.raises(CheckpointError, match=rf"\(pid {os.getpid()} on "):
             save_lock.check_save_dir_free(str(tmp_path))
     save_lock.check_save_dir_free(str(tmp_path))  # released at the end of the run
 

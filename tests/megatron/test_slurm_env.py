@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import distributed
 
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -87,7 +88,7 @@ def test_training_validates_against_the_srun_world(srun_task):
     """Validation used to read WORLD_SIZE before the Slurm variables were mapped: it saw 1 and rejected TP=2
     under a 2-task srun. With 3 tasks, the line must name the 3."""
     from megatron_resonance.training import launch, trainer
-    from megatron_resonance.training.config import ConfigError, config_from_args
+    from megatron_resonance.training.config import config_from_args
     from tests.training.conftest import TINY_RUN
 
     cfg = config_from_args(launch.make_parser("x", "").parse_args([*TINY_RUN, "--tensor-model-parallel-size", "2"]))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from megatron_resonance import layout_planner, planning
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.layout_planner import Hardware, plan
 from megatron_resonance.planning import GiB, Layout, ModelShape, training_estimate
 from tests.fake_checkpoint import add_dist_files
@@ -297,7 +298,7 @@ def test_eval_tools_propose_the_layout_that_fits(sources, tmp_path, capsys):
     ],
 )
 def test_recompute_flags_are_checked_in_one_line(flags, message):
-    from megatron_resonance.training.config import ConfigError, from_dict
+    from megatron_resonance.training.config import from_dict
     from megatron_resonance.training.config_checks import check
 
     pp = 2 if flags.get("recompute_method") == "block" else 1

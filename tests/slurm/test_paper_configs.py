@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_resonance.training import config, config_checks, launch, validation
+from megatron_resonance.errors import ConfigError
+from megatron_resonance.training import config_checks, launch, validation
 from megatron_resonance.training.config import from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +120,7 @@ def test_preset_on_cpu_needs_only_the_layout_override(preset, tmp_path, monkeypa
 
     p = cfg.parallel
     tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
-    with pytest.raises(config.ConfigError) as refused:
+    with pytest.raises(ConfigError) as refused:
         validation.validate(cfg, world_size=1)
     assert str(refused.value) == (
         f"world size 1 is not divisible by TP*PP*CP = {tp}*1*{cp} = {tp * cp}: run a multiple of {tp * cp} "

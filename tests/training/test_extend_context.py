@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.training import launch
-from megatron_resonance.training.config import ConfigError
 from tests.training.conftest import EXTEND, ITERS, TINY_RUN, records, stored_config, train_losses
 
 # ---------------------------------------------------------------- the run (2 processes) ---------------------

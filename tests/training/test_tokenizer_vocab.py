@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_resonance.errors import ConfigError
 from megatron_resonance.training import validation
-from megatron_resonance.training.config import ConfigError
 from tests.hf_tokenizers import SPECIALS, train_byte_level_bpe
 from tests.training.test_extend_context import make_config, write_pretrained
 

@@ -141,8 +141,12 @@ def jsonl_records(path, what: str = "") -> Iterator[Tuple[int, object]]:
 
 #: notices megatron-core and torch print on import and load that would drown a tool's progress and error
 #: lines: no Apex / Transformer Engine on this machine, torch deprecations raised through megatron
-_LIBRARY_NOTICES = (".*(Apex|Transformer Engine).* not installed", ".*ShardedTensor.*", ".*non-leaf Tensor",
-                    ".*is deprecated")
+_LIBRARY_NOTICES = (
+    ".*(Apex|Transformer Engine).* not installed",
+    ".*ShardedTensor.*",
+    ".*non-leaf Tensor",
+    ".*is deprecated",
+)
 
 
 def _ignore_library_notices() -> None:

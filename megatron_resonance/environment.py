@@ -18,8 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def commit() -> str:
     """``git describe --always --dirty`` of this checkout, or "unknown" (no git, a copied tree)."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
     return out or "unknown"
@@ -33,8 +34,12 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_process(processes: int, cores_given: Optional[int] = None, source: str = "the CPU affinity",
-                        environ: Mapping[str, str] = os.environ) -> Tuple[int, str]:
+def threads_per_process(
+    processes: int,
+    cores_given: Optional[int] = None,
+    source: str = "the CPU affinity",
+    environ: Mapping[str, str] = os.environ,
+) -> Tuple[int, str]:
     """``(threads, why)``: the OMP_NUM_THREADS for each of ``processes`` workers sharing ``cores_given`` cores
     (default :func:`cores`, named by ``source``): the cores divided among them, at least 1. An
     OMP_NUM_THREADS already set wins. torchrun alone sets 1 whenever it starts several workers, which leaves

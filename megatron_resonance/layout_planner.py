@@ -96,8 +96,14 @@ def step_cost(layout: Layout, hardware: Hardware) -> float:
     return cost
 
 
-def candidates(shape: ModelShape, seq_length: int, hardware: Hardware, *, micro_batch_size: int = 1,
-               global_batch_size: Optional[int] = None) -> List[Layout]:
+def candidates(
+    shape: ModelShape,
+    seq_length: int,
+    hardware: Hardware,
+    *,
+    micro_batch_size: int = 1,
+    global_batch_size: Optional[int] = None,
+) -> List[Layout]:
     """Every layout worth estimating: TP (powers of two dividing the heads and query groups, at most 8 and
     within a node), CP (powers of two, seq_length % 2CP == 0), PP (dividing the layers), recomputation none
     or full, the rest data parallel."""
@@ -117,9 +123,18 @@ def candidates(shape: ModelShape, seq_length: int, hardware: Hardware, *, micro_
                 if gbs % (micro_batch_size * dp):
                     continue
                 for recompute in ("none", "full"):
-                    layouts.append(Layout(tp=tp, pp=pp, cp=cp, dp=dp, recompute=recompute,
-                                          sequence_parallel=tp > 1, micro_batch_size=micro_batch_size,
-                                          num_microbatches=gbs // (micro_batch_size * dp)))
+                    layouts.append(
+                        Layout(
+                            tp=tp,
+                            pp=pp,
+                            cp=cp,
+                            dp=dp,
+                            recompute=recompute,
+                            sequence_parallel=tp > 1,
+                            micro_batch_size=micro_batch_size,
+                            num_microbatches=gbs // (micro_batch_size * dp),
+                        )
+                    )
     return layouts
 
 
@@ -129,18 +144,30 @@ def _default_global_batch(hardware: Hardware, micro_batch_size: int, dp: int) ->
     return -(-hardware.world // unit) * unit
 
 
-def plan(shape: ModelShape, seq_length: int, hardware: Hardware, *, micro_batch_size: int = 1,
-         global_batch_size: Optional[int] = None, bf16: bool = True, spec: str = "te") -> Plan:
+def plan(
+    shape: ModelShape,
+    seq_length: int,
+    hardware: Hardware,
+    *,
+    micro_batch_size: int = 1,
+    global_batch_size: Optional[int] = None,
+    bf16: bool = True,
+    spec: str = "te",
+) -> Plan:
     """The cheapest layout (``step_cost``) whose estimate fits ``hardware``; ties go to more headroom."""
     tried = []
-    for layout in candidates(shape, seq_length, hardware, micro_batch_size=micro_batch_size,
-                             global_batch_size=global_batch_size):
+    for layout in candidates(
+        shape, seq_length, hardware, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size
+    ):
         est = training_estimate(shape, seq_length, layout, bf16=bf16, spec=spec)
         tried.append(Candidate(layout, est, step_cost(layout, hardware), est.total <= hardware.usable_bytes))
     fitting = [c for c in tried if c.fits]
     chosen = min(fitting, key=lambda c: (c.cost, c.layout.model_parallel, c.estimate.total), default=None)
-    gbs = global_batch_size or (chosen and chosen.layout.num_microbatches * micro_batch_size * chosen.layout.dp) \
+    gbs = (
+        global_batch_size
+        or (chosen and chosen.layout.num_microbatches * micro_batch_size * chosen.layout.dp)
         or _default_global_batch(hardware, micro_batch_size, 1)
+    )
     return Plan(shape, seq_length, hardware, gbs, chosen, tried, _why(chosen, tried, hardware) if chosen else "")
 
 
@@ -153,25 +180,33 @@ def _why(chosen: Candidate, tried: Sequence[Candidate], hardware: Hardware) -> s
         best = min(smaller, key=lambda c: c.estimate.total)
         parts.append(f"{best.layout.describe()} needs {best.estimate.total / GiB:.1f} GiB")
     if lay.recompute == "none":
-        rec = [c for c in tried if c.fits and c.layout.recompute == "full"
-               and c.layout.model_parallel < lay.model_parallel]
+        rec = [
+            c for c in tried if c.fits and c.layout.recompute == "full" and c.layout.model_parallel < lay.model_parallel
+        ]
         if rec:
-            parts.append(f"{rec[0].layout.describe()} fits but recomputing costs ~{COST_FULL_RECOMPUTE:.0%} "
-                         f"more than TP/CP's communication")
+            parts.append(
+                f"{rec[0].layout.describe()} fits but recomputing costs ~{COST_FULL_RECOMPUTE:.0%} "
+                f"more than TP/CP's communication"
+            )
     elif lay.recompute == "full":
-        parts.append("no layout fits without recomputation within "
-                     f"TP <= {min(8, hardware.gpus_per_node)} per node")
-    head = (f"{lay.describe()}: the least model parallelism that fits "
-            f"{hardware.usable_bytes / GiB:.1f} GiB usable per GPU at the lowest step cost")
+        parts.append(f"no layout fits without recomputation within TP <= {min(8, hardware.gpus_per_node)} per node")
+    head = (
+        f"{lay.describe()}: the least model parallelism that fits "
+        f"{hardware.usable_bytes / GiB:.1f} GiB usable per GPU at the lowest step cost"
+    )
     return head + ("; " + "; ".join(parts) if parts else "")
 
 
-def sbatch_line(plan: Plan, *, script: str = "slurm/extend_context.sbatch", config: Optional[str] = None,
-                load: Optional[str] = None) -> str:
+def sbatch_line(
+    plan: Plan, *, script: str = "slurm/extend_context.sbatch", config: Optional[str] = None, load: Optional[str] = None
+) -> str:
     """The ``sbatch`` command that runs the chosen layout (the script's documented variables)."""
     lay = plan.chosen.layout
-    train_args = [f"--seq-length {plan.seq_length}", f"--micro-batch-size {lay.micro_batch_size}",
-                  f"--global-batch-size {plan.global_batch_size}"]
+    train_args = [
+        f"--seq-length {plan.seq_length}",
+        f"--micro-batch-size {lay.micro_batch_size}",
+        f"--global-batch-size {plan.global_batch_size}",
+    ]
     if lay.tp > 1:
         train_args.append("--sequence-parallel")
     if lay.recompute != "none":
@@ -183,8 +218,13 @@ def sbatch_line(plan: Plan, *, script: str = "slurm/extend_context.sbatch", conf
         env.append(f"CONFIG={config}")
     if load:
         env.append(f"LOAD={load}")
-    env += [f"TP={lay.tp}", f"PP={lay.pp}", f"CP={lay.cp}", f"GPUS_PER_NODE={plan.hardware.gpus_per_node}",
-            f"TRAIN_ARGS=\"{' '.join(train_args)}\""]
+    env += [
+        f"TP={lay.tp}",
+        f"PP={lay.pp}",
+        f"CP={lay.cp}",
+        f"GPUS_PER_NODE={plan.hardware.gpus_per_node}",
+        f'TRAIN_ARGS="{" ".join(train_args)}"',
+    ]
     return f"{' '.join(env)} sbatch --nodes={plan.hardware.nodes} {script}"
 
 
@@ -193,19 +233,36 @@ def describe(plan: Plan, sbatch: str) -> str:
     c = plan.chosen
     lay, hw = c.layout, plan.hardware
     rows = [
-        ("model", f"{plan.shape.parameters / 1e9:.2f} B parameters, {plan.shape.num_layers} layers, "
-                  f"hidden {plan.shape.hidden_size}, vocabulary {plan.shape.vocab_size}"),
-        ("target", f"{plan.seq_length} tokens on {hw.nodes} node(s) x {hw.gpus_per_node} GPUs x "
-                   f"{hw.gpu_memory_gb:g} GiB ({hw.usable_bytes / GiB:.1f} GiB usable per GPU)"),
-        ("layout", f"TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp}"
-                   + (", sequence parallel" if lay.sequence_parallel else "")),
-        ("recomputation", lay.recompute if lay.recompute != "full"
-         else f"full (uniform, {lay.recompute_num_layers} layer)"),
-        ("micro-batch", f"{lay.micro_batch_size} x {lay.num_microbatches} per step per replica "
-                        f"(global batch {plan.global_batch_size})"),
+        (
+            "model",
+            f"{plan.shape.parameters / 1e9:.2f} B parameters, {plan.shape.num_layers} layers, "
+            f"hidden {plan.shape.hidden_size}, vocabulary {plan.shape.vocab_size}",
+        ),
+        (
+            "target",
+            f"{plan.seq_length} tokens on {hw.nodes} node(s) x {hw.gpus_per_node} GPUs x "
+            f"{hw.gpu_memory_gb:g} GiB ({hw.usable_bytes / GiB:.1f} GiB usable per GPU)",
+        ),
+        (
+            "layout",
+            f"TP={lay.tp} PP={lay.pp} CP={lay.cp} DP={lay.dp}"
+            + (", sequence parallel" if lay.sequence_parallel else ""),
+        ),
+        (
+            "recomputation",
+            lay.recompute if lay.recompute != "full" else f"full (uniform, {lay.recompute_num_layers} layer)",
+        ),
+        (
+            "micro-batch",
+            f"{lay.micro_batch_size} x {lay.num_microbatches} per step per replica "
+            f"(global batch {plan.global_batch_size})",
+        ),
         ("tokens/step", f"{plan.tokens_per_step:,}"),
-        ("memory/GPU", f"{c.estimate.total / GiB:.1f} GiB: " + ", ".join(
-            f"{k} {v / GiB:.1f}" for k, v in c.estimate.parts.items())),
+        (
+            "memory/GPU",
+            f"{c.estimate.total / GiB:.1f} GiB: "
+            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in c.estimate.parts.items()),
+        ),
         ("why", plan.why),
         ("sbatch", sbatch),
     ]
@@ -219,19 +276,29 @@ def no_fit_message(plan: Plan) -> str:
     tps = sorted({c.layout.tp for c in plan.tried})
     cps = sorted({c.layout.cp for c in plan.tried})
     pps = sorted({c.layout.pp for c in plan.tried})
-    text = (f"no layout fits length {plan.seq_length} on {hw.nodes} x {hw.gpus_per_node} GPUs of "
-            f"{hw.gpu_memory_gb:g} GiB ({hw.usable_bytes / GiB:.1f} GiB usable): tried {len(plan.tried)} layouts "
-            f"(TP {','.join(map(str, tps)) or '-'}, CP {','.join(map(str, cps)) or '-'}, "
-            f"PP {','.join(map(str, pps)) or '-'}, recomputation none/full)")
+    text = (
+        f"no layout fits length {plan.seq_length} on {hw.nodes} x {hw.gpus_per_node} GPUs of "
+        f"{hw.gpu_memory_gb:g} GiB ({hw.usable_bytes / GiB:.1f} GiB usable): tried {len(plan.tried)} layouts "
+        f"(TP {','.join(map(str, tps)) or '-'}, CP {','.join(map(str, cps)) or '-'}, "
+        f"PP {','.join(map(str, pps)) or '-'}, recomputation none/full)"
+    )
     miss = plan.closest_miss()
     if miss:
         text += f"; closest: {miss.layout.describe()} at {miss.estimate.total / GiB:.1f} GiB per GPU"
     return text + "; use more GPUs or nodes, or a shorter --seq-length"
 
 
-def propose_forward(shape: ModelShape, length: int, available: Callable[[int], float], *,
-                    micro_batch_size: int = 1, dtype_bytes: int = 4, max_processes: int = 64,
-                    padded: bool = True, generate: bool = False) -> Optional[Layout]:
+def propose_forward(
+    shape: ModelShape,
+    length: int,
+    available: Callable[[int], float],
+    *,
+    micro_batch_size: int = 1,
+    dtype_bytes: int = 4,
+    max_processes: int = 64,
+    padded: bool = True,
+    generate: bool = False,
+) -> Optional[Layout]:
     """The smallest TP x CP x PP (fewest processes; then TP before CP before PP) whose forward estimate fits
     90 % of ``available(processes)`` bytes per process: what the evaluation tools propose when a length does
     not fit. ``generate``: with the key/value cache, and no CP (generation runs without it)."""
@@ -245,8 +312,17 @@ def propose_forward(shape: ModelShape, length: int, available: Callable[[int], f
             for pp in _powers_of_two(max_processes // (tp * cp)):
                 if shape.num_layers % pp:
                     continue
-                est = forward_estimate(shape, length, micro_batch_size=micro_batch_size, tp=tp, pp=pp, cp=cp,
-                                       dtype_bytes=dtype_bytes, padded=padded, generate=generate)
+                est = forward_estimate(
+                    shape,
+                    length,
+                    micro_batch_size=micro_batch_size,
+                    tp=tp,
+                    pp=pp,
+                    cp=cp,
+                    dtype_bytes=dtype_bytes,
+                    padded=padded,
+                    generate=generate,
+                )
                 if est.total <= HEADROOM * available(tp * pp * cp):
                     options.append(Layout(tp=tp, pp=pp, cp=cp))
     return min(options, key=lambda lay: (lay.model_parallel, lay.pp, lay.cp), default=None)

@@ -125,8 +125,10 @@ def converted(req: Request) -> Optional[str]:
         return str(e)
     source = run.get("converted_from")
     if source != os.path.abspath(req.hf_model):
-        raise UserError(f"convert: {root} holds a conversion of {source}, not HF_MODEL={req.hf_model}: use another "
-                        "WORK_DIR, or OVERWRITE=1 to run every stage again")
+        raise UserError(
+            f"convert: {root} holds a conversion of {source}, not HF_MODEL={req.hf_model}: use another "
+            "WORK_DIR, or OVERWRITE=1 to run every stage again"
+        )
     if req.convert_dtype and run.get("dtype") != req.convert_dtype:
         return f"it is {run.get('dtype')}, CONVERT_DTYPE={req.convert_dtype}"
     return None
@@ -135,7 +137,7 @@ def converted(req: Request) -> Optional[str]:
 def extension_progress(req: Request) -> Optional[int]:
     """The iteration of the newest complete checkpoint in ``extended/`` (None: none)."""
     ckpt, _ = checkpoint_layout.newest_usable_checkpoint(req.output("extend"))
-    return None if ckpt is None else int(os.path.basename(ckpt)[len("iter_"):])
+    return None if ckpt is None else int(os.path.basename(ckpt)[len("iter_") :])
 
 
 def exported(req: Request) -> Optional[str]:
@@ -185,8 +187,9 @@ def plan(req: Request) -> List[Stage]:
 
     # ---------------------------------------------------------------- convert
     if req.convert_dtype and req.convert_dtype not in hf_config.DTYPES:
-        raise UserError(f"convert: unknown CONVERT_DTYPE {req.convert_dtype!r}; expected one of "
-                        f"{', '.join(hf_config.DTYPES)}")
+        raise UserError(
+            f"convert: unknown CONVERT_DTYPE {req.convert_dtype!r}; expected one of {', '.join(hf_config.DTYPES)}"
+        )
     try:
         hf, model, _, _ = check_source(req.hf_model, dtype=req.convert_dtype, log=lambda _: None)
         hf.close()
@@ -207,8 +210,13 @@ def plan(req: Request) -> List[Stage]:
     except CheckpointError as e:
         raise _problem("extend", e) from None
     if moved:
-        stages.append(Stage("extend", "replace", f"{out}: its checkpoints, of the earlier conversion, are moved "
-                                                 f"aside; {target} iterations"))
+        stages.append(
+            Stage(
+                "extend",
+                "replace",
+                f"{out}: its checkpoints, of the earlier conversion, are moved aside; {target} iterations",
+            )
+        )
     elif done is not None and done >= target:
         stages.append(Stage("extend", "skip", f"{out} is complete (iteration {done} of {target})"))
     elif done is not None:
@@ -244,8 +252,12 @@ def _writing(stage: str, out: str, why: Optional[str]) -> Stage:
 def _extension_config(req: Request, stored: Optional[dict], validate_save: bool) -> Config:
     """The extension's Config as its job will build it, validated at the job's world size. ``stored``: the
     model the conversion will store (None: read the converted checkpoint)."""
-    args = _parse(launch.make_parser("extend_context.py", ""), req.extend_args,
-                  "extend", "EXTEND_CONFIG, TRAIN_ARGS and the layout variables give them")
+    args = _parse(
+        launch.make_parser("extend_context.py", ""),
+        req.extend_args,
+        "extend",
+        "EXTEND_CONFIG, TRAIN_ARGS and the layout variables give them",
+    )
     try:
         cfg = extension.make_config(args, stored=stored, log=lambda _: None)
         checked = copy.deepcopy(cfg)
@@ -272,16 +284,29 @@ def _check_training_fits(req: Request, cfg: Config) -> None:
     world = req.nodes * req.nproc_per_node
     dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
     layout = planning.Layout(
-        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, cp=p.context_parallel_size, dp=dp,
-        vpp=p.virtual_pipeline_model_parallel_size, sequence_parallel=p.sequence_parallel,
-        recompute=p.recompute_granularity or "none", recompute_num_layers=p.recompute_num_layers or 1,
-        micro_batch_size=d.micro_batch_size, num_microbatches=d.global_batch_size // (d.micro_batch_size * dp),
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size,
+        dp=dp,
+        vpp=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        recompute=p.recompute_granularity or "none",
+        recompute_num_layers=p.recompute_num_layers or 1,
+        micro_batch_size=d.micro_batch_size,
+        num_microbatches=d.global_batch_size // (d.micro_batch_size * dp),
     )
     bf16 = cfg.training.bf16 if cfg.training.bf16 is not None else not req.cpu
     spec = "local" if req.cpu else ("te" if p.transformer_impl in ("te", "auto") else "local")
     shape = planning.ModelShape.from_llama(cfg.model)
-    need = planning.training_estimate(shape, d.seq_length, layout, bf16=bf16, spec=spec, cpu=req.cpu,
-                                      distributed_optimizer=cfg.optimizer.use_distributed_optimizer).total
+    need = planning.training_estimate(
+        shape,
+        d.seq_length,
+        layout,
+        bf16=bf16,
+        spec=spec,
+        cpu=req.cpu,
+        distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+    ).total
     if req.cpu:
         have = req.node_memory_gb * GiB / req.nproc_per_node
         where = f"a node's {req.node_memory_gb:.1f} GiB shared by {req.nproc_per_node} processes"
@@ -289,8 +314,10 @@ def _check_training_fits(req: Request, cfg: Config) -> None:
         have, where = req.gpu_memory_gb * GiB, f"GPU_MEMORY_GB={req.gpu_memory_gb:g}"
     if need <= planning.HEADROOM * have:
         return
-    line = (f"extend: a training step at --seq-length {d.seq_length} needs about {need / GiB:.1f} GiB per process "
-            f"at {layout.describe()} (the layout planner's estimate), {where} allow {have / GiB:.1f} GiB")
+    line = (
+        f"extend: a training step at --seq-length {d.seq_length} needs about {need / GiB:.1f} GiB per process "
+        f"at {layout.describe()} (the layout planner's estimate), {where} allow {have / GiB:.1f} GiB"
+    )
     if not req.cpu:
         hardware = layout_planner.Hardware(req.nodes, req.gpus_per_node, req.gpu_memory_gb)
         proposal = layout_planner.plan(shape, d.seq_length, hardware, micro_batch_size=d.micro_batch_size, bf16=bf16)
@@ -305,8 +332,9 @@ def _check_export(req: Request, cfg: Config, reference: dict) -> None:
     if req.rope_format not in ROPE_FORMATS:
         raise UserError(f"export: unknown ROPE_FORMAT {req.rope_format!r}; expected one of {', '.join(ROPE_FORMATS)}")
     if req.export_dtype and req.export_dtype not in hf_config.DTYPES:
-        raise UserError(f"export: unknown EXPORT_DTYPE {req.export_dtype!r}; expected one of "
-                        f"{', '.join(hf_config.DTYPES)}")
+        raise UserError(
+            f"export: unknown EXPORT_DTYPE {req.export_dtype!r}; expected one of {', '.join(hf_config.DTYPES)}"
+        )
     try:
         hf_config.export_config(cfg.model, hf_config.DTYPES[req.export_dtype or "float32"], req.rope_format, reference)
     except (ValueError, KeyError, ConversionError) as e:
@@ -334,12 +362,22 @@ def _check_eval(req: Request, model) -> argparse.Namespace:
     dtype_bytes = hf_config.DTYPES[args.dtype].itemsize if args.dtype != "auto" else 4 if req.cpu else 2
     longest = max(req.eval_lengths)
     try:
-        check_fits("the extended model", shape, longest, micro_batch_size=args.micro_batch_size,
-                   dtype_bytes=dtype_bytes, max_memory_gb=memory, hf=True)
+        check_fits(
+            "the extended model",
+            shape,
+            longest,
+            micro_batch_size=args.micro_batch_size,
+            dtype_bytes=dtype_bytes,
+            max_memory_gb=memory,
+            hf=True,
+        )
     except DoesNotFit as e:
-        fits = [L for L in sorted(req.eval_lengths)
-                if forward_bytes(shape, L, micro_batch_size=args.micro_batch_size, dtype_bytes=dtype_bytes,
-                                 padded=False) <= planning.HEADROOM * memory * GiB]
+        fits = [
+            L
+            for L in sorted(req.eval_lengths)
+            if forward_bytes(shape, L, micro_batch_size=args.micro_batch_size, dtype_bytes=dtype_bytes, padded=False)
+            <= planning.HEADROOM * memory * GiB
+        ]
         hint = f"EVAL_LENGTHS up to {fits[-1]} fit" if fits else "no length of EVAL_LENGTHS fits"
         more = "the eval job more memory (EVAL_SBATCH_ARGS=--mem=...)" if req.cpu else "GPUs with more memory"
         raise UserError(f"eval: {e.message}; {hint}, or give {more}") from None

@@ -96,8 +96,16 @@ class ModelShape:
 
     @classmethod
     def from_llama(cls, cfg) -> "ModelShape":
-        return cls(cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
-                   cfg.num_query_groups, cfg.vocab_size, cfg.tie_word_embeddings, cfg.make_vocab_size_divisible_by)
+        return cls(
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_query_groups,
+            cfg.vocab_size,
+            cfg.tie_word_embeddings,
+            cfg.make_vocab_size_divisible_by,
+        )
 
 
 @dataclasses.dataclass
@@ -167,8 +175,16 @@ def _stage_parameters(shape: ModelShape, layout: Layout) -> tuple:
     return layers + table, layers + table + shape.hidden_size  # a tied output layer keeps its own copy
 
 
-def training_estimate(shape: ModelShape, seq_length: int, layout: Layout, *, bf16: bool = True,
-                      spec: str = "te", cpu: bool = False, distributed_optimizer: bool = True) -> Estimate:
+def training_estimate(
+    shape: ModelShape,
+    seq_length: int,
+    layout: Layout,
+    *,
+    bf16: bool = True,
+    spec: str = "te",
+    cpu: bool = False,
+    distributed_optimizer: bool = True,
+) -> Estimate:
     """Peak bytes of the rank that needs most in a training step (see the module docstring)."""
     a = 2 if bf16 else 4
     first, last = _stage_parameters(shape, layout)
@@ -211,8 +227,18 @@ def training_estimate(shape: ModelShape, seq_length: int, layout: Layout, *, bf1
     return Estimate(max(first_stage, last_stage, key=lambda p: sum(p.values())))
 
 
-def forward_estimate(shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
-                     cp: int = 1, dtype_bytes: int = 4, padded: bool = True, generate: bool = False) -> Estimate:
+def forward_estimate(
+    shape: ModelShape,
+    length: int,
+    *,
+    micro_batch_size: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    dtype_bytes: int = 4,
+    padded: bool = True,
+    generate: bool = False,
+) -> Estimate:
     """Peak bytes of one rank running a forward pass at ``length`` (evaluation; see the module docstring).
     ``padded``: the logits have padding columns (a Megatron checkpoint whose vocabulary is not a multiple
     of the padding). ``generate``: decoding up to ``length`` tokens also holds every layer's key/value

@@ -23,12 +23,24 @@ PROG = "build_corpus.py"
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", required=True, help="writes train.jsonl, valid.jsonl, manifest.json")
-    p.add_argument("--max-train-bytes", type=int, default=DEFAULT_MAX_TRAIN_BYTES,
-                   help="train text budget in bytes (0: the whole library)")
-    p.add_argument("--max-valid-bytes", type=int, default=DEFAULT_MAX_VALID_BYTES,
-                   help="validation text budget in bytes (0: the whole library)")
-    p.add_argument("--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION,
-                   help="share of files (by path hash) held out for validation")
+    p.add_argument(
+        "--max-train-bytes",
+        type=int,
+        default=DEFAULT_MAX_TRAIN_BYTES,
+        help="train text budget in bytes (0: the whole library)",
+    )
+    p.add_argument(
+        "--max-valid-bytes",
+        type=int,
+        default=DEFAULT_MAX_VALID_BYTES,
+        help="validation text budget in bytes (0: the whole library)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=DEFAULT_VALID_FRACTION,
+        help="share of files (by path hash) held out for validation",
+    )
     p.add_argument("--min-bytes", type=int, default=DEFAULT_MIN_BYTES, help="skip smaller files")
     return p
 
@@ -43,9 +55,11 @@ def main(argv=None) -> int:
             max_valid_bytes=args.max_valid_bytes or None,
             min_bytes=args.min_bytes,
         )
-    print(f"{m.train.path}: {m.train.documents} files, {m.train.num_bytes / 1e6:.2f} MB; "
-          f"{m.valid.path}: {m.valid.documents} files, {m.valid.num_bytes / 1e6:.2f} MB (Python "
-          f"{m.python_version}, {m.stdlib_root})")
+    print(
+        f"{m.train.path}: {m.train.documents} files, {m.train.num_bytes / 1e6:.2f} MB; "
+        f"{m.valid.path}: {m.valid.documents} files, {m.valid.num_bytes / 1e6:.2f} MB (Python "
+        f"{m.python_version}, {m.stdlib_root})"
+    )
     return 0
 
 

@@ -36,8 +36,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0: CPU mode")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GiB per GPU (GPU mode; default 80)")
     p.add_argument("--node-memory-gb", type=float, default=None, help="GiB of a node (CPU mode's memory)")
-    p.add_argument("--eval-memory-gb", type=float, default=None, help="GiB of the eval job (CPU mode; default "
-                                                                        "--node-memory-gb)")
+    p.add_argument(
+        "--eval-memory-gb", type=float, default=None, help="GiB of the eval job (CPU mode; default --node-memory-gb)"
+    )
     p.add_argument("--eval-lengths", required=True, help="evaluation lengths, comma-separated")
     p.add_argument("--eval-model", action="append", default=None, help="a model name in the report (repeat)")
     p.add_argument("--eval-data", default=None, help="the evaluation's --data")

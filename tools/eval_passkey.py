@@ -29,8 +29,11 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--lengths", required=True, help="prompt lengths in tokens, comma-separated")
     g.add_argument("--trials", type=int, required=True, help="trials per length and depth")
-    g.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
-                   help="key depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    g.add_argument(
+        "--depths",
+        default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
+        help="key depths in [0, 1] (default 0,0.25,0.5,0.75,1)",
+    )
     g.add_argument("--seed", type=int, default=0, help="key draws (default 0)")
     g.add_argument("--add-bos", action="store_true", help="start every prompt with the tokenizer's BOS")
     g.add_argument("--out", required=True, help="directory for report.json, report.md, passkey.png")

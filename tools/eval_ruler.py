@@ -37,25 +37,40 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--lengths", required=True, help="prompt lengths in the model's tokens, comma-separated")
     g.add_argument("--samples", type=int, required=True, help="samples per task and length")
     g.add_argument("--tasks", default=None, help="comma-separated RULER task names (default: all)")
-    g.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
-                   help="needle depths in [0, 1] for the needle tasks (default 0,0.25,0.5,0.75,1)")
+    g.add_argument(
+        "--depths",
+        default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS),
+        help="needle depths in [0, 1] for the needle tasks (default 0,0.25,0.5,0.75,1)",
+    )
     g.add_argument("--seed", type=int, default=0, help="sample draws and perplexity document order (default 0)")
-    g.add_argument("--haystack", default=None,
-                   help="text for the essay haystacks: JSONL with {\"text\": ...} per line, or a plain text "
-                        "file (default: the embedded corpus)")
-    g.add_argument("--chat-template", action="store_true",
-                   help="wrap prompts in the tokenizer's chat template (instruction-tuned models; default: "
-                        "base-model prompts)")
+    g.add_argument(
+        "--haystack",
+        default=None,
+        help='text for the essay haystacks: JSONL with {"text": ...} per line, or a plain text '
+        "file (default: the embedded corpus)",
+    )
+    g.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap prompts in the tokenizer's chat template (instruction-tuned models; default: base-model prompts)",
+    )
     g.add_argument("--add-bos", action="store_true", help="start every prompt with the tokenizer's BOS")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap the answer length (default: each task's RULER budget)")
-    g.add_argument("--perplexity-data", default=None,
-                   help="data for the perplexity at each model's original length (as eval_perplexity.py's "
-                        "--data; default: held-out standard-library files)")
-    g.add_argument("--perplexity-documents", type=int, default=16,
-                   help="documents for that perplexity (default 16; 0 leaves it out)")
-    g.add_argument("--out", required=True,
-                   help="directory for report.json, report.md, needle.png, predictions.jsonl")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=None, help="cap the answer length (default: each task's RULER budget)"
+    )
+    g.add_argument(
+        "--perplexity-data",
+        default=None,
+        help="data for the perplexity at each model's original length (as eval_perplexity.py's "
+        "--data; default: held-out standard-library files)",
+    )
+    g.add_argument(
+        "--perplexity-documents",
+        type=int,
+        default=16,
+        help="documents for that perplexity (default 16; 0 leaves it out)",
+    )
+    g.add_argument("--out", required=True, help="directory for report.json, report.md, needle.png, predictions.jsonl")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -74,8 +74,23 @@ MEGATRON_CORE = "0.16.1"
 #: the PosGen slice: the paper preset's shape and batch on one task and seed, 3 of its 150 epochs, bf16,
 #: validated every epoch (the rate is read between validations); 2 workers train the two cells (rope,
 #: resonance) side by side on the GPU
-POSGEN_SLICE = ["--preset", "paper", "--tasks", "recursive", "--seeds", "1", "--epochs", "3", "--bf16",
-                "--workers", "2", "--set", "validation_interval=1", "validation_sequences=100", "test_sequences=100"]
+POSGEN_SLICE = [
+    "--preset",
+    "paper",
+    "--tasks",
+    "recursive",
+    "--seeds",
+    "1",
+    "--epochs",
+    "3",
+    "--bf16",
+    "--workers",
+    "2",
+    "--set",
+    "validation_interval=1",
+    "validation_sequences=100",
+    "test_sequences=100",
+]
 
 
 @dataclasses.dataclass
@@ -98,8 +113,9 @@ class Step:
 
 def tier_modules() -> List[str]:
     """The test modules of the gpu tier (collecting only them saves collecting the whole suite)."""
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
-                  if "pytest.mark.gpu" in p.read_text())
+    return sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if "pytest.mark.gpu" in p.read_text()
+    )
 
 
 def parallel_tier() -> List[str]:
@@ -128,11 +144,21 @@ def describe_machine() -> dict:
     info["cuda"] = torch.version.cuda
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu_count=torch.cuda.device_count(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    compute_capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+        )
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip() or None
+            info["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     info["transformers"] = version("transformers")
@@ -188,9 +214,13 @@ def benchmark_results(raw: dict) -> dict:
     """``benchmarks/run.py``'s gpu keys: the default spec's by length and variant (``by_length``), and every
     measured spec's (``by_spec``: spec -> length -> the same, or ``{"error": ...}`` for a spec that failed;
     a run before ``gpu_by_spec`` existed gives its one spec)."""
-    out = {"spec": raw.get("gpu_spec"), "shape": raw.get("gpu_shape"),
-           "peak_tflops_datasheet": raw.get("gpu_peak_tflops_datasheet"),
-           "matmul_tflops_measured": raw.get("gpu_matmul_tflops_measured"), "by_length": {}}
+    out = {
+        "spec": raw.get("gpu_spec"),
+        "shape": raw.get("gpu_shape"),
+        "peak_tflops_datasheet": raw.get("gpu_peak_tflops_datasheet"),
+        "matmul_tflops_measured": raw.get("gpu_matmul_tflops_measured"),
+        "by_length": {},
+    }
     for key in sorted(raw, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]):
         match = re.fullmatch(r"gpu_(\d+k)_(rope|resonance_yarn)", key)
         if match:
@@ -230,9 +260,13 @@ def posgen_projection(cells: List[dict], cells_at_once: int, full_cells: int, fu
         "cells_at_once": cells_at_once,
         "first_steps_overhead_s": statistics.median(warmups),
         "train_seconds_by_cell": {f"{c['task']}/{c['seed']}/{c['trained_as']}": c["train"]["seconds"] for c in cells},
-        "full_run": {"cells": full_cells, "steps_per_cell": full_steps_per_cell, "projected_hours": seconds / 3600,
-                     "assumes": f"{cells_at_once} cell(s) at once at the slice's per-cell rate; training and "
-                                "validation steps only (no start-up or test)"},
+        "full_run": {
+            "cells": full_cells,
+            "steps_per_cell": full_steps_per_cell,
+            "projected_hours": seconds / 3600,
+            "assumes": f"{cells_at_once} cell(s) at once at the slice's per-cell rate; training and "
+            "validation steps only (no start-up or test)",
+        },
     }
 
 
@@ -256,21 +290,79 @@ class Check:
     def plan(self) -> List[Step]:
         py, w = self.python, self.work
         return [
-            Step("install", "environment", gpu_wheels.install_command(py, gpu_wheels.BUNDLE, self.manifest,
-                                                                       w / "site"), 60, min_s=10),
-            Step("environment", "environment", [py, "tools/gpu_check.py", "--describe-machine"], 60,
-                 "tools/gpu_check.py", min_s=10),
-            Step("tests", "tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o",
-                                    "junit_family=xunit1", "--junitxml", str(w / "gpu_tests.xml"), *parallel_tier(),
-                                    *tier_modules()],
-                 180, collect=lambda: junit_results(w / "gpu_tests.xml")),
-            Step("benchmark", "benchmark", [py, "benchmarks/run.py", "--skip", "precision,convert", "--out",
-                                            str(w / "benchmark.json"), "--workdir", str(w / "bench_work")], 240,
-                 "benchmarks/run.py", min_s=60, collect=self.collect_benchmark),
-            Step("demo", "demo", [py, "tools/run_demo.py", "--out", str(w / "demo"), "--nproc", "1"], 210,
-                 "tools/run_demo.py", min_s=120, collect=self.collect_demo),
-            Step("posgen", "posgen", [py, "tools/posgen_benchmark.py", *POSGEN_SLICE, "--out", str(w / "posgen")],
-                 120, "tools/posgen_benchmark.py", min_s=60, collect=self.collect_posgen),
+            Step(
+                "install",
+                "environment",
+                gpu_wheels.install_command(py, gpu_wheels.BUNDLE, self.manifest, w / "site"),
+                60,
+                min_s=10,
+            ),
+            Step(
+                "environment",
+                "environment",
+                [py, "tools/gpu_check.py", "--describe-machine"],
+                60,
+                "tools/gpu_check.py",
+                min_s=10,
+            ),
+            Step(
+                "tests",
+                "tests",
+                [
+                    py,
+                    "-m",
+                    "pytest",
+                    "-m",
+                    "gpu",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-o",
+                    "junit_family=xunit1",
+                    "--junitxml",
+                    str(w / "gpu_tests.xml"),
+                    *parallel_tier(),
+                    *tier_modules(),
+                ],
+                180,
+                collect=lambda: junit_results(w / "gpu_tests.xml"),
+            ),
+            Step(
+                "benchmark",
+                "benchmark",
+                [
+                    py,
+                    "benchmarks/run.py",
+                    "--skip",
+                    "precision,convert",
+                    "--out",
+                    str(w / "benchmark.json"),
+                    "--workdir",
+                    str(w / "bench_work"),
+                ],
+                240,
+                "benchmarks/run.py",
+                min_s=60,
+                collect=self.collect_benchmark,
+            ),
+            Step(
+                "demo",
+                "demo",
+                [py, "tools/run_demo.py", "--out", str(w / "demo"), "--nproc", "1"],
+                210,
+                "tools/run_demo.py",
+                min_s=120,
+                collect=self.collect_demo,
+            ),
+            Step(
+                "posgen",
+                "posgen",
+                [py, "tools/posgen_benchmark.py", *POSGEN_SLICE, "--out", str(w / "posgen")],
+                120,
+                "tools/posgen_benchmark.py",
+                min_s=60,
+                collect=self.collect_posgen,
+            ),
         ]
 
     def check_plan(self) -> List[str]:
@@ -311,8 +403,9 @@ class Check:
         with open(log_path, "w") as log:
             log.write(f"$ {step.shell()}\n")
             log.flush()
-            proc = subprocess.Popen(step.command, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                step.command, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -328,16 +421,22 @@ class Check:
             result["status"] = "ok"
         if result["status"] == "failed":
             result["log_tail"] = _tail(log_path, 25)
-        print(f"[gpu-check] {step.name}: {result['status']} in {seconds:.0f} s"
-              + (f" ({result['reason']})" if "reason" in result else ""), flush=True)
+        print(
+            f"[gpu-check] {step.name}: {result['status']} in {seconds:.0f} s"
+            + (f" ({result['reason']})" if "reason" in result else ""),
+            flush=True,
+        )
         if result["status"] == "failed":
             print("\n".join("    " + line for line in result["log_tail"]), flush=True)
         return result
 
     def run_step(self, step: Step) -> dict:
         if self.left() < step.min_s:
-            return {"status": "not run", "reason": f"out of time ({max(self.left(), 0):.0f} s left of the "
-                                                   f"{self.budget_s} s budget, {step.min_s} s needed)"}
+            return {
+                "status": "not run",
+                "reason": f"out of time ({max(self.left(), 0):.0f} s left of the "
+                f"{self.budget_s} s budget, {step.min_s} s needed)",
+            }
         result = self.execute(step)
         if step.collect is not None:
             try:
@@ -350,8 +449,14 @@ class Check:
     def environment(self) -> dict:
         install, describe = self.steps[0], self.steps[1]
         section = {"status": "ok", "seconds": 0.0}
-        found = subprocess.run([self.python, "-c", "import megatron.core as m; print(m.__version__)"],
-                               cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=60)
+        found = subprocess.run(
+            [self.python, "-c", "import megatron.core as m; print(m.__version__)"],
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         version = found.stdout.strip() if found.returncode == 0 else None
         if version == MEGATRON_CORE:
             section["install"] = {"status": "not needed", "detail": f"megatron-core {version} already imports"}
@@ -362,10 +467,13 @@ class Check:
             except gpu_wheels.BundleError as e:
                 bundle, detail = "failed", str(e)
             if bundle != "ok":
-                section.update(status="failed", install={"status": "failed", "bundle": bundle, "detail": detail},
-                               reason=f"megatron-core {MEGATRON_CORE} is not installed ({version or 'none'}) and "
-                                      f"the wheel bundle is {bundle}: {detail}. Run make gpu-wheels where PyPI "
-                                      "is reachable, or pip install -e '.[hf,test]'")
+                section.update(
+                    status="failed",
+                    install={"status": "failed", "bundle": bundle, "detail": detail},
+                    reason=f"megatron-core {MEGATRON_CORE} is not installed ({version or 'none'}) and "
+                    f"the wheel bundle is {bundle}: {detail}. Run make gpu-wheels where PyPI "
+                    "is reachable, or pip install -e '.[hf,test]'",
+                )
                 return section
             result = self.execute(install)
             section["install"] = {"bundle": detail, **result}
@@ -384,8 +492,10 @@ class Check:
         printed = _tail(self.out / "logs" / "environment.log", 50)
         section["machine"] = json.loads(next(line for line in reversed(printed) if line.startswith("{")))
         if not section["machine"]["cuda_available"]:
-            section.update(status="failed", reason="no CUDA device here (make gpu-check DRY_RUN=1 checks the plan "
-                                                   "on a machine without one)")
+            section.update(
+                status="failed",
+                reason="no CUDA device here (make gpu-check DRY_RUN=1 checks the plan on a machine without one)",
+            )
             print(f"[gpu-check] environment: {section['reason']}", flush=True)
         return section
 
@@ -404,9 +514,12 @@ class Check:
         paper, out = PRESETS["paper"], self.work / "posgen"
         report = json.loads((out / "report.json").read_text())
         cells = [json.loads(path.read_text()) for path in sorted(out.glob("cells/*/*/*.json"))]
-        return {"slice": " ".join(POSGEN_SLICE), "wall_seconds": report["last_run"]["wall_seconds"],
-                "note": "a timed slice of the paper preset, not its full run (which does not fit the budget)",
-                **posgen_projection(cells, report["last_run"]["processes"], len(paper.cells()), paper.train_iters())}
+        return {
+            "slice": " ".join(POSGEN_SLICE),
+            "wall_seconds": report["last_run"]["wall_seconds"],
+            "note": "a timed slice of the paper preset, not its full run (which does not fit the budget)",
+            **posgen_projection(cells, report["last_run"]["processes"], len(paper.cells()), paper.train_iters()),
+        }
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> int:
@@ -456,24 +569,31 @@ class Check:
     def finish(self) -> int:
         path = self.write()
         failed = [s for s in SECTIONS if self.sections[s]["status"] == "failed"]
-        print(f"[gpu-check] {'failed: ' + ', '.join(failed) if failed else 'ok'}; "
-              f"{time.monotonic() - self.start:.0f} s; results in {path}", flush=True)
+        print(
+            f"[gpu-check] {'failed: ' + ', '.join(failed) if failed else 'ok'}; "
+            f"{time.monotonic() - self.start:.0f} s; results in {path}",
+            flush=True,
+        )
         return 1 if failed else 0
 
     def results(self) -> dict:
         failed = any(self.sections[s]["status"] == "failed" for s in SECTIONS)
-        return _finite({
-            "format": 1,
-            "dry_run": self.dry_run,
-            "status": "failed" if failed else "ok",
-            "started": self.started,
-            "wall_seconds": round(time.monotonic() - self.start, 1),
-            "budget_seconds": self.budget_s,
-            "work_directory": str(self.work),
-            "plan": [{"step": s.name, "section": s.section, "timeout_s": s.timeout_s, "command": s.shell()}
-                     for s in self.steps],
-            "sections": self.sections,
-        })
+        return _finite(
+            {
+                "format": 1,
+                "dry_run": self.dry_run,
+                "status": "failed" if failed else "ok",
+                "started": self.started,
+                "wall_seconds": round(time.monotonic() - self.start, 1),
+                "budget_seconds": self.budget_s,
+                "work_directory": str(self.work),
+                "plan": [
+                    {"step": s.name, "section": s.section, "timeout_s": s.timeout_s, "command": s.shell()}
+                    for s in self.steps
+                ],
+                "sections": self.sections,
+            }
+        )
 
     def write(self) -> Path:
         results = self.results()
@@ -484,7 +604,7 @@ class Check:
 
 def _posgen_settings_problems() -> List[str]:
     """The slice's ``--set`` fields, checked against the PosGen presets (a field renamed there shows here)."""
-    fields = POSGEN_SLICE[POSGEN_SLICE.index("--set") + 1:]
+    fields = POSGEN_SLICE[POSGEN_SLICE.index("--set") + 1 :]
     try:
         from megatron_resonance.posgen.presets import PRESETS, with_settings
 
@@ -525,20 +645,33 @@ def _summary(name: str, s: dict) -> str:
         m = s.get("machine")
         if not m:
             return f"bundle {s.get('bundle')}"
-        return (f"{m['hardware']}, CUDA {m['cuda']}, torch {m['torch']}, megatron-core {m['megatron_core']} "
-                f"({s['install']['status'] if 'install' in s else ''}), layer spec {m['layer_spec']}")
+        return (
+            f"{m['hardware']}, CUDA {m['cuda']}, torch {m['torch']}, megatron-core {m['megatron_core']} "
+            f"({s['install']['status'] if 'install' in s else ''}), layer spec {m['layer_spec']}"
+        )
     if name == "tests":
-        return (f"{s['passed']} passed, {s['failed']} failed, {s['error']} errors, {s['skipped']} skipped; "
-                f"layer spec {s['layer_spec']}")
+        return (
+            f"{s['passed']} passed, {s['failed']} failed, {s['error']} errors, {s['skipped']} skipped; "
+            f"layer spec {s['layer_spec']}"
+        )
     if name == "benchmark":
-        return "; ".join(f"{spec} {length}: " + (f"rope {v['rope']['tokens_per_s']:,.0f} tok/s, MFU "
-                                                 f"{100 * (v['rope']['mfu'] or 0):.1f} %" if "rope" in v else "failed")
-                         for spec, lengths in s["by_spec"].items() for length, v in lengths.items())
+        return "; ".join(
+            f"{spec} {length}: "
+            + (
+                f"rope {v['rope']['tokens_per_s']:,.0f} tok/s, MFU {100 * (v['rope']['mfu'] or 0):.1f} %"
+                if "rope" in v
+                else "failed"
+            )
+            for spec, lengths in s["by_spec"].items()
+            for length, v in lengths.items()
+        )
     if name == "demo":
         return "perplexity at 512: " + ", ".join(f"{k} {v['512']:.1f}" for k, v in (s["perplexity"] or {}).items())
     if name == "posgen":
-        return (f"{s['steps_per_s_per_cell']:.1f} steps/s per cell ({s['cells_at_once']} at once); full paper "
-                f"preset ~{s['full_run']['projected_hours']:.1f} h")
+        return (
+            f"{s['steps_per_s_per_cell']:.1f} steps/s per cell ({s['cells_at_once']} at once); full paper "
+            f"preset ~{s['full_run']['projected_hours']:.1f} h"
+        )
     return ""
 
 
@@ -562,15 +695,22 @@ def markdown(r: dict) -> str:
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in machine.items()]
     if s["tests"].get("cases"):
         lines += ["", "## Tests", "", "| test | outcome | seconds | message |", "|---|---|---|---|"]
-        lines += [f"| `{c['test']}` | {c['outcome']} | {c['seconds']:.1f} | {c['message'].replace('|', '/')} |"
-                  for c in s["tests"]["cases"]]
+        lines += [
+            f"| `{c['test']}` | {c['outcome']} | {c['seconds']:.1f} | {c['message'].replace('|', '/')} |"
+            for c in s["tests"]["cases"]
+        ]
     if s["benchmark"]["status"] == "ok":
         b = s["benchmark"]
-        lines += ["", "## Benchmark", "",
-                  f"Layer spec {b['spec']}; shape {b['shape']}; measured bf16 matmul "
-                  f"{b['matmul_tflops_measured']:.0f} TFLOP/s (datasheet {b['peak_tflops_datasheet']}).", "",
-                  "| spec | length | variant | tokens/s | TFLOP/s | MFU | overhead ratio | peak memory, both models "
-                  "(GiB) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Benchmark",
+            "",
+            f"Layer spec {b['spec']}; shape {b['shape']}; measured bf16 matmul "
+            f"{b['matmul_tflops_measured']:.0f} TFLOP/s (datasheet {b['peak_tflops_datasheet']}).",
+            "",
+            "| spec | length | variant | tokens/s | TFLOP/s | MFU | overhead ratio | peak memory, both models (GiB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for spec, lengths in b["by_spec"].items():
             for length, v in lengths.items():
                 if "error" in v:
@@ -578,9 +718,11 @@ def markdown(r: dict) -> str:
                 for kind in ("rope", "resonance_yarn"):
                     if kind in v:
                         mfu = v[kind]["mfu"]
-                        lines.append(f"| {spec} | {length} | {kind} | {v[kind]['tokens_per_s']:,.0f} | "
-                                     f"{v[kind]['tflops']:.0f} | {'–' if mfu is None else f'{100 * mfu:.1f} %'} | "
-                                     f"{v['resonance_overhead_ratio']:.3f} | {v['peak_memory_gib_two_models']:.1f} |")
+                        lines.append(
+                            f"| {spec} | {length} | {kind} | {v[kind]['tokens_per_s']:,.0f} | "
+                            f"{v[kind]['tflops']:.0f} | {'–' if mfu is None else f'{100 * mfu:.1f} %'} | "
+                            f"{v['resonance_overhead_ratio']:.3f} | {v['peak_memory_gib_two_models']:.1f} |"
+                        )
     if s["demo"]["status"] == "ok":
         d = s["demo"]
         lengths = [str(n) for n in d["lengths"]]
@@ -589,12 +731,18 @@ def markdown(r: dict) -> str:
         lines += ["", "Stage seconds: " + ", ".join(f"{k} {v}" for k, v in (d["stage_seconds"] or {}).items())]
     if s["posgen"]["status"] == "ok":
         p = s["posgen"]
-        lines += ["", "## PosGen", "", f"{p['note']}: `{p['slice']}`.", "",
-                  f"- {p['steps_per_cell']} steps per cell, {p['steps_per_s_per_cell']:.2f} steps/s per cell with "
-                  f"{p['cells_at_once']} at once (after {p['first_steps_overhead_s']:.0f} s of start-up in each "
-                  f"cell); slice wall time {p['wall_seconds']:.0f} s",
-                  f"- full preset: {p['full_run']['cells']} cells x {p['full_run']['steps_per_cell']:,} steps, "
-                  f"projected {p['full_run']['projected_hours']:.1f} h ({p['full_run']['assumes']})"]
+        lines += [
+            "",
+            "## PosGen",
+            "",
+            f"{p['note']}: `{p['slice']}`.",
+            "",
+            f"- {p['steps_per_cell']} steps per cell, {p['steps_per_s_per_cell']:.2f} steps/s per cell with "
+            f"{p['cells_at_once']} at once (after {p['first_steps_overhead_s']:.0f} s of start-up in each "
+            f"cell); slice wall time {p['wall_seconds']:.0f} s",
+            f"- full preset: {p['full_run']['cells']} cells x {p['full_run']['steps_per_cell']:,} steps, "
+            f"projected {p['full_run']['projected_hours']:.1f} h ({p['full_run']['assumes']})",
+        ]
     lines += ["", "## Plan", "", "| step | timeout (s) | command |", "|---|---|---|"]
     lines += [f"| {p['step']} | {p['timeout_s']} | `{p['command']}` |" for p in r["plan"]]
     return "\n".join(lines) + "\n"

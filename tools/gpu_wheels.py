@@ -100,8 +100,11 @@ def project_requirements(setup_py: Path = REPO / "setup.py") -> List[str]:
     tree = ast.parse(Path(setup_py).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
-            keywords = {k.arg: ast.literal_eval(k.value) for k in node.keywords
-                        if k.arg in ("install_requires", "extras_require")}
+            keywords = {
+                k.arg: ast.literal_eval(k.value)
+                for k in node.keywords
+                if k.arg in ("install_requires", "extras_require")
+            }
             requirements = list(keywords.get("install_requires", []))
             for extra in EXTRAS:
                 requirements += keywords.get("extras_require", {}).get(extra, [])
@@ -134,8 +137,10 @@ def check_bundle(directory: Path, manifest: dict) -> Tuple[str, str]:
     for wheel in manifest["wheels"]:
         path = directory / wheel["file"]
         if path.stat().st_size != wheel["bytes"] or sha256(path) != wheel["sha256"]:
-            raise BundleError(f"bundle {directory}: {wheel['file']} does not match its sha256 in the manifest "
-                              "(a corrupt or different file; delete it and run make gpu-wheels)")
+            raise BundleError(
+                f"bundle {directory}: {wheel['file']} does not match its sha256 in the manifest "
+                "(a corrupt or different file; delete it and run make gpu-wheels)"
+            )
     total = sum(w["bytes"] for w in manifest["wheels"])
     return "ok", f"{len(manifest['wheels'])} wheel(s), {total / 2**20:.1f} MiB, sha256 as in the manifest"
 
@@ -146,8 +151,21 @@ def bundle_files(directory: Path, manifest: dict) -> List[Path]:
 
 def install_command(python: str, directory: Path, manifest: dict, target: Path) -> List[str]:
     """The offline install of the bundle into ``target`` (put on PYTHONPATH afterwards)."""
-    return [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-            "--upgrade", "--target", str(target), *map(str, bundle_files(directory, manifest))]
+    return [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(target),
+        *map(str, bundle_files(directory, manifest)),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -156,8 +174,22 @@ def install_command(python: str, directory: Path, manifest: dict, target: Path) 
 def _pip_download(requirement: str, manifest: dict, dest: Path) -> Path:
     """Download one wheel (no dependencies) for the manifest's Python and platforms into ``dest``."""
     before = set(os.listdir(dest))
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", manifest["python"], "--implementation", "cp", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        manifest["python"],
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     for platform in manifest["platforms"]:
         cmd[-1:-1] = ["--platform", platform]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -181,8 +213,10 @@ def fetch(directory: Path, manifest: dict) -> None:
                 continue
             got = _pip_download(f"{wheel['name']}=={wheel['version']}", manifest, Path(tmp))
             if got.name != wheel["file"] or sha256(got) != wheel["sha256"]:
-                raise BundleError(f"{got.name}: not the manifest's {wheel['file']} (sha256 differs); if the "
-                                  "index changed on purpose, run tools/gpu_wheels.py lock")
+                raise BundleError(
+                    f"{got.name}: not the manifest's {wheel['file']} (sha256 differs); if the "
+                    "index changed on purpose, run tools/gpu_wheels.py lock"
+                )
             os.replace(got, path)
             print(f"{wheel['file']}: downloaded, {wheel['bytes'] / 2**20:.1f} MiB, sha256 ok")
 
@@ -191,9 +225,17 @@ def _wheel_requires(path: Path, python: str) -> List[str]:
     """The wheel's ``Requires-Dist`` that apply on Linux x86_64 with CPython ``python`` and no extra."""
     from packaging.markers import Marker
 
-    environment = {"python_version": python, "python_full_version": python + ".0", "sys_platform": "linux",
-                   "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-                   "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    environment = {
+        "python_version": python,
+        "python_full_version": python + ".0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
     with zipfile.ZipFile(path) as z:
         metadata = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         lines = z.read(metadata).decode().splitlines()
@@ -223,8 +265,14 @@ def lock(directory: Path, manifest_path: Path = MANIFEST) -> dict:
             path = _pip_download(requirement, manifest, Path(tmp))
             _, version = path.name.split("-")[:2]
             requires = _wheel_requires(path, manifest["python"])
-            wheels[name] = {"file": path.name, "name": name, "version": version, "sha256": sha256(path),
-                            "bytes": path.stat().st_size, "requires": requires}
+            wheels[name] = {
+                "file": path.name,
+                "name": name,
+                "version": version,
+                "sha256": sha256(path),
+                "bytes": path.stat().st_size,
+                "requires": requires,
+            }
             os.replace(path, directory / path.name)
             todo += requires
             print(f"{path.name}: {wheels[name]['bytes'] / 2**20:.1f} MiB, needs {', '.join(requires) or 'nothing'}")
@@ -241,8 +289,10 @@ def verify(directory: Path, manifest_path: Path = MANIFEST) -> Tuple[str, str]:
     manifest = load_manifest(manifest_path)
     missing = uncovered(manifest, project_requirements())
     if missing:
-        raise BundleError(f"manifest {manifest_path}: nothing provides {', '.join(missing)} on the GPU machine "
-                          "(tools/gpu_wheels.py lock)")
+        raise BundleError(
+            f"manifest {manifest_path}: nothing provides {', '.join(missing)} on the GPU machine "
+            "(tools/gpu_wheels.py lock)"
+        )
     return check_bundle(directory, manifest)
 
 

@@ -43,8 +43,11 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--load", metavar="MEGATRON_DIR", help="Megatron checkpoint (root or iter_* directory)")
     g.add_argument("--hf", metavar="HF_DIR", help="Hugging Face model directory (its config.json)")
     g.add_argument("--model", choices=sorted(MODELS), help="a built-in shape")
-    g.add_argument("--config", help="YAML preset: the model shape when no other is given; length and batch "
-                                    "sizes not given as flags; CONFIG= of the sbatch line")
+    g.add_argument(
+        "--config",
+        help="YAML preset: the model shape when no other is given; length and batch "
+        "sizes not given as flags; CONFIG= of the sbatch line",
+    )
     t = p.add_argument_group("target")
     t.add_argument("--seq-length", type=int, help="target sequence length (default: --config's)")
     t.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -52,8 +55,12 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GiB of memory per GPU (default 80)")
     t.add_argument("--global-batch-size", type=int, help="sequences per step (default: --config's, else one per GPU)")
     t.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default: --config's, else 1)")
-    t.add_argument("--transformer-impl", choices=("te", "local"), default="te",
-                   help="layer spec whose activations to count (default te: Transformer Engine)")
+    t.add_argument(
+        "--transformer-impl",
+        choices=("te", "local"),
+        default="te",
+        help="layer spec whose activations to count (default te: Transformer Engine)",
+    )
     t.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -83,10 +90,12 @@ def model_shape(args) -> tuple:
         return resolve(spec).shape, args.load or args.hf
     model = (_config_data(args.config).get("model") or {}) if args.config else {}
     if not model.get("num_layers") or not model.get("hidden_size"):
-        where = f"--config {args.config} sets no model shape (model.num_layers, model.hidden_size); " \
-            if args.config else ""
-        raise UserError(f"{where}no model: give --load MEGATRON_DIR, --hf HF_DIR or --model "
-                        f"({', '.join(sorted(MODELS))})")
+        where = (
+            f"--config {args.config} sets no model shape (model.num_layers, model.hidden_size); " if args.config else ""
+        )
+        raise UserError(
+            f"{where}no model: give --load MEGATRON_DIR, --hf HF_DIR or --model ({', '.join(sorted(MODELS))})"
+        )
     from megatron_resonance.training.config import from_dict
 
     cfg = from_dict(_config_data(args.config), where=args.config)
@@ -96,6 +105,7 @@ def model_shape(args) -> tuple:
 def make_plan(args) -> tuple:
     shape, source = model_shape(args)
     data = _config_data(args.config).get("data") or {}
+
     def pick(flag, key, default=None):
         return flag if flag is not None else data.get(key, default)
 
@@ -104,8 +114,13 @@ def make_plan(args) -> tuple:
     gbs = pick(args.global_batch_size, "global_batch_size")
     if seq is None:
         raise UserError("no target length: give --seq-length")
-    for flag, value in (("--seq-length", seq), ("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
-                        ("--micro-batch-size", mbs), ("--global-batch-size", gbs)):
+    for flag, value in (
+        ("--seq-length", seq),
+        ("--nodes", args.nodes),
+        ("--gpus-per-node", args.gpus_per_node),
+        ("--micro-batch-size", mbs),
+        ("--global-batch-size", gbs),
+    ):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{flag} must be an integer >= 1, got {value}")
     if not args.gpu_memory_gb > 0:
@@ -113,12 +128,16 @@ def make_plan(args) -> tuple:
     if gbs is not None and gbs % mbs:
         raise UserError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {mbs}")
     hardware = layout_planner.Hardware(args.nodes, args.gpus_per_node, args.gpu_memory_gb)
-    result = layout_planner.plan(shape, seq, hardware, micro_batch_size=mbs, global_batch_size=gbs,
-                                 spec=args.transformer_impl)
+    result = layout_planner.plan(
+        shape, seq, hardware, micro_batch_size=mbs, global_batch_size=gbs, spec=args.transformer_impl
+    )
     if result.chosen is None:
         raise UserError(layout_planner.no_fit_message(result))
-    script = "slurm/pretrain.sbatch" if args.config and not (args.load or args.hf or args.model) \
+    script = (
+        "slurm/pretrain.sbatch"
+        if args.config and not (args.load or args.hf or args.model)
         else "slurm/extend_context.sbatch"
+    )
     load = args.load or ("CKPT" if args.hf or args.model else None)  # --hf: convert first (docs/conversion.md)
     return result, layout_planner.sbatch_line(result, script=script, config=args.config, load=load), source
 

@@ -40,22 +40,45 @@ quiet_library_warnings()
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--preset", required=True, choices=tuple(PRESETS),
-                   help="paper (GPU), small (CPU hour), demo (make demo), smoke (tests)")
+    p.add_argument(
+        "--preset",
+        required=True,
+        choices=tuple(PRESETS),
+        help="paper (GPU), small (CPU hour), demo (make demo), smoke (tests)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; reruns resume)")
-    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="clean",
-                   help="clean (disjoint prefixes, Hugging Face YaRN; default) or reference (the paper's reference "
-                        "code's data rows, test-time YaRN and metric)")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK",
-                   help=f"subtasks to run (default: the preset's; choices: {', '.join(TASKS)})")
+    p.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="clean",
+        help="clean (disjoint prefixes, Hugging Face YaRN; default) or reference (the paper's reference "
+        "code's data rows, test-time YaRN and metric)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        metavar="TASK",
+        help=f"subtasks to run (default: the preset's; choices: {', '.join(TASKS)})",
+    )
     p.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 (default: the preset's)")
     p.add_argument("--epochs", type=float, metavar="E", help="passes over the training set (default: the preset's)")
     p.add_argument("--bf16", action="store_true", help="train in bf16 with fp32 main weights (default: fp32)")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="override other preset fields, e.g. test_sequences=100 lr=1e-3 (megatron_resonance/posgen/"
-                        "presets.py lists them)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="run the cells in N concurrent processes, each with cores/N threads (default 1)")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override other preset fields, e.g. test_sequences=100 lr=1e-3 (megatron_resonance/posgen/"
+        "presets.py lists them)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the cells in N concurrent processes, each with cores/N threads (default 1)",
+    )
     p.add_argument("--save-weights", action="store_true", help="also store each trained model under OUT/cells/")
     p.add_argument("--cells", nargs="+", metavar="TASK:SEED:KIND", help=argparse.SUPPRESS)
     p.add_argument("--worker", metavar="K/N", help=argparse.SUPPRESS)
@@ -74,8 +97,7 @@ def worker_argv(argv, worker: str, cells) -> list:
             skip = True
         elif not arg.startswith("--workers="):
             own.append(arg)
-    return [sys.executable, os.path.abspath(__file__), *own, "--worker", worker,
-            "--cells", *map(cell_name, cells)]
+    return [sys.executable, os.path.abspath(__file__), *own, "--worker", worker, "--cells", *map(cell_name, cells)]
 
 
 def main(argv=None) -> int:
@@ -122,11 +144,20 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         cells = [parse_cell(c, preset) for c in args.cells] if args.cells else None
         if args.workers > 1:
-            run_workers(preset, args.out, args.workers,
-                        lambda k, share: worker_argv(sys.argv[1:] if argv is None else argv, k, share))
+            run_workers(
+                preset,
+                args.out,
+                args.workers,
+                lambda k, share: worker_argv(sys.argv[1:] if argv is None else argv, k, share),
+            )
         else:
-            run(preset, args.out, save_weights=args.save_weights, cells=cells,
-                worker=args.worker or ("1/1" if cells else None))
+            run(
+                preset,
+                args.out,
+                save_weights=args.save_weights,
+                cells=cells,
+                worker=args.worker or ("1/1" if cells else None),
+            )
     return 0
 
 

@@ -37,9 +37,7 @@ def build_parser() -> ArgumentParser:
         + ", ".join(f"{s} {n}" for s, n in POOL_SIZES.items())
         + "; each has its own seed prefix)",
     )
-    g.add_argument(
-        "--length", type=int, required=True, metavar="L", help=f"tokens per sequence (>= {MIN_LENGTH})"
-    )
+    g.add_argument("--length", type=int, required=True, metavar="L", help=f"tokens per sequence (>= {MIN_LENGTH})")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="chooses the seed prefixes (default 0)")
     g.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -22,10 +22,18 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", required=True, help="directory to fill (created if missing)")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer vocabulary size")
-    p.add_argument("--max-train-bytes", type=int, default=DEFAULT_MAX_TRAIN_BYTES,
-                   help="train text budget in bytes (0: the whole library)")
-    p.add_argument("--max-valid-bytes", type=int, default=DEFAULT_MAX_VALID_BYTES,
-                   help="validation text budget in bytes (0: the whole library)")
+    p.add_argument(
+        "--max-train-bytes",
+        type=int,
+        default=DEFAULT_MAX_TRAIN_BYTES,
+        help="train text budget in bytes (0: the whole library)",
+    )
+    p.add_argument(
+        "--max-valid-bytes",
+        type=int,
+        default=DEFAULT_MAX_VALID_BYTES,
+        help="validation text budget in bytes (0: the whole library)",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     return p
 
@@ -42,9 +50,11 @@ def main(argv=None) -> int:
             max_valid_bytes=args.max_valid_bytes or None,
             workers=args.workers,
         )
-    print(f"train: {data.train_prefix} ({data.train_tokens} tokens), valid: {data.valid_prefix} "
-          f"({data.valid_tokens} tokens), tokenizer: {data.tokenizer_model} (vocab {data.vocab_size}, "
-          f"eod {data.eod_id})")
+    print(
+        f"train: {data.train_prefix} ({data.train_tokens} tokens), valid: {data.valid_prefix} "
+        f"({data.valid_tokens} tokens), tokenizer: {data.tokenizer_model} (vocab {data.vocab_size}, "
+        f"eod {data.eod_id})"
+    )
     return 0
 
 

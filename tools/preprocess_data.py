@@ -24,13 +24,23 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="FILE[,FILE...]: JSONL (.jsonl/.json) or text files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer_model", required=True,
-                   help="SentencePiece .model (ours or LLaMA's), Hugging Face tokenizer.json (Llama-3), or a "
-                        "directory with either")
+    p.add_argument(
+        "--tokenizer-model",
+        "--tokenizer",
+        dest="tokenizer_model",
+        required=True,
+        help="SentencePiece .model (ours or LLaMA's), Hugging Face tokenizer.json (Llama-3), or a "
+        "directory with either",
+    )
     p.add_argument("--json-key", default="text", help="JSONL field holding the document (default: text)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    p.add_argument("--append-eod", dest="append_eod", action="store_true", default=True,
-                   help="append EOS after every document (the default)")
+    p.add_argument(
+        "--append-eod",
+        dest="append_eod",
+        action="store_true",
+        default=True,
+        help="append EOS after every document (the default)",
+    )
     p.add_argument("--no-eod", dest="append_eod", action="store_false", help="do not append EOS")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

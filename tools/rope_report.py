@@ -44,9 +44,8 @@ def build_parser() -> ArgumentParser:
 def format_table(r: RopeReport) -> str:
     L = r.original_max_position
     lines = [
-        f"kind={r.kind} head_dim={r.head_dim} base={r.base:g} factor={r.factor:g} "
-        f"L={L} L'={r.target_max_position}",
-        f"attention_factor={r.attention_factor:.6f} (attention logits x {r.attention_factor ** 2:.6f})",
+        f"kind={r.kind} head_dim={r.head_dim} base={r.base:g} factor={r.factor:g} L={L} L'={r.target_max_position}",
+        f"attention_factor={r.attention_factor:.6f} (attention logits x {r.attention_factor**2:.6f})",
         f"pre-critical features (wavelength < L): {r.pre_critical} of {len(r.inv_freq)}; "
         f"critical dim: {r.critical_dim}",
         f"max feature gap over pre-critical features: {r.max_feature_gap_pre_critical:.3e} rad",

@@ -142,9 +142,7 @@ class Demo:
             "|---|---|---|",
         ]
         for v in posgen["variants"]:
-            lines.append(
-                f"| {v} | {100 * accuracy['id_accuracy'][v]:.1f} | {100 * accuracy['ood_accuracy'][v]:.1f} |"
-            )
+            lines.append(f"| {v} | {100 * accuracy['id_accuracy'][v]:.1f} | {100 * accuracy['ood_accuracy'][v]:.1f} |")
         lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in self.timings.items())]
         (self.out / "report.md").write_text("\n".join(lines) + "\n")
         for plot, name in (

@@ -52,13 +52,9 @@ def check_tensors(hf: HFCheckpoint, cfg: LlamaConfig) -> None:
     present = set(hf.keys())
     missing = [k for k in expected if k not in present]
     if missing:
-        raise ConversionError(
-            f"{hf.path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]}"
-        )
+        raise ConversionError(f"{hf.path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]}")
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(
-        k for k in present - set(expected) - ignored if not k.endswith(key_map.IGNORED_HF_SUFFIXES)
-    )
+    unexpected = sorted(k for k in present - set(expected) - ignored if not k.endswith(key_map.IGNORED_HF_SUFFIXES))
     if unexpected:
         raise ConversionError(
             f"{hf.path}: {len(unexpected)} unexpected tensor(s) for a LLaMA model, e.g. {unexpected[0]}"
@@ -73,8 +69,7 @@ def check_tensors(hf: HFCheckpoint, cfg: LlamaConfig) -> None:
             raise ConversionError(f"{hf.path}: {k} has non-floating dtype {hf.dtype(k)}")
 
 
-def check_values(hf: HFCheckpoint, keys: Sequence[str], tensors: Sequence[torch.Tensor],
-                 target: torch.dtype) -> None:
+def check_values(hf: HFCheckpoint, keys: Sequence[str], tensors: Sequence[torch.Tensor], target: torch.dtype) -> None:
     """ConversionError naming the first tensor that holds NaN or Inf, a value no trained weight has
     (``checkpointing.MAX_WEIGHT``: every load refuses it), or one ``target`` cannot hold (it would be stored
     as Inf). Without this, such weights import quietly and the first load of the checkpoint (training, the
@@ -84,16 +79,22 @@ def check_values(hf: HFCheckpoint, keys: Sequence[str], tensors: Sequence[torch.
         if not math.isfinite(peak):
             nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
             kinds = "NaN" if not inf else "Inf" if not nan else f"{nan} NaN, {inf} Inf"
-            raise ConversionError(f"{where} holds {nan + inf} non-finite value{'s' if nan + inf != 1 else ''} "
-                                  f"({kinds}): refusing to import")
+            raise ConversionError(
+                f"{where} holds {nan + inf} non-finite value{'s' if nan + inf != 1 else ''} "
+                f"({kinds}): refusing to import"
+            )
         if peak > checkpointing.MAX_WEIGHT:
-            raise ConversionError(f"{where} holds a value of magnitude {peak:.3g}, beyond any trained weight "
-                                  "(a corrupted file): refusing to import")
+            raise ConversionError(
+                f"{where} holds a value of magnitude {peak:.3g}, beyond any trained weight "
+                "(a corrupted file): refusing to import"
+            )
         if torch.tensor(peak).to(target).isinf():
             holders = [n for n, d in hf_config.DTYPES.items() if d != target and torch.tensor(peak).to(d).isfinite()]
-            raise ConversionError(f"{where} holds a value of magnitude {peak:.3g}, beyond "
-                                  f"{_name(target)}'s range (Inf once converted): refusing to import; "
-                                  f"--dtype {' or '.join(holders)} holds it")
+            raise ConversionError(
+                f"{where} holds a value of magnitude {peak:.3g}, beyond "
+                f"{_name(target)}'s range (Inf once converted): refusing to import; "
+                f"--dtype {' or '.join(holders)} holds it"
+            )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -128,19 +129,30 @@ class DtypeChanges:
     def line(self) -> Optional[str]:
         if not self.converted:
             return None
-        converted = _and([f"{n} {_name(d)} tensor{'s' if n != 1 else ''}"
-                          for d, n in sorted(self.converted.items(), key=lambda item: _name(item[0]))])
-        change = (f"largest absolute change {self.change:.2g} (in {self.where})" if self.change
-                  else "no value changed")
+        converted = _and(
+            [
+                f"{n} {_name(d)} tensor{'s' if n != 1 else ''}"
+                for d, n in sorted(self.converted.items(), key=lambda item: _name(item[0]))
+            ]
+        )
+        change = f"largest absolute change {self.change:.2g} (in {self.where})" if self.change else "no value changed"
         # float16, bfloat16 and float32 all hold exactly in float32 (float64 would not)
         hint = self.change > 0 and self.dtypes <= set(hf_config.DTYPES.values())
-        return (f"{self.source}: the weights mix dtypes ({_and(sorted(map(_name, self.dtypes)))}); all "
-                f"are stored as {_name(self.target)} ({'--dtype' if self.chosen else 'most of the bytes'}): "
-                f"{converted} converted, {change}" + ("; --dtype float32 keeps every value" if hint else ""))
+        return (
+            f"{self.source}: the weights mix dtypes ({_and(sorted(map(_name, self.dtypes)))}); all "
+            f"are stored as {_name(self.target)} ({'--dtype' if self.chosen else 'most of the bytes'}): "
+            f"{converted} converted, {change}" + ("; --dtype float32 keeps every value" if hint else "")
+        )
 
 
-def check_source(load: str, *, rope_kind: Optional[str] = None, rope_factor: Optional[float] = None,
-                 dtype: Optional[str] = None, log: Callable[[str], None] = print) -> tuple:
+def check_source(
+    load: str,
+    *,
+    rope_kind: Optional[str] = None,
+    rope_factor: Optional[float] = None,
+    dtype: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> tuple:
     """What the conversion checks before it reads a weight or writes anything: ``(reader, LlamaConfig, key
     map, target dtype)``; ConversionError with one line for a source it cannot convert."""
     if rope_factor is not None and rope_kind is None:
@@ -199,8 +211,10 @@ def convert_hf_to_megatron(
                 raise RuntimeError(f"key map out of date with megatron's GPTModel: {sorted(drift)}")
 
             changes = DtypeChanges(hf, [k for p in params for k in p.hf], target, chosen=dtype is not None)
-            with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron",
-                                       disable=not progress) as bar:
+            with (
+                torch.no_grad(),
+                tqdm(total=total, unit="B", unit_scale=True, desc="hf -> megatron", disable=not progress) as bar,
+            ):
                 for p in params:
                     tensors = tuple(hf.get(k) for k in p.hf)
                     check_values(hf, p.hf, tensors, target)
@@ -208,8 +222,9 @@ def convert_hf_to_megatron(
                     param = state[p.megatron]
                     converted = p.transform.to_megatron(tensors, cfg).to(target).contiguous()
                     if converted.shape != param.shape:
-                        raise RuntimeError(f"{p.megatron}: converted to {list(converted.shape)}, the model has "
-                                           f"{list(param.shape)}")
+                        raise RuntimeError(
+                            f"{p.megatron}: converted to {list(converted.shape)}, the model has {list(param.shape)}"
+                        )
                     # the parameter becomes the converted tensor (its own allocation, never touched, is
                     # freed): a tensor that needs no change stays the reader's memory-mapped, copy-on-write
                     # view of the file, which the checkpoint writer then reads without a copy

@@ -59,8 +59,9 @@ def convert_megatron_to_hf(
     # ---------------------------------------------------------------- check
 
     if rope_format not in hf_rope.ROPE_FORMATS:
-        raise ConversionError(f"unknown --rope-format {rope_format!r}; expected one of "
-                              f"{', '.join(hf_rope.ROPE_FORMATS)}")
+        raise ConversionError(
+            f"unknown --rope-format {rope_format!r}; expected one of {', '.join(hf_rope.ROPE_FORMATS)}"
+        )
     if dtype is not None and dtype not in hf_config.DTYPES:
         raise ConversionError(f"unknown --dtype {dtype!r}; expected one of {', '.join(hf_config.DTYPES)}")
     shard_bytes = parse_size(max_shard_size)

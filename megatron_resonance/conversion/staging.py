@@ -51,8 +51,9 @@ class StagedDirectory:
             fsync(root)
         old = None
         if os.path.exists(self.destination):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.destination)}.old-",
-                                   dir=os.path.dirname(self.destination))
+            old = tempfile.mkdtemp(
+                prefix=f".{os.path.basename(self.destination)}.old-", dir=os.path.dirname(self.destination)
+            )
             os.rmdir(old)
             os.rename(self.destination, old)
         os.rename(self.path, self.destination)

@@ -84,9 +84,11 @@ def read_index(prefix: str) -> Index:
     if magic != INDEX_MAGIC[: len(magic)]:
         raise DataError(f"dataset {prefix}: {idx} is not a Megatron indexed-dataset index (header {magic!r})")
     if len(header) < INDEX_HEADER_BYTES:
-        raise DataError(f"dataset {prefix}: {idx} is cut short ({idx_size} bytes, the header alone is "
-                        f"{INDEX_HEADER_BYTES}); {_FIX_DATA}")
-    version, code, sequences, documents = struct.unpack("<QBQQ", header[len(INDEX_MAGIC):])
+        raise DataError(
+            f"dataset {prefix}: {idx} is cut short ({idx_size} bytes, the header alone is "
+            f"{INDEX_HEADER_BYTES}); {_FIX_DATA}"
+        )
+    version, code, sequences, documents = struct.unpack("<QBQQ", header[len(INDEX_MAGIC) :])
     if version != 1:
         raise DataError(f"dataset {prefix}: {idx} has index version {version}; megatron-core reads version 1")
     if code not in DTYPES:
@@ -94,8 +96,10 @@ def read_index(prefix: str) -> Index:
     expected = INDEX_HEADER_BYTES + 12 * sequences + 8 * documents
     if idx_size != expected:
         cut = "cut short" if idx_size < expected else "longer than its counts"
-        raise DataError(f"dataset {prefix}: {idx} is {cut}: {idx_size} bytes, its header's {sequences} sequences "
-                        f"and {documents} document indices need {expected}; {_FIX_DATA}")
+        raise DataError(
+            f"dataset {prefix}: {idx} is {cut}: {idx_size} bytes, its header's {sequences} sequences "
+            f"and {documents} document indices need {expected}; {_FIX_DATA}"
+        )
     if sequences == 0:
         raise DataError(f"dataset {prefix}: {idx} holds no documents")
     dtype = DTYPES[code]
@@ -123,8 +127,9 @@ def _check_pointers(prefix: str, idx: str, lengths, pointers, itemsize: int) -> 
         ends = start + np.cumsum(chunk * itemsize)
         starts = np.concatenate(([start], ends[:-1]))
         if not np.array_equal(starts, pointers[lo : lo + _CHUNK_ITEMS]):
-            raise DataError(f"dataset {prefix}: {idx} is damaged (sequence pointers do not follow the lengths); "
-                            f"{_FIX_DATA}")
+            raise DataError(
+                f"dataset {prefix}: {idx} is damaged (sequence pointers do not follow the lengths); {_FIX_DATA}"
+            )
         start = int(ends[-1])
 
 
@@ -173,13 +178,17 @@ def check_splits(indexes: Sequence[Index], weighted: bool, matrix, what: str, se
         tokens = [int(ix.sequence_lengths[r.start : r.stop].sum()) for ix, r in zip(indexes, taken)]
         if one_epoch:
             if sum(max(t - 1, 0) // seq_length for t in tokens) == 0:
-                raise DataError(f"{what}: the {name} part holds {sum(tokens)} tokens in all, not one sample of "
-                                f"--seq-length {seq_length} + 1; {_fix_split(name, what)}")
+                raise DataError(
+                    f"{what}: the {name} part holds {sum(tokens)} tokens in all, not one sample of "
+                    f"--seq-length {seq_length} + 1; {_fix_split(name, what)}"
+                )
             continue
         for ix, count, sequences in zip(indexes, tokens, taken):
             if count < 2:
-                raise DataError(f"dataset {ix.prefix}: the {name} part of {what} gets {len(sequences)} of its "
-                                f"{len(ix.sequence_lengths)} documents ({count} tokens); {_fix_split(name, what)}")
+                raise DataError(
+                    f"dataset {ix.prefix}: the {name} part of {what} gets {len(sequences)} of its "
+                    f"{len(ix.sequence_lengths)} documents ({count} tokens); {_fix_split(name, what)}"
+                )
 
 
 def _fix_split(name: str, what: str) -> str:
@@ -272,8 +281,9 @@ def blend_of(value: str) -> Tuple[List[str], Optional[List[float]]]:
     try:
         return get_blend_from_list(items)
     except AssertionError:  # weights for some prefixes only
-        raise DataError(f"--data-path {value!r}: neither a prefix nor Megatron-LM's blend syntax (P1 P2 ..., or "
-                        "W1 P1 W2 P2 ...)") from None
+        raise DataError(
+            f"--data-path {value!r}: neither a prefix nor Megatron-LM's blend syntax (P1 P2 ..., or W1 P1 W2 P2 ...)"
+        ) from None
 
 
 def check_training_data(
@@ -306,8 +316,10 @@ def check_training_data(
         prefixes, weights = blends[0][1]
         matrix = split_matrix(split, (True, with_validation, False))
         if with_validation and matrix[1] is None:
-            raise DataError(f"--split {split} leaves no validation part of --data-path; give it a validation "
-                            "weight (e.g. 98,2,0), --valid-data-path PREFIX, or --eval-iters 0")
+            raise DataError(
+                f"--split {split} leaves no validation part of --data-path; give it a validation "
+                "weight (e.g. 98,2,0), --valid-data-path PREFIX, or --eval-iters 0"
+            )
         check_splits([indexes[p] for p in prefixes], weights is not None, matrix, f"--split {split}", seq_length)
     for prefix, index in indexes.items():
         beside = os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
@@ -315,6 +327,8 @@ def check_training_data(
         low, high = token_range(index, directory, log)
         bad = id_outside_vocab(low, high, vocab_size)
         if bad is not None:
-            raise DataError(f"dataset {prefix}: {prefix}.bin holds token id {bad} outside the model's vocabulary "
-                            f"(size {vocab_size}): data preprocessed with another tokenizer? Preprocess it with "
-                            "this run's --tokenizer-model")
+            raise DataError(
+                f"dataset {prefix}: {prefix}.bin holds token id {bad} outside the model's vocabulary "
+                f"(size {vocab_size}): data preprocessed with another tokenizer? Preprocess it with "
+                "this run's --tokenizer-model"
+            )

@@ -41,8 +41,7 @@ DEFAULT_MAX_TRAIN_BYTES = 4_000_000
 DEFAULT_MAX_VALID_BYTES = 400_000
 DEFAULT_MIN_BYTES = 2_048
 #: directory names (anywhere in the relative path) whose files are not part of the corpus
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                           "encodings"})
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
 EXCLUDED_PREFIXES = ("_sysconfigdata",)
 _BUCKETS = 1_000_000
 
@@ -175,8 +174,7 @@ def build_stdlib_corpus(
     root = Path(root) if root is not None else stdlib_root()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, valid = select_files(list_stdlib_sources(root, min_bytes), valid_fraction, max_train_bytes,
-                                max_valid_bytes)
+    train, valid = select_files(list_stdlib_sources(root, min_bytes), valid_fraction, max_train_bytes, max_valid_bytes)
     if not train or not valid:
         raise DataError(
             f"no {'training' if not train else 'validation'} documents selected from {root} "

@@ -62,8 +62,7 @@ class DatasetTokenizer:
         self.vocab_size = int(vocab_size)
         self.eod = int(eod)
         self.unique_identifiers = OrderedDict(
-            [("class", type(self).__name__), ("name", name), ("vocab_size", self.vocab_size),
-             ("eod", self.eod)]
+            [("class", type(self).__name__), ("name", name), ("vocab_size", self.vocab_size), ("eod", self.eod)]
         )
 
     @property
@@ -139,11 +138,15 @@ def index_cache_dir(first_prefix: str, fallback: Optional[str] = None) -> str:
         return beside
     for place in filter(None, (fallback, _user_cache_dir())):
         if writable(place):
-            _say(f"[data] {os.path.dirname(beside)} is not writable: the dataset index cache goes to {place} "
-                 "(--data-cache-path sets it)")
+            _say(
+                f"[data] {os.path.dirname(beside)} is not writable: the dataset index cache goes to {place} "
+                "(--data-cache-path sets it)"
+            )
             return place
-    raise UserError(f"{os.path.dirname(beside)} is not writable and neither is "
-                    f"{fallback or _user_cache_dir()}: give --data-cache-path a writable directory")
+    raise UserError(
+        f"{os.path.dirname(beside)} is not writable and neither is "
+        f"{fallback or _user_cache_dir()}: give --data-cache-path a writable directory"
+    )
 
 
 def _drop_unreadable(cache_dir: str) -> None:

@@ -97,8 +97,12 @@ def prepare_default_data(
     stamp.unlink(missing_ok=True)
 
     manifest = build_stdlib_corpus(
-        out, valid_fraction=valid_fraction, max_train_bytes=max_train_bytes, max_valid_bytes=max_valid_bytes,
-        min_bytes=min_bytes, root=root,
+        out,
+        valid_fraction=valid_fraction,
+        max_train_bytes=max_train_bytes,
+        max_valid_bytes=max_valid_bytes,
+        min_bytes=min_bytes,
+        root=root,
     )
     say(
         f"corpus: {manifest.train.documents} train files ({manifest.train.num_bytes / 1e6:.2f} MB), "
@@ -110,10 +114,15 @@ def prepare_default_data(
     say(f"tokenizer: {model} (vocab_size {tokenizer.vocab_size})")
     tokens = {}
     for split in ("train", "valid"):
-        stats = preprocess([out / f"{split}.jsonl"], out / split, model, workers=workers, overwrite=True,
-                           progress=progress, log=log)
+        stats = preprocess(
+            [out / f"{split}.jsonl"], out / split, model, workers=workers, overwrite=True, progress=progress, log=log
+        )
         tokens[split] = stats.tokens
-    counts = dict(vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eos_id, train_tokens=tokens["train"],
-                  valid_tokens=tokens["valid"])
+    counts = dict(
+        vocab_size=tokenizer.vocab_size,
+        eod_id=tokenizer.eos_id,
+        train_tokens=tokens["train"],
+        valid_tokens=tokens["valid"],
+    )
     stamp.write_text(json.dumps({"settings": settings, "counts": counts}, indent=1) + "\n")
     return _paths(out, **counts)

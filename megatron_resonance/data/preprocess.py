@@ -116,8 +116,10 @@ def iter_documents(paths: Sequence[Path], json_key: str = "text") -> Iterator[st
             try:  # JSON's "\ud800" (half a UTF-16 pair) decodes to a str that no tokenizer can encode
                 text.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise UserError(f"{path}:{lineno}: {json_key!r} is not Unicode text (a lone surrogate "
-                                f"{text[err.start]!r} at character {err.start})") from None
+                raise UserError(
+                    f"{path}:{lineno}: {json_key!r} is not Unicode text (a lone surrogate "
+                    f"{text[err.start]!r} at character {err.start})"
+                ) from None
             yield text
 
 

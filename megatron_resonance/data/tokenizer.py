@@ -64,8 +64,9 @@ def tokenizer_kind(path) -> str:
             return "huggingface"
         if (path / "tokenizer.model").is_file():
             return "sentencepiece"
-        raise DataError(f"no tokenizer in {path}: expected {HF_TOKENIZER_FILE} (Hugging Face) or tokenizer.model "
-                         "(SentencePiece)")
+        raise DataError(
+            f"no tokenizer in {path}: expected {HF_TOKENIZER_FILE} (Hugging Face) or tokenizer.model (SentencePiece)"
+        )
     if path.suffix == ".json":
         return "huggingface"
     with open(path, "rb") as f:
@@ -112,9 +113,10 @@ class Tokenizer:
         try:
             self.sp.Load(str(model))
         except (OSError, RuntimeError) as err:
-            raise DataError(f"not a SentencePiece model (nor a Hugging Face {HF_TOKENIZER_FILE}): {self.path} "
-                             f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})"
-                             ) from None
+            raise DataError(
+                f"not a SentencePiece model (nor a Hugging Face {HF_TOKENIZER_FILE}): {self.path} "
+                f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -194,8 +196,9 @@ def _load_hf(path: Path):
     except ImportError:
         raise DataError(f"{path}: a Hugging Face tokenizer needs transformers (pip install -e '.[hf]')") from None
     directory = path if path.is_dir() else path.parent
-    with_config = path.is_dir() or (path.name == HF_TOKENIZER_FILE and any(
-        (directory / name).is_file() for name in HF_CONFIG_FILES))
+    with_config = path.is_dir() or (
+        path.name == HF_TOKENIZER_FILE and any((directory / name).is_file() for name in HF_CONFIG_FILES)
+    )
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "sequence longer than model_max_length" and similar notes
     try:

@@ -43,28 +43,65 @@ def parse_lengths(text: str) -> List[int]:
 def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool) -> None:
     g = parser.add_argument_group("model")
     more = " (repeatable; with --hf too)" if several else ""
-    g.add_argument("--load", action=_AppendModel, const="megatron", dest="models", default=[],
-                   metavar="MEGATRON_DIR", help=f"Megatron checkpoint root or iter_* directory{more}")
-    g.add_argument("--hf", action=_AppendModel, const="hf", dest="models", metavar="HF_DIR",
-                   help=f"Hugging Face model directory{more}")
+    g.add_argument(
+        "--load",
+        action=_AppendModel,
+        const="megatron",
+        dest="models",
+        default=[],
+        metavar="MEGATRON_DIR",
+        help=f"Megatron checkpoint root or iter_* directory{more}",
+    )
+    g.add_argument(
+        "--hf",
+        action=_AppendModel,
+        const="hf",
+        dest="models",
+        metavar="HF_DIR",
+        help=f"Hugging Face model directory{more}",
+    )
     if several:
-        g.add_argument("--name", action="append", default=[],
-                       help="report key of the models in --load/--hf order (default: the directory's basename)")
-    g.add_argument("--tokenizer", default=None, metavar="TOKENIZER",
-                   help="SentencePiece .model, Hugging Face tokenizer.json, or a directory with either "
-                        "(default: the tokenizer stored with the model)")
+        g.add_argument(
+            "--name",
+            action="append",
+            default=[],
+            help="report key of the models in --load/--hf order (default: the directory's basename)",
+        )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="TOKENIZER",
+        help="SentencePiece .model, Hugging Face tokenizer.json, or a directory with either "
+        "(default: the tokenizer stored with the model)",
+    )
     p = parser.add_argument_group("parallelism and precision (Megatron checkpoints)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP ranks (under torchrun)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP stages (under torchrun)")
-    p.add_argument("--context-parallel-size", type=int, default=1,
-                   help="CP ranks sharing each sequence (under torchrun; every length divisible by 2 x CP)")
+    p.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="CP ranks sharing each sequence (under torchrun; every length divisible by 2 x CP)",
+    )
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward (default 1)")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="compute dtype: auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--transformer-impl", default="auto", choices=("auto", "te", "local"),
-                   help="layer spec: auto = Transformer Engine when present, else local (SDPA)")
-    p.add_argument("--max-memory-gb", type=float, default=None,
-                   help="memory one process may use (default: free GPU memory, or this process's share of RAM)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="compute dtype: auto = bfloat16 on GPU, float32 on CPU",
+    )
+    p.add_argument(
+        "--transformer-impl",
+        default="auto",
+        choices=("auto", "te", "local"),
+        help="layer spec: auto = Transformer Engine when present, else local (SDPA)",
+    )
+    p.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="memory one process may use (default: free GPU memory, or this process's share of RAM)",
+    )
 
 
 def models_from_args(args: argparse.Namespace) -> List[ModelSpec]:
@@ -110,8 +147,13 @@ class RunOptions:
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(out=args.out, tokenizer=args.tokenizer, runtime=runtime_from_args(args),
-                      max_memory_gb=args.max_memory_gb, progress=not args.no_progress)
+    return RunOptions(
+        out=args.out,
+        tokenizer=args.tokenizer,
+        runtime=runtime_from_args(args),
+        max_memory_gb=args.max_memory_gb,
+        progress=not args.no_progress,
+    )
 
 
 def prepare_out(out: str) -> None:

@@ -50,8 +50,10 @@ def data_kind(data: Optional[str]) -> str:
     prefix = _indexed_prefix(data)
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
-            raise UserError(f"--data {data}: not a JSONL file and {prefix + ext} not found (expected an "
-                            "indexed-dataset prefix PATH of PATH.bin/PATH.idx)")
+            raise UserError(
+                f"--data {data}: not a JSONL file and {prefix + ext} not found (expected an "
+                "indexed-dataset prefix PATH of PATH.bin/PATH.idx)"
+            )
     return "indexed"
 
 
@@ -74,7 +76,7 @@ def needs_tokenizer(data: Optional[str]) -> bool:
 def _jsonl(path: str) -> Iterator[dict]:
     for number, obj in jsonl_records(path, "--data "):
         if not isinstance(obj, dict) or not ("tokens" in obj or "text" in obj):
-            raise UserError(f"--data {path}:{number}: expected an object with \"tokens\" or \"text\"")
+            raise UserError(f'--data {path}:{number}: expected an object with "tokens" or "text"')
         yield obj
 
 
@@ -103,7 +105,7 @@ def load_documents(data: Optional[str], tokenizer: Optional[Tokenizer] = None) -
             try:
                 docs.append(np.asarray(obj["tokens"], dtype=np.int64).reshape(-1))
             except (TypeError, ValueError):
-                raise UserError(f"--data {data}: document {number}: \"tokens\" must be a list of ids") from None
+                raise UserError(f'--data {data}: document {number}: "tokens" must be a list of ids') from None
         else:
             if tokenizer is None:
                 raise UserError(f"--data {data} holds text: pass --tokenizer (no tokenizer found with the model)")
@@ -148,8 +150,9 @@ def check_token_range(docs: Sequence[np.ndarray], vocab_size: int, where: str) -
     for i, doc in enumerate(docs):
         bad = id_outside_vocab(doc.min(), doc.max(), vocab_size) if len(doc) else None
         if bad is not None:
-            raise UserError(f"{where}: document {i} holds token id {bad} outside the model's vocabulary "
-                            f"(size {vocab_size})")
+            raise UserError(
+                f"{where}: document {i} holds token id {bad} outside the model's vocabulary (size {vocab_size})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,8 +160,9 @@ def check_token_range(docs: Sequence[np.ndarray], vocab_size: int, where: str) -
 # ----------------------------------------------------------------------------------------------------------
 
 
-def select(docs: Sequence[np.ndarray], length: int, *, seed: int = 0,
-           max_documents: Optional[int] = None) -> Tuple[List[int], int]:
+def select(
+    docs: Sequence[np.ndarray], length: int, *, seed: int = 0, max_documents: Optional[int] = None
+) -> Tuple[List[int], int]:
     """Indices of the documents used at ``length``, and how many were skipped as shorter than it.
 
     Documents are visited in one fixed order per seed, ``numpy.random.default_rng(seed).permutation``;

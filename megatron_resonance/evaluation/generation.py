@@ -71,7 +71,7 @@ def _batches(prompts: List[List[int]], max_batch_size: int) -> List[List[int]]:
     by_length: Dict[int, List[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-    return [rows[j:j + max_batch_size] for rows in by_length.values() for j in range(0, len(rows), max_batch_size)]
+    return [rows[j : j + max_batch_size] for rows in by_length.values() for j in range(0, len(rows), max_batch_size)]
 
 
 #: one backend's greedy decoding of a batch: ``(tokens [B, L] of one length, max_new_tokens, vocab_size,
@@ -116,17 +116,22 @@ def megatron_decoder(model_chunks: List[torch.nn.Module]) -> BatchDecoder:
     from megatron.core import parallel_state as ps
 
     if ps.get_context_parallel_world_size() > 1:
-        raise UserError("generation runs at context-parallel-size 1 (megatron's static inference decodes "
-                        "whole sequences on one rank); use TP or PP to split the model")
+        raise UserError(
+            "generation runs at context-parallel-size 1 (megatron's static inference decodes "
+            "whole sequences on one rank); use TP or PP to split the model"
+        )
     if len(model_chunks) != 1:
-        raise UserError("generation runs without virtual pipeline stages (megatron's inference wrapper "
-                        "takes one model chunk per rank)")
+        raise UserError(
+            "generation runs without virtual pipeline stages (megatron's inference wrapper "
+            "takes one model chunk per rank)"
+        )
     return functools.partial(_megatron_batch, model_chunks[0])
 
 
 @torch.inference_mode()
-def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, vocab_size: int,
-                    stop_ids: Sequence[int]) -> List[List[int]]:
+def _megatron_batch(
+    model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, vocab_size: int, stop_ids: Sequence[int]
+) -> List[List[int]]:
     """[B, L] prompts of one length -> [B] lists of ``max_new_tokens`` greedy tokens (fewer when every row
     has generated a stop id)."""
     from megatron.core import parallel_state as ps
@@ -141,15 +146,19 @@ def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_token
     total = length + max_new_tokens
     config = model.config
     context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=total)
-    wrapper = GPTInferenceWrapper(model, InferenceWrapperConfig(
-        hidden_size=config.hidden_size,
-        params_dtype=config.params_dtype,
-        # -1: every step is one forward of the whole batch (no micro-batches through the pipeline)
-        inference_batch_times_seqlen_threshold=-1,
-        padded_vocab_size=unwrap(model).vocab_size,
-        inference_max_requests=rows,
-        inference_max_seq_length=total,
-    ), context)
+    wrapper = GPTInferenceWrapper(
+        model,
+        InferenceWrapperConfig(
+            hidden_size=config.hidden_size,
+            params_dtype=config.params_dtype,
+            # -1: every step is one forward of the whole batch (no micro-batches through the pipeline)
+            inference_batch_times_seqlen_threshold=-1,
+            padded_vocab_size=unwrap(model).vocab_size,
+            inference_max_requests=rows,
+            inference_max_seq_length=total,
+        ),
+        context,
+    )
     wrapper.prep_model_for_inference()  # eval mode, an empty cache at offset 0
     sequence = torch.zeros(rows, total, dtype=torch.long, device=device)
     sequence[:, :length] = prompts.to(device)
@@ -170,8 +179,9 @@ def _megatron_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_token
         if ps.is_pipeline_last_stage(ignore_virtual=True):  # logits [B, 1, V] of the last position, all TP ranks
             chosen.copy_(real_vocabulary(logits[:, -1].float(), vocab_size).argmax(dim=-1))
         if pipeline:
-            dist.broadcast(chosen, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                chosen, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            )
         sequence[:, end] = chosen
         start, end = end, end + 1
         stopped |= torch.isin(chosen, stops)
@@ -192,14 +202,19 @@ def hf_decoder(model: torch.nn.Module) -> BatchDecoder:
     return functools.partial(_hf_batch, model)
 
 
-def _hf_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, vocab_size: int,
-              stop_ids: Sequence[int]) -> List[List[int]]:
+def _hf_batch(
+    model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, vocab_size: int, stop_ids: Sequence[int]
+) -> List[List[int]]:
     import transformers
 
     device = next(model.parameters()).device
     settings = transformers.GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        eos_token_id=list(stop_ids) or None, pad_token_id=(list(stop_ids) or [0])[0],
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=list(stop_ids) or None,
+        pad_token_id=(list(stop_ids) or [0])[0],
     )
     processors = transformers.LogitsProcessorList([_RealVocabulary(vocab_size)])
     own = model.generation_config
@@ -209,11 +224,12 @@ def _hf_batch(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int
     try:
         ids = prompts.to(device)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings,
-                                 logits_processor=processors)
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), generation_config=settings, logits_processor=processors
+            )
     finally:
         model.generation_config = own
-    return out[:, ids.shape[1]:].cpu().tolist()
+    return out[:, ids.shape[1] :].cpu().tolist()
 
 
 class _RealVocabulary:

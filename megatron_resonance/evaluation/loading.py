@@ -62,8 +62,10 @@ class Runtime:
         parallelism, a length it cannot split."""
         tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
         if tp < 1 or pp < 1 or cp < 1 or self.micro_batch_size < 1:
-            raise UserError("--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size "
-                            "and --micro-batch-size must be >= 1")
+            raise UserError(
+                "--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size "
+                "and --micro-batch-size must be >= 1"
+            )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
         if any(m.spec.kind == "megatron" for m in models):
@@ -87,15 +89,20 @@ class Runtime:
             except ValueError as e:
                 raise UserError(f"{m.name}: {e}") from None
             if m.llama.num_layers % pp:
-                raise UserError(f"{m.name}: pipeline-model-parallel-size {pp} does not divide num_layers "
-                                f"{m.llama.num_layers}")
+                raise UserError(
+                    f"{m.name}: pipeline-model-parallel-size {pp} does not divide num_layers {m.llama.num_layers}"
+                )
 
 
 def initialize(runtime: Runtime) -> None:
     """torch.distributed + megatron's parallel state for the Megatron models (gloo on CPU)."""
     with library_warnings_quiet():
-        distributed.initialize(runtime.tensor_model_parallel_size, runtime.pipeline_model_parallel_size,
-                               context_parallel_size=runtime.context_parallel_size, seed=runtime.seed)
+        distributed.initialize(
+            runtime.tensor_model_parallel_size,
+            runtime.pipeline_model_parallel_size,
+            context_parallel_size=runtime.context_parallel_size,
+            seed=runtime.seed,
+        )
 
 
 class Scorer:
@@ -115,8 +122,9 @@ class Scorer:
     def scores(self, tokens: torch.Tensor) -> TokenScores:
         raise NotImplementedError
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> List[List[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> List[List[int]]:
         """Per prompt (token ids, any lengths), its greedy continuation: at most ``max_new_tokens`` new tokens,
         ending with the first of ``stop_ids`` generated (kept). Collective like ``scores``."""
         raise NotImplementedError
@@ -141,13 +149,20 @@ class MegatronScorer(Scorer):
         self.dp_size = ps.get_data_parallel_world_size()
 
     def scores(self, tokens: torch.Tensor) -> TokenScores:
-        return megatron_token_scores(self.chunks, tokens, vocab_size=self.model.vocab_size,
-                                     micro_batch_size=self.micro_batch_size)
+        return megatron_token_scores(
+            self.chunks, tokens, vocab_size=self.model.vocab_size, micro_batch_size=self.micro_batch_size
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> List[List[int]]:
-        return greedy(megatron_decoder(self.chunks), prompts, max_new_tokens=max_new_tokens,
-                      vocab_size=self.model.vocab_size, stop_ids=stop_ids)
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> List[List[int]]:
+        return greedy(
+            megatron_decoder(self.chunks),
+            prompts,
+            max_new_tokens=max_new_tokens,
+            vocab_size=self.model.vocab_size,
+            stop_ids=stop_ids,
+        )
 
     def close(self) -> None:
         self.chunks = None
@@ -176,11 +191,17 @@ class HFScorer(Scorer):
         with cpu_speed.suspended():
             return hf_token_scores(self.hf_model, tokens, vocab_size=self.model.vocab_size)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> List[List[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> List[List[int]]:
         with cpu_speed.suspended():
-            return greedy(hf_decoder(self.hf_model), prompts, max_new_tokens=max_new_tokens,
-                          vocab_size=self.model.vocab_size, stop_ids=stop_ids)
+            return greedy(
+                hf_decoder(self.hf_model),
+                prompts,
+                max_new_tokens=max_new_tokens,
+                vocab_size=self.model.vocab_size,
+                stop_ids=stop_ids,
+            )
 
     def close(self) -> None:
         self.hf_model = None
@@ -188,8 +209,13 @@ class HFScorer(Scorer):
 
 def load_megatron(model: ResolvedModel, runtime: Runtime, seq_length: int) -> List[torch.nn.Module]:
     """GPTModel chunks for this rank with the checkpoint's weights (resharded to this TP/PP), in eval mode."""
-    chunks = llama.build_model(model.llama, dtype=runtime.torch_dtype, spec=runtime.transformer_impl,
-                               seq_length=max(seq_length, model.llama.max_position_embeddings), initialize=False)
+    chunks = llama.build_model(
+        model.llama,
+        dtype=runtime.torch_dtype,
+        spec=runtime.transformer_impl,
+        seq_length=max(seq_length, model.llama.max_position_embeddings),
+        initialize=False,
+    )
     try:
         checkpointing.load_checkpoint(model.directory, chunks)
     except CheckpointError as e:
@@ -225,15 +251,27 @@ def open_scorer(model: ResolvedModel, runtime: Runtime, seq_length: int) -> Iter
             torch.cuda.empty_cache()
 
 
-def check_memory(models: Sequence[ResolvedModel], runtime: Runtime, length: int,
-                 max_memory_gb: Optional[float] = None, generate: bool = False) -> None:
+def check_memory(
+    models: Sequence[ResolvedModel],
+    runtime: Runtime,
+    length: int,
+    max_memory_gb: Optional[float] = None,
+    generate: bool = False,
+) -> None:
     """UserError when a forward pass at ``length`` (``generate``: decoding up to ``length``) would not fit
     for one of ``models`` (see ``memory``)."""
     for m in models:
         megatron = m.spec.kind == "megatron"
-        check_fits(m.name, m.shape, length, micro_batch_size=runtime.micro_batch_size,
-                   tp=runtime.tensor_model_parallel_size if megatron else 1,
-                   pp=runtime.pipeline_model_parallel_size if megatron else 1,
-                   cp=runtime.context_parallel_size if megatron else 1,
-                   dtype_bytes=runtime.dtype_bytes, max_memory_gb=max_memory_gb, hf=not megatron,
-                   generate=generate)
+        check_fits(
+            m.name,
+            m.shape,
+            length,
+            micro_batch_size=runtime.micro_batch_size,
+            tp=runtime.tensor_model_parallel_size if megatron else 1,
+            pp=runtime.pipeline_model_parallel_size if megatron else 1,
+            cp=runtime.context_parallel_size if megatron else 1,
+            dtype_bytes=runtime.dtype_bytes,
+            max_memory_gb=max_memory_gb,
+            hf=not megatron,
+            generate=generate,
+        )

@@ -37,12 +37,33 @@ GB = 1024**3
 LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size")
 
 
-def forward_bytes(shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
-                  cp: int = 1, dtype_bytes: int = 4, padded: bool = True, generate: bool = False) -> int:
+def forward_bytes(
+    shape: ModelShape,
+    length: int,
+    *,
+    micro_batch_size: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    dtype_bytes: int = 4,
+    padded: bool = True,
+    generate: bool = False,
+) -> int:
     """Estimated peak bytes of one process running a forward pass at ``length`` (see the module docstring);
     ``generate``: decoding up to ``length``, with the key/value cache."""
-    return int(forward_estimate(shape, length, micro_batch_size=micro_batch_size, tp=tp, pp=pp, cp=cp,
-                                dtype_bytes=dtype_bytes, padded=padded, generate=generate).total)
+    return int(
+        forward_estimate(
+            shape,
+            length,
+            micro_batch_size=micro_batch_size,
+            tp=tp,
+            pp=pp,
+            cp=cp,
+            dtype_bytes=dtype_bytes,
+            padded=padded,
+            generate=generate,
+        ).total
+    )
 
 
 def available_bytes(max_memory_gb: Optional[float] = None, processes: Optional[int] = None) -> int:
@@ -87,39 +108,73 @@ class DoesNotFit(UserError):
         layout += [f"--pipeline-model-parallel-size {lay.pp}"] if lay.pp > 1 else []
         layout += [f"--context-parallel-size {lay.cp}"] if lay.cp > 1 else []
         where = f"TP={lay.tp} x CP={lay.cp}" + (f" x PP={lay.pp}" if lay.pp > 1 else "")
-        command = (f"torchrun --nproc-per-node {lay.model_parallel} tools/{prog} {shlex.join(args)} "
-                   f"{' '.join(layout)}")
+        command = f"torchrun --nproc-per-node {lay.model_parallel} tools/{prog} {shlex.join(args)} {' '.join(layout)}"
         if self.hf:
-            return (f"{self.message}; its Megatron conversion (tools/convert_hf_to_megatron.py --save CKPT) fits "
-                    f"at {where}: {command}")
+            return (
+                f"{self.message}; its Megatron conversion (tools/convert_hf_to_megatron.py --save CKPT) fits "
+                f"at {where}: {command}"
+            )
         return f"{self.message}; fits at {where}: {command}"
 
 
-def check_fits(name: str, shape: ModelShape, length: int, *, micro_batch_size: int = 1, tp: int = 1,
-               pp: int = 1, cp: int = 1, dtype_bytes: int = 4, max_memory_gb: Optional[float] = None,
-               hf: bool = False, generate: bool = False) -> None:
+def check_fits(
+    name: str,
+    shape: ModelShape,
+    length: int,
+    *,
+    micro_batch_size: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    cp: int = 1,
+    dtype_bytes: int = 4,
+    max_memory_gb: Optional[float] = None,
+    hf: bool = False,
+    generate: bool = False,
+) -> None:
     """DoesNotFit (one line, with the layout that would fit) when the estimate at ``length`` exceeds 90 % of
     the available memory (``generate``: decoding up to ``length``, see ``forward_bytes``)."""
     on_gpu = torch.cuda.is_available()
-    need = forward_bytes(shape, length, micro_batch_size=micro_batch_size, tp=tp, pp=pp, cp=cp,
-                         dtype_bytes=dtype_bytes, padded=not hf, generate=generate)
+    need = forward_bytes(
+        shape,
+        length,
+        micro_batch_size=micro_batch_size,
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        dtype_bytes=dtype_bytes,
+        padded=not hf,
+        generate=generate,
+    )
     have = available_bytes(max_memory_gb)
     if need <= HEADROOM * have:
         return
     where = "GPU memory" if on_gpu and max_memory_gb is None else "memory"
     what = f"generation up to {length} tokens" if generate else f"length {length}"
-    message = (f"{what} does not fit for {name}: {'it' if generate else 'a forward pass'} needs about "
-               f"{need / GB:.1f} GiB per process at TP={tp} x CP={cp}" + (f" x PP={pp}" if pp > 1 else "")
-               + f" (micro-batch {micro_batch_size}), {where} available {have / GB:.1f} GiB")
+    message = (
+        f"{what} does not fit for {name}: {'it' if generate else 'a forward pass'} needs about "
+        f"{need / GB:.1f} GiB per process at TP={tp} x CP={cp}"
+        + (f" x PP={pp}" if pp > 1 else "")
+        + f" (micro-batch {micro_batch_size}), {where} available {have / GB:.1f} GiB"
+    )
     per_process: Callable[[int], float]
     if on_gpu or max_memory_gb is not None:
+
         def per_process(n: int) -> float:
             return have
     else:  # CPU processes share the node's RAM
+
         def per_process(n: int) -> float:
             return available_bytes(None, processes=n)
-    layout = propose_forward(shape, length, per_process, micro_batch_size=micro_batch_size,
-                             dtype_bytes=dtype_bytes, padded=not hf, generate=generate)
+
+    layout = propose_forward(
+        shape,
+        length,
+        per_process,
+        micro_batch_size=micro_batch_size,
+        dtype_bytes=dtype_bytes,
+        padded=not hf,
+        generate=generate,
+    )
     raise DoesNotFit(message, layout, hf)
 
 

@@ -52,8 +52,10 @@ from megatron_resonance.megatron import distributed
 
 REPORT, MARKDOWN, FIGURE = "report.json", "report.md", "passkey.png"
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there. ")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there. "
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
@@ -79,7 +81,7 @@ class PasskeyPrompt:
 
     @property
     def answer(self) -> List[int]:
-        return self.tokens[self.answer_start:]
+        return self.tokens[self.answer_start :]
 
 
 class PromptBuilder:
@@ -105,8 +107,13 @@ class PromptBuilder:
     def fixed_tokens(self, key: str = "12345") -> int:
         """Tokens of everything but the filler: the shortest possible prompt."""
         question, answer = self.question_and_answer(key)
-        return len(self.bos) + len(self.intro) + len(self.tokenizer.encode(NEEDLE.format(key=key))) + len(
-            question) + len(answer)
+        return (
+            len(self.bos)
+            + len(self.intro)
+            + len(self.tokenizer.encode(NEEDLE.format(key=key)))
+            + len(question)
+            + len(answer)
+        )
 
     def build(self, length: int, depth: float, key: str) -> PasskeyPrompt:
         if not 0.0 <= depth <= 1.0:
@@ -115,8 +122,9 @@ class PromptBuilder:
         question, answer = self.question_and_answer(key)
         filler_count = length - len(self.bos) - len(self.intro) - len(needle) - len(question) - len(answer)
         if filler_count < 0:
-            raise UserError(f"length {length} is shorter than the passkey prompt without filler "
-                            f"({length - filler_count} tokens)")
+            raise UserError(
+                f"length {length} is shorter than the passkey prompt without filler ({length - filler_count} tokens)"
+            )
         repeats = -(-filler_count // len(self.filler_unit)) if filler_count else 0
         filler = (self.filler_unit * repeats)[:filler_count]
         before = round(depth * filler_count)
@@ -161,15 +169,20 @@ def evaluate_passkey(
     for L in lengths:
         cells = [(d, t) for d in depths for t in range(trials)]
         plan[L] = [builder.build(L, d, passkey(seed, L, d, t)) for d, t in cells]
-    groups = {L: list(range(0, len(p), scorer.batch_size))[scorer.dp_rank::scorer.dp_size] for L, p in plan.items()}
-    bar = tqdm(total=sum(len(g) for g in groups.values()), desc=f"{scorer.model.name} passkey", unit="batch",
-               disable=not (progress and distributed.is_rank0()), dynamic_ncols=True)
+    groups = {L: list(range(0, len(p), scorer.batch_size))[scorer.dp_rank :: scorer.dp_size] for L, p in plan.items()}
+    bar = tqdm(
+        total=sum(len(g) for g in groups.values()),
+        desc=f"{scorer.model.name} passkey",
+        unit="batch",
+        disable=not (progress and distributed.is_rank0()),
+        dynamic_ncols=True,
+    )
     accuracy, by_depth, answer_nll = {}, {}, {}
     for L, prompts in plan.items():
         bar.set_postfix(length=L)
         result = torch.zeros(len(prompts), 2, dtype=torch.float64)  # correct, answer NLL
         for g in groups[L]:
-            batch = prompts[g:g + scorer.batch_size]
+            batch = prompts[g : g + scorer.batch_size]
             scores = scorer.scores(torch.tensor([p.tokens for p in batch]))
             for row, p in enumerate(batch):
                 predictions = slice(p.answer_start - 1, L - 1)  # prediction j is of token j + 1
@@ -232,20 +245,25 @@ def run(
     builder = PromptBuilder(load_tokenizer(resolved.tokenizer), add_bos=add_bos)
     shortest = builder.fixed_tokens()
     if lengths[0] < shortest:
-        raise UserError(f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "
-                        f"({shortest} tokens with this tokenizer)")
+        raise UserError(
+            f"--lengths: {lengths[0]} is shorter than the passkey prompt without filler "
+            f"({shortest} tokens with this tokenizer)"
+        )
     loading.check_memory([resolved], runtime, lengths[-1], options.max_memory_gb)
     if max(builder.build(shortest + len(builder.filler_unit), 0.5, "12345").tokens) >= resolved.vocab_size:
-        raise UserError(f"the tokenizer {resolved.tokenizer} gives ids beyond {resolved.name}'s vocabulary "
-                        f"({resolved.vocab_size})")
+        raise UserError(
+            f"the tokenizer {resolved.tokenizer} gives ids beyond {resolved.name}'s vocabulary ({resolved.vocab_size})"
+        )
     if out:
         command_line.prepare_out(out)
 
     # ---------------------------------------------------------------- evaluate
     if resolved.spec.kind == "megatron":
         loading.initialize(runtime)
-    say(f"[passkey] {resolved.name}: {resolved.spec.kind} {resolved.directory}, {trials} trial(s) x "
-        f"{len(depths)} depth(s) per length")
+    say(
+        f"[passkey] {resolved.name}: {resolved.spec.kind} {resolved.directory}, {trials} trial(s) x "
+        f"{len(depths)} depth(s) per length"
+    )
     with loading.open_scorer(resolved, runtime, lengths[-1]) as scorer:
         result = evaluate_passkey(scorer, builder, lengths, depths, trials, seed=seed, progress=options.progress)
 
@@ -254,7 +272,11 @@ def run(
         **result,
         "model": {"name": resolved.name, **resolved.describe()},
         "settings": dict(
-            lengths=lengths, depths=[depth_key(d) for d in depths], trials=trials, seed=seed, add_bos=add_bos,
+            lengths=lengths,
+            depths=[depth_key(d) for d in depths],
+            trials=trials,
+            seed=seed,
+            add_bos=add_bos,
             scoring="teacher-forced greedy match of every answer token",
             tensor_model_parallel_size=runtime.tensor_model_parallel_size,
             pipeline_model_parallel_size=runtime.pipeline_model_parallel_size,
@@ -265,8 +287,12 @@ def run(
     if out and distributed.is_rank0():
         write_report(report, resolved.original_length, out)
         say(f"[passkey] wrote {os.path.join(out, REPORT)}, {MARKDOWN}, {FIGURE}")
-    say(markdown_table(["length", "accuracy", "answer NLL"],
-                       [[L, fmt(report["accuracy"][L]), fmt(report["answer_nll"][L])] for L in report["accuracy"]]))
+    say(
+        markdown_table(
+            ["length", "accuracy", "answer NLL"],
+            [[L, fmt(report["accuracy"][L]), fmt(report["answer_nll"][L])] for L in report["accuracy"]],
+        )
+    )
     return report
 
 
@@ -275,11 +301,19 @@ def write_report(report: dict, original_length: Optional[int], out: str) -> None
         json.dump(report, f, indent=2)
         f.write("\n")
     s, name = report["settings"], report["model"]["name"]
-    plot_passkey({int(L): v for L, v in report["by_depth"].items()}, s["depths"], os.path.join(out, FIGURE),
-                 title=f"Passkey retrieval: {name}", original_length=original_length)
+    plot_passkey(
+        {int(L): v for L, v in report["by_depth"].items()},
+        s["depths"],
+        os.path.join(out, FIGURE),
+        title=f"Passkey retrieval: {name}",
+        original_length=original_length,
+    )
     header = ["length", "accuracy", "answer NLL"] + [f"depth {d}" for d in s["depths"]]
-    rows = [[L, fmt(report["accuracy"][L], 2), fmt(report["answer_nll"][L])]
-            + [fmt(report["by_depth"][L][d], 2) for d in s["depths"]] for L in report["accuracy"]]
+    rows = [
+        [L, fmt(report["accuracy"][L], 2), fmt(report["answer_nll"][L])]
+        + [fmt(report["by_depth"][L][d], 2) for d in s["depths"]]
+        for L in report["accuracy"]
+    ]
     lines = [
         f"# Passkey retrieval: {name}",
         "",

@@ -82,10 +82,18 @@ def build_parser(prog: str = "eval_perplexity.py") -> ArgumentParser:
     command_line.add_model_arguments(p, several=True)
     g = p.add_argument_group("evaluation")
     g.add_argument("--lengths", required=True, help="context lengths, comma-separated (e.g. 128,256,512)")
-    g.add_argument("--data", default=None, help="indexed-dataset prefix (PATH of PATH.bin/.idx) or JSONL with "
-                   "{\"text\": ...} or {\"tokens\": [...]} per line (default: held-out standard-library files)")
-    g.add_argument("--stride", type=int, default=None,
-                   help="sliding windows S tokens apart (default: the first L tokens of each document)")
+    g.add_argument(
+        "--data",
+        default=None,
+        help="indexed-dataset prefix (PATH of PATH.bin/.idx) or JSONL with "
+        '{"text": ...} or {"tokens": [...]} per line (default: held-out standard-library files)',
+    )
+    g.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding windows S tokens apart (default: the first L tokens of each document)",
+    )
     g.add_argument("--max-documents", type=int, default=None, help="at most N documents per length")
     g.add_argument("--seed", type=int, default=0, help="document order (default 0)")
     g.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to every document")
@@ -113,20 +121,27 @@ def perplexity_by_length(
         used, skipped = docs_lib.select(documents, L, seed=seed, max_documents=max_documents)
         spans = [(d, start, first) for d in used for start, first in docs_lib.windows(len(documents[d]), L, stride)]
         plan[L] = (used, skipped, spans)
-    groups = {L: list(range(0, len(spans), scorer.batch_size))[scorer.dp_rank::scorer.dp_size]
-              for L, (_, _, spans) in plan.items()}
-    bar = tqdm(total=sum(len(g) for g in groups.values()), desc=scorer.model.name, unit="batch",
-               disable=not (progress and distributed.is_rank0()), dynamic_ncols=True)
+    groups = {
+        L: list(range(0, len(spans), scorer.batch_size))[scorer.dp_rank :: scorer.dp_size]
+        for L, (_, _, spans) in plan.items()
+    }
+    bar = tqdm(
+        total=sum(len(g) for g in groups.values()),
+        desc=scorer.model.name,
+        unit="batch",
+        disable=not (progress and distributed.is_rank0()),
+        dynamic_ncols=True,
+    )
     results = {}
     for L, (used, skipped, spans) in plan.items():
         bar.set_postfix(length=L)
         sums = torch.zeros(len(spans), dtype=torch.float64)
         for g in groups[L]:
-            batch = spans[g:g + scorer.batch_size]
-            tokens = torch.from_numpy(np.stack([documents[d][s:s + L] for d, s, _ in batch]))
+            batch = spans[g : g + scorer.batch_size]
+            tokens = torch.from_numpy(np.stack([documents[d][s : s + L] for d, s, _ in batch]))
             nll = scorer.scores(tokens).nll.double()
             for row, (_, s, first) in enumerate(batch):
-                sums[g + row] = nll[row, first - s - 1:].sum()
+                sums[g + row] = nll[row, first - s - 1 :].sum()
             bar.update()
         sums = scorer.all_reduce(sums)
         count = sum(s + L - first for _, s, first in spans)
@@ -191,20 +206,34 @@ def run(
         loading.initialize(runtime)
     results = {}
     for m in resolved:
-        say(f"[eval] {m.name}: {m.spec.kind} {m.directory} rope={m.rope.get('kind', m.rope.get('rope_type'))} "
-            f"original length {m.original_length}")
+        say(
+            f"[eval] {m.name}: {m.spec.kind} {m.directory} rope={m.rope.get('kind', m.rope.get('rope_type'))} "
+            f"original length {m.original_length}"
+        )
         with loading.open_scorer(m, runtime, lengths[-1]) as scorer:
-            results[m.name] = perplexity_by_length(scorer, documents[m.name], lengths, stride=stride,
-                                                   max_documents=max_documents, seed=seed, progress=options.progress)
+            results[m.name] = perplexity_by_length(
+                scorer,
+                documents[m.name],
+                lengths,
+                stride=stride,
+                max_documents=max_documents,
+                seed=seed,
+                progress=options.progress,
+            )
 
     # ---------------------------------------------------------------- report
     settings = dict(
-        lengths=lengths, data=data or "default: held-out standard-library files", stride=stride,
-        max_documents=max_documents, seed=seed, add_bos=add_bos,
+        lengths=lengths,
+        data=data or "default: held-out standard-library files",
+        stride=stride,
+        max_documents=max_documents,
+        seed=seed,
+        add_bos=add_bos,
         tensor_model_parallel_size=runtime.tensor_model_parallel_size,
         pipeline_model_parallel_size=runtime.pipeline_model_parallel_size,
         context_parallel_size=runtime.context_parallel_size,
-        micro_batch_size=runtime.micro_batch_size, dtype=str(runtime.torch_dtype).replace("torch.", ""),
+        micro_batch_size=runtime.micro_batch_size,
+        dtype=str(runtime.torch_dtype).replace("torch.", ""),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
     report = make_report(resolved, results, settings)
@@ -215,8 +244,9 @@ def run(
     return report
 
 
-def model_documents(resolved: Sequence[ResolvedModel], data: Optional[str],
-                    add_bos: bool) -> Dict[str, List[np.ndarray]]:
+def model_documents(
+    resolved: Sequence[ResolvedModel], data: Optional[str], add_bos: bool
+) -> Dict[str, List[np.ndarray]]:
     """Each model's documents (``--data``, tokenized with its tokenizer where the data is text); models
     sharing a tokenizer (or token data) share the arrays. UserError for data no model can read."""
     text = docs_lib.needs_tokenizer(data)
@@ -225,8 +255,11 @@ def model_documents(resolved: Sequence[ResolvedModel], data: Optional[str],
     out = {}
     for m in resolved:
         if (text or add_bos) and m.tokenizer is None:
-            raise UserError(f"{what} is text and no tokenizer is stored with {m.name}: pass --tokenizer"
-                            if text else f"--add-bos needs a tokenizer: none is stored with {m.name}")
+            raise UserError(
+                f"{what} is text and no tokenizer is stored with {m.name}: pass --tokenizer"
+                if text
+                else f"--add-bos needs a tokenizer: none is stored with {m.name}"
+            )
         key = m.tokenizer if (text or add_bos or docs_lib.data_kind(data) == "indexed") else None
         if key not in cache:
             tok = load_tokenizer(key) if key else None
@@ -272,17 +305,23 @@ def write_report(report: dict, resolved: Sequence[ResolvedModel], out: str) -> N
         json.dump(report, f, indent=2)
         f.write("\n")
     ppl = _by_model(report)
-    plot_perplexity({n: {int(L): p for L, p in by.items()} for n, by in ppl.items()},
-                    {m.name: m.original_length for m in resolved}, os.path.join(out, FIGURE))
+    plot_perplexity(
+        {n: {int(L): p for L, p in by.items()} for n, by in ppl.items()},
+        {m.name: m.original_length for m in resolved},
+        os.path.join(out, FIGURE),
+    )
     s = report["settings"]
-    mode = (f"sliding L-token windows {s['stride']} tokens apart over each document at least L tokens long"
-            if s["stride"]
-            else "the first L tokens of each document at least L tokens long")
+    mode = (
+        f"sliding L-token windows {s['stride']} tokens apart over each document at least L tokens long"
+        if s["stride"]
+        else "the first L tokens of each document at least L tokens long"
+    )
     lines = [
         "# Perplexity by context length",
         "",
         f"Data: {s['data']}; {mode}; documents in seeded order (seed {s['seed']})"
-        + (f", at most {s['max_documents']} per length" if s["max_documents"] else "") + ".",
+        + (f", at most {s['max_documents']} per length" if s["max_documents"] else "")
+        + ".",
         "Perplexity = exp(mean token NLL) over all scored tokens; cells: perplexity (documents used, skipped).",
         "",
     ]
@@ -294,8 +333,12 @@ def write_report(report: dict, resolved: Sequence[ResolvedModel], out: str) -> N
             d = report["details"][n][L]
             row.append(f"{fmt(ppl[n][L])} ({d['documents']} used, {d['skipped']} skipped)")
         rows.append(row)
-    lines += [markdown_table(["length"] + names, rows), "", "| model | kind | rope | original length | path |",
-              "|---|---|---|---:|---|"]
+    lines += [
+        markdown_table(["length"] + names, rows),
+        "",
+        "| model | kind | rope | original length | path |",
+        "|---|---|---|---:|---|",
+    ]
     for m in resolved:
         rope = m.rope.get("kind") or m.rope.get("rope_type")
         factor = m.rope.get("factor")

@@ -92,8 +92,13 @@ def plot_depth_heatmaps(
     plt = _pyplot()
     original_lengths = original_lengths or {}
     width = max(len(by) for by in panels.values())
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
-                             figsize=(len(panels) * max(4.5, 1.6 + 0.9 * width), 1.4 + 0.5 * len(depths)))
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        squeeze=False,
+        sharey=True,
+        figsize=(len(panels) * max(4.5, 1.6 + 0.9 * width), 1.4 + 0.5 * len(depths)),
+    )
     for ax, (name, by_depth) in zip(axes[0], panels.items()):
         lengths = sorted(by_depth)
         grid = [[by_depth[L].get(d, math.nan) for L in lengths] for d in depths]
@@ -128,4 +133,3 @@ def fmt(value: Optional[float], digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "—"
     return f"{value:.{digits}f}" if value < 1e4 else f"{value:.3e}"
-

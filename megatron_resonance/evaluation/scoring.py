@@ -101,8 +101,13 @@ def megatron_logit_scores(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
     )
 
 
-def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, non_loss_data: bool = False,
-                 every_position: bool = False):
+def _scores_func(
+    targets: torch.Tensor,
+    vocab_size: int,
+    logits: torch.Tensor,
+    non_loss_data: bool = False,
+    every_position: bool = False,
+):
     """The schedule's loss function on the last stage: keep the scores instead of a loss (of every
     position but the last, or with ``every_position`` of all: context parallelism's part of the sequence)."""
     scores = megatron_logit_scores(logits if every_position else logits[:, :-1], targets, vocab_size)
@@ -112,7 +117,6 @@ def _scores_func(targets: torch.Tensor, vocab_size: int, logits: torch.Tensor, n
 def _forward_step(data_iterator, model, vocab_size: int):
     batch = next(data_iterator)
     if "targets" in batch:  # context parallelism: this rank's chunks of the sequence and of its targets
-
         batch = batch_on_this_cp_rank(dict(batch))
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, functools.partial(_scores_func, batch["targets"], vocab_size, every_position=True)
@@ -170,7 +174,7 @@ def megatron_token_scores(
     padded = torch.cat([tokens, tokens[-1:].expand(count * mbs - rows, length)]) if count * mbs > rows else tokens
     padded = padded.to(device=device, dtype=torch.long)
     positions = torch.arange(length, device=device).unsqueeze(0).expand(mbs, length)
-    batches = [{"tokens": padded[i * mbs:(i + 1) * mbs], "position_ids": positions} for i in range(count)]
+    batches = [{"tokens": padded[i * mbs : (i + 1) * mbs], "position_ids": positions} for i in range(count)]
     cp = ps.get_context_parallel_world_size()
     if cp > 1:
         if length % (2 * cp):
@@ -178,7 +182,7 @@ def megatron_token_scores(
         # every position's target (the last one's is a placeholder, dropped after the gather)
         targets = torch.cat([padded[:, 1:], padded[:, -1:]], dim=1)
         for i, batch in enumerate(batches):
-            batch["targets"] = targets[i * mbs:(i + 1) * mbs]
+            batch["targets"] = targets[i * mbs : (i + 1) * mbs]
     collected = get_forward_backward_func()(
         forward_step_func=functools.partial(_forward_step, vocab_size=vocab_size),
         # one iterator per virtual-pipeline chunk: each chunk reads every micro-batch
@@ -195,8 +199,9 @@ def megatron_token_scores(
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         result.copy_(torch.cat(list(collected), dim=1))
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            result, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
     if cp > 1:
         result = _gather_context_parallel(result, length)
     result = result[:, :rows].cpu()

@@ -27,8 +27,9 @@ HF_FILES = (
 
 def copy_assets(source: str, destination: str, include_config: bool) -> List[str]:
     """Copy the tokenizer/generation files (and config.json) present in ``source``. Returns their names."""
-    names = [n for n in HF_FILES + (("config.json",) if include_config else ()) if os.path.isfile(
-        os.path.join(source, n))]
+    names = [
+        n for n in HF_FILES + (("config.json",) if include_config else ()) if os.path.isfile(os.path.join(source, n))
+    ]
     if names:
         os.makedirs(destination, exist_ok=True)
     for n in names:

@@ -70,8 +70,18 @@ def check_llama(config: Dict[str, Any], where: str) -> None:
         raise ConversionError(f"{where}: model_type {model_type!r} is not a LLaMA model ({MODEL_TYPE!r})")
     if not archs and model_type is None:
         raise ConversionError(f"{where}: neither architectures nor model_type is set; expected a LLaMA config")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                           "vocab_size", "max_position_embeddings") if not isinstance(config.get(k), int)]
+    missing = [
+        k
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        )
+        if not isinstance(config.get(k), int)
+    ]
     if missing:
         raise ConversionError(f"{where}: missing or non-integer {', '.join(missing)}")
     for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
@@ -135,8 +145,9 @@ def extension_plan(cfg: LlamaConfig, hf_config: Dict[str, Any], kind: str, facto
         raise ConversionError(f"unknown --rope-kind {kind!r}; expected one of {', '.join(KINDS)}")
     original = original_max_position(hf_config)
     try:
-        rope = RopeConfig(kind=kind, head_dim=cfg.head_dim, base=cfg.rope.base, original_max_position=original,
-                          factor=float(factor))
+        rope = RopeConfig(
+            kind=kind, head_dim=cfg.head_dim, base=cfg.rope.base, original_max_position=original, factor=float(factor)
+        )
     except ValueError as e:
         raise ConversionError(f"--rope-kind {kind} --rope-factor {factor}: {e}") from None
     return dataclasses.replace(cfg, rope=rope, max_position_embeddings=rope.target_max_position)
@@ -172,8 +183,10 @@ def export_config(
         )
         keep_rope = keep_rope and rope_format == "longrope" and not ambiguous
     if keep_rope:
-        params = dict(out.get("rope_parameters") or {**(out.get("rope_scaling") or {}),
-                                                       "rope_theta": out.get("rope_theta", cfg.rope.base)})
+        params = dict(
+            out.get("rope_parameters")
+            or {**(out.get("rope_scaling") or {}), "rope_theta": out.get("rope_theta", cfg.rope.base)}
+        )
         params.setdefault("rope_type", params.pop("type", "default"))
         params.setdefault("rope_theta", out.get("rope_theta", cfg.rope.base))
         for key, value in both_styles(params).items():
@@ -186,8 +199,16 @@ def export_config(
         out.update(rope_config_keys(cfg.rope, rope_format, cfg.max_position_embeddings))
     name = dtype_name(dtype)
     out.update({key: getattr(cfg, field) for key, field in FIELDS.items()})
-    out.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, head_dim=cfg.head_dim, hidden_act="silu",
-               attention_bias=False, mlp_bias=False, dtype=name, torch_dtype=name)
+    out.update(
+        architectures=[ARCHITECTURE],
+        model_type=MODEL_TYPE,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        dtype=name,
+        torch_dtype=name,
+    )
     out.setdefault("attention_dropout", 0.0)
     out.setdefault("use_cache", True)
     return dict(sorted(out.items()))

@@ -40,8 +40,7 @@ ROPE_FORMATS = ("longrope", "custom")
 KIND_KEY = "megatron_resonance_rope_kind"
 PLAN_KEY = "megatron_resonance_rope"
 #: every key that describes the rotary embedding; removed from a reference config before re-encoding
-ROPE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "original_max_position_embeddings", KIND_KEY,
-             PLAN_KEY)
+ROPE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "original_max_position_embeddings", KIND_KEY, PLAN_KEY)
 _HF_TO_KIND = {"default": "rope", "linear": "linear", "yarn": "yarn", "llama3": "llama3"}
 _PLAN_ENCODINGS = ("longrope", CUSTOM_ROPE_TYPE)
 
@@ -175,35 +174,56 @@ def rope_parameters(
     # whose length is not original x factor (versions disagree on its factor) or whose correction range is
     # taken at another length (transformers has no key for it): per-feature encodings
     kind = "per_feature" if rope.resonance else rope.kind
-    if kind == "yarn" and (yarn_reads_differ(rope.factor, L, max_position)
-                           or rope.correction_length not in (None, L)):
+    if kind == "yarn" and (yarn_reads_differ(rope.factor, L, max_position) or rope.correction_length not in (None, L)):
         kind = "per_feature"
     if kind == "rope":
         return {"rope_type": "default", "rope_theta": base}
     if kind == "linear":
         return {"rope_type": "linear", "factor": rope.factor, "rope_theta": base}
     if kind == "yarn":
-        params = {"rope_type": "yarn", "factor": rope.factor, "original_max_position_embeddings": L,
-                  "beta_fast": rope.beta_fast, "beta_slow": rope.beta_slow, "rope_theta": base}
+        params = {
+            "rope_type": "yarn",
+            "factor": rope.factor,
+            "original_max_position_embeddings": L,
+            "beta_fast": rope.beta_fast,
+            "beta_slow": rope.beta_slow,
+            "rope_theta": base,
+        }
         if rope.attention_factor is not None:
             params["attention_factor"] = rope.attention_factor
         return params
     if kind == "llama3":
-        return {"rope_type": "llama3", "factor": rope.factor, "original_max_position_embeddings": L,
-                "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
-                "rope_theta": base}
+        return {
+            "rope_type": "llama3",
+            "factor": rope.factor,
+            "original_max_position_embeddings": L,
+            "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "rope_theta": base,
+        }
     if rope_format == "custom":
-        return {"rope_type": CUSTOM_ROPE_TYPE, "factor": rope.factor, "original_max_position_embeddings": L,
-                "attention_factor": freqs.attention_factor, "rope_theta": base}
+        return {
+            "rope_type": CUSTOM_ROPE_TYPE,
+            "factor": rope.factor,
+            "original_max_position_embeddings": L,
+            "attention_factor": freqs.attention_factor,
+            "rope_theta": base,
+        }
     if kind == "ntk":
         d = rope.head_dim  # head_dim 2: the one feature has theta = 1 whatever the base
         return {"rope_type": "default", "rope_theta": base * rope.factor ** (d / (d - 2)) if d > 2 else base}
     # resonance rounding over any kind: per-feature factors through longrope
     ext = 1.0 / (freqs.inv_freq * base ** _hf_exponents(rope.head_dim).double())
     factors = [float(x) for x in ext]
-    return {"rope_type": "longrope", "short_factor": factors, "long_factor": list(factors),
-            "factor": rope.factor, "original_max_position_embeddings": L,
-            "attention_factor": freqs.attention_factor, "rope_theta": base}
+    return {
+        "rope_type": "longrope",
+        "short_factor": factors,
+        "long_factor": list(factors),
+        "factor": rope.factor,
+        "original_max_position_embeddings": L,
+        "attention_factor": freqs.attention_factor,
+        "rope_theta": base,
+    }
 
 
 def both_styles(params: Dict[str, Any]) -> Dict[str, Any]:

@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 
 from megatron_resonance.errors import ConversionError
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 TensorSpec = Tuple[str, Tuple[int, ...], torch.dtype]
 #: shards written at once (each its own thread; the shards in flight are the writer's memory beyond the model)
@@ -36,7 +35,7 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5e9 bytes (also KB, MB, KiB, MiB, GiB or a plain number of bytes)."""
     s = str(text).strip().upper().replace(" ", "")
     number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
+    unit = s[len(number) :]
     try:
         value = float(number)
     except ValueError:

@@ -71,4 +71,5 @@ def flash_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
 
 def flash_attention_cpu_backward(grad, q, k, v, out, logsumexp, is_causal: bool, scale: float):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, k, v, out, logsumexp, 0.0, is_causal, scale=scale)
+        grad, q, k, v, out, logsumexp, 0.0, is_causal, scale=scale
+    )

@@ -120,9 +120,12 @@ def _set_rng(state: Dict[str, Any]) -> None:
     saved_on_gpu = state.get("cuda") is not None
     if saved_on_gpu != torch.cuda.is_available():
         if dist.get_rank() == 0:
-            print(f"[checkpoint] RNG state saved on {'GPU' if saved_on_gpu else 'CPU'}, loaded on "
-                  f"{'CPU' if saved_on_gpu else 'GPU'}: the CUDA and model-parallel generators keep this "
-                  "run's seeds", flush=True)
+            print(
+                f"[checkpoint] RNG state saved on {'GPU' if saved_on_gpu else 'CPU'}, loaded on "
+                f"{'CPU' if saved_on_gpu else 'GPU'}: the CUDA and model-parallel generators keep this "
+                "run's seeds",
+                flush=True,
+            )
         return
     if saved_on_gpu:
         torch.cuda.set_rng_state(state["cuda"])

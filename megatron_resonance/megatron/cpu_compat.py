@@ -120,8 +120,12 @@ def _install_backward_device_mode() -> None:
     backward, which runs without the process-wide mode."""
     from megatron.core.tensor_parallel import layers, mappings
 
-    for name in ("_gather_along_first_dim", "_gather_along_last_dim", "_reduce_scatter_along_first_dim",
-                 "_reduce_scatter_along_last_dim"):
+    for name in (
+        "_gather_along_first_dim",
+        "_gather_along_last_dim",
+        "_reduce_scatter_along_first_dim",
+        "_reduce_scatter_along_last_dim",
+    ):
         setattr(mappings, name, _under_device_mode(getattr(mappings, name)))
     linear = layers.LinearWithGradAccumulationAndAsyncCommunication
     linear.backward = staticmethod(_under_device_mode(linear.backward))

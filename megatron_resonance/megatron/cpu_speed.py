@@ -134,12 +134,19 @@ def _install() -> None:
     from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 
     _register_one_rank_collectives()
-    _patch(layers, "fused_weight_gradient_mlp_cuda",
-           types.SimpleNamespace(wgrad_gemm_accum_fp32=_wgrad_gemm_accum, wgrad_gemm_accum_fp16=_wgrad_gemm_accum))
+    _patch(
+        layers,
+        "fused_weight_gradient_mlp_cuda",
+        types.SimpleNamespace(wgrad_gemm_accum_fp32=_wgrad_gemm_accum, wgrad_gemm_accum_fp16=_wgrad_gemm_accum),
+    )
     _patch(layers, "_grad_accum_fusion_available", True)
     _patch(layers, "LinearWithGradAccumulationAndAsyncCommunication", _lean_linear())
-    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
-                 "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region"):
+    for name in (
+        "copy_to_tensor_model_parallel_region",
+        "reduce_from_tensor_model_parallel_region",
+        "scatter_to_tensor_model_parallel_region",
+        "gather_from_tensor_model_parallel_region",
+    ):
         _patch(layers, name, _one_rank_region(getattr(mappings, name)))
     _patch(clip_grads, "l2_norm_impl", _multi_tensor_l2norm)
     _patch(clip_grads, "multi_tensor_scale_impl", _multi_tensor_scale)
@@ -199,8 +206,11 @@ def _one_rank_collective(func, args, kwargs):
     bound.apply_defaults()
     a = bound.arguments
     op = a.get("op")
-    if (not dist.is_initialized() or dist.get_world_size(a["group"]) != 1
-            or (op is not None and op == dist.ReduceOp.PREMUL_SUM)):
+    if (
+        not dist.is_initialized()
+        or dist.get_world_size(a["group"]) != 1
+        or (op is not None and op == dist.ReduceOp.PREMUL_SUM)
+    ):
         return cpu_compat.call(func, args, kwargs)
     local(a)
     return _Done() if a.get("async_op") else None
@@ -240,14 +250,36 @@ def _lean_linear():
 
     class _LeanLinearWithGradAccumulation(base):
         @staticmethod
-        def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                    grad_output_buffer, wgrad_deferral_limit, tp_group, *later):
+        def forward(
+            ctx,
+            input,
+            weight,
+            bias,
+            gradient_accumulation_fusion,
+            allreduce_dgrad,
+            sequence_parallel,
+            grad_output_buffer,
+            wgrad_deferral_limit,
+            tp_group,
+            *later,
+        ):
             fuse = gradient_accumulation_fusion and hasattr(weight, "main_grad")
             ctx.lean = not sequence_parallel and grad_output_buffer is None and not compat.gathers_weight(later)
             ctx.inputs = 9 + len(later)
             if not ctx.lean:
-                return base.forward(ctx, input, weight, bias, fuse, allreduce_dgrad, sequence_parallel,
-                                    grad_output_buffer, wgrad_deferral_limit, tp_group, *later)
+                return base.forward(
+                    ctx,
+                    input,
+                    weight,
+                    bias,
+                    fuse,
+                    allreduce_dgrad,
+                    sequence_parallel,
+                    grad_output_buffer,
+                    wgrad_deferral_limit,
+                    tp_group,
+                    *later,
+                )
             ctx.save_for_backward(input, weight)
             ctx.main_grad = weight.main_grad if fuse else None
             ctx.use_bias = bias is not None

@@ -240,9 +240,16 @@ class LocalNorm:
     ``finalize_model_grads`` all-reduce them over TP, as Apex's and TE's norms are marked. (megatron's
     torch wrapper, which marks nothing, refuses sequence parallelism.)"""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                zero_centered_gamma: bool = False, normalization: str = "LayerNorm",
-                rms_norm: type = torch.nn.RMSNorm):
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+        rms_norm: type = torch.nn.RMSNorm,
+    ):
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         checked = config
@@ -313,8 +320,13 @@ def build_model(
     cfg.check_parallel(ps.get_tensor_model_parallel_world_size())
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     tf_config = transformer_config(
-        cfg, params_dtype=dtype, sequence_parallel=sequence_parallel, spec=spec, perform_initialization=initialize,
-        calculate_per_token_loss=per_token_loss, **({"use_cpu_initialization": True} if on_cpu else {}),
+        cfg,
+        params_dtype=dtype,
+        sequence_parallel=sequence_parallel,
+        spec=spec,
+        perform_initialization=initialize,
+        calculate_per_token_loss=per_token_loss,
+        **({"use_cpu_initialization": True} if on_cpu else {}),
         **(recompute or {}),
     )
     spec_module = layer_spec(spec)
@@ -397,4 +409,3 @@ def for_inference(chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
     for c in chunks:
         c.eval()
     return chunks
-

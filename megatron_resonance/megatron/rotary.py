@@ -83,6 +83,7 @@ def _document_positions(gpt: torch.nn.Module):
     """Forward pre-hook of a GPTModel's decoder: with a ``documents.DocumentLayout`` carrying position ids
     as ``packed_seq_params``, the decoder's rotary angles are taken at those positions (megatron-core's
     rotary ignores ``position_ids``)."""
+
     def hook(module, args, kwargs):
         layout = kwargs.get("packed_seq_params")
         if not isinstance(layout, DocumentLayout) or layout.position_ids is None:
@@ -148,22 +149,33 @@ def cached_key_self_attention():
     The arithmetic is megatron's own ``apply_rotary_pos_emb`` with the arguments its forward passes, so the
     keys are the same numbers; training and dynamic batching take megatron's path unchanged.
     """
+
     class CachedKeySelfAttention(attention.SelfAttention):
-        def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
-                                            *args, **kwargs):
-            if (inference_context is None or not inference_context.is_static_batching()
-                    or rotary_pos_emb is None or self.config.flash_decode):
-                return super()._adjust_key_value_for_inference(inference_context, query, key, value,
-                                                               rotary_pos_emb, *args, **kwargs)
+        def _adjust_key_value_for_inference(
+            self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+        ):
+            if (
+                inference_context is None
+                or not inference_context.is_static_batching()
+                or rotary_pos_emb is None
+                or self.config.flash_decode
+            ):
+                return super()._adjust_key_value_for_inference(
+                    inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+                )
             q_pos_emb, k_pos_emb = rotary_pos_emb
             start = inference_context.sequence_len_offset
             key = attention.apply_rotary_pos_emb(
-                key, k_pos_emb[start:start + key.shape[0]], config=self.config, cu_seqlens=None,
+                key,
+                k_pos_emb[start : start + key.shape[0]],
+                config=self.config,
+                cu_seqlens=None,
                 mscale=attention._yarn_get_concentration_factor_from_config(self.config),
                 cp_group=self.pg_collection.cp,
             )
             query, key, value, rotary_pos_emb, mask_type, block_table = super()._adjust_key_value_for_inference(
-                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+            )
             return query, key, value, (rotary_pos_emb[0], None), mask_type, block_table
 
     return CachedKeySelfAttention

@@ -45,9 +45,17 @@ class SDPAAttention(DotProductAttention):
     """Drop-in core attention: [sq, b, np, hn] q, [sk, b, ng, hn] k/v -> [sq, b, np*hn]; with context
     parallelism, sq = sk = this rank's s / CP tokens (see the module docstring)."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
         cp_size = config.context_parallel_size
         parent_config = config
         if cp_size > 1:
@@ -58,15 +66,24 @@ class SDPAAttention(DotProductAttention):
             # megatron's local attention asserts CP == 1 (only TE's runs CP); the CP part is ours
             parent_config = copy.copy(config)
             parent_config.context_parallel_size = 1
-        super().__init__(parent_config, layer_number, attn_mask_type, attention_type, attention_dropout,
-                         softmax_scale, cp_comm_type, pg_collection)
+        super().__init__(
+            parent_config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout,
+            softmax_scale,
+            cp_comm_type,
+            pg_collection,
+        )
         self.config = config
         self.cp_group = None
         if cp_size > 1:
             self.cp_group = getattr(pg_collection, "cp", None) or ps.get_context_parallel_group()
             if self.cp_group.size() != cp_size:
-                raise ValueError(f"the context-parallel group has {self.cp_group.size()} ranks, the config "
-                                 f"says {cp_size}")
+                raise ValueError(
+                    f"the context-parallel group has {self.cp_group.size()} ranks, the config says {cp_size}"
+                )
 
     def forward(
         self,
@@ -127,13 +144,16 @@ class SDPAAttention(DotProductAttention):
     def _context_parallel(self, query, key, value, attention_mask, attn_mask_type):
         """Causal attention of this rank's two query chunks against the all-gathered keys and values."""
         if attention_mask is not None or attn_mask_type != AttnMaskType.causal:
-            raise NotImplementedError("context parallelism without Transformer Engine runs causal attention "
-                                      "without an explicit mask")
+            raise NotImplementedError(
+                "context parallelism without Transformer Engine runs causal attention without an explicit mask"
+            )
         cp, rank = self.cp_group.size(), self.cp_group.rank()
         sq, b, np_, hn = query.shape
         if sq % 2 or key.shape[0] != sq:
-            raise ValueError(f"context parallelism: {sq} query and {key.shape[0]} key positions on this rank; "
-                             "expected the same even number (two chunks)")
+            raise ValueError(
+                f"context parallelism: {sq} query and {key.shape[0]} key positions on this rank; "
+                "expected the same even number (two chunks)"
+            )
         chunk = sq // 2
         kv = all_gather_sequence(torch.cat([key, value], dim=-1), self.cp_group)  # [s, b, ng, 2hn], rank order
         kv = kv.permute(1, 2, 0, 3)  # [b, ng, s, 2hn]
@@ -144,20 +164,34 @@ class SDPAAttention(DotProductAttention):
         merged = q.device.type == "cpu" and not dropout
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else _null():
             for half, c in enumerate((rank, 2 * cp - 1 - rank)):
-                q_c = q[:, :, half * chunk:(half + 1) * chunk]
+                q_c = q[:, :, half * chunk : (half + 1) * chunk]
                 if merged:  # own chunk causal + earlier chunks unmasked, merged by log-sum-exp: no mask at all
                     own = slice(c * chunk, (c + 1) * chunk)
-                    outputs.append(_ChunkAttention.apply(
-                        q_c, k[:, :, own], v[:, :, own], k[:, :, :c * chunk] if c else None,
-                        v[:, :, :c * chunk] if c else None, self.softmax_scale))
+                    outputs.append(
+                        _ChunkAttention.apply(
+                            q_c,
+                            k[:, :, own],
+                            v[:, :, own],
+                            k[:, :, : c * chunk] if c else None,
+                            v[:, :, : c * chunk] if c else None,
+                            self.softmax_scale,
+                        )
+                    )
                     continue
                 visible = (c + 1) * chunk
                 mask = None if c == 0 else causal_chunk_mask(chunk, c, q.device)
-                outputs.append(F.scaled_dot_product_attention(
-                    q_c, k[:, :, :visible], v[:, :, :visible],
-                    attn_mask=mask, dropout_p=dropout, is_causal=c == 0, scale=self.softmax_scale,
-                    enable_gqa=k.shape[1] != q.shape[1],
-                ))
+                outputs.append(
+                    F.scaled_dot_product_attention(
+                        q_c,
+                        k[:, :, :visible],
+                        v[:, :, :visible],
+                        attn_mask=mask,
+                        dropout_p=dropout,
+                        is_causal=c == 0,
+                        scale=self.softmax_scale,
+                        enable_gqa=k.shape[1] != q.shape[1],
+                    )
+                )
         context = torch.cat(outputs, dim=2)  # [b, np, sq, hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
@@ -212,12 +246,14 @@ class _ChunkAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k_own, v_own, k_prev, v_prev, out, lse = ctx.saved_tensors
         grad = grad.contiguous()
-        dq, dk_own, dv_own = _private_torch.flash_attention_cpu_backward(grad, q, k_own, v_own, out, lse, True,
-                                                                         ctx.scale)
+        dq, dk_own, dv_own = _private_torch.flash_attention_cpu_backward(
+            grad, q, k_own, v_own, out, lse, True, ctx.scale
+        )
         dk_prev = dv_prev = None
         if k_prev is not None:
             dq_prev, dk_prev, dv_prev = _private_torch.flash_attention_cpu_backward(
-                grad, q, k_prev, v_prev, out, lse, False, ctx.scale)
+                grad, q, k_prev, v_prev, out, lse, False, ctx.scale
+            )
             dq = dq + dq_prev
         return dq, dk_own, dv_own, dk_prev, dv_prev, None
 

@@ -41,8 +41,7 @@ def check_stored_settings(out: str, preset: Preset) -> None:
             stored = json.load(f)
         if stored.get("fingerprint") != json.loads(json.dumps(preset.fingerprint())):
             raise ConfigError(
-                f"{out} holds a benchmark run with other settings (preset {stored.get('preset')!r}); "
-                "use another --out"
+                f"{out} holds a benchmark run with other settings (preset {stored.get('preset')!r}); use another --out"
             )
 
 
@@ -80,8 +79,9 @@ def _header(preset: Preset, out: str, todo: list, how: str) -> str:
     )
 
 
-def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Sequence] = None,
-        worker: Optional[str] = None) -> Optional[dict]:
+def run(
+    preset: Preset, out: str, save_weights: bool = False, cells: Optional[Sequence] = None, worker: Optional[str] = None
+) -> Optional[dict]:
     """Run the unfinished cells of ``preset`` (torchrun: data-parallel), then write the report and return
     it (on every rank).
 
@@ -114,8 +114,13 @@ def run(preset: Preset, out: str, save_weights: bool = False, cells: Optional[Se
     if worker is not None:
         return None
     if is_rank0():
-        run_info = {"wall_seconds": time.time() - wall, "cells_run": len(todo), "processes": dist.get_world_size(),
-                    "threads_per_process": torch.get_num_threads(), "how": f"world size {dist.get_world_size()}"}
+        run_info = {
+            "wall_seconds": time.time() - wall,
+            "cells_run": len(todo),
+            "processes": dist.get_world_size(),
+            "threads_per_process": torch.get_num_threads(),
+            "how": f"world size {dist.get_world_size()}",
+        }
         write_report(out, preset, run_info if todo else None)
     dist.barrier()
     print_rank0(f"[posgen] {len(todo)} cell(s) run in {time.time() - wall:.0f} s; report in {out}/report.md")
@@ -148,8 +153,9 @@ def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        procs = [subprocess.Popen(worker_argv(f"{k + 1}/{len(shares)}", share), env=env)
-                 for k, share in enumerate(shares)]
+        procs = [
+            subprocess.Popen(worker_argv(f"{k + 1}/{len(shares)}", share), env=env) for k, share in enumerate(shares)
+        ]
         codes = [p.wait() for p in procs]
     finally:
         for p in procs:
@@ -158,14 +164,23 @@ def run_workers(preset: Preset, out: str, workers: int, worker_argv) -> dict:
                 p.wait()
         signal.signal(signal.SIGTERM, previous)
     wall = time.time() - wall
-    run_info = {"wall_seconds": wall, "cells_run": len(todo), "processes": len(shares),
-                "threads_per_process": threads, "how": f"{len(shares)} worker processes"}
+    run_info = {
+        "wall_seconds": wall,
+        "cells_run": len(todo),
+        "processes": len(shares),
+        "threads_per_process": threads,
+        "how": f"{len(shares)} worker processes",
+    }
     report = write_report(out, preset, run_info if todo else None)
     failed = [f"worker {k + 1} (exit {c})" for k, c in enumerate(codes) if c]
     if failed:
         missing = [cell_name(c) for c in todo if not os.path.isfile(cell_path(out, *c))]
-        raise TrainingError(f"{', '.join(failed)} failed; {len(missing)} cell(s) not run: {' '.join(missing)}; "
-                           "rerun the same command to run them")
-    print(f"[posgen] {len(todo)} cell(s) run in {wall:.0f} s by {len(shares)} worker(s); report in "
-          f"{out}/report.md", flush=True)
+        raise TrainingError(
+            f"{', '.join(failed)} failed; {len(missing)} cell(s) not run: {' '.join(missing)}; "
+            "rerun the same command to run them"
+        )
+    print(
+        f"[posgen] {len(todo)} cell(s) run in {wall:.0f} s by {len(shares)} worker(s); report in {out}/report.md",
+        flush=True,
+    )
     return report

@@ -77,9 +77,14 @@ def rope_config(preset: Preset, variant: str):
     if variant not in ("yarn", "resonance_yarn"):
         return RopeConfig(**common, original_max_position=preset.train_length)
     if preset.protocol == "reference":
-        return RopeConfig(**common, original_max_position=preset.train_length + 1,
-                          factor=(preset.test_length + 1) / (preset.train_length + 1), beta_fast=2.0,
-                          beta_slow=1.0, correction_length=preset.test_length + 1)
+        return RopeConfig(
+            **common,
+            original_max_position=preset.train_length + 1,
+            factor=(preset.test_length + 1) / (preset.train_length + 1),
+            beta_fast=2.0,
+            beta_slow=1.0,
+            correction_length=preset.test_length + 1,
+        )
     return RopeConfig(**common, original_max_position=preset.train_length, factor=preset.scaling_factor)
 
 
@@ -246,8 +251,9 @@ class Training:
 
     def step(self, batches: Iterator[Dict[str, torch.Tensor]]):
         """One optimizer step over ``num_microbatches`` micro-batches: (loss, grad norm, update applied)."""
-        return train_step(self.forward_backward, batches, self.chunks, self.optimizer, self.scheduler, self.cfg,
-                          self.num_microbatches)
+        return train_step(
+            self.forward_backward, batches, self.chunks, self.optimizer, self.scheduler, self.cfg, self.num_microbatches
+        )
 
 
 def build_training(preset: Preset, kind: str, seed: int) -> Training:
@@ -265,8 +271,9 @@ def build_training(preset: Preset, kind: str, seed: int) -> Training:
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     chunks, optimizer, scheduler, _ = build_model_and_optimizer(cfg, bf16=preset.bf16)
-    return Training(cfg, chunks, optimizer, scheduler, micro, preset.global_batch_size // (micro * dp),
-                    get_forward_backward_func())
+    return Training(
+        cfg, chunks, optimizer, scheduler, micro, preset.global_batch_size // (micro * dp), get_forward_backward_func()
+    )
 
 
 REFERENCE_VALIDATION_EPOCHS = 2
@@ -289,8 +296,15 @@ def _validate(chunks, preset: Preset, data: Dict[str, torch.Tensor], kind: str, 
     return result
 
 
-def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, torch.Tensor], prefix: str,
-             weights_path: Optional[str] = None) -> dict:
+def run_cell(
+    preset: Preset,
+    task: str,
+    seed: int,
+    kind: str,
+    data: Dict[str, torch.Tensor],
+    prefix: str,
+    weights_path: Optional[str] = None,
+) -> dict:
     """Train with ``kind`` and evaluate as ``EVALUATED_AS[kind]``; returns the cell's JSON record.
 
     Clean protocol: every variant tests the final model. Reference protocol (as the reference code's
@@ -336,9 +350,12 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
                 record["validation_id_accuracy_by_variant"] = validation
                 for variant, accuracy in validation.items():
                     if variant not in best or accuracy > best[variant]["validation_id_accuracy"]:
-                        best[variant] = {"iteration": step, "epoch": record["epoch"],
-                                         "validation_id_accuracy": accuracy,
-                                         "state": [copy.deepcopy(unwrap(c).state_dict()) for c in chunks]}
+                        best[variant] = {
+                            "iteration": step,
+                            "epoch": record["epoch"],
+                            "validation_id_accuracy": accuracy,
+                            "state": [copy.deepcopy(unwrap(c).state_dict()) for c in chunks],
+                        }
             history.append(record)
             eta = record["seconds"] / step * (iters - step)
             print_rank0(
@@ -378,8 +395,12 @@ def run_cell(preset: Preset, task: str, seed: int, kind: str, data: Dict[str, to
         "seed": seed,
         "trained_as": kind,
         "variants": variants,
-        "train": {"iterations": iters, "seconds": train_seconds, "validation_seconds": validation_seconds,
-                  "history": history},
+        "train": {
+            "iterations": iters,
+            "seconds": train_seconds,
+            "validation_seconds": validation_seconds,
+            "history": history,
+        },
         "test_seconds": time.time() - start,
         "world_size": dist.get_world_size(),
         "preset": preset.name,

@@ -167,9 +167,13 @@ def write_report(out: str, preset: Preset, run_info: Optional[dict] = None) -> d
         f"wd {p.weight_decay:g}, {100 * p.warmup_fraction:g} % warm-up then cosine, {'bf16' if p.bf16 else 'fp32'}",
         f"- seeds: {p.seeds}; cells finished: {len(report['cells'])} of {len(p.cells())}; compute time "
         f"{train_total / 60:.1f} min"
-        + ("" if run_info is None else f"; the last command ran {run_info['cells_run']} cell(s) in "
-           f"{run_info['wall_seconds'] / 60:.1f} min wall ({run_info['how']} x {run_info['threads_per_process']} "
-           "thread(s))"),
+        + (
+            ""
+            if run_info is None
+            else f"; the last command ran {run_info['cells_run']} cell(s) in "
+            f"{run_info['wall_seconds'] / 60:.1f} min wall ({run_info['how']} x {run_info['threads_per_process']} "
+            "thread(s))"
+        ),
         "",
         "Teacher-forced next-token accuracy (%), mean ± sample std over seeds. `yarn` / `resonance_yarn` are "
         f"the `rope` / `resonance` models evaluated with YaRN (s = {_yarn_scale(p):g}) applied at test time. "
@@ -198,8 +202,9 @@ def write_report(out: str, preset: Preset, run_info: Optional[dict] = None) -> d
         "|---" * (len(TRAINED_KINDS) + 1) + "|",
     ]
     for task in p.tasks:
-        lines.append(f"| {task} | " + " | ".join(_learned_text(report["learned"][task][k]) for k in TRAINED_KINDS)
-                     + " |")
+        lines.append(
+            f"| {task} | " + " | ".join(_learned_text(report["learned"][task][k]) for k in TRAINED_KINDS) + " |"
+        )
     lines += ["", "## Accuracy by position (mean ± std over seeds, bins of 4 positions)", ""]
     lines += [f"![{task}]({os.path.basename(f)})" for task, f in plots.items()]
     lines += ["", "## Cells", "", "| task | seed | trained as | train s | test s |", "|---|---|---|---|---|"]
@@ -252,8 +257,14 @@ def plot_positions(out: str, report: dict) -> Dict[str, str]:
             n = len(binned_runs)
             (line,) = ax.plot(xs, mean, label=f"{variant} ({n} seed{'s' * (n != 1)})", linewidth=1.5)
             if n > 1:
-                ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.fill_between(
+                    xs,
+                    [m - s for m, s in zip(mean, std)],
+                    [m + s for m, s in zip(mean, std)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                    linewidth=0,
+                )
         ax.axvline(train_length - 0.5, color="grey", linestyle="--", linewidth=1, label="training length")
         ax.axhline(1 / VOCAB_SIZE, color="grey", linestyle=":", linewidth=1, label="chance (1/17)")
         ax.set(

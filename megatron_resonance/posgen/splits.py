@@ -146,8 +146,10 @@ def reference_prefixes(split: str, train: int, validation: int, test: int) -> to
         if count <= 0:
             raise ValueError(f"number of {name} sequences must be positive, got {count}")
     if validation + test > train:
-        raise ValueError(f"validation and test rows are taken from the training rows: need validation + test "
-                         f"<= train, got {validation} + {test} > {train}")
+        raise ValueError(
+            f"validation and test rows are taken from the training rows: need validation + test "
+            f"<= train, got {validation} + {test} > {train}"
+        )
     start, count = {"train": (0, train), "validation": (0, validation), "test": (validation, test)}[split]
     rows = torch.arange(start, start + count) % NUM_REFERENCE_PREFIXES
     return _reference_cycle()[rows]

@@ -96,8 +96,11 @@ def log_documents(cfg: Config, dataset, sample: int) -> None:
     """With document flags, one line on rank 0 about the first sample this run trains on: its documents'
     lengths, where positions restart, the EOD tokens out of the loss."""
     d = cfg.data
-    flags = [f"--{n.replace('_', '-')}" for n in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
-             if getattr(d, n)]
+    flags = [
+        f"--{n.replace('_', '-')}"
+        for n in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+        if getattr(d, n)
+    ]
     if not flags or not distributed.is_rank0():
         return
     item = dataset[sample % len(dataset)]

@@ -176,9 +176,15 @@ def run_torchrun(
         told = sorted(r for r, f in failures.items() if isinstance(f.message, dict))
         silent = [r for r, f in failures.items() if f.exitcode < 0 and r not in told]
         first_told = min((failures[r].timestamp for r in told), default=None)
-        killed = sorted((r for r in silent if failures[r].exitcode != -signal.SIGTERM  # not torchrun's kill
-                         and (first_told is None or failures[r].timestamp <= first_told)),  # after a failure
-                        key=lambda r: failures[r].timestamp)
+        killed = sorted(
+            (
+                r
+                for r in silent
+                if failures[r].exitcode != -signal.SIGTERM  # not torchrun's kill
+                and (first_told is None or failures[r].timestamp <= first_told)
+            ),  # after a failure
+            key=lambda r: failures[r].timestamp,
+        )
         stopped = sorted(r for r in silent if failures[r].exitcode == -signal.SIGTERM)
         chosen = (killed or told or stopped or [None])[0]
         rank, failure = (chosen, failures[chosen]) if chosen is not None else e.get_first_failure()

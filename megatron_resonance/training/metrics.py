@@ -41,8 +41,17 @@ class LossWindow:
         return self.loss / self.steps
 
 
-def train_log(cfg: Config, iteration: int, window: LossWindow, lr: float, grad_norm, consumed_samples: int,
-              update_ok: bool, flops_per_token: float, peak: Optional[float]) -> Tuple[Dict[str, Any], str]:
+def train_log(
+    cfg: Config,
+    iteration: int,
+    window: LossWindow,
+    lr: float,
+    grad_norm,
+    consumed_samples: int,
+    update_ok: bool,
+    flops_per_token: float,
+    peak: Optional[float],
+) -> Tuple[Dict[str, Any], str]:
     """The record for ``metrics.jsonl`` and the ``[train]`` console line of the steps in ``window``."""
     gbs, iters = cfg.data.global_batch_size, cfg.training.train_iters
     tokens_per_s = window.steps * gbs * cfg.data.seq_length / window.seconds

@@ -22,7 +22,11 @@ from megatron_resonance.training.data_loop import data_iterators
 
 
 def forward_step(
-    data_iterator, model, cp_size: int = 1, sequence_parallel: bool = False, score_vocab: Optional[int] = None,
+    data_iterator,
+    model,
+    cp_size: int = 1,
+    sequence_parallel: bool = False,
+    score_vocab: Optional[int] = None,
     reset_position_ids: bool = False,
 ):
     """One micro-batch: returns the per-token losses and the function megatron reduces them with.
@@ -52,8 +56,9 @@ def forward_step(
     return output, functools.partial(loss_func, batch["loss_mask"])
 
 
-def document_layout(batch: Dict[str, torch.Tensor], document_ids: Optional[torch.Tensor], reset_position_ids: bool,
-                    cp_size: int = 1):
+def document_layout(
+    batch: Dict[str, torch.Tensor], document_ids: Optional[torch.Tensor], reset_position_ids: bool, cp_size: int = 1
+):
     """The ``DocumentLayout`` of a micro-batch (this CP rank's part of it), or None without document masking:
     ``document_ids`` [b, S] of the whole sequence, this rank's ``position_ids`` when they restart per
     document, and under context parallelism the global index of this rank's tokens."""
@@ -65,11 +70,16 @@ def document_layout(batch: Dict[str, torch.Tensor], document_ids: Optional[torch
 
     query_index = None
     if cp_size > 1 and document_ids is not None:
-        query_index = cp_query_index(document_ids.shape[1], cp_size, ps.get_context_parallel_rank(),
-                                     device=document_ids.device)
+        query_index = cp_query_index(
+            document_ids.shape[1], cp_size, ps.get_context_parallel_rank(), device=document_ids.device
+        )
     length = batch["tokens"].shape[1] * cp_size
-    return DocumentLayout(document_ids=document_ids, query_index=query_index, max_seqlen_q=length,
-                          position_ids=batch["position_ids"] if reset_position_ids else None)
+    return DocumentLayout(
+        document_ids=document_ids,
+        query_index=query_index,
+        max_seqlen_q=length,
+        position_ids=batch["position_ids"] if reset_position_ids else None,
+    )
 
 
 def _schedule(forward_backward, data_iterator, chunks, cfg: Config, num_microbatches: int, evaluation: bool = False):

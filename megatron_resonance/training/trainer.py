@@ -186,8 +186,11 @@ def build(cfg: Config, start: Start) -> Job:
         f"PP={p.pipeline_model_parallel_size} VPP={p.virtual_pipeline_model_parallel_size or 1} "
         f"CP={p.context_parallel_size} DP={dp} micro-batches={num_microbatches} "
         f"dtype={'bf16' if bf16 else 'fp32'} spec={resolve_spec(p.transformer_impl)} rope={cfg.model.rope.kind}"
-        + ("" if torch.cuda.is_available()
-           else f" cpu_speed={'on' if cpu_speed.is_enabled() else 'off'} threads={torch.get_num_threads()}")
+        + (
+            ""
+            if torch.cuda.is_available()
+            else f" cpu_speed={'on' if cpu_speed.is_enabled() else 'off'} threads={torch.get_num_threads()}"
+        )
     )
 
     # ---------------------------------------------------------------- build: model, optimizer, scheduler
@@ -224,8 +227,17 @@ def build(cfg: Config, start: Start) -> Job:
     train_iterator = data_iterators(train_ds, state.consumed_train_samples, cfg.data.micro_batch_size, len(chunks))
     if save and distributed.is_rank0():
         os.makedirs(save, exist_ok=True)
-    return Job(chunks, optimizer, scheduler, state, state.iteration if start.full_state else None, train_iterator,
-               valid_ds, get_forward_backward_func(), num_microbatches)
+    return Job(
+        chunks,
+        optimizer,
+        scheduler,
+        state,
+        state.iteration if start.full_state else None,
+        train_iterator,
+        valid_ds,
+        get_forward_backward_func(),
+        num_microbatches,
+    )
 
 
 def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:
@@ -240,7 +252,12 @@ def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:
         # ------------------------------------------------------------ step
         step_start = time.perf_counter()
         loss, grad_norm, update_ok = train_step(
-            job.forward_backward, job.train_iterator, job.chunks, job.optimizer, job.scheduler, cfg,
+            job.forward_backward,
+            job.train_iterator,
+            job.chunks,
+            job.optimizer,
+            job.scheduler,
+            cfg,
             job.num_microbatches,
         )
         seconds = time.perf_counter() - step_start
@@ -257,8 +274,17 @@ def loop(cfg: Config, job: Job, signals: SignalFlag) -> TrainState:
         # ------------------------------------------------------------ log, evaluate
         if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters:
             lr = job.scheduler.get_lr(job.optimizer.param_groups[0])
-            record, line = train_log(cfg, state.iteration, window, lr, grad_norm, state.consumed_train_samples,
-                                     update_ok, flops_per_token, peak)
+            record, line = train_log(
+                cfg,
+                state.iteration,
+                window,
+                lr,
+                grad_norm,
+                state.consumed_train_samples,
+                update_ok,
+                flops_per_token,
+                peak,
+            )
             print_rank0(line)
             metrics.write(record)
             window.reset()

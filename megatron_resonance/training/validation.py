@@ -49,8 +49,11 @@ def validate(cfg: Config, world_size: int, start: Optional[Start] = None) -> Sta
     if not d.mock_data:
         _check_dataset(cfg)
     # where the run writes: checked here, before a worker starts or the model is built
-    for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir),
-                       ("--data-cache-path", d.data_cache_path)):
+    for flag, path in (
+        ("--save", cfg.checkpoint.save),
+        ("--tensorboard-dir", cfg.logging.tensorboard_dir),
+        ("--data-cache-path", d.data_cache_path),
+    ):
         if path:
             check_output_dir(path, flag)
     if cfg.checkpoint.save:

@@ -7,6 +7,15 @@ from megatron_resonance.evaluation.ruler.scoring import postprocess_pred, string
 from megatron_resonance.evaluation.ruler.tasks import NEEDLE_TASKS, SINGLE_NEEDLE_TASKS, TASKS, TaskConfig
 
 __all__ = [
-    "NEEDLE_TASKS", "SINGLE_NEEDLE_TASKS", "TASKS", "Haystack", "Sample", "TaskConfig", "build_samples",
-    "load_haystack", "postprocess_pred", "string_match_all", "string_match_part",
+    "NEEDLE_TASKS",
+    "SINGLE_NEEDLE_TASKS",
+    "TASKS",
+    "Haystack",
+    "Sample",
+    "TaskConfig",
+    "build_samples",
+    "load_haystack",
+    "postprocess_pred",
+    "string_match_all",
+    "string_match_part",
 ]

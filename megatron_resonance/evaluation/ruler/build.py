@@ -104,8 +104,9 @@ def _chat_wrapping(tokenizer) -> tuple:
     hf = getattr(tokenizer, "hf", None)
     if hf is None or not getattr(hf, "chat_template", None):
         raise UserError(f"--chat-template: the tokenizer {tokenizer.path} has no chat template")
-    rendered = hf.apply_chat_template([{"role": "user", "content": _CHAT_SLOT}], tokenize=False,
-                                      add_generation_prompt=True)
+    rendered = hf.apply_chat_template(
+        [{"role": "user", "content": _CHAT_SLOT}], tokenize=False, add_generation_prompt=True
+    )
     if rendered.count(_CHAT_SLOT) != 1:
         raise UserError(f"--chat-template: the chat template of {tokenizer.path} does not show the user message as is")
     before, after = rendered.split(_CHAT_SLOT)
@@ -156,6 +157,7 @@ def _vt_example_units(prompt: _Prompt, length: int) -> int:
     cfg = TASKS["vt"]
     budget = min(VT_EXAMPLE_TOKENS, int(length * VT_EXAMPLE_SHARE))
     low = cfg.args["num_hops"] + 1
+
     def count(text: str) -> int:
         return len(prompt.tokenizer.encode(text))
 
@@ -163,8 +165,9 @@ def _vt_example_units(prompt: _Prompt, length: int) -> int:
     return found or low
 
 
-def _generator(task: str, rng: random.Random, length: int, depth: Optional[float], haystack: Haystack,
-               shared: Dict[str, object]) -> Generator:
+def _generator(
+    task: str, rng: random.Random, length: int, depth: Optional[float], haystack: Haystack, shared: Dict[str, object]
+) -> Generator:
     cfg = TASKS[task]
     if cfg.family == "niah":
         return Niah(cfg, rng, depth, haystack)
@@ -189,9 +192,18 @@ def _check(task: str, length: int, samples: int, depths: Sequence[float]) -> Non
         raise UserError(f"--depths: {bad[0]:g} is outside [0, 1]")
 
 
-def build_samples(task: str, tokenizer, length: int, *, samples: int = 1, seed: int = 0,
-                  depths: Sequence[float] = DEFAULT_DEPTHS, haystack: Optional[Haystack] = None,
-                  add_bos: bool = False, chat_template: bool = False) -> List[Sample]:
+def build_samples(
+    task: str,
+    tokenizer,
+    length: int,
+    *,
+    samples: int = 1,
+    seed: int = 0,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    haystack: Optional[Haystack] = None,
+    add_bos: bool = False,
+    chat_template: bool = False,
+) -> List[Sample]:
     """Samples ``0 .. samples - 1`` of ``task`` at ``length`` tokens (see the module docstring).
 
     Args:
@@ -223,14 +235,23 @@ def build_samples(task: str, tokenizer, length: int, *, samples: int = 1, seed: 
         generator = _generator(task, rng, length, depth, haystack, shared)
         essay = isinstance(generator, Niah) and generator.kind == "essay"
         tokens, fill, parts = _fit_sample(task, generator, prompt, length, haystack if essay else None)
-        out.append(Sample(task=task, length=length, index=index, depth=depth, tokens=tokens,
-                          outputs=list(parts.outputs), max_new_tokens=cfg.max_new_tokens,
-                          answer_prefix=parts.answer_prefix, fill_tokens=fill))
+        out.append(
+            Sample(
+                task=task,
+                length=length,
+                index=index,
+                depth=depth,
+                tokens=tokens,
+                outputs=list(parts.outputs),
+                max_new_tokens=cfg.max_new_tokens,
+                answer_prefix=parts.answer_prefix,
+                fill_tokens=fill,
+            )
+        )
     return out
 
 
-def _fit_sample(task: str, generator: Generator, prompt: _Prompt, length: int,
-                haystack: Optional[Haystack]) -> tuple:
+def _fit_sample(task: str, generator: Generator, prompt: _Prompt, length: int, haystack: Optional[Haystack]) -> tuple:
     """(tokens, fill tokens, parts) of the largest haystack that fits ``length``, then filled to it exactly."""
     encoded: Dict[int, List[int]] = {}
 
@@ -248,8 +269,10 @@ def _fit_sample(task: str, generator: Generator, prompt: _Prompt, length: int,
         hi = 8 * length + 64
     n = _largest_fitting(lambda m: len(encode(m)), lo, hi, length)
     if n is None:
-        raise UserError(f"length {length} is too short for {task}: its prompt with the least haystack is "
-                        f"{len(encode(lo))} tokens with this tokenizer")
+        raise UserError(
+            f"length {length} is too short for {task}: its prompt with the least haystack is "
+            f"{len(encode(lo))} tokens with this tokenizer"
+        )
     tokens, parts = encode(n), generator.render(n)
     missing = length - len(tokens)
     if not missing:
@@ -265,7 +288,7 @@ def _fit_sample(task: str, generator: Generator, prompt: _Prompt, length: int,
         extended = prompt.encode(head + generator.continuation(n, count))
         start = min(start, _common_prefix(tokens, extended))
         if len(extended) - start >= missing:
-            return tokens[:start] + extended[start:start + missing] + tokens[start:], missing, parts
+            return tokens[:start] + extended[start : start + missing] + tokens[start:], missing, parts
         if haystack is not None and len(haystack.words) < n + count:
             raise haystack.too_short(task, length, len(tokens))
         count *= 2

@@ -64,8 +64,11 @@ def _stdlib_documents() -> Iterator[str]:
     paths = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [d for d in subfolders if d not in EXCLUDED_DIRS]  # never walk site-packages
-        paths.extend(os.path.join(folder, name) for name in files
-                     if name.endswith(".py") and not name.startswith(EXCLUDED_PREFIXES))
+        paths.extend(
+            os.path.join(folder, name)
+            for name in files
+            if name.endswith(".py") and not name.startswith(EXCLUDED_PREFIXES)
+        )
     for path in sorted(paths, key=lambda p: Path(p).relative_to(root).as_posix()):
         try:
             yield _docstring_prose(Path(path).read_text(encoding="utf-8"))
@@ -85,10 +88,9 @@ def _file_documents(path: Path) -> Iterator[str]:
                 record = json.loads(line)
                 text = record["text"]
             except (ValueError, KeyError, TypeError):
-                raise UserError(f"--haystack {path}: line {number} is not a JSON object with a \"text\" string"
-                                ) from None
+                raise UserError(f'--haystack {path}: line {number} is not a JSON object with a "text" string') from None
             if not isinstance(text, str):
-                raise UserError(f"--haystack {path}: line {number}: \"text\" is not a string")
+                raise UserError(f'--haystack {path}: line {number}: "text" is not a string')
             yield text
 
 
@@ -114,8 +116,10 @@ class Haystack:
     def too_short(self, task: str, length: int, prompt_tokens: int) -> UserError:
         """The one-line error of a text that cannot fill ``length`` tokens: the prompt of ``task`` with all
         of it is ``prompt_tokens`` long."""
-        return UserError(f"--haystack {self.name} holds {len(self.words)} words: the {task} prompt with all of them "
-                         f"is {prompt_tokens} tokens, short of the length {length}")
+        return UserError(
+            f"--haystack {self.name} holds {len(self.words)} words: the {task} prompt with all of them "
+            f"is {prompt_tokens} tokens, short of the length {length}"
+        )
 
     def __repr__(self) -> str:
         return f"Haystack({self.name!r})"

@@ -61,8 +61,7 @@ def parse_tasks(text: Optional[str]) -> List[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
-        raise UserError(f"--tasks: unknown task {', '.join(unknown) or repr(text)}; the tasks are "
-                        f"{', '.join(TASKS)}")
+        raise UserError(f"--tasks: unknown task {', '.join(unknown) or repr(text)}; the tasks are {', '.join(TASKS)}")
     return [t for t in TASKS if t in names]
 
 
@@ -72,43 +71,74 @@ def budget(task: str, max_new_tokens: Optional[int]) -> int:
     return min(own, max_new_tokens) if max_new_tokens else own
 
 
-def build_all(tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, samples: int, seed: int,
-              depths: Sequence[float], haystack, add_bos: bool, chat_template: bool,
-              progress: bool = False) -> List[Sample]:
+def build_all(
+    tokenizer,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    samples: int,
+    seed: int,
+    depths: Sequence[float],
+    haystack,
+    add_bos: bool,
+    chat_template: bool,
+    progress: bool = False,
+) -> List[Sample]:
     """Every sample of the run, in task, length, index order (a progress bar over task x length when it
     takes more than a few seconds: a long prompt takes up to a second to fit to its length; a bad input
     found at the first prompt stays one line)."""
     out: List[Sample] = []
-    with tqdm(total=len(tasks) * len(lengths), desc="ruler prompts", unit="task x length", dynamic_ncols=True,
-              delay=3, disable=not (progress and distributed.is_rank0())) as bar:
+    with tqdm(
+        total=len(tasks) * len(lengths),
+        desc="ruler prompts",
+        unit="task x length",
+        dynamic_ncols=True,
+        delay=3,
+        disable=not (progress and distributed.is_rank0()),
+    ) as bar:
         for task in tasks:
             for L in lengths:
                 bar.set_postfix(task=task, length=L, refresh=False)
-                out += build_samples(task, tokenizer, L, samples=samples, seed=seed, depths=depths,
-                                     haystack=haystack, add_bos=add_bos, chat_template=chat_template)
+                out += build_samples(
+                    task,
+                    tokenizer,
+                    L,
+                    samples=samples,
+                    seed=seed,
+                    depths=depths,
+                    haystack=haystack,
+                    add_bos=add_bos,
+                    chat_template=chat_template,
+                )
                 bar.update()
     return out
 
 
-def answer(scorer: Scorer, samples: Sequence[Sample], tokenizer, *, max_new_tokens: Optional[int] = None,
-           progress: bool = True) -> List[List[int]]:
+def answer(
+    scorer: Scorer, samples: Sequence[Sample], tokenizer, *, max_new_tokens: Optional[int] = None, progress: bool = True
+) -> List[List[int]]:
     """Each sample's greedy answer tokens (EOS left out). Collective for Megatron scorers: samples are split
     over data-parallel replicas and the answers gathered, so every rank returns all of them."""
     longest = max(budget(s.task, max_new_tokens) for s in samples)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    mine = list(range(len(samples)))[scorer.dp_rank::scorer.dp_size]
+    mine = list(range(len(samples)))[scorer.dp_rank :: scorer.dp_size]
     # token + 1 per answer position, 0 where there is none: replicas fill disjoint rows, a sum gathers them
     table = torch.zeros(len(samples), longest, dtype=torch.long)
-    bar = tqdm(total=len(mine), desc=f"{scorer.model.name} ruler", unit="sample",
-               disable=not (progress and distributed.is_rank0()), dynamic_ncols=True)
+    bar = tqdm(
+        total=len(mine),
+        desc=f"{scorer.model.name} ruler",
+        unit="sample",
+        disable=not (progress and distributed.is_rank0()),
+        dynamic_ncols=True,
+    )
     for start in range(0, len(mine), scorer.batch_size):
-        rows = mine[start:start + scorer.batch_size]
+        rows = mine[start : start + scorer.batch_size]
         limit = max(budget(samples[i].task, max_new_tokens) for i in rows)
         bar.set_postfix(task=samples[rows[0]].task, length=samples[rows[0]].length)
         outputs = scorer.generate([samples[i].tokens for i in rows], limit, stop_ids=stop)
         for i, tokens in zip(rows, outputs):
-            tokens = [t for t in tokens if t not in stop][:budget(samples[i].task, max_new_tokens)]
-            table[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long) + 1
+            tokens = [t for t in tokens if t not in stop][: budget(samples[i].task, max_new_tokens)]
+            table[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long) + 1
         bar.update(len(rows))
     bar.close()
     table = scorer.all_reduce(table)
@@ -132,8 +162,7 @@ def score(samples: Sequence[Sample], predictions: Sequence[str]) -> Dict[str, di
     needle: Dict[str, Dict[str, float]] = {}
     for (L, depth), values in sorted(by_depth.items()):
         needle.setdefault(str(L), {})[f"{depth:g}"] = sum(values) / len(values)
-    return {"scores": scores, "average": average, "overall": sum(average.values()) / len(average),
-            "needle": needle}
+    return {"scores": scores, "average": average, "overall": sum(average.values()) / len(average), "needle": needle}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,9 +207,11 @@ def run(
     resolved = resolve_all(models, options.tokenizer)
     runtime.check(resolved, lengths)
     if runtime.context_parallel_size > 1:
-        raise UserError("--context-parallel-size: RULER answers by greedy decoding, which runs without context "
-                        "parallelism (megatron's static inference); use --tensor-model-parallel-size or "
-                        "--pipeline-model-parallel-size for long prompts")
+        raise UserError(
+            "--context-parallel-size: RULER answers by greedy decoding, which runs without context "
+            "parallelism (megatron's static inference); use --tensor-model-parallel-size or "
+            "--pipeline-model-parallel-size for long prompts"
+        )
     longest = lengths[-1] + max(budget(task, max_new_tokens) for task in tasks)
     loading.check_memory(resolved, runtime, longest, options.max_memory_gb, generate=True)
     for m in resolved:
@@ -196,9 +227,18 @@ def run(
         tok = load_tokenizer(m.tokenizer)
         check_tokenizer(m, tok)
         if m.tokenizer not in plans:
-            plans[m.tokenizer] = build_all(tok, tasks, lengths, samples=samples, seed=seed, depths=depths,
-                                           haystack=haystack_text, add_bos=add_bos, chat_template=chat_template,
-                                           progress=options.progress)
+            plans[m.tokenizer] = build_all(
+                tok,
+                tasks,
+                lengths,
+                samples=samples,
+                seed=seed,
+                depths=depths,
+                haystack=haystack_text,
+                add_bos=add_bos,
+                chat_template=chat_template,
+                progress=options.progress,
+            )
         check_tokenizer(m, tok, plans[m.tokenizer])
     documents = model_documents(resolved, perplexity_data, add_bos) if perplexity_documents else {}
     if out:
@@ -210,16 +250,23 @@ def run(
     results, answers, answer_tokens, perplexity = {}, {}, {}, {}
     for m in resolved:
         tok, plan = load_tokenizer(m.tokenizer), plans[m.tokenizer]
-        say(f"[ruler] {m.name}: {m.spec.kind} {m.directory}, {len(tasks)} task(s) x {len(lengths)} length(s) x "
-            f"{samples} sample(s)")
+        say(
+            f"[ruler] {m.name}: {m.spec.kind} {m.directory}, {len(tasks)} task(s) x {len(lengths)} length(s) x "
+            f"{samples} sample(s)"
+        )
         with loading.open_scorer(m, runtime, longest) as scorer:
             tokens = answer(scorer, plan, tok, max_new_tokens=max_new_tokens, progress=options.progress)
             if documents and m.original_length:
-                ppl = perplexity_by_length(scorer, documents[m.name], [m.original_length],
-                                           max_documents=perplexity_documents, seed=seed, progress=False)
+                ppl = perplexity_by_length(
+                    scorer,
+                    documents[m.name],
+                    [m.original_length],
+                    max_documents=perplexity_documents,
+                    seed=seed,
+                    progress=False,
+                )
                 r = ppl[m.original_length]
-                perplexity[m.name] = {"length": m.original_length, "perplexity": r.perplexity,
-                                      "documents": r.documents}
+                perplexity[m.name] = {"length": m.original_length, "perplexity": r.perplexity, "documents": r.documents}
             else:
                 perplexity[m.name] = None
         answer_tokens[m.name] = tokens
@@ -228,18 +275,27 @@ def run(
 
     # ---------------------------------------------------------------- report
     settings = dict(
-        tasks=tasks, lengths=lengths, samples=samples, depths=[f"{d:g}" for d in depths], seed=seed,
-        haystack=haystack or "default: the embedded corpus", template="chat" if chat_template else "base",
-        add_bos=add_bos, max_new_tokens=max_new_tokens, metric="string_match_all",
+        tasks=tasks,
+        lengths=lengths,
+        samples=samples,
+        depths=[f"{d:g}" for d in depths],
+        seed=seed,
+        haystack=haystack or "default: the embedded corpus",
+        template="chat" if chat_template else "base",
+        add_bos=add_bos,
+        max_new_tokens=max_new_tokens,
+        metric="string_match_all",
         perplexity_data=perplexity_data or "default: held-out standard-library files",
         perplexity_documents=perplexity_documents,
         tensor_model_parallel_size=runtime.tensor_model_parallel_size,
         pipeline_model_parallel_size=runtime.pipeline_model_parallel_size,
         context_parallel_size=runtime.context_parallel_size,
-        dtype=str(runtime.torch_dtype).replace("torch.", ""), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        dtype=str(runtime.torch_dtype).replace("torch.", ""),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
-    report = {key: {m.name: results[m.name][key] for m in resolved}
-              for key in ("scores", "average", "overall", "needle")}
+    report = {
+        key: {m.name: results[m.name][key] for m in resolved} for key in ("scores", "average", "overall", "needle")
+    }
     report.update(perplexity=perplexity, models={m.name: m.describe() for m in resolved}, settings=settings)
     if out and distributed.is_rank0():
         write_report(report, resolved, out)
@@ -252,18 +308,23 @@ def run(
 def check_tokenizer(model: ResolvedModel, tokenizer, plan: Sequence[Sample] = ()) -> None:
     """One line when the tokenizer cannot be the model's: a larger vocabulary, or prompt ids beyond it."""
     if tokenizer.vocab_size > model.vocab_size:
-        raise UserError(f"the tokenizer {model.tokenizer} has {tokenizer.vocab_size} tokens, more than "
-                        f"{model.name}'s vocabulary ({model.vocab_size}): it is not this model's tokenizer")
+        raise UserError(
+            f"the tokenizer {model.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+            f"{model.name}'s vocabulary ({model.vocab_size}): it is not this model's tokenizer"
+        )
     top = max((max(s.tokens) for s in plan), default=-1)
     if top >= model.vocab_size:
-        raise UserError(f"the tokenizer {model.tokenizer} gives id {top}, beyond {model.name}'s vocabulary "
-                        f"({model.vocab_size})")
+        raise UserError(
+            f"the tokenizer {model.tokenizer} gives id {top}, beyond {model.name}'s vocabulary ({model.vocab_size})"
+        )
 
 
 def average_table(report: dict) -> str:
     lengths = [str(L) for L in report["settings"]["lengths"]]
-    rows = [[name] + [fmt(by[L], 3) for L in lengths] + [fmt(report["overall"][name], 3)]
-            for name, by in report["average"].items()]
+    rows = [
+        [name] + [fmt(by[L], 3) for L in lengths] + [fmt(report["overall"][name], 3)]
+        for name, by in report["average"].items()
+    ]
     return markdown_table(["model"] + lengths + ["average"], rows)
 
 
@@ -275,8 +336,13 @@ def write_report(report: dict, resolved: Sequence[ResolvedModel], out: str) -> N
     lengths = [str(L) for L in s["lengths"]]
     needle = {name: {int(L): by for L, by in cells.items()} for name, cells in report["needle"].items() if cells}
     if needle:
-        plot_depth_heatmaps(needle, s["depths"], os.path.join(out, FIGURE), title="RULER single-needle retrieval",
-                            original_lengths={m.name: m.original_length for m in resolved})
+        plot_depth_heatmaps(
+            needle,
+            s["depths"],
+            os.path.join(out, FIGURE),
+            title="RULER single-needle retrieval",
+            original_lengths={m.name: m.original_length for m in resolved},
+        )
     lines = [
         "# RULER",
         "",
@@ -291,30 +357,57 @@ def write_report(report: dict, resolved: Sequence[ResolvedModel], out: str) -> N
         "",
         "## Perplexity at the original training length",
         "",
-        markdown_table(["model", "length", "perplexity", "documents"], [
-            [name, str(p["length"]), fmt(p["perplexity"]), str(p["documents"])] if p else [name, "—", "—", "—"]
-            for name, p in report["perplexity"].items()]),
+        markdown_table(
+            ["model", "length", "perplexity", "documents"],
+            [
+                [name, str(p["length"]), fmt(p["perplexity"]), str(p["documents"])] if p else [name, "—", "—", "—"]
+                for name, p in report["perplexity"].items()
+            ],
+        ),
         "",
     ]
     for name, by_task in report["scores"].items():
-        lines += [f"## {name}", "", markdown_table(
-            ["task"] + lengths,
-            [[task] + [fmt(by_task[task][L], 2) for L in lengths] for task in s["tasks"]]
-            + [["**average**"] + [f"**{fmt(report['average'][name][L], 2)}**" for L in lengths]]), ""]
+        lines += [
+            f"## {name}",
+            "",
+            markdown_table(
+                ["task"] + lengths,
+                [[task] + [fmt(by_task[task][L], 2) for L in lengths] for task in s["tasks"]]
+                + [["**average**"] + [f"**{fmt(report['average'][name][L], 2)}**" for L in lengths]],
+            ),
+            "",
+        ]
     if needle:
         lines += [f"![single-needle retrieval by length and depth]({FIGURE})", ""]
     with open(os.path.join(out, MARKDOWN), "w") as f:
         f.write("\n".join(lines))
 
 
-def write_predictions(plans: Dict[str, Sequence[Sample]], answers: Dict[str, Sequence[str]],
-                      tokens: Dict[str, Sequence[List[int]]], out: str) -> None:
+def write_predictions(
+    plans: Dict[str, Sequence[Sample]],
+    answers: Dict[str, Sequence[str]],
+    tokens: Dict[str, Sequence[List[int]]],
+    out: str,
+) -> None:
     """One JSON line per model and sample: the expected values, the answer (text and tokens) and its score
     (RULER's prediction files)."""
     with open(os.path.join(out, PREDICTIONS), "w") as f:
         for name, plan in plans.items():
             for s, text, ids in zip(plan, answers[name], tokens[name]):
-                f.write(json.dumps({"model": name, "task": s.task, "length": s.length, "index": s.index,
-                                    "depth": s.depth, "prompt_tokens": len(s.tokens), "outputs": s.outputs,
-                                    "prediction": text, "answer_tokens": ids,
-                                    "score": string_match_all(text, s.outputs)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "model": name,
+                            "task": s.task,
+                            "length": s.length,
+                            "index": s.index,
+                            "depth": s.depth,
+                            "prompt_tokens": len(s.tokens),
+                            "outputs": s.outputs,
+                            "prediction": text,
+                            "answer_tokens": ids,
+                            "score": string_match_all(text, s.outputs),
+                        }
+                    )
+                    + "\n"
+                )

@@ -21,22 +21,32 @@ from typing import Callable, Dict, List, Optional
 
 from megatron_resonance.evaluation.ruler.haystack import NOISE, Haystack, common_words, key_words, split_sentences
 
-NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
-                 "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
-                 "{type_needle_v} for {query} mentioned in the provided text?")
+NIAH_TEMPLATE = (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
+    "{type_needle_v} for {query} mentioned in the provided text?"
+)
 NIAH_ANSWER = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-               "Question: Find all variables that are assigned the value {query} in the text above.")
-VT_ANSWER = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-             "assigned the value {query}, they are: ")
-CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
-                "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above "
-                "list?")
+VT_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above."
+)
+VT_ANSWER = (
+    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
+    "assigned the value {query}, they are: "
+)
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
+    "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above "
+    "list?"
+)
 CWE_ANSWER = " Answer: The top 10 words that appear most often in the list are:"
-FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
-                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
-                "the dots '....'. What are the three most frequently appeared words in the above coded text?")
+FWE_TEMPLATE = (
+    "Read the following coded text and track the frequency of each coded word. Find the three most "
+    "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
+    "the dots '....'. What are the three most frequently appeared words in the above coded text?"
+)
 FWE_ANSWER = " Answer: According to the coded text above, the three most frequently appeared words are:"
 
 #: RULER's needle depths (percent) for the needles it places at random: 40 points over 0..100
@@ -53,8 +63,18 @@ class TaskConfig:
 
 
 def _niah(haystack: str, key: str = "words", value: str = "numbers", k: int = 1, v: int = 1, q: int = 1) -> TaskConfig:
-    return TaskConfig("niah", 128, dict(type_haystack=haystack, type_needle_k=key, type_needle_v=value,
-                                        num_needle_k=k, num_needle_v=v, num_needle_q=q))
+    return TaskConfig(
+        "niah",
+        128,
+        dict(
+            type_haystack=haystack,
+            type_needle_k=key,
+            type_needle_v=value,
+            num_needle_k=k,
+            num_needle_v=v,
+            num_needle_q=q,
+        ),
+    )
 
 
 #: RULER's synthetic tasks in its order (qa_1 / qa_2 need SQuAD and HotpotQA: not here)
@@ -74,8 +94,9 @@ TASKS: Dict[str, TaskConfig] = {
 #: tasks whose sample has a needle depth: the needle holding the first expected value sits there
 NEEDLE_TASKS = tuple(name for name, cfg in TASKS.items() if cfg.family == "niah")
 #: needle tasks whose answer is one needle (one key, one value), so the depth says where the whole answer is
-SINGLE_NEEDLE_TASKS = tuple(name for name in NEEDLE_TASKS
-                            if TASKS[name].args["num_needle_v"] * TASKS[name].args["num_needle_q"] == 1)
+SINGLE_NEEDLE_TASKS = tuple(
+    name for name in NEEDLE_TASKS if TASKS[name].args["num_needle_v"] * TASKS[name].args["num_needle_q"] == 1
+)
 
 
 @dataclass
@@ -144,8 +165,10 @@ class Niah(Generator):
         first = (queried[0], 0)
         others = [(i, j) for i in range(num_keys) for j in range(a["num_needle_v"]) if (i, j) != first]
         depths = [depth] + [d / 100 for d in rng.sample(RULER_DEPTHS, len(others))]
-        self.needles = [(d, NEEDLE.format(type_needle_v=value_type, key=keys[i], value=values[i][j]))
-                        for d, (i, j) in zip(depths, [first] + others)]
+        self.needles = [
+            (d, NEEDLE.format(type_needle_v=value_type, key=keys[i], value=values[i][j]))
+            for d, (i, j) in zip(depths, [first] + others)
+        ]
         self.outputs = [value for i in queried for value in values[i]]
         query = [keys[i] for i in queried]
         query = ", ".join(query[:-1]) + ", and " + query[-1] if len(query) > 1 else query[0]
@@ -162,8 +185,9 @@ class Niah(Generator):
         if self.kind == "needle":  # distractor needles, drawn in order from their own stream
             self._stream = random.Random(rng.getrandbits(64))
             self._distractors: List[str] = []
-            self._draw = lambda: NEEDLE.format(type_needle_v=value_type, key=draw_key(self._stream),
-                                               value=draw_value(self._stream))
+            self._draw = lambda: NEEDLE.format(
+                type_needle_v=value_type, key=draw_key(self._stream), value=draw_value(self._stream)
+            )
 
     def _units(self, start: int, stop: int) -> List[str]:
         if self.kind == "noise":
@@ -260,7 +284,7 @@ class CommonWords(Generator):
         chosen = rng.sample(common_words(), 20 if short else 40)
         example = self._words(chosen, (3, 1) if short else (10, 3), rng)
         head, self.tail = CWE_TEMPLATE.split("{context}")
-        self.head = f"{head}{_numbered(example)}{self.tail}{CWE_ANSWER} {_numbered(chosen[:self.num_cw])}\n{head}"
+        self.head = f"{head}{_numbered(example)}{self.tail}{CWE_ANSWER} {_numbered(chosen[: self.num_cw])}\n{head}"
         # the sample's distinct words in a fixed order: n of them are its first n, so a larger n adds words
         self.order = rng.sample(common_words(), len(common_words()))
         self.seed = rng.getrandbits(64)
@@ -268,7 +292,7 @@ class CommonWords(Generator):
     def _words(self, chosen: List[str], repeats, rng: random.Random) -> List[str]:
         """The shuffled list: the first ``num_cw`` of ``chosen`` ``repeats[0]`` times, the others
         ``repeats[1]`` times."""
-        words = chosen[:self.num_cw] * repeats[0] + chosen[self.num_cw:] * repeats[1]
+        words = chosen[: self.num_cw] * repeats[0] + chosen[self.num_cw :] * repeats[1]
         rng.shuffle(words)
         return words
 
@@ -283,12 +307,12 @@ class CommonWords(Generator):
     def render(self, n: int) -> Parts:
         chosen = self._chosen(n)
         words = self._words(chosen, self.repeats, random.Random(self.seed + n))
-        return Parts(self.head, _numbered(words), self.tail, CWE_ANSWER, chosen[:self.num_cw])
+        return Parts(self.head, _numbered(words), self.tail, CWE_ANSWER, chosen[: self.num_cw])
 
     def continuation(self, n: int, count: int) -> str:
         """More entries with the uncommon words, cycling through them (the fill uses a few entries: one
         more occurrence of a few uncommon words, so the common words stay the most common)."""
-        uncommon = self._chosen(n)[self.num_cw:]
+        uncommon = self._chosen(n)[self.num_cw :]
         entries = self.num_cw * self.repeats[0] + len(uncommon) * self.repeats[1]
         return " " + _numbered([uncommon[i % len(uncommon)] for i in range(count)], entries + 1)
 
@@ -297,7 +321,7 @@ class CommonWords(Generator):
 def _zeta(alpha: float) -> float:
     """Riemann zeta (alpha > 1): the sum to 10^5 and the integral of the rest (RULER: scipy.special.zeta)."""
     terms = 100_000
-    return sum(k ** -alpha for k in range(1, terms)) + terms ** (1 - alpha) / (alpha - 1)
+    return sum(k**-alpha for k in range(1, terms)) + terms ** (1 - alpha) / (alpha - 1)
 
 
 class FrequentWords(Generator):
@@ -317,11 +341,11 @@ class FrequentWords(Generator):
         self.vocab, self.outputs = vocab, vocab[1:4]
         self.zeta = _zeta(self.alpha)
         self.seed = rng.getrandbits(64)
-        self.min_units = math.ceil(4 ** self.alpha * self.zeta)  # the fourth word appears once
+        self.min_units = math.ceil(4**self.alpha * self.zeta)  # the fourth word appears once
         self.head, self.tail = FWE_TEMPLATE.split("{context}")
 
     def render(self, n: int) -> Parts:
-        words = [w for k, w in enumerate(self.vocab, 1) for _ in range(int(n * k ** -self.alpha / self.zeta))]
+        words = [w for k, w in enumerate(self.vocab, 1) for _ in range(int(n * k**-self.alpha / self.zeta))]
         random.Random(self.seed + n).shuffle(words)
         return Parts(self.head, " ".join(words), self.tail, FWE_ANSWER, self.outputs)
 

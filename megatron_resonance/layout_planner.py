@@ -302,6 +302,7 @@ def propose_forward(
     """The smallest TP x CP x PP (fewest processes; then TP before CP before PP) whose forward estimate fits
     90 % of ``available(processes)`` bytes per process: what the evaluation tools propose when a length does
     not fit. ``generate``: with the key/value cache, and no CP (generation runs without it)."""
+    fixed = dict(micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes, padded=padded, generate=generate)
     options = []
     for tp in _powers_of_two(8):
         if shape.num_attention_heads % tp or shape.num_query_groups % tp:
@@ -312,17 +313,7 @@ def propose_forward(
             for pp in _powers_of_two(max_processes // (tp * cp)):
                 if shape.num_layers % pp:
                     continue
-                est = forward_estimate(
-                    shape,
-                    length,
-                    micro_batch_size=micro_batch_size,
-                    tp=tp,
-                    pp=pp,
-                    cp=cp,
-                    dtype_bytes=dtype_bytes,
-                    padded=padded,
-                    generate=generate,
-                )
+                est = forward_estimate(shape, length, tp=tp, pp=pp, cp=cp, **fixed)
                 if est.total <= HEADROOM * available(tp * pp * cp):
                     options.append(Layout(tp=tp, pp=pp, cp=cp))
     return min(options, key=lambda lay: (lay.model_parallel, lay.pp, lay.cp), default=None)

@@ -37,33 +37,11 @@ GB = 1024**3
 LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size")
 
 
-def forward_bytes(
-    shape: ModelShape,
-    length: int,
-    *,
-    micro_batch_size: int = 1,
-    tp: int = 1,
-    pp: int = 1,
-    cp: int = 1,
-    dtype_bytes: int = 4,
-    padded: bool = True,
-    generate: bool = False,
-) -> int:
+def forward_bytes(shape: ModelShape, length: int, **settings) -> int:
     """Estimated peak bytes of one process running a forward pass at ``length`` (see the module docstring);
-    ``generate``: decoding up to ``length``, with the key/value cache."""
-    return int(
-        forward_estimate(
-            shape,
-            length,
-            micro_batch_size=micro_batch_size,
-            tp=tp,
-            pp=pp,
-            cp=cp,
-            dtype_bytes=dtype_bytes,
-            padded=padded,
-            generate=generate,
-        ).total
-    )
+    ``settings``: :func:`~megatron_resonance.planning.forward_estimate`'s (micro-batch, TP, PP, CP, dtype
+    bytes, padded logits, ``generate``: decoding up to ``length``, with the key/value cache)."""
+    return int(forward_estimate(shape, length, **settings).total)
 
 
 def available_bytes(max_memory_gb: Optional[float] = None, processes: Optional[int] = None) -> int:
@@ -134,17 +112,8 @@ def check_fits(
     """DoesNotFit (one line, with the layout that would fit) when the estimate at ``length`` exceeds 90 % of
     the available memory (``generate``: decoding up to ``length``, see ``forward_bytes``)."""
     on_gpu = torch.cuda.is_available()
-    need = forward_bytes(
-        shape,
-        length,
-        micro_batch_size=micro_batch_size,
-        tp=tp,
-        pp=pp,
-        cp=cp,
-        dtype_bytes=dtype_bytes,
-        padded=not hf,
-        generate=generate,
-    )
+    fixed = dict(micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes, padded=not hf, generate=generate)
+    need = forward_bytes(shape, length, tp=tp, pp=pp, cp=cp, **fixed)
     have = available_bytes(max_memory_gb)
     if need <= HEADROOM * have:
         return
@@ -166,15 +135,7 @@ def check_fits(
         def per_process(n: int) -> float:
             return available_bytes(None, processes=n)
 
-    layout = propose_forward(
-        shape,
-        length,
-        per_process,
-        micro_batch_size=micro_batch_size,
-        dtype_bytes=dtype_bytes,
-        padded=not hf,
-        generate=generate,
-    )
+    layout = propose_forward(shape, length, per_process, **fixed)
     raise DoesNotFit(message, layout, hf)
 
 

@@ -72,21 +72,12 @@ def budget(task: str, max_new_tokens: Optional[int]) -> int:
 
 
 def build_all(
-    tokenizer,
-    tasks: Sequence[str],
-    lengths: Sequence[int],
-    *,
-    samples: int,
-    seed: int,
-    depths: Sequence[float],
-    haystack,
-    add_bos: bool,
-    chat_template: bool,
-    progress: bool = False,
+    tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, progress: bool = False, **settings
 ) -> List[Sample]:
     """Every sample of the run, in task, length, index order (a progress bar over task x length when it
     takes more than a few seconds: a long prompt takes up to a second to fit to its length; a bad input
-    found at the first prompt stays one line)."""
+    found at the first prompt stays one line). ``settings``: :func:`build_samples`'s (samples, seed,
+    depths, haystack, add_bos, chat_template)."""
     out: List[Sample] = []
     with tqdm(
         total=len(tasks) * len(lengths),
@@ -99,17 +90,7 @@ def build_all(
         for task in tasks:
             for L in lengths:
                 bar.set_postfix(task=task, length=L, refresh=False)
-                out += build_samples(
-                    task,
-                    tokenizer,
-                    L,
-                    samples=samples,
-                    seed=seed,
-                    depths=depths,
-                    haystack=haystack,
-                    add_bos=add_bos,
-                    chat_template=chat_template,
-                )
+                out += build_samples(task, tokenizer, L, **settings)
                 bar.update()
     return out
 

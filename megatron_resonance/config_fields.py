@@ -132,3 +132,9 @@ def from_dict(cls: type, d: Any, where: str = "config", section: str = "") -> An
     d = mapping(d, where, section or "config")
     check_keys(cls, d, f"{where}: {section}" if section else where)
     return cls(**check_types(cls, d, where, section))
+
+
+def same_named(source: Any, names: str) -> Dict[str, Any]:
+    """``{name: source.<name>}`` for each of the space-separated ``names``: the settings one config hands to
+    another (ours to megatron-core's, a preset to the trainer's) under the same names."""
+    return {name: getattr(source, name) for name in names.split()}

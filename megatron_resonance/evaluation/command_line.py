@@ -10,6 +10,7 @@ import os
 from typing import Callable, List, Optional
 
 from megatron_resonance.cli import check_output_dir
+from megatron_resonance.config_fields import same_named
 from megatron_resonance.errors import UserError
 from megatron_resonance.evaluation.loading import DTYPES, Runtime
 from megatron_resonance.evaluation.resolve import ModelSpec
@@ -115,14 +116,9 @@ def models_from_args(args: argparse.Namespace) -> List[ModelSpec]:
 
 
 def runtime_from_args(args: argparse.Namespace) -> Runtime:
+    parallel = "tensor_model_parallel_size pipeline_model_parallel_size context_parallel_size"
     return Runtime(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        micro_batch_size=args.micro_batch_size,
-        dtype=args.dtype,
-        transformer_impl=args.transformer_impl,
-        seed=getattr(args, "seed", 1234),
+        **same_named(args, f"{parallel} micro_batch_size dtype transformer_impl"), seed=getattr(args, "seed", 1234)
     )
 
 

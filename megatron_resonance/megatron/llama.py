@@ -21,7 +21,7 @@ from typing import List, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_resonance.config_fields import field, from_dict
+from megatron_resonance.config_fields import field, from_dict, same_named
 from megatron_resonance.errors import ConfigError
 from megatron_resonance.megatron import compat, cpu_speed, local_ops
 from megatron_resonance.rope import RopeConfig
@@ -128,11 +128,7 @@ def transformer_config(
     on_gpu = torch.cuda.is_available()
     interleaved = ps.get_virtual_pipeline_model_parallel_world_size() is not None
     kwargs = dict(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
+        **same_named(cfg, "num_layers hidden_size ffn_hidden_size num_attention_heads num_query_groups"),
         kv_channels=cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,

@@ -31,6 +31,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_resonance.config_fields import same_named
 from megatron_resonance.errors import ConfigError
 from megatron_resonance.evaluation.scoring import megatron_token_scores
 from megatron_resonance.megatron import distributed
@@ -110,12 +111,7 @@ def run_config(preset: Preset, kind: str, seed: int, micro_batch_size: int):
         ),
         optimizer=OptimizerConfig(
             optimizer="adam",
-            lr=preset.lr,
-            min_lr=preset.min_lr,
-            weight_decay=preset.weight_decay,
-            adam_beta1=preset.adam_beta1,
-            adam_beta2=preset.adam_beta2,
-            clip_grad=preset.clip_grad,
+            **same_named(preset, "lr min_lr weight_decay adam_beta1 adam_beta2 clip_grad"),
             lr_warmup_fraction=preset.warmup_fraction,
             lr_decay_style="cosine",
         ),

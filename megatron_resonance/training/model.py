@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_resonance.config_fields import same_named
 from megatron_resonance.megatron import checkpointing
 from megatron_resonance.megatron.llama import build_model, for_training
 from megatron_resonance.training.config import Config, recompute_settings, warmup_iters
@@ -40,14 +41,7 @@ def build_model_and_optimizer(cfg: Config, bf16: bool):
     chunks = for_training(chunks, use_distributed_optimizer=o.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer=o.optimizer,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
+            **same_named(o, "optimizer lr min_lr weight_decay adam_beta1 adam_beta2 adam_eps clip_grad"),
             bf16=bf16,
             params_dtype=dtype,
             use_distributed_optimizer=o.use_distributed_optimizer,
